@@ -1,0 +1,72 @@
+#include "common/checks.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace flowformer {
+
+void check_rank(const char* op, const char* arg, const at::Tensor& t, int64_t rank, const char* layout) {
+  TORCH_CHECK(t.dim() == rank, op, ": ", arg, " must be a ", rank, "-D tensor ", layout, ", got a ",
+              t.dim(), "-D tensor of shape ", t.sym_sizes());
+}
+
+void check_floating(const char* op, const char* arg, const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, op, ": ", arg,
+              " must be float32, float16, bfloat16 or float64, got ", s);
+}
+
+void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg, const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ", ref_arg, " (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on the device of ", ref_arg, " (",
+              ref.device(), "), got ", t.device());
+}
+
+void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t dim,
+                const c10::SymInt& expected, const char* what, const char* source) {
+  TORCH_CHECK(t.sym_size(dim) == expected, op, ": ", arg, " must have ", what, " = ", expected, " (", source,
+              "), got ", t.sym_size(dim), " (shape ", t.sym_sizes(), ")");
+}
+
+void check_padding_mask(const char* op, const char* arg, const std::optional<at::Tensor>& mask,
+                        const at::Tensor& ref, const c10::SymInt& batch, const c10::SymInt& len,
+                        const char* len_name) {
+  if (!mask.has_value()) {
+    return;
+  }
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool, op, ": ", arg, " must be a bool tensor (True marks padding), got ",
+              m.scalar_type());
+  TORCH_CHECK(m.device() == ref.device(), op, ": ", arg, " must be on the device of query (", ref.device(),
+              "), got ", m.device());
+  TORCH_CHECK(m.dim() == 2 && m.sym_size(0) == batch && m.sym_size(1) == len, op, ": ", arg,
+              " must have shape (B, ", len_name, ") = (", batch, ", ", len, "), got ", m.sym_sizes());
+}
+
+void check_non_negative(const char* op, const char* arg, double value) {
+  TORCH_CHECK(value >= 0.0, op, ": ", arg, " must be >= 0, got ", value);
+}
+
+at::ScalarType accumulate_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+static bool poison_outputs() {
+  const char* flag = std::getenv("FLOWFORMER_POISON_OUTPUTS");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
+}
+
+at::Tensor new_output(c10::SymIntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty_symint(sizes, options);
+  if (poison_outputs() && !out.is_meta()) {
+    out.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return out;
+}
+
+}  // namespace flowformer

@@ -1,0 +1,40 @@
+// Argument checks shared by every op. Each message names the op, the argument,
+// what was expected and what came, e.g.
+//   "flowformer::flow_attention: key must have batch size B = 2 (as query), got 3".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
+
+#include <optional>
+
+namespace flowformer {
+
+// rank == `rank`; `layout` names the dimensions, e.g. "(B, H, L, D)".
+void check_rank(const char* op, const char* arg, const at::Tensor& t, int64_t rank, const char* layout);
+
+// float32, float16, bfloat16 or float64.
+void check_floating(const char* op, const char* arg, const at::Tensor& t);
+
+// Same dtype and device as the reference argument `ref_arg`.
+void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg, const at::Tensor& ref);
+
+// t.size(dim) == expected; `what` names the size, e.g. "batch size B", `source` where it came from.
+void check_size(const char* op, const char* arg, const at::Tensor& t, int64_t dim,
+                const c10::SymInt& expected, const char* what, const char* source);
+
+// A padding mask: bool, (B, len), on the device of `ref` (True marks padding).
+void check_padding_mask(const char* op, const char* arg, const std::optional<at::Tensor>& mask,
+                        const at::Tensor& ref, const c10::SymInt& batch, const c10::SymInt& len,
+                        const char* len_name);
+
+void check_non_negative(const char* op, const char* arg, double value);
+
+// float64 inputs accumulate in float64, all others in float32.
+at::ScalarType accumulate_type(at::ScalarType input);
+
+// A new output tensor. With FLOWFORMER_POISON_OUTPUTS=1 in the environment it is filled with NaN
+// first, so tests can check that a kernel writes every element.
+at::Tensor new_output(c10::SymIntArrayRef sizes, const at::TensorOptions& options);
+
+}  // namespace flowformer

@@ -1,0 +1,24 @@
+#include "common/feature_map.h"
+
+#include <c10/util/Exception.h>
+
+namespace flowformer {
+
+FeatureMap parse_feature_map(const char* op, c10::string_view name) {
+  if (name == "sigmoid") {
+    return FeatureMap::Sigmoid;
+  }
+  if (name == "elu1") {
+    return FeatureMap::Elu1;
+  }
+  if (name == "relu") {
+    return FeatureMap::Relu;
+  }
+  if (name == "identity") {
+    return FeatureMap::Identity;
+  }
+  TORCH_CHECK(false, op, ": feature_map must be one of 'sigmoid', 'elu1', 'relu', 'identity', got '",
+              std::string(name.data(), name.size()), "'");
+}
+
+}  // namespace flowformer

@@ -1,0 +1,50 @@
+#include "flow_attention/flow_attention_ops.h"
+
+#include "common/checks.h"
+#include "common/feature_map.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace flowformer::flow_attention_ops {
+
+void check_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                bool causal, c10::string_view feature_map, double eps, double clamp,
+                const Mask& query_padding_mask, const Mask& key_padding_mask) {
+  check_rank(op, "query", query, 4, "(B, H, L, D)");
+  check_rank(op, "key", key, 4, "(B, H, S, D)");
+  check_rank(op, "value", value, 4, "(B, H, S, M)");
+  check_floating(op, "query", query);
+  check_like(op, "key", key, "query", query);
+  check_like(op, "value", value, "query", query);
+  check_size(op, "key", key, 0, query.sym_size(0), "batch size B", "as query");
+  check_size(op, "value", value, 0, query.sym_size(0), "batch size B", "as query");
+  check_size(op, "key", key, 1, query.sym_size(1), "heads H", "as query");
+  check_size(op, "value", value, 1, query.sym_size(1), "heads H", "as query");
+  check_size(op, "key", key, 3, query.sym_size(3), "feature size D", "as query");
+  check_size(op, "value", value, 2, key.sym_size(2), "length S", "as key");
+  TORCH_CHECK(query.sym_size(3) > 0, op, ": query must have feature size D >= 1, got shape ", query.sym_sizes());
+  if (causal) {
+    TORCH_CHECK(query.sym_size(2) == key.sym_size(2), op, ": causal=True requires query and key of the same ",
+                "length (L == S), got L = ", query.sym_size(2), " and S = ", key.sym_size(2));
+  }
+  parse_feature_map(op, feature_map);
+  check_non_negative(op, "eps", eps);
+  TORCH_CHECK(clamp >= 0.0, op, ": clamp must be >= 0 (float('inf') disables it), got ", clamp);
+  check_padding_mask(op, "query_padding_mask", query_padding_mask, query, query.sym_size(0), query.sym_size(2), "L");
+  check_padding_mask(op, "key_padding_mask", key_padding_mask, query, query.sym_size(0), key.sym_size(2), "S");
+}
+
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value) {
+  check_rank(kBackward, "grad_out", grad_out, 4, "(B, H, L, M)");
+  check_floating(kBackward, "grad_out", grad_out);
+  TORCH_CHECK(grad_out.device() == query.device(), kBackward, ": grad_out must be on the device of query (",
+              query.device(), "), got ", grad_out.device());
+  check_size(kBackward, "grad_out", grad_out, 0, query.sym_size(0), "batch size B", "as query");
+  check_size(kBackward, "grad_out", grad_out, 1, query.sym_size(1), "heads H", "as query");
+  check_size(kBackward, "grad_out", grad_out, 2, query.sym_size(2), "length L", "as query");
+  check_size(kBackward, "grad_out", grad_out, 3, value.sym_size(3), "value size M", "as value");
+}
+
+}  // namespace flowformer::flow_attention_ops

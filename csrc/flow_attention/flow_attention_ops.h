@@ -1,0 +1,36 @@
+// The two ops of the Flow-Attention family as the dispatcher sees them, shared by the schema file,
+// the backends (cpu/, and CUDA in kernels/flow_attention/) and the Meta and Autograd registrations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace flowformer::flow_attention_ops {
+
+constexpr const char* kForward = "flowformer::flow_attention";
+constexpr const char* kBackward = "flowformer::flow_attention_backward";
+
+using Mask = std::optional<at::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// flow_attention(query, key, value, *, causal, feature_map, eps, clamp, query_padding_mask, key_padding_mask)
+at::Tensor forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal,
+                   c10::string_view feature_map, double eps, double clamp, const Mask& query_padding_mask,
+                   const Mask& key_padding_mask);
+
+// flow_attention_backward(grad_out, query, key, value, *, ...) -> (grad_query, grad_key, grad_value).
+// Recomputes the per-position scalars from the inputs: nothing but the inputs is saved by the forward.
+Grads backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+               bool causal, c10::string_view feature_map, double eps, double clamp, const Mask& query_padding_mask,
+               const Mask& key_padding_mask);
+
+// Argument checks shared by every backend and the Meta kernels; `op` is kForward or kBackward.
+void check_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                bool causal, c10::string_view feature_map, double eps, double clamp,
+                const Mask& query_padding_mask, const Mask& key_padding_mask);
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value);
+
+}  // namespace flowformer::flow_attention_ops
