@@ -1,0 +1,105 @@
+"""Plain PyTorch implementations of the specs, written from their formulas, for tests and benchmarks.
+
+They are eager einsum code in the style of the papers' public code (the causal Flow-Attention
+reference materialises the (B, H, L, D, M) tensor exactly as the public code does), extended with
+the padding masks of the spec. Not for production: use flowformer.functional.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def apply_feature_map(x: Tensor, name: str) -> Tensor:
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    if name == "elu1":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return F.relu(x)
+    if name == "identity":
+        return x
+    raise ValueError(f"unknown feature map {name!r}")
+
+
+def _dot_eps(x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """<x + eps, y + eps> over the last dimension (y broadcasts)."""
+    return ((x + eps) * (y + eps)).sum(-1)
+
+
+def flow_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    causal: bool = False,
+    feature_map: str = "sigmoid",
+    eps: float = 1e-6,
+    clamp: float = 1.0,
+    query_padding_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """spec/flow_attention.md, computed in the dtype of the inputs."""
+    B, H, L, _ = query.shape
+    S = key.shape[2]
+    q = apply_feature_map(query, feature_map)
+    k = apply_feature_map(key, feature_map)
+    v = value
+    qpad = torch.zeros(B, L, dtype=torch.bool, device=query.device) if query_padding_mask is None else query_padding_mask
+    kpad = torch.zeros(B, S, dtype=torch.bool, device=query.device) if key_padding_mask is None else key_padding_mask
+    if causal:
+        return _flow_causal(q, k, v, qpad | kpad, eps, clamp)
+    return _flow_noncausal(q, k, v, qpad, kpad, eps, clamp)
+
+
+def _flow_noncausal(q, k, v, qpad, kpad, eps, clamp):
+    qvalid = (~qpad)[:, None, :, None].to(q.dtype)  # (B, 1, L, 1)
+    kvalid = (~kpad)[:, None, :, None].to(q.dtype)
+    q = q * qvalid
+    k = k * kvalid
+    n_q = qvalid.sum(2)  # (B, 1, 1): L_b
+    n_k = kvalid.sum(2)
+    # (1) incoming and outgoing flow
+    sink_incoming = 1.0 / _dot_eps(q, k.sum(2, keepdim=True), eps)  # (B, H, L)
+    source_outgoing = 1.0 / _dot_eps(k, q.sum(2, keepdim=True), eps)  # (B, H, S)
+    # (2) conservation
+    conserved_sink = _dot_eps(q, (k * source_outgoing[..., None]).sum(2, keepdim=True), eps)
+    conserved_source = _dot_eps(k, (q * sink_incoming[..., None]).sum(2, keepdim=True), eps)
+    conserved_source = torch.clamp(conserved_source, min=-clamp, max=clamp)
+    # (3) competition and allocation, over valid positions with the valid counts
+    safe_n_k = n_k.clamp(min=1)
+    sink_allocation = torch.sigmoid(conserved_sink * (n_q / safe_n_k))
+    logits = conserved_source.masked_fill(kpad[:, None, :], float("-inf"))
+    all_padded = kpad.all(1)[:, None, None]
+    logits = logits.masked_fill(all_padded, 0.0)
+    source_competition = torch.softmax(logits, dim=-1) * safe_n_k
+    # (4) attention
+    kv = k.transpose(-2, -1) @ (v * source_competition[..., None])
+    out = ((q @ kv) * sink_incoming[..., None]) * sink_allocation[..., None]
+    empty = (n_q == 0) | (n_k == 0)  # (B, 1, 1)
+    return torch.where(qvalid.bool() & ~empty[..., None], out, torch.zeros_like(out))
+
+
+def _flow_causal(q, k, v, pad, eps, clamp):
+    valid = (~pad)[:, None, :, None].to(q.dtype)  # (B, 1, L, 1)
+    q = q * valid
+    k = k * valid
+    n = valid.cumsum(2)[..., 0].clamp(min=1)  # (B, 1, L): valid positions up to t
+    # (1) incoming and outgoing flow
+    sink_incoming = n / _dot_eps(q, k.cumsum(2), eps)
+    source_outgoing = n / _dot_eps(k, q.cumsum(2), eps)
+    # (2) conservation
+    conserved_sink = _dot_eps(q, (k * source_outgoing[..., None]).cumsum(2), eps) / n
+    conserved_source = _dot_eps(k, (q * sink_incoming[..., None]).cumsum(2), eps) / n
+    conserved_source = torch.clamp(conserved_source, min=-clamp, max=clamp)
+    # (3) causal competition and allocation
+    sink_allocation = torch.sigmoid(conserved_sink)
+    e = torch.exp(conserved_source) * valid[..., 0]
+    source_competition = e / e.cumsum(-1).clamp(min=torch.finfo(e.dtype).tiny) * n
+    # (4) causal attention: the public code's (B, H, L, D, M) cumulative sum
+    kv = torch.einsum("bhld,bhlm->bhldm", k, v * source_competition[..., None]).cumsum(2)
+    out = torch.einsum("bhld,bhldm->bhlm", q * (sink_incoming / n)[..., None], kv)
+    out = out * sink_allocation[..., None]
+    return out * valid

@@ -1,0 +1,53 @@
+"""Shared by the op tests: devices, tolerances (spec), random inputs, error measures."""
+
+import pytest
+import torch
+
+# Norm-wise relative error bounds against a float64 reference (spec/flow_attention.md, "Numerics").
+FORWARD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def grad_tol(dtype):
+    return 2 * FORWARD_TOL[dtype]
+
+
+def has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def devices(op: str):
+    """cpu, and cuda as a case that is skipped where there is no GPU or no CUDA kernel of `op` yet."""
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "no GPU"
+    elif not has_kernel(op, "CUDA"):
+        reason = f"{op} has no CUDA kernel in this build"
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
+
+
+def randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0):
+    """Fresh standard-normal values (never zeros), drawn on the CPU then moved."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def rel_err(actual, expected):
+    """||actual - expected|| / ||expected||, in float64; NaN anywhere never passes."""
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    assert torch.isfinite(actual).all(), "non-finite values in the result"
+    denom = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(actual, expected, tol, what=""):
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def grads(fn, inputs, grad_out):
+    """Gradients of <fn(*inputs), grad_out> with respect to every input."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves, grad_out)
