@@ -1,38 +1,106 @@
-// Small dense primitives for the CPU kernels. Row-major matrices; D x M state matrices are small
-// (at most a few hundred KiB) and stay in cache. Each is compiled for AVX-512, AVX2+FMA and a
-// portable baseline; the best one for the running CPU is picked at load time.
+// Small dense primitives for the CPU kernels, inlined into them. The kernels that use them are
+// marked FLOWFORMER_CPU_CLONES: GCC compiles each for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and a
+// portable baseline, chosen by the features of the running CPU at load time (not its model name), and
+// these loops vectorise for it.
 #pragma once
 
 #include <cstdint>
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FLOWFORMER_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FLOWFORMER_CPU_CLONES
+#endif
+#define FLOWFORMER_INLINE inline __attribute__((always_inline))
+
 namespace flowformer::cpu {
 
-// sum_i x[i] * y[i]
-float dot(int64_t n, const float* x, const float* y);
-double dot(int64_t n, const double* x, const double* y);
+// sum_i x[i] y[i]
+template <typename T>
+FLOWFORMER_INLINE T dot(int64_t n, const T* __restrict x, const T* __restrict y) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    s += x[i] * y[i];
+  }
+  return s;
+}
 
-// sum_i (x[i] + eps) * (y[i] + eps)
-float dot_eps(int64_t n, const float* x, const float* y, float eps);
-double dot_eps(int64_t n, const double* x, const double* y, double eps);
+// sum_i (x[i] + eps) (y[i] + eps)
+template <typename T>
+FLOWFORMER_INLINE T dot_eps(int64_t n, const T* __restrict x, const T* __restrict y, T eps) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    s += (x[i] + eps) * (y[i] + eps);
+  }
+  return s;
+}
 
-// y += a * x
-void axpy(int64_t n, float a, const float* x, float* y);
-void axpy(int64_t n, double a, const double* x, double* y);
+// y += a x
+template <typename T>
+FLOWFORMER_INLINE void axpy(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += a * x[i];
+  }
+}
 
-// y += a * (x + eps)
-void axpy_eps(int64_t n, float a, const float* x, float eps, float* y);
-void axpy_eps(int64_t n, double a, const double* x, double eps, double* y);
+// y += a (x + eps)
+template <typename T>
+FLOWFORMER_INLINE void axpy_eps(int64_t n, T a, const T* __restrict x, T eps, T* __restrict y) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += a * (x[i] + eps);
+  }
+}
 
-// S (D x M) += a * x y^T
-void rank1_update(int64_t D, int64_t M, float a, const float* x, const float* y, float* S);
-void rank1_update(int64_t D, int64_t M, double a, const double* x, const double* y, double* S);
+// y = a x
+template <typename T>
+FLOWFORMER_INLINE void scale(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = a * x[i];
+  }
+}
 
-// out (M) = a * x^T S   (S is D x M)
-void vec_mat(int64_t D, int64_t M, float a, const float* x, const float* S, float* out);
-void vec_mat(int64_t D, int64_t M, double a, const double* x, const double* S, double* out);
+// x *= a
+template <typename T>
+FLOWFORMER_INLINE void scale_(int64_t n, T a, T* __restrict x) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] *= a;
+  }
+}
 
-// out (D) += a * S y   (S is D x M)
-void mat_vec_acc(int64_t D, int64_t M, float a, const float* S, const float* y, float* out);
-void mat_vec_acc(int64_t D, int64_t M, double a, const double* S, const double* y, double* out);
+// S (D x M, row-major) += a x y^T
+template <typename T>
+FLOWFORMER_INLINE void rank1_update(int64_t D, int64_t M, T a, const T* __restrict x, const T* __restrict y,
+                                    T* __restrict S) {
+  for (int64_t d = 0; d < D; ++d) {
+    axpy(M, a * x[d], y, S + d * M);
+  }
+}
+
+// out (M) = a x^T S   (S is D x M)
+template <typename T>
+FLOWFORMER_INLINE void vec_mat(int64_t D, int64_t M, T a, const T* __restrict x, const T* __restrict S,
+                               T* __restrict out) {
+  for (int64_t m = 0; m < M; ++m) {
+    out[m] = 0;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    axpy(M, a * x[d], S + d * M, out);
+  }
+}
+
+// out (D) += a S y   (S is D x M)
+template <typename T>
+FLOWFORMER_INLINE void mat_vec_acc(int64_t D, int64_t M, T a, const T* __restrict S, const T* __restrict y,
+                                   T* __restrict out) {
+  for (int64_t d = 0; d < D; ++d) {
+    out[d] += a * dot(M, S + d * M, y);
+  }
+}
 
 }  // namespace flowformer::cpu

@@ -1,5 +1,6 @@
 #include "common/feature_map.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 namespace flowformer {
@@ -19,6 +20,20 @@ FeatureMap parse_feature_map(const char* op, c10::string_view name) {
   }
   TORCH_CHECK(false, op, ": feature_map must be one of 'sigmoid', 'elu1', 'relu', 'identity', got '",
               std::string(name.data(), name.size()), "'");
+}
+
+at::Tensor apply_feature_map(FeatureMap f, const at::Tensor& x) {
+  switch (f) {
+    case FeatureMap::Sigmoid:
+      return at::sigmoid(x);
+    case FeatureMap::Elu1:
+      return at::elu(x) + 1;
+    case FeatureMap::Relu:
+      return at::relu(x);
+    case FeatureMap::Identity:
+      break;
+  }
+  return x;
 }
 
 }  // namespace flowformer

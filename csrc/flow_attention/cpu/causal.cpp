@@ -1,5 +1,5 @@
 // Causal Flow-Attention on one (batch, head) as a single scan over valid positions t, with n_t the
-// number of valid positions up to t, q = phi(query), k = phi(key), e = eps on both operands:
+// number of valid positions up to t, q and k the features, e = eps on both operands:
 //   K_t = sum k, Q_t = sum q (prefix)     I_t = n_t / <q_t + e, K_t + e>   O_t = n_t / <k_t + e, Q_t + e>
 //   A_t = sum O k, B_t = sum I q          a_t = sigmoid(<q_t + e, A_t + e> / n_t)
 //   r_t = <k_t + e, B_t + e> / n_t        c_t = n_t exp(clamp(r_t)) / sum_{j<=t} exp(clamp(r_j))
@@ -12,6 +12,8 @@
 #include "flow_attention/cpu/flow_attention_cpu.h"
 
 #include "common/cpu_vec.h"
+
+#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,13 +30,12 @@ struct Step {
   T g() const { return a * I / n; }  // the row scale of the output
 };
 
-// Runs the scan and calls on_step(t, step, q, k, state) at every valid position t, after the state
-// includes t. `q` and `k` are the featurised rows of t.
 template <typename T>
 struct ScanState {
   std::vector<T> K, Q, A, B, S;  // D, D, D, D, D x M
 };
 
+// Runs the scan and calls on_step(t, step, state) at every valid position t, once the state includes t.
 template <typename T, typename OnStep>
 void causal_scan(const Slice<T>& in, const Params& p, OnStep on_step) {
   const int64_t L = in.L, D = in.D, M = in.M;
@@ -42,61 +43,73 @@ void causal_scan(const Slice<T>& in, const Params& p, OnStep on_step) {
   const T clamp = static_cast<T>(p.clamp);
   ScanState<T> st{std::vector<T>(D, T(0)), std::vector<T>(D, T(0)), std::vector<T>(D, T(0)),
                   std::vector<T>(D, T(0)), std::vector<T>(D * M, T(0))};
-  std::vector<T> q(D), k(D);
   Step<T> s{T(0), T(0), T(0), T(0), T(0), T(0), -std::numeric_limits<T>::infinity(), T(0)};
   for (int64_t t = 0; t < L; ++t) {
     if (!is_valid(in.query_pad, t) || !is_valid(in.key_pad, t)) {
       continue;
     }
-    featurize(p.feature_map, D, in.query + t * D, q.data());
-    featurize(p.feature_map, D, in.key + t * D, k.data());
+    const T* q = in.q + t * D;
+    const T* k = in.k + t * D;
     s.n += T(1);
-    cpu::axpy(D, T(1), k.data(), st.K.data());
-    cpu::axpy(D, T(1), q.data(), st.Q.data());
-    s.I = s.n / cpu::dot_eps(D, q.data(), st.K.data(), eps);
-    s.O = s.n / cpu::dot_eps(D, k.data(), st.Q.data(), eps);
-    cpu::axpy(D, s.O, k.data(), st.A.data());
-    cpu::axpy(D, s.I, q.data(), st.B.data());
-    const T sink = cpu::dot_eps(D, q.data(), st.A.data(), eps) / s.n;
-    s.r = cpu::dot_eps(D, k.data(), st.B.data(), eps) / s.n;
+    cpu::axpy(D, T(1), k, st.K.data());
+    cpu::axpy(D, T(1), q, st.Q.data());
+    s.I = s.n / cpu::dot_eps(D, q, st.K.data(), eps);
+    s.O = s.n / cpu::dot_eps(D, k, st.Q.data(), eps);
+    cpu::axpy(D, s.O, k, st.A.data());
+    cpu::axpy(D, s.I, q, st.B.data());
+    const T sink = cpu::dot_eps(D, q, st.A.data(), eps) / s.n;
+    s.r = cpu::dot_eps(D, k, st.B.data(), eps) / s.n;
     const T source = std::clamp(s.r, -clamp, clamp);
     s.a = T(1) / (T(1) + std::exp(-sink));
     const T m = std::max(s.m, source);
     s.E = s.E * std::exp(s.m - m) + std::exp(source - m);
     s.m = m;
     s.c = s.n * std::exp(source - m) / s.E;
-    cpu::rank1_update(D, M, s.c, k.data(), in.value + t * M, st.S.data());
-    on_step(t, s, q.data(), k.data(), st);
+    cpu::rank1_update(D, M, s.c, k, in.v + t * M, st.S.data());
+    on_step(t, s, st);
   }
 }
 
-}  // namespace
-
 template <typename T>
-void causal_forward(const Slice<T>& in, const Params& p, T* out) {
+FLOWFORMER_CPU_CLONES void forward_slice(const Slice<T>& in, const Params& p, T* out) {
   const int64_t D = in.D, M = in.M;
   std::fill(out, out + in.L * M, T(0));
-  causal_scan(in, p, [&](int64_t t, const Step<T>& s, const T* q, const T*, const ScanState<T>& st) {
-    cpu::vec_mat(D, M, s.g(), q, st.S.data(), out + t * M);
+  causal_scan(in, p, [&](int64_t t, const Step<T>& s, const ScanState<T>& st) {
+    cpu::vec_mat(D, M, s.g(), in.q + t * D, st.S.data(), out + t * M);
   });
 }
 
+// Work space of the backward, reused across the slices of one call.
 template <typename T>
-void causal_backward(const Slice<T>& in, const Params& p, const T* grad_out, T* grad_query, T* grad_key,
-                     T* grad_value) {
+struct BackwardScratch {
+  std::vector<Step<T>> steps;
+  std::vector<T> dg, dsink, K, Q, B, y;
+};
+
+template <typename T>
+FLOWFORMER_CPU_CLONES void backward_slice(const Slice<T>& in, const Params& p, BackwardScratch<T>& ws, const T* grad_out, T* grad_q,
+                    T* grad_k, T* grad_v) {
   const int64_t L = in.L, D = in.D, M = in.M;
   const T eps = static_cast<T>(p.eps);
   const T clamp = static_cast<T>(p.clamp);
-  std::fill(grad_query, grad_query + L * D, T(0));
-  std::fill(grad_key, grad_key + L * D, T(0));
-  std::fill(grad_value, grad_value + L * M, T(0));
+  std::fill(grad_q, grad_q + L * D, T(0));
+  std::fill(grad_k, grad_k + L * D, T(0));
+  std::fill(grad_v, grad_v + L * M, T(0));
 
   // Forward scan: keep the scalars and the prefixes K, Q, B of every position; dq through S_t and A_t.
-  std::vector<Step<T>> steps(L);
-  std::vector<T> dg(L), dsink(L), K(L * D), Q(L * D), B(L * D), y(M);
-  causal_scan(in, p, [&](int64_t t, const Step<T>& s, const T* q, const T*, const ScanState<T>& st) {
+  ws.steps.resize(L);
+  for (auto* vec : {&ws.dg, &ws.dsink}) {
+    vec->resize(L);
+  }
+  for (auto* vec : {&ws.K, &ws.Q, &ws.B}) {
+    vec->resize(L * D);
+  }
+  ws.y.resize(M);
+  auto& [steps, dg, dsink, K, Q, B, y] = ws;
+  causal_scan(in, p, [&](int64_t t, const Step<T>& s, const ScanState<T>& st) {
+    const T* q = in.q + t * D;
     const T* dout = grad_out + t * M;
-    T* dq = grad_query + t * D;
+    T* dq = grad_q + t * D;
     cpu::vec_mat(D, M, T(1), q, st.S.data(), y.data());
     dg[t] = cpu::dot(M, dout, y.data());
     cpu::mat_vec_acc(D, M, s.g(), st.S.data(), dout, dq);
@@ -109,7 +122,7 @@ void causal_backward(const Slice<T>& in, const Params& p, const T* grad_out, T* 
   });
 
   // Reverse scan.
-  std::vector<T> R(D * M, T(0)), RA(D, T(0)), RB(D, T(0)), RK(D, T(0)), RQ(D, T(0)), q(D), k(D), dw(M);
+  std::vector<T> R(D * M, T(0)), RA(D, T(0)), RB(D, T(0)), RK(D, T(0)), RQ(D, T(0)), dw(M);
   T P = 0;
   T m_next = 0;
   bool has_next = false;
@@ -118,18 +131,18 @@ void causal_backward(const Slice<T>& in, const Params& p, const T* grad_out, T* 
       continue;
     }
     const Step<T>& s = steps[t];
-    const T* v = in.value + t * M;
+    const T* q = in.q + t * D;
+    const T* k = in.k + t * D;
+    const T* v = in.v + t * M;
     const T* dout = grad_out + t * M;
-    T* dq = grad_query + t * D;
-    T* dk = grad_key + t * D;
-    featurize(p.feature_map, D, in.query + t * D, q.data());
-    featurize(p.feature_map, D, in.key + t * D, k.data());
+    T* dq = grad_q + t * D;
+    T* dk = grad_k + t * D;
 
     // S_t = sum k (c v)^T: dk, dv and dc.
-    cpu::rank1_update(D, M, s.g(), q.data(), dout, R.data());
-    cpu::vec_mat(D, M, T(1), k.data(), R.data(), dw.data());
+    cpu::rank1_update(D, M, s.g(), q, dout, R.data());
+    cpu::vec_mat(D, M, T(1), k, R.data(), dw.data());
     cpu::mat_vec_acc(D, M, s.c, R.data(), v, dk);
-    T* dv = grad_value + t * M;
+    T* dv = grad_v + t * M;
     for (int64_t mm = 0; mm < M; ++mm) {
       dv[mm] = s.c * dw[mm];
     }
@@ -144,36 +157,61 @@ void causal_backward(const Slice<T>& in, const Params& p, const T* grad_out, T* 
 
     // r_t = <k_t + e, B_t + e> / n_t and B_t = sum I q.
     cpu::axpy_eps(D, dr, &B[t * D], eps, dk);
-    cpu::axpy_eps(D, dr, k.data(), eps, RB.data());
-    const T dI = dg[t] * s.a / s.n + cpu::dot(D, RB.data(), q.data());
+    cpu::axpy_eps(D, dr, k, eps, RB.data());
+    const T dI = dg[t] * s.a / s.n + cpu::dot(D, RB.data(), q);
     cpu::axpy(D, s.I, RB.data(), dq);
 
     // sink_t = <q_t + e, A_t + e> / n_t and A_t = sum O k.
-    cpu::axpy_eps(D, dsink[t], q.data(), eps, RA.data());
-    const T dO = cpu::dot(D, RA.data(), k.data());
+    cpu::axpy_eps(D, dsink[t], q, eps, RA.data());
+    const T dO = cpu::dot(D, RA.data(), k);
     cpu::axpy(D, s.O, RA.data(), dk);
 
     // I_t = n_t / <q_t + e, K_t + e> and K_t = sum k.
     const T du = -dI * s.I * s.I / s.n;
     cpu::axpy_eps(D, du, &K[t * D], eps, dq);
-    cpu::axpy_eps(D, du, q.data(), eps, RK.data());
+    cpu::axpy_eps(D, du, q, eps, RK.data());
     cpu::axpy(D, T(1), RK.data(), dk);
 
     // O_t = n_t / <k_t + e, Q_t + e> and Q_t = sum q.
     const T dw_out = -dO * s.O * s.O / s.n;
     cpu::axpy_eps(D, dw_out, &Q[t * D], eps, dk);
-    cpu::axpy_eps(D, dw_out, k.data(), eps, RQ.data());
+    cpu::axpy_eps(D, dw_out, k, eps, RQ.data());
     cpu::axpy(D, T(1), RQ.data(), dq);
 
-    chain_feature_map(p.feature_map, D, in.query + t * D, dq);
-    chain_feature_map(p.feature_map, D, in.key + t * D, dk);
+    feature_map_backward_row(p.feature_map, D, in.query + t * D, q, dq);
+    feature_map_backward_row(p.feature_map, D, in.key + t * D, k, dk);
   }
 }
 
-template void causal_forward<float>(const Slice<float>&, const Params&, float*);
-template void causal_forward<double>(const Slice<double>&, const Params&, double*);
-template void causal_backward<float>(const Slice<float>&, const Params&, const float*, float*, float*, float*);
-template void causal_backward<double>(const Slice<double>&, const Params&, const double*, double*, double*,
-                                      double*);
+}  // namespace
+
+void causal_forward(const Features& in, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "flow_attention_causal_forward", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    in.for_slice_ranges([&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        forward_slice(in.slice<scalar_t>(bh), in.params, o + bh * in.L * in.M);
+      }
+    });
+  });
+}
+
+void causal_backward(const Features& in, const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k,
+                     at::Tensor& grad_v) {
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "flow_attention_causal_backward", [&] {
+    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* gq = grad_q.mutable_data_ptr<scalar_t>();
+    scalar_t* gk = grad_k.mutable_data_ptr<scalar_t>();
+    scalar_t* gv = grad_v.mutable_data_ptr<scalar_t>();
+    const int64_t L = in.L, D = in.D, M = in.M;
+    in.for_slice_ranges([&](int64_t begin, int64_t end) {
+      BackwardScratch<scalar_t> ws;
+      for (int64_t bh = begin; bh < end; ++bh) {
+        backward_slice(in.slice<scalar_t>(bh), in.params, ws, g + bh * L * M, gq + bh * L * D, gk + bh * L * D,
+                       gv + bh * L * M);
+      }
+    });
+  });
+}
 
 }  // namespace flowformer::flow_attention_cpu

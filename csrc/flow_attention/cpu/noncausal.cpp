@@ -1,15 +1,20 @@
-// Non-causal Flow-Attention on one (batch, head), over valid queries i and valid keys j only
-// (L_v, S_v their counts), q = phi(query), k = phi(key), e = eps added to both dot-product operands:
+// Non-causal Flow-Attention, over valid queries i and valid keys j only (L_v, S_v their counts),
+// q, k the features, e = eps added to both dot-product operands:
 //   I_i = 1 / <q_i + e, sum_j k_j + e>         O_j = 1 / <k_j + e, sum_i q_i + e>
 //   A   = sum_j O_j k_j                         B   = sum_i I_i q_i
 //   a_i = sigmoid(<q_i + e, A + e> L_v / S_v)   c_j = S_v softmax_j(clamp(<k_j + e, B + e>))
-//   W   = sum_j k_j (c_j v_j)^T  (D x M)        out_i = a_i I_i q_i^T W
-// The backward runs the same four reductions in reverse: dW = sum_i q_i (a_i I_i dout_i)^T feeds
-// dk and dv; the softmax, dB, dA, d(sum k) and d(sum q) gradients are D-vectors reduced in two
-// further O((L + S) D) passes.
+//   g_i = a_i I_i    W = k^T (c v)  (D x M)     out = (g q) W
+// Per (batch, head), in parallel: an O((L + S) D) pass for the scalars, which also writes the scaled
+// rows c v (and g q for the backward); padded positions and empty slices get I = O = a = c = 0.
+// The D x M products are batched matrix products: forward W and q W (rows then scaled by g);
+// backward W, Z = dout W^T, dW = (g q)^T dout, U = v dW^T and k dW, then a second O((L + S) D) pass
+// turns Z, U and k dW, in place, into dq = g Z + ..., dk = c U + ... and dv = c (k dW), with
+// dg_i = <q_i, Z_i> and dc_j = <k_j, U_j>, and applies the chain rule of the feature map.
 #include "flow_attention/cpu/flow_attention_cpu.h"
 
 #include "common/cpu_vec.h"
+
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,214 +24,289 @@
 namespace flowformer::flow_attention_cpu {
 namespace {
 
-// Everything the output and the gradients need, recomputed from the inputs.
-template <typename T>
-struct Stats {
-  std::vector<T> fq, fk;           // phi(query) L x D, phi(key) S x D (padded rows unused)
-  std::vector<T> qsum, ksum, A, B;  // D each
-  std::vector<T> I, a;             // L: sink incoming, sink allocation
-  std::vector<T> O, r, c;          // S: source outgoing, conserved source before the clamp, competition
-  std::vector<T> W;                // D x M
-  int64_t Lv = 0, Sv = 0;
-  T ratio = 0;                     // L_v / S_v
-
-  bool empty() const { return Lv == 0 || Sv == 0; }
+// Per-slice scalars, stored as rows of one (B * H, width) tensor:
+// I (L), a (L), O (S), r (S, the conserved source before the clamp), c (S), qsum, ksum, A, B (D each),
+// and the valid counts L_v, S_v.
+struct StatsLayout {
+  int64_t L, S, D;
+  int64_t width() const { return 2 * L + 3 * S + 4 * D + 2; }
 };
 
 template <typename T>
-void compute_stats(const Slice<T>& in, const Params& p, Stats<T>& st) {
+struct SliceStats {
+  T *I, *a, *O, *r, *c, *qsum, *ksum, *A, *B, *counts;
+
+  SliceStats(T* row, const StatsLayout& lay)
+      : I(row), a(I + lay.L), O(a + lay.L), r(O + lay.S), c(r + lay.S), qsum(c + lay.S), ksum(qsum + lay.D),
+        A(ksum + lay.D), B(A + lay.D), counts(B + lay.D) {}
+
+  T Lv() const { return counts[0]; }
+  T Sv() const { return counts[1]; }
+  bool empty() const { return Lv() == 0 || Sv() == 0; }
+  T ratio() const { return Lv() / Sv(); }
+};
+
+// The scaled rows the products need: c v (S x M) and, for the backward, g q (L x D).
+template <typename T>
+struct ScaledRows {
+  T* cv;
+  T* gq;  // nullptr in the forward
+};
+
+template <typename T>
+FLOWFORMER_CPU_CLONES void compute_stats(const Slice<T>& in, const Params& p, int64_t width, T* row,
+                                         const ScaledRows<T>& out) {
+  const StatsLayout layout{in.L, in.S, in.D};
+  SliceStats<T> st(row, layout);
   const int64_t L = in.L, S = in.S, D = in.D, M = in.M;
   const T eps = static_cast<T>(p.eps);
   const T clamp = static_cast<T>(p.clamp);
-  st.fq.assign(L * D, T(0));
-  st.fk.assign(S * D, T(0));
-  st.qsum.assign(D, T(0));
-  st.ksum.assign(D, T(0));
-  st.A.assign(D, T(0));
-  st.B.assign(D, T(0));
-  st.I.assign(L, T(0));
-  st.a.assign(L, T(0));
-  st.O.assign(S, T(0));
-  st.r.assign(S, T(0));
-  st.c.assign(S, T(0));
-  st.W.assign(D * M, T(0));
-  st.Lv = 0;
-  st.Sv = 0;
+  std::fill(row, row + width, T(0));
   for (int64_t i = 0; i < L; ++i) {
     if (is_valid(in.query_pad, i)) {
-      featurize(p.feature_map, D, in.query + i * D, &st.fq[i * D]);
-      cpu::axpy(D, T(1), &st.fq[i * D], st.qsum.data());
-      ++st.Lv;
+      cpu::axpy(D, T(1), in.q + i * D, st.qsum);
+      st.counts[0] += T(1);
     }
   }
   for (int64_t j = 0; j < S; ++j) {
     if (is_valid(in.key_pad, j)) {
-      featurize(p.feature_map, D, in.key + j * D, &st.fk[j * D]);
-      cpu::axpy(D, T(1), &st.fk[j * D], st.ksum.data());
-      ++st.Sv;
+      cpu::axpy(D, T(1), in.k + j * D, st.ksum);
+      st.counts[1] += T(1);
     }
+  }
+  if (!st.empty()) {
+    for (int64_t i = 0; i < L; ++i) {
+      if (is_valid(in.query_pad, i)) {
+        st.I[i] = T(1) / cpu::dot_eps(D, in.q + i * D, st.ksum, eps);
+        cpu::axpy(D, st.I[i], in.q + i * D, st.B);
+      }
+    }
+    for (int64_t j = 0; j < S; ++j) {
+      if (is_valid(in.key_pad, j)) {
+        st.O[j] = T(1) / cpu::dot_eps(D, in.k + j * D, st.qsum, eps);
+        cpu::axpy(D, st.O[j], in.k + j * D, st.A);
+      }
+    }
+    const T ratio = st.ratio();
+    for (int64_t i = 0; i < L; ++i) {
+      if (is_valid(in.query_pad, i)) {
+        const T sink = cpu::dot_eps(D, in.q + i * D, st.A, eps);
+        st.a[i] = T(1) / (T(1) + std::exp(-sink * ratio));
+      }
+    }
+    // Competition: c = S_v softmax(clamp(r)), with the maximum subtracted.
+    T max_source = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < S; ++j) {
+      if (is_valid(in.key_pad, j)) {
+        st.r[j] = cpu::dot_eps(D, in.k + j * D, st.B, eps);
+        st.c[j] = std::clamp(st.r[j], -clamp, clamp);
+        max_source = std::max(max_source, st.c[j]);
+      }
+    }
+    T total = 0;
+    for (int64_t j = 0; j < S; ++j) {
+      if (is_valid(in.key_pad, j)) {
+        st.c[j] = std::exp(st.c[j] - max_source);
+        total += st.c[j];
+      }
+    }
+    const T scale = st.Sv() / total;
+    for (int64_t j = 0; j < S; ++j) {
+      st.c[j] *= scale;
+    }
+  }
+  for (int64_t j = 0; j < S; ++j) {
+    cpu::scale(M, st.c[j], in.v + j * M, out.cv + j * M);
+  }
+  if (out.gq != nullptr) {
+    for (int64_t i = 0; i < L; ++i) {
+      cpu::scale(D, st.a[i] * st.I[i], in.q + i * D, out.gq + i * D);
+    }
+  }
+}
+
+// The scalars of every slice, the scaled rows and W = k^T (c v).
+struct Shared {
+  StatsLayout layout;
+  at::Tensor stats;  // (B * H, width)
+  at::Tensor cv;     // (B * H, S, M)
+  at::Tensor gq;     // (B * H, L, D), or undefined in the forward
+  at::Tensor W;      // (B * H, D, M)
+};
+
+Shared compute_shared(const Features& in, bool for_backward) {
+  const int64_t BH = in.B * in.H;
+  Shared sh{StatsLayout{in.L, in.S, in.D}, {}, {}, {}, {}};
+  const int64_t width = sh.layout.width();
+  const auto options = in.q.options();
+  sh.stats = at::empty({BH, width}, options);
+  sh.cv = at::empty({BH, in.S, in.M}, options);
+  if (for_backward) {
+    sh.gq = at::empty({BH, in.L, in.D}, options);
+  }
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "flow_attention_noncausal_stats", [&] {
+    scalar_t* stats = sh.stats.mutable_data_ptr<scalar_t>();
+    scalar_t* cv = sh.cv.mutable_data_ptr<scalar_t>();
+    scalar_t* gq = for_backward ? sh.gq.mutable_data_ptr<scalar_t>() : nullptr;
+    in.for_slice_ranges([&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const ScaledRows<scalar_t> rows{cv + bh * in.S * in.M, gq != nullptr ? gq + bh * in.L * in.D : nullptr};
+        compute_stats(in.slice<scalar_t>(bh), in.params, width, stats + bh * width, rows);
+      }
+    });
+  });
+  sh.W = at::bmm(in.k.view({BH, in.S, in.D}).transpose(1, 2), sh.cv);
+  return sh;
+}
+
+// The backward's O((L + S) D) pass on one slice. On entry grad_q holds Z = dout W^T, grad_k holds
+// U = v dW^T and grad_v holds k dW; on exit they hold the gradients with respect to query, key, value.
+template <typename T>
+FLOWFORMER_CPU_CLONES void backward_vectors(const Slice<T>& in, const Params& p, const T* row, T* grad_q,
+                                            T* grad_k, T* grad_v, std::vector<T>& scratch) {
+  const int64_t L = in.L, S = in.S, D = in.D, M = in.M;
+  const SliceStats<T> st(const_cast<T*>(row), StatsLayout{L, S, D});
+  for (int64_t j = 0; j < S; ++j) {
+    cpu::scale_(M, st.c[j], grad_v + j * M);  // c = 0 at padded keys
   }
   if (st.empty()) {
+    std::fill(grad_q, grad_q + L * D, T(0));
+    std::fill(grad_k, grad_k + S * D, T(0));
     return;
   }
-  st.ratio = static_cast<T>(st.Lv) / static_cast<T>(st.Sv);
+  const T eps = static_cast<T>(p.eps);
+  const T clamp = static_cast<T>(p.clamp);
+  scratch.assign(4 * D + L + S, T(0));
+  T* dA = scratch.data();
+  T* dB = dA + D;
+  T* dqsum = dB + D;
+  T* dksum = dqsum + D;
+  T* dI = dksum + D;  // L: the gradient of I_i through out_i = a_i I_i ...
+  T* dc = dI + L;     // S
+  const T ratio = st.ratio();
+
+  // out_i = g_i q_i^T W: dg_i = <q_i, Z_i>, dq_i = g_i Z_i; g_i = a_i I_i, a_i = sigmoid(<q_i + e, A + e> ratio).
   for (int64_t i = 0; i < L; ++i) {
-    if (is_valid(in.query_pad, i)) {
-      st.I[i] = T(1) / cpu::dot_eps(D, &st.fq[i * D], st.ksum.data(), eps);
-      cpu::axpy(D, st.I[i], &st.fq[i * D], st.B.data());
+    T* dq = grad_q + i * D;
+    if (!is_valid(in.query_pad, i)) {
+      std::fill(dq, dq + D, T(0));
+      continue;
     }
+    const T* q = in.q + i * D;
+    const T dg = cpu::dot(D, q, dq);
+    const T dsink = dg * st.I[i] * st.a[i] * (T(1) - st.a[i]) * ratio;
+    dI[i] = dg * st.a[i];
+    cpu::scale_(D, st.a[i] * st.I[i], dq);
+    cpu::axpy_eps(D, dsink, st.A, eps, dq);
+    cpu::axpy_eps(D, dsink, q, eps, dA);
   }
+  // W = k^T (c v): dk_j = c_j U_j, dc_j = <k_j, U_j>; c = S_v softmax(clamp(r)).
+  T mean_cdc = 0;
   for (int64_t j = 0; j < S; ++j) {
     if (is_valid(in.key_pad, j)) {
-      st.O[j] = T(1) / cpu::dot_eps(D, &st.fk[j * D], st.qsum.data(), eps);
-      cpu::axpy(D, st.O[j], &st.fk[j * D], st.A.data());
+      dc[j] = cpu::dot(D, in.k + j * D, grad_k + j * D);
+      mean_cdc += st.c[j] * dc[j];
     }
   }
+  mean_cdc /= st.Sv();
+  for (int64_t j = 0; j < S; ++j) {
+    T* dk = grad_k + j * D;
+    if (!is_valid(in.key_pad, j)) {
+      std::fill(dk, dk + D, T(0));
+      continue;
+    }
+    const T* k = in.k + j * D;
+    cpu::scale_(D, st.c[j], dk);
+    const T dsource = st.c[j] * (dc[j] - mean_cdc);
+    const T dr = std::abs(st.r[j]) <= clamp ? dsource : T(0);
+    cpu::axpy_eps(D, dr, st.B, eps, dk);
+    cpu::axpy_eps(D, dr, k, eps, dB);
+    // A = sum O k, O_j = 1 / <k_j + e, sum q + e>.
+    const T dO = cpu::dot(D, dA, k);
+    cpu::axpy(D, st.O[j], dA, dk);
+    const T dw = -dO * st.O[j] * st.O[j];
+    cpu::axpy_eps(D, dw, st.qsum, eps, dk);
+    cpu::axpy_eps(D, dw, k, eps, dqsum);
+  }
+  // B = sum I q, I_i = 1 / <q_i + e, sum k + e>.
   for (int64_t i = 0; i < L; ++i) {
-    if (is_valid(in.query_pad, i)) {
-      const T sink = cpu::dot_eps(D, &st.fq[i * D], st.A.data(), eps);
-      st.a[i] = T(1) / (T(1) + std::exp(-sink * st.ratio));
+    if (!is_valid(in.query_pad, i)) {
+      continue;
     }
+    const T* q = in.q + i * D;
+    T* dq = grad_q + i * D;
+    const T dIi = dI[i] + cpu::dot(D, dB, q);
+    cpu::axpy(D, st.I[i], dB, dq);
+    const T du = -dIi * st.I[i] * st.I[i];
+    cpu::axpy_eps(D, du, st.ksum, eps, dq);
+    cpu::axpy_eps(D, du, q, eps, dksum);
+    cpu::axpy(D, T(1), dqsum, dq);
+    feature_map_backward_row(p.feature_map, D, in.query + i * D, q, dq);
   }
-  // Competition: c = S_v * softmax(clamp(r)), with the maximum subtracted.
-  T max_source = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < S; ++j) {
     if (is_valid(in.key_pad, j)) {
-      st.r[j] = cpu::dot_eps(D, &st.fk[j * D], st.B.data(), eps);
-      st.c[j] = std::clamp(st.r[j], -clamp, clamp);
-      max_source = std::max(max_source, st.c[j]);
+      T* dk = grad_k + j * D;
+      cpu::axpy(D, T(1), dksum, dk);
+      feature_map_backward_row(p.feature_map, D, in.key + j * D, in.k + j * D, dk);
     }
   }
-  T total = 0;
-  for (int64_t j = 0; j < S; ++j) {
-    if (is_valid(in.key_pad, j)) {
-      st.c[j] = std::exp(st.c[j] - max_source);
-      total += st.c[j];
-    }
-  }
-  const T scale = static_cast<T>(st.Sv) / total;
-  for (int64_t j = 0; j < S; ++j) {
-    if (is_valid(in.key_pad, j)) {
-      st.c[j] *= scale;
-      cpu::rank1_update(D, M, st.c[j], &st.fk[j * D], in.value + j * M, st.W.data());
-    }
+}
+
+// out rows *= g_i = a_i I_i (0 at padded queries and in empty slices).
+template <typename T>
+FLOWFORMER_CPU_CLONES void scale_output(const T* row, int64_t L, int64_t S, int64_t D, int64_t M, T* out) {
+  const SliceStats<T> st(const_cast<T*>(row), StatsLayout{L, S, D});
+  for (int64_t i = 0; i < L; ++i) {
+    cpu::scale_(M, st.a[i] * st.I[i], out + i * M);
   }
 }
 
 }  // namespace
 
-template <typename T>
-void noncausal_forward(const Slice<T>& in, const Params& p, T* out) {
-  Stats<T> st;
-  compute_stats(in, p, st);
-  for (int64_t i = 0; i < in.L; ++i) {
-    T* row = out + i * in.M;
-    if (st.empty() || !is_valid(in.query_pad, i)) {
-      std::fill(row, row + in.M, T(0));
-    } else {
-      cpu::vec_mat(in.D, in.M, st.a[i] * st.I[i], &st.fq[i * in.D], st.W.data(), row);
-    }
-  }
+void noncausal_forward(const Features& in, at::Tensor& out) {
+  const Shared sh = compute_shared(in, /*for_backward=*/false);
+  const int64_t BH = in.B * in.H;
+  at::Tensor out3 = out.view({BH, in.L, in.M});
+  at::bmm_out(out3, in.q.view({BH, in.L, in.D}), sh.W);
+  const int64_t width = sh.layout.width();
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "flow_attention_noncausal_forward", [&] {
+    const scalar_t* stats = sh.stats.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    in.for_slice_ranges([&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        scale_output(stats + bh * width, in.L, in.S, in.D, in.M, o + bh * in.L * in.M);
+      }
+    });
+  });
 }
 
-template <typename T>
-void noncausal_backward(const Slice<T>& in, const Params& p, const T* grad_out, T* grad_query, T* grad_key,
-                        T* grad_value) {
-  const int64_t L = in.L, S = in.S, D = in.D, M = in.M;
-  const T eps = static_cast<T>(p.eps);
-  std::fill(grad_query, grad_query + L * D, T(0));
-  std::fill(grad_key, grad_key + S * D, T(0));
-  std::fill(grad_value, grad_value + S * M, T(0));
-  Stats<T> st;
-  compute_stats(in, p, st);
-  if (st.empty()) {
-    return;
-  }
-  std::vector<T> dW(D * M, T(0)), dA(D, T(0)), dB(D, T(0)), dqsum(D, T(0)), dksum(D, T(0));
-  std::vector<T> y(M), dI(L, T(0)), dc(S, T(0));
+void noncausal_backward(const Features& in, const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k,
+                        at::Tensor& grad_v) {
+  const Shared sh = compute_shared(in, /*for_backward=*/true);
+  const int64_t BH = in.B * in.H;
+  const at::Tensor dout = grad_out.view({BH, in.L, in.M});
+  at::Tensor Z = grad_q.view({BH, in.L, in.D});
+  at::bmm_out(Z, dout, sh.W.transpose(1, 2));
+  const at::Tensor dW = at::bmm(sh.gq.transpose(1, 2), dout);
+  at::Tensor U = grad_k.view({BH, in.S, in.D});
+  at::bmm_out(U, in.v.view({BH, in.S, in.M}), dW.transpose(1, 2));
+  at::Tensor dv = grad_v.view({BH, in.S, in.M});
+  at::bmm_out(dv, in.k.view({BH, in.S, in.D}), dW);
 
-  // Queries: out_i = g_i q_i^T W with g_i = a_i I_i.
-  for (int64_t i = 0; i < L; ++i) {
-    if (!is_valid(in.query_pad, i)) {
-      continue;
-    }
-    const T* q = &st.fq[i * D];
-    const T* dout = grad_out + i * M;
-    T* dq = grad_query + i * D;
-    const T g = st.a[i] * st.I[i];
-    cpu::vec_mat(D, M, T(1), q, st.W.data(), y.data());
-    const T dg = cpu::dot(M, dout, y.data());
-    cpu::mat_vec_acc(D, M, g, st.W.data(), dout, dq);
-    cpu::rank1_update(D, M, g, q, dout, dW.data());
-    const T dsink = dg * st.I[i] * st.a[i] * (T(1) - st.a[i]) * st.ratio;
-    cpu::axpy_eps(D, dsink, q, eps, dA.data());
-    cpu::axpy_eps(D, dsink, st.A.data(), eps, dq);
-    dI[i] = dg * st.a[i];
-  }
-
-  // Keys: W = sum_j k_j (c_j v_j)^T.
-  T mean_cdc = 0;
-  for (int64_t j = 0; j < S; ++j) {
-    if (!is_valid(in.key_pad, j)) {
-      continue;
-    }
-    T* dv = grad_value + j * M;
-    const T* v = in.value + j * M;
-    cpu::vec_mat(D, M, T(1), &st.fk[j * D], dW.data(), y.data());
-    dc[j] = cpu::dot(M, y.data(), v);
-    for (int64_t m = 0; m < M; ++m) {
-      dv[m] = st.c[j] * y[m];
-    }
-    cpu::mat_vec_acc(D, M, st.c[j], dW.data(), v, grad_key + j * D);
-    mean_cdc += st.c[j] * dc[j];
-  }
-  mean_cdc /= static_cast<T>(st.Sv);
-  const T clamp = static_cast<T>(p.clamp);
-  for (int64_t j = 0; j < S; ++j) {
-    if (!is_valid(in.key_pad, j)) {
-      continue;
-    }
-    const T* k = &st.fk[j * D];
-    T* dk = grad_key + j * D;
-    const T dsource = st.c[j] * (dc[j] - mean_cdc);
-    const T dr = std::abs(st.r[j]) <= clamp ? dsource : T(0);
-    cpu::axpy_eps(D, dr, st.B.data(), eps, dk);
-    cpu::axpy_eps(D, dr, k, eps, dB.data());
-    const T dO = cpu::dot(D, dA.data(), k);
-    cpu::axpy(D, st.O[j], dA.data(), dk);
-    const T dw = -dO * st.O[j] * st.O[j];
-    cpu::axpy_eps(D, dw, st.qsum.data(), eps, dk);
-    cpu::axpy_eps(D, dw, k, eps, dqsum.data());
-  }
-
-  // Queries again: B = sum_i I_i q_i and I_i = 1 / <q_i + e, sum k + e>.
-  for (int64_t i = 0; i < L; ++i) {
-    if (!is_valid(in.query_pad, i)) {
-      continue;
-    }
-    const T* q = &st.fq[i * D];
-    T* dq = grad_query + i * D;
-    const T dIi = dI[i] + cpu::dot(D, dB.data(), q);
-    cpu::axpy(D, st.I[i], dB.data(), dq);
-    const T du = -dIi * st.I[i] * st.I[i];
-    cpu::axpy_eps(D, du, st.ksum.data(), eps, dq);
-    cpu::axpy_eps(D, du, q, eps, dksum.data());
-    cpu::axpy(D, T(1), dqsum.data(), dq);
-    chain_feature_map(p.feature_map, D, in.query + i * D, dq);
-  }
-  for (int64_t j = 0; j < S; ++j) {
-    if (is_valid(in.key_pad, j)) {
-      T* dk = grad_key + j * D;
-      cpu::axpy(D, T(1), dksum.data(), dk);
-      chain_feature_map(p.feature_map, D, in.key + j * D, dk);
-    }
-  }
+  const int64_t width = sh.layout.width();
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "flow_attention_noncausal_backward", [&] {
+    const scalar_t* stats = sh.stats.const_data_ptr<scalar_t>();
+    scalar_t* dq = Z.mutable_data_ptr<scalar_t>();
+    scalar_t* dk = U.mutable_data_ptr<scalar_t>();
+    scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
+    in.for_slice_ranges([&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch;
+      for (int64_t bh = begin; bh < end; ++bh) {
+        backward_vectors(in.slice<scalar_t>(bh), in.params, stats + bh * width, dq + bh * in.L * in.D,
+                         dk + bh * in.S * in.D, dvp + bh * in.S * in.M, scratch);
+      }
+    });
+  });
 }
-
-template void noncausal_forward<float>(const Slice<float>&, const Params&, float*);
-template void noncausal_forward<double>(const Slice<double>&, const Params&, double*);
-template void noncausal_backward<float>(const Slice<float>&, const Params&, const float*, float*, float*, float*);
-template void noncausal_backward<double>(const Slice<double>&, const Params&, const double*, double*, double*,
-                                         double*);
 
 }  // namespace flowformer::flow_attention_cpu
