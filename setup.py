@@ -9,6 +9,7 @@ fails. FLOWFORMER_CUDA=0 asks for a CPU-only build explicitly.
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -33,6 +34,12 @@ def find_cuda_home():
 
 
 CUDA_HOME = find_cuda_home()
+import torch  # noqa: E402
+
+if CUDA_HOME is not None and torch.version.cuda is None:
+    print(f"flowformer: nvcc found at {CUDA_HOME}, but torch {torch.__version__} is a CPU-only build: "
+          "building WITHOUT CUDA kernels", file=sys.stderr)
+    CUDA_HOME = None
 if CUDA_HOME is not None:
     os.environ["CUDA_HOME"] = CUDA_HOME  # read by torch.utils.cpp_extension at import
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -1,0 +1,253 @@
+"""Benchmark flowformer::flow_attention against the eager reference (and torch SDPA).
+
+For each mode (non-causal, causal) and sequence length: median time of the forward and of the
+forward + backward of the op, of the eager reference (flowformer.reference: the paper's einsum code;
+optionally under torch.compile) and of torch's scaled_dot_product_attention (softmax attention, the
+quadratic peer), and the peak memory of forward + backward (CUDA: max_memory_allocated; CPU: peak RSS
+growth of a fresh process). Writes <out>/flow_attention.json, .md and .png with the device, torch
+version and commit.
+
+    python benchmarks/bench_flow_attention.py --device cpu --lengths 1024,4096 --out benchmarks/results/cpu
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as TF
+
+import flowformer
+from flowformer import functional as F
+from flowformer import reference as R
+from flowformer._measure import forward_backward, forward_only, peak_rss_growth_mib, time_ms
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {"noncausal": False, "causal": True}
+
+
+def make_impls(compile_reference: bool):
+    impls = {
+        "flowformer": lambda q, k, v, causal: F.flow_attention(q, k, v, causal=causal),
+        "reference": lambda q, k, v, causal: R.flow_attention(q, k, v, causal=causal),
+        "sdpa": lambda q, k, v, causal: TF.scaled_dot_product_attention(q, k, v, is_causal=causal),
+    }
+    if compile_reference:
+        compiled = torch.compile(R.flow_attention)
+        impls["reference_compiled"] = lambda q, k, v, causal: compiled(q, k, v, causal=causal)
+    return impls
+
+
+def reference_bytes(B, H, L, D, M, causal, itemsize):
+    """What the eager reference must hold at once: its (B, H, L, D, M) tensors in causal mode."""
+    return 3 * B * H * L * D * M * itemsize if causal else 8 * B * H * L * (D + M) * itemsize
+
+
+def inputs(args, L, device, dtype, requires_grad):
+    gen = torch.Generator().manual_seed(L)
+    shapes = [(args.batch, args.heads, L, args.dim)] * 3
+    ts = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_(requires_grad) for s in shapes]
+    grad = torch.randn(shapes[0], generator=gen).to(device=device, dtype=dtype)
+    return ts, grad
+
+
+def measure_memory_cpu(args, impl, mode, L):
+    """Peak RSS growth (MiB) of forward + backward, in a fresh process so earlier runs do not count."""
+    cmd = [sys.executable, __file__, "--measure-memory", impl, mode, str(L), "--batch", str(args.batch),
+           "--heads", str(args.heads), "--dim", str(args.dim), "--dtype", args.dtype]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None
+
+
+def memory_child(args):
+    impl, mode, L = args.measure_memory[0], args.measure_memory[1], int(args.measure_memory[2])
+    dtype = getattr(torch, args.dtype)
+    fn = make_impls(False)[impl]
+    causal = MODES[mode]
+    small, small_grad = inputs(args, 8, "cpu", dtype, True)
+    fn(*small, causal).backward(small_grad)  # one-time initialisation
+    ts, grad = inputs(args, L, "cpu", dtype, True)
+    print(peak_rss_growth_mib(lambda: fn(*ts, causal).backward(grad)))
+
+
+def measure_memory_cuda(fn, ts, grad, causal):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(*ts, causal).backward(grad)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    impls = make_impls(args.compile)
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "flowformer::flow_attention", "CUDA" if device.type == "cuda" else "CPU")
+    budget = args.memory_budget_gib * 2**30
+    rows = []
+    for mode in args.modes.split(","):
+        causal = MODES[mode]
+        for L in (int(x) for x in args.lengths.split(",")):
+            for impl, fn in impls.items():
+                row = {"mode": mode, "L": L, "impl": impl}
+                if impl == "flowformer" and not has_kernel:
+                    row["skipped"] = f"no {device.type} kernel in this build"
+                elif impl.startswith("reference") and reference_bytes(
+                        args.batch, args.heads, L, args.dim, args.dim, causal, itemsize) > budget:
+                    row["skipped"] = "reference does not fit the memory budget"
+                else:
+                    try:
+                        ts, grad = inputs(args, L, device, dtype, True)
+                        call = lambda a, b, c, f=fn: f(a, b, c, causal)  # noqa: E731
+                        row["forward_ms"] = time_ms(forward_only(call, ts), device, args.repeat)
+                        row["forward_backward_ms"] = time_ms(forward_backward(call, ts, grad), device, args.repeat)
+                        if device.type == "cuda":
+                            row["peak_memory_mib"] = measure_memory_cuda(fn, ts, grad, causal)
+                        elif args.memory:
+                            row["peak_memory_mib"] = measure_memory_cpu(args, impl, mode, L)
+                    except torch.OutOfMemoryError:
+                        row["skipped"] = "out of memory"
+                        torch.cuda.empty_cache()
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def ratios(rows):
+    """flowformer's speed-up over each other implementation, per mode and L (same run)."""
+    table = {}
+    for r in rows:
+        table.setdefault((r["mode"], r["L"]), {})[r["impl"]] = r
+    out = []
+    for (mode, L), by_impl in table.items():
+        ours = by_impl.get("flowformer", {})
+        for impl, r in by_impl.items():
+            if impl == "flowformer" or "forward_backward_ms" not in r or "forward_backward_ms" not in ours:
+                continue
+            entry = {"mode": mode, "L": L, "versus": impl,
+                     "forward_speedup": r["forward_ms"] / ours["forward_ms"],
+                     "forward_backward_speedup": r["forward_backward_ms"] / ours["forward_backward_ms"]}
+            if r.get("peak_memory_mib") and ours.get("peak_memory_mib"):
+                entry["memory_ratio"] = r["peak_memory_mib"] / max(ours["peak_memory_mib"], 1e-3)
+            out.append(entry)
+    return out
+
+
+def write_markdown(path, meta, rows, speedups):
+    lines = [f"# flow_attention benchmark: {meta['device']}", "",
+             f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, dtype {meta['dtype']}, "
+             f"B = {meta['batch']}, H = {meta['heads']}, D = M = {meta['dim']}", "",
+             "| mode | L | implementation | forward ms | forward+backward ms | peak memory MiB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['mode']} | {r['L']} | {r['impl']} | {r['skipped']} | | |")
+            continue
+        mem = r.get("peak_memory_mib")
+        lines.append(f"| {r['mode']} | {r['L']} | {r['impl']} | {r['forward_ms']:.2f} | "
+                     f"{r['forward_backward_ms']:.2f} | {'' if mem is None else f'{mem:.0f}'} |")
+    lines += ["", "flowformer's speed-up (x) and memory ratio over each implementation, same run:", "",
+              "| mode | L | versus | forward | forward+backward | peak memory ratio |", "|---|---|---|---|---|---|"]
+    for s in speedups:
+        mem = s.get("memory_ratio")
+        lines.append(f"| {s['mode']} | {s['L']} | {s['versus']} | {s['forward_speedup']:.2f} | "
+                     f"{s['forward_backward_speedup']:.2f} | {'' if mem is None else f'{mem:.1f}'} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path, meta, rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for impl in sorted({r["impl"] for r in rows}):
+            pts = [(r["L"], r["forward_backward_ms"]) for r in rows
+                   if r["mode"] == mode and r["impl"] == impl and "forward_backward_ms" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="forward + backward (ms)",
+               title=f"{mode}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"flow_attention, {meta['device']}, {meta['dtype']}, B={meta['batch']} H={meta['heads']} "
+                 f"D=M={meta['dim']} (torch {meta['torch']}, {meta['commit']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64, help="D = M")
+    parser.add_argument("--lengths", default="1024,4096")
+    parser.add_argument("--modes", default="noncausal,causal")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip CPU memory measurement")
+    parser.add_argument("--memory-budget-gib", type=float, default=8.0,
+                        help="skip the reference where its tensors alone would exceed this")
+    parser.add_argument("--out", default="benchmarks/results/local")
+    parser.add_argument("--measure-memory", nargs=3, metavar=("IMPL", "MODE", "L"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure_memory:
+        memory_child(args)
+        return
+    device = torch.device(args.device)
+    meta = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "flowformer": flowformer.__version__, "commit": commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "dtype": args.dtype, "batch": args.batch, "heads": args.heads, "dim": args.dim,
+            "repeat": args.repeat, "build": flowformer.build_info()}
+    rows = run(args)
+    speedups = ratios(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flow_attention.json").write_text(json.dumps({"meta": meta, "rows": rows, "speedups": speedups},
+                                                        indent=1) + "\n")
+    write_markdown(out / "flow_attention.md", meta, rows, speedups)
+    write_plot(out / "flow_attention.png", meta, rows)
+    print((out / "flow_attention.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Time and memory measurements shared by the demo, the benchmarks and the memory tests."""
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in milliseconds, synchronising the device around each call."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def forward_backward(fn: Callable, inputs, grad_out) -> Callable[[], None]:
+    """A closure running fn(*inputs) and its backward with grad_out; inputs must require grad."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        fn(*inputs).backward(grad_out)
+    return run
+
+
+def forward_only(fn: Callable, inputs) -> Callable[[], None]:
+    def run():
+        with torch.no_grad():
+            fn(*inputs)
+    return run
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_growth_mib(fn: Callable[[], object]) -> float:
+    """How far fn() raises this process's resident memory above where it was (Linux), in MiB.
+
+    The kernel's high-water mark is reset first (/proc/self/clear_refs), so earlier peaks (imports,
+    warm-up) do not hide the growth. Run with MALLOC_MMAP_THRESHOLD_ set so that freed blocks leave
+    the process and the figure counts what is live at once, not what the allocator kept.
+    """
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
