@@ -36,8 +36,9 @@ struct ScanState {
 };
 
 // Runs the scan and calls on_step(t, step, state) at every valid position t, once the state includes t.
+// Inlined into its callers, so that it is compiled for the instruction set of their clone.
 template <typename T, typename OnStep>
-void causal_scan(const Slice<T>& in, const Params& p, OnStep on_step) {
+FLOWFORMER_INLINE void causal_scan(const Slice<T>& in, const Params& p, OnStep on_step) {
   const int64_t L = in.L, D = in.D, M = in.M;
   const T eps = static_cast<T>(p.eps);
   const T clamp = static_cast<T>(p.clamp);
