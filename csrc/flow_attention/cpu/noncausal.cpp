@@ -7,9 +7,10 @@
 // Per (batch, head), in parallel: an O((L + S) D) pass for the scalars, which also writes the scaled
 // rows c v (and g q for the backward); padded positions and empty slices get I = O = a = c = 0.
 // The D x M products are batched matrix products: forward W and q W (rows then scaled by g);
-// backward W, Z = dout W^T, dW = (g q)^T dout, U = v dW^T and k dW, then a second O((L + S) D) pass
+// backward W, dW = (g q)^T dout, Z = dout W^T, U = v dW^T and k dW, then a second O((L + S) D) pass
 // turns Z, U and k dW, in place, into dq = g Z + ..., dk = c U + ... and dv = c (k dW), with
-// dg_i = <q_i, Z_i> and dc_j = <k_j, U_j>, and applies the chain rule of the feature map.
+// dg_i = <q_i, Z_i> and dc_j = <k_j, U_j>, and applies the chain rule of the feature map. The
+// backward keeps g q and c v in the grad_q and grad_v buffers until the products overwrite them.
 #include "flow_attention/cpu/flow_attention_cpu.h"
 
 #include "common/cpu_vec.h"
@@ -46,7 +47,7 @@ struct SliceStats {
   T ratio() const { return Lv() / Sv(); }
 };
 
-// The scaled rows the products need: c v (S x M) and, for the backward, g q (L x D).
+// Where the pass writes the scaled rows the products need: c v (S x M) and, for the backward, g q (L x D).
 template <typename T>
 struct ScaledRows {
   T* cv;
@@ -54,10 +55,10 @@ struct ScaledRows {
 };
 
 template <typename T>
-FLOWFORMER_CPU_CLONES void compute_stats(const Slice<T>& in, const Params& p, int64_t width, T* row,
-                                         const ScaledRows<T>& out) {
+FLOWFORMER_CPU_CLONES void compute_stats(const Slice<T>& in, const Params& p, T* row, const ScaledRows<T>& out) {
   const StatsLayout layout{in.L, in.S, in.D};
   SliceStats<T> st(row, layout);
+  const int64_t width = layout.width();
   const int64_t L = in.L, S = in.S, D = in.D, M = in.M;
   const T eps = static_cast<T>(p.eps);
   const T clamp = static_cast<T>(p.clamp);
@@ -93,6 +94,9 @@ FLOWFORMER_CPU_CLONES void compute_stats(const Slice<T>& in, const Params& p, in
         const T sink = cpu::dot_eps(D, in.q + i * D, st.A, eps);
         st.a[i] = T(1) / (T(1) + std::exp(-sink * ratio));
       }
+      if (out.gq != nullptr) {
+        cpu::scale(D, st.a[i] * st.I[i], in.q + i * D, out.gq + i * D);
+      }
     }
     // Competition: c = S_v softmax(clamp(r)), with the maximum subtracted.
     T max_source = -std::numeric_limits<T>::infinity();
@@ -118,10 +122,8 @@ FLOWFORMER_CPU_CLONES void compute_stats(const Slice<T>& in, const Params& p, in
   for (int64_t j = 0; j < S; ++j) {
     cpu::scale(M, st.c[j], in.v + j * M, out.cv + j * M);
   }
-  if (out.gq != nullptr) {
-    for (int64_t i = 0; i < L; ++i) {
-      cpu::scale(D, st.a[i] * st.I[i], in.q + i * D, out.gq + i * D);
-    }
+  if (st.empty() && out.gq != nullptr) {
+    std::fill(out.gq, out.gq + L * D, T(0));
   }
 }
 
@@ -134,16 +136,17 @@ struct Shared {
   at::Tensor W;      // (B * H, D, M)
 };
 
-Shared compute_shared(const Features& in, bool for_backward) {
+// cv and gq: where to write c v and g q (the backward lends its gradient buffers); else allocated.
+Shared compute_shared(const Features& in, at::Tensor cv, at::Tensor gq) {
   const int64_t BH = in.B * in.H;
-  Shared sh{StatsLayout{in.L, in.S, in.D}, {}, {}, {}, {}};
+  Shared sh{StatsLayout{in.L, in.S, in.D}, {}, std::move(cv), std::move(gq), {}};
   const int64_t width = sh.layout.width();
   const auto options = in.q.options();
   sh.stats = at::empty({BH, width}, options);
-  sh.cv = at::empty({BH, in.S, in.M}, options);
-  if (for_backward) {
-    sh.gq = at::empty({BH, in.L, in.D}, options);
+  if (!sh.cv.defined()) {
+    sh.cv = at::empty({BH, in.S, in.M}, options);
   }
+  const bool for_backward = sh.gq.defined();
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "flow_attention_noncausal_stats", [&] {
     scalar_t* stats = sh.stats.mutable_data_ptr<scalar_t>();
     scalar_t* cv = sh.cv.mutable_data_ptr<scalar_t>();
@@ -151,7 +154,7 @@ Shared compute_shared(const Features& in, bool for_backward) {
     in.for_slice_ranges([&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const ScaledRows<scalar_t> rows{cv + bh * in.S * in.M, gq != nullptr ? gq + bh * in.L * in.D : nullptr};
-        compute_stats(in.slice<scalar_t>(bh), in.params, width, stats + bh * width, rows);
+        compute_stats(in.slice<scalar_t>(bh), in.params, stats + bh * width, rows);
       }
     });
   });
@@ -264,7 +267,7 @@ FLOWFORMER_CPU_CLONES void scale_output(const T* row, int64_t L, int64_t S, int6
 }  // namespace
 
 void noncausal_forward(const Features& in, at::Tensor& out) {
-  const Shared sh = compute_shared(in, /*for_backward=*/false);
+  const Shared sh = compute_shared(in, /*cv=*/{}, /*gq=*/{});
   const int64_t BH = in.B * in.H;
   at::Tensor out3 = out.view({BH, in.L, in.M});
   at::bmm_out(out3, in.q.view({BH, in.L, in.D}), sh.W);
@@ -282,28 +285,28 @@ void noncausal_forward(const Features& in, at::Tensor& out) {
 
 void noncausal_backward(const Features& in, const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k,
                         at::Tensor& grad_v) {
-  const Shared sh = compute_shared(in, /*for_backward=*/true);
   const int64_t BH = in.B * in.H;
-  const at::Tensor dout = grad_out.view({BH, in.L, in.M});
-  at::Tensor Z = grad_q.view({BH, in.L, in.D});
-  at::bmm_out(Z, dout, sh.W.transpose(1, 2));
-  const at::Tensor dW = at::bmm(sh.gq.transpose(1, 2), dout);
-  at::Tensor U = grad_k.view({BH, in.S, in.D});
-  at::bmm_out(U, in.v.view({BH, in.S, in.M}), dW.transpose(1, 2));
+  at::Tensor dq = grad_q.view({BH, in.L, in.D});
+  at::Tensor dk = grad_k.view({BH, in.S, in.D});
   at::Tensor dv = grad_v.view({BH, in.S, in.M});
-  at::bmm_out(dv, in.k.view({BH, in.S, in.D}), dW);
+  const Shared sh = compute_shared(in, /*cv=*/dv, /*gq=*/dq);
+  const at::Tensor dout = grad_out.view({BH, in.L, in.M});
+  const at::Tensor dW = at::bmm(sh.gq.transpose(1, 2), dout);
+  at::bmm_out(dq, dout, sh.W.transpose(1, 2));                           // Z, over g q
+  at::bmm_out(dk, in.v.view({BH, in.S, in.M}), dW.transpose(1, 2));      // U
+  at::bmm_out(dv, in.k.view({BH, in.S, in.D}), dW);                      // k dW, over c v
 
   const int64_t width = sh.layout.width();
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "flow_attention_noncausal_backward", [&] {
     const scalar_t* stats = sh.stats.const_data_ptr<scalar_t>();
-    scalar_t* dq = Z.mutable_data_ptr<scalar_t>();
-    scalar_t* dk = U.mutable_data_ptr<scalar_t>();
-    scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
+    scalar_t* gq = dq.mutable_data_ptr<scalar_t>();
+    scalar_t* gk = dk.mutable_data_ptr<scalar_t>();
+    scalar_t* gv = dv.mutable_data_ptr<scalar_t>();
     in.for_slice_ranges([&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch;
       for (int64_t bh = begin; bh < end; ++bh) {
-        backward_vectors(in.slice<scalar_t>(bh), in.params, stats + bh * width, dq + bh * in.L * in.D,
-                         dk + bh * in.S * in.D, dvp + bh * in.S * in.M, scratch);
+        backward_vectors(in.slice<scalar_t>(bh), in.params, stats + bh * width, gq + bh * in.L * in.D,
+                         gk + bh * in.S * in.D, gv + bh * in.S * in.M, scratch);
       }
     });
   });
