@@ -1,7 +1,7 @@
 """Benchmark flowformer::flow_attention against the eager reference (and torch SDPA).
 
-For each mode (non-causal, causal) and sequence length: median time of the forward and of the
-forward + backward of the op, of the eager reference (flowformer.reference: the paper's einsum code;
+For each mode (non-causal, causal) and sequence length: median time (implementations called
+round-robin, so they share the machine's conditions) of the forward and of the forward + backward of the op, of the eager reference (flowformer.reference: the paper's einsum code;
 optionally under torch.compile) and of torch's scaled_dot_product_attention (softmax attention, the
 quadratic peer), and the peak memory of forward + backward (CUDA: max_memory_allocated; CPU: peak RSS
 growth of a fresh process). Writes <out>/flow_attention.json, .md and .png with the device, torch
@@ -25,7 +25,7 @@ import torch.nn.functional as TF
 import flowformer
 from flowformer import functional as F
 from flowformer import reference as R
-from flowformer._measure import forward_backward, forward_only, peak_rss_growth_mib, time_ms
+from flowformer._measure import forward_backward, forward_only, peak_rss_growth_mib, time_interleaved_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"noncausal": False, "causal": True}
@@ -119,26 +119,36 @@ def run(args):
     for mode in args.modes.split(","):
         causal = MODES[mode]
         for L in (int(x) for x in args.lengths.split(",")):
+            ts, grad = inputs(args, L, device, dtype, True)
+            runnable, skipped = {}, {}
             for impl, fn in impls.items():
-                row = {"mode": mode, "L": L, "impl": impl}
                 if impl == "flowformer" and not has_kernel:
-                    row["skipped"] = f"no {device.type} kernel in this build"
+                    skipped[impl] = f"no {device.type} kernel in this build"
                 elif impl.startswith("reference") and reference_bytes(
                         args.batch, args.heads, L, args.dim, args.dim, causal, itemsize) > budget:
-                    row["skipped"] = "reference does not fit the memory budget"
+                    skipped[impl] = "reference does not fit the memory budget"
                 else:
-                    try:
-                        ts, grad = inputs(args, L, device, dtype, True)
-                        call = lambda a, b, c, f=fn: f(a, b, c, causal)  # noqa: E731
-                        row["forward_ms"] = time_ms(forward_only(call, ts), device, args.repeat)
-                        row["forward_backward_ms"] = time_ms(forward_backward(call, ts, grad), device, args.repeat)
-                        if device.type == "cuda":
-                            row["peak_memory_mib"] = measure_memory_cuda(fn, ts, grad, causal)
-                        elif args.memory:
-                            row["peak_memory_mib"] = measure_memory_cpu(args, impl, mode, L)
-                    except torch.OutOfMemoryError:
-                        row["skipped"] = "out of memory"
-                        torch.cuda.empty_cache()
+                    runnable[impl] = lambda a, b, c, f=fn: f(a, b, c, causal)
+            try:
+                forward = time_interleaved_ms({n: forward_only(f, ts) for n, f in runnable.items()}, device,
+                                              args.repeat)
+                both = time_interleaved_ms({n: forward_backward(f, ts, grad) for n, f in runnable.items()},
+                                           device, args.repeat)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                skipped.update({n: "out of memory" for n in runnable})
+                runnable = {}
+            for impl in impls:
+                row = {"mode": mode, "L": L, "impl": impl}
+                if impl in skipped:
+                    row["skipped"] = skipped[impl]
+                else:
+                    row["forward_ms"] = forward[impl]
+                    row["forward_backward_ms"] = both[impl]
+                    if device.type == "cuda":
+                        row["peak_memory_mib"] = measure_memory_cuda(impls[impl], ts, grad, causal)
+                    elif args.memory:
+                        row["peak_memory_mib"] = measure_memory_cpu(args, impl, mode, L)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows

@@ -12,19 +12,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() in milliseconds, synchronising the device around each call."""
+def time_interleaved_ms(fns: dict, device, repeat: int = 5, warmup: int = 1) -> dict:
+    """Median wall time (ms) of each fn in `fns`, calling them round-robin so that every one sees the
+    same machine conditions (frequency, other load) over the run."""
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def forward_backward(fn: Callable, inputs, grad_out) -> Callable[[], None]:

@@ -14,7 +14,7 @@ import torch
 import flowformer
 from flowformer import functional as F
 from flowformer import reference as R
-from flowformer._measure import forward_backward, time_ms
+from flowformer._measure import forward_backward, time_interleaved_ms
 
 
 def pick_device(requested: str) -> torch.device:
@@ -56,10 +56,11 @@ def main(argv=None) -> None:
             expected = R.flow_attention(q.double(), k.double(), v.double(), **options)
             err = ((out.double() - expected).norm() / expected.norm()).item()
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            ours = time_ms(forward_backward(lambda a, b, c: F.flow_attention(a, b, c, **options), leaves, grad),
-                           device, repeat=args.repeat)
-            ref = time_ms(forward_backward(lambda a, b, c: R.flow_attention(a, b, c, **options), leaves, grad),
-                          device, repeat=args.repeat)
+            times = time_interleaved_ms({
+                "ours": forward_backward(lambda a, b, c: F.flow_attention(a, b, c, **options), leaves, grad),
+                "reference": forward_backward(lambda a, b, c: R.flow_attention(a, b, c, **options), leaves, grad),
+            }, device, repeat=args.repeat)
+            ours, ref = times["ours"], times["reference"]
             tensor_mib = B * H * L * D * D * 4 / 2**20 if causal else 0.0
             extra = f"{tensor_mib:>21.0f} MiB" if causal else f"{'none':>25}"
             print(f"{'causal' if causal else 'non-causal':<10} {L:>6} {err:>11.1e} {ours:>14.1f} {ref:>13.1f} "
