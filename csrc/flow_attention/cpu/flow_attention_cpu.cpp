@@ -1,6 +1,6 @@
-// CPU backend of flowformer::flow_attention and its backward: converts the inputs to contiguous
-// rows in the accumulation type (float32, or float64 for float64), applies the feature map, and runs
-// the per-(batch, head) kernels of noncausal.cpp and causal.cpp in parallel over batch x heads.
+// CPU backend of flowformer::flow_attention and its backward: checks the arguments, converts the inputs
+// to contiguous rows in the accumulation type (float32, or float64 for float64), applies the feature
+// map, allocates the outputs, and hands the rest to noncausal.cpp or causal.cpp.
 #include "flow_attention/cpu/flow_attention_cpu.h"
 
 #include "common/checks.h"
