@@ -1,5 +1,7 @@
 // Autograd for flowformer::flow_attention, registered in C++ so that C++ programs get gradients too.
 // Saves only the inputs; flowformer::flow_attention_backward recomputes the per-position scalars.
+// The backward op itself computes its values under autograd too, but differentiating it again
+// (double backward) raises a clear error instead of a wrong or missing second-order gradient.
 #include "flow_attention/flow_attention_ops.h"
 
 #include <torch/autograd.h>
@@ -44,6 +46,24 @@ class FlowAttentionFunction : public torch::autograd::Function<FlowAttentionFunc
   }
 };
 
+class FlowAttentionBackwardFunction : public torch::autograd::Function<FlowAttentionBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& query,
+                               const at::Tensor& key, const at::Tensor& value, bool causal,
+                               const std::string& feature_map, double eps, double clamp,
+                               const Mask& query_padding_mask, const Mask& key_padding_mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_query, grad_key, grad_value] = flow_attention_ops::backward(
+        grad_out, query, key, value, causal, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
+    return {grad_query, grad_key, grad_value};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, kBackward, ": double backward (the gradient of a gradient of flow_attention) is not ",
+                "supported");
+  }
+};
+
 at::Tensor forward_autograd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal,
                             c10::string_view feature_map, double eps, double clamp, const Mask& query_padding_mask,
                             const Mask& key_padding_mask) {
@@ -51,10 +71,20 @@ at::Tensor forward_autograd(const at::Tensor& query, const at::Tensor& key, cons
                                       eps, clamp, query_padding_mask, key_padding_mask);
 }
 
+Grads backward_autograd(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                        const at::Tensor& value, bool causal, c10::string_view feature_map, double eps, double clamp,
+                        const Mask& query_padding_mask, const Mask& key_padding_mask) {
+  const auto grads = FlowAttentionBackwardFunction::apply(
+      grad_out, query, key, value, causal, std::string(feature_map.data(), feature_map.size()), eps, clamp,
+      query_padding_mask, key_padding_mask);
+  return {grads[0], grads[1], grads[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowformer, Autograd, m) {
   m.impl("flow_attention", TORCH_FN(forward_autograd));
+  m.impl("flow_attention_backward", TORCH_FN(backward_autograd));
 }
 
 }  // namespace flowformer::flow_attention_ops

@@ -81,3 +81,13 @@ def test_backward_is_deterministic(gen, causal, device):
                                                              query_padding_mask=None, key_padding_mask=None)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_double_backward_raises_clearly(gen, causal):
+    q, k, v = inputs(gen, 1, 2, 5, 5, 3, 4, "cpu")
+    out = F.flow_attention(q, k, v, causal=causal)
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    assert gq.requires_grad
+    with pytest.raises(RuntimeError, match="flow_attention_backward: double backward .* is not supported"):
+        gq.sum().backward()

@@ -83,6 +83,19 @@ def test_empty_inputs(shape, causal):
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
+def test_no_queries_gives_zero_key_and_value_gradients(monkeypatch):
+    monkeypatch.setenv("FLOWFORMER_POISON_OUTPUTS", "1")
+    q, k, v = (t.requires_grad_() for t in ok_inputs(L=0))
+    out = F.flow_attention(q, k, v)
+    assert out.shape == (2, 3, 0, 7)
+    (out.sum() + 0 * k.sum() + 0 * v.sum()).backward()
+    assert (k.grad == 0).all() and (v.grad == 0).all()
+    grads = torch.ops.flowformer.flow_attention_backward(torch.zeros(2, 3, 0, 7), q, k, v, causal=False,
+                                                         feature_map="sigmoid", eps=1e-6, clamp=1.0,
+                                                         query_padding_mask=None, key_padding_mask=None)
+    assert grads[1].shape == k.shape and (grads[1] == 0).all() and (grads[2] == 0).all()
+
+
 def test_no_keys_gives_zeros():
     q, k, v = (t.requires_grad_() for t in ok_inputs(S=0))
     out = F.flow_attention(q, k, v)

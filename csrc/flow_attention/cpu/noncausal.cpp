@@ -33,6 +33,7 @@ struct StatsLayout {
   int64_t width() const { return 2 * L + 3 * S + 4 * D + 2; }
 };
 
+// T is the element type, const-qualified for read-only access.
 template <typename T>
 struct SliceStats {
   T *I, *a, *O, *r, *c, *qsum, *ksum, *A, *B, *counts;
@@ -168,7 +169,7 @@ template <typename T>
 FLOWFORMER_CPU_CLONES void backward_vectors(const Slice<T>& in, const Params& p, const T* row, T* grad_q,
                                             T* grad_k, T* grad_v, std::vector<T>& scratch) {
   const int64_t L = in.L, S = in.S, D = in.D, M = in.M;
-  const SliceStats<T> st(const_cast<T*>(row), StatsLayout{L, S, D});
+  const SliceStats<const T> st(row, StatsLayout{L, S, D});
   for (int64_t j = 0; j < S; ++j) {
     cpu::scale_(M, st.c[j], grad_v + j * M);  // c = 0 at padded keys
   }
@@ -258,7 +259,7 @@ FLOWFORMER_CPU_CLONES void backward_vectors(const Slice<T>& in, const Params& p,
 // out rows *= g_i = a_i I_i (0 at padded queries and in empty slices).
 template <typename T>
 FLOWFORMER_CPU_CLONES void scale_output(const T* row, int64_t L, int64_t S, int64_t D, int64_t M, T* out) {
-  const SliceStats<T> st(const_cast<T*>(row), StatsLayout{L, S, D});
+  const SliceStats<const T> st(row, StatsLayout{L, S, D});
   for (int64_t i = 0; i < L; ++i) {
     cpu::scale_(M, st.a[i] * st.I[i], out + i * M);
   }
