@@ -23,7 +23,7 @@ def test_compile_fullgraph_forward_backward(gen, causal, device):
     q, k, v = (randn(gen, B, H, L, n, device=device) for n in (D, D, M))
     mask = torch.zeros(B, L, dtype=torch.bool, device=device)
     mask[1, -3:] = True
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(block, fullgraph=True)
     eager_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     compiled_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     expected = block(*eager_leaves, mask)
