@@ -268,8 +268,13 @@ FLOWFORMER_CPU_CLONES void scale_output(const T* row, int64_t L, int64_t S, int6
 }  // namespace
 
 void noncausal_forward(const Features& in, at::Tensor& out) {
-  const Shared sh = compute_shared(in, /*cv=*/{}, /*gq=*/{});
   const int64_t BH = in.B * in.H;
+  // c v fits in the output buffer when S <= L: keep it there until q W overwrites it.
+  at::Tensor cv_buffer;
+  if (in.S <= in.L) {
+    cv_buffer = out.view(-1).narrow(0, 0, BH * in.S * in.M).view({BH, in.S, in.M});
+  }
+  const Shared sh = compute_shared(in, /*cv=*/cv_buffer, /*gq=*/{});
   at::Tensor out3 = out.view({BH, in.L, in.M});
   at::bmm_out(out3, in.q.view({BH, in.L, in.D}), sh.W);
   const int64_t width = sh.layout.width();
