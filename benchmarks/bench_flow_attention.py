@@ -1,7 +1,8 @@
 """Benchmark flowformer::flow_attention against the eager reference (and torch SDPA).
 
 For each mode (non-causal, causal) and sequence length: median time (implementations called
-round-robin, so they share the machine's conditions) of the forward and of the forward + backward of the op, of the eager reference (flowformer.reference: the paper's einsum code;
+round-robin, so they share the machine's conditions) of the forward and of the forward + backward
+of the op, of the eager reference (flowformer.reference: the paper's einsum code;
 optionally under torch.compile) and of torch's scaled_dot_product_attention (softmax attention, the
 quadratic peer), and the peak memory of forward + backward (CUDA: max_memory_allocated; CPU: peak RSS
 growth of a fresh process). Writes <out>/flow_attention.json, .md and .png with the device, torch

@@ -9,13 +9,6 @@ import torch
 
 import flowformer  # noqa: F401
 
-CASES = {
-    "flowformer::flow_attention": [
-        dict(causal=False), dict(causal=True), dict(causal=False, feature_map="elu1", clamp=float("inf")),
-    ],
-}
-
-
 def flow_attention_case(options, dtype):
     B, H, L, D = 2, 3, 37, 16
     q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
@@ -25,15 +18,23 @@ def flow_attention_case(options, dtype):
     out.backward(torch.randn_like(out))
 
 
+# op -> (function running one case, the options of each case)
+CASES = {
+    "flowformer::flow_attention": (flow_attention_case, [
+        dict(causal=False), dict(causal=True), dict(causal=False, feature_map="elu1", clamp=float("inf")),
+    ]),
+}
+
+
 def main():
     assert torch.cuda.is_available(), "no GPU"
-    for op, cases in CASES.items():
+    for op, (run_case, cases) in CASES.items():
         if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
             print(f"{op}: no CUDA kernel in this build, nothing to check")
             continue
         for options in cases:
             for dtype in (torch.float32, torch.bfloat16):
-                flow_attention_case(options, dtype)
+                run_case(options, dtype)
         print(f"{op}: {len(cases) * 2} cases ran")
     torch.cuda.synchronize()
 

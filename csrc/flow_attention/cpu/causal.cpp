@@ -88,8 +88,8 @@ struct BackwardScratch {
 };
 
 template <typename T>
-FLOWFORMER_CPU_CLONES void backward_slice(const Slice<T>& in, const Params& p, BackwardScratch<T>& ws, const T* grad_out, T* grad_q,
-                    T* grad_k, T* grad_v) {
+FLOWFORMER_CPU_CLONES void backward_slice(const Slice<T>& in, const Params& p, BackwardScratch<T>& ws,
+                                          const T* grad_out, T* grad_q, T* grad_k, T* grad_v) {
   const int64_t L = in.L, D = in.D, M = in.M;
   const T eps = static_cast<T>(p.eps);
   const T clamp = static_cast<T>(p.clamp);
