@@ -7,12 +7,12 @@
 // a bf16 input never underflows to 0; its chain rule is applied row by row inside the kernels.
 #pragma once
 
+#include "common/feature_map_kind.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
 namespace flowformer {
-
-enum class FeatureMap { Sigmoid, Elu1, Relu, Identity };
 
 // Parses "sigmoid", "elu1", "relu" or "identity"; anything else is an error naming `op`.
 FeatureMap parse_feature_map(const char* op, c10::string_view name);

@@ -3,6 +3,8 @@
 // map, allocates the outputs, and hands the rest to noncausal.cpp or causal.cpp.
 #include "flow_attention/cpu/flow_attention_cpu.h"
 
+#include "flow_attention/cpu/emulate_cuda.h"
+
 #include "common/checks.h"
 #include "common/feature_map.h"
 #include "flow_attention/flow_attention_ops.h"
@@ -48,6 +50,10 @@ at::Tensor forward_cpu(const at::Tensor& query, const at::Tensor& key, const at:
   const char* op = flow_attention_ops::kForward;
   flow_attention_ops::check_args(op, query, key, value, causal, feature_map, eps, clamp, query_padding_mask,
                                  key_padding_mask);
+  if (emulate_cuda_requested()) {
+    return emulated_forward(op, query, key, value, causal, feature_map, eps, clamp, query_padding_mask,
+                            key_padding_mask);
+  }
   const Features f = convert(op, query, key, value, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
   at::Tensor out = new_output({f.B, f.H, f.L, f.M}, f.v.options());
   if (out.numel() > 0) {
@@ -64,6 +70,10 @@ flow_attention_ops::Grads backward_cpu(const at::Tensor& grad_out, const at::Ten
   flow_attention_ops::check_args(op, query, key, value, causal, feature_map, eps, clamp, query_padding_mask,
                                  key_padding_mask);
   flow_attention_ops::check_grad_out(grad_out, query, value);
+  if (emulate_cuda_requested()) {
+    return emulated_backward(op, grad_out, query, key, value, causal, feature_map, eps, clamp, query_padding_mask,
+                             key_padding_mask);
+  }
   const Features f = convert(op, query, key, value, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
   const at::Tensor dout = grad_out.to(f.v.scalar_type()).contiguous();
   at::Tensor dq = new_output(f.q.sym_sizes(), f.q.options());

@@ -1,0 +1,35 @@
+#include "flow_attention/cpu/emulate_cuda.h"
+
+#include "common/host_executor.h"
+#include "flow_attention/flow_attention_portable.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace flowformer::flow_attention_cpu {
+
+bool emulate_cuda_requested() {
+  const char* flag = std::getenv("FLOWFORMER_EMULATE_CUDA");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
+}
+
+at::Tensor emulated_forward(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            bool causal, c10::string_view feature_map, double eps, double clamp,
+                            const flow_attention_ops::Mask& query_padding_mask,
+                            const flow_attention_ops::Mask& key_padding_mask) {
+  const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
+                                                             query_padding_mask, key_padding_mask);
+  return flow_attention_portable::forward(portable::HostExecutor{}, problem);
+}
+
+flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& query,
+                                            const at::Tensor& key, const at::Tensor& value, bool causal,
+                                            c10::string_view feature_map, double eps, double clamp,
+                                            const flow_attention_ops::Mask& query_padding_mask,
+                                            const flow_attention_ops::Mask& key_padding_mask) {
+  const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
+                                                             query_padding_mask, key_padding_mask);
+  return flow_attention_portable::backward(portable::HostExecutor{}, problem, grad_out);
+}
+
+}  // namespace flowformer::flow_attention_cpu

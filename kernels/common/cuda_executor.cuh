@@ -1,0 +1,37 @@
+// Runs the items of a portable kernel (portable.h) on the GPU: one thread per item, on the current
+// stream of the current device (the caller holds a device guard), every launch checked.
+#pragma once
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace flowformer::portable {
+
+constexpr int kItemsPerBlock = 256;
+
+template <typename Item>
+__global__ void __launch_bounds__(kItemsPerBlock) run_items(int64_t items, Item item) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x;
+  if (i < items) {
+    item(i);
+  }
+}
+
+struct CudaExecutor {
+  template <typename Item>
+  void operator()(int64_t items, const Item& item) const {
+    if (items == 0) {
+      return;
+    }
+    const int64_t blocks = (items + kItemsPerBlock - 1) / kItemsPerBlock;
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "flowformer: ", items,
+                " items exceed one CUDA launch");
+    run_items<<<static_cast<unsigned>(blocks), kItemsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(items, item);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace flowformer::portable

@@ -1,0 +1,90 @@
+// Building blocks of the portable kernels: code written once, compiled by nvcc for the GPU (each
+// "item" is one CUDA thread, see cuda_executor.cuh) and by the host compiler for the CPU (items run
+// in a parallel loop, see host_executor.h), so the CPU test suite exercises the exact algorithm the
+// CUDA kernels run. An item function reads inputs and earlier results and writes its own outputs only:
+// no shared memory, no atomics, results independent of the order in which items run.
+#pragma once
+
+#include "common/feature_map_kind.h"
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FF_HD __host__ __device__ __forceinline__
+#else
+#define FF_HD inline
+#endif
+
+namespace flowformer::portable {
+
+FF_HD float exp_(float x) { return expf(x); }
+FF_HD double exp_(double x) { return exp(x); }
+
+// phi(x) of the feature map (see common/feature_map.h for the table).
+template <typename A>
+FF_HD A feature(FeatureMap f, A x) {
+  switch (f) {
+    case FeatureMap::Sigmoid:
+      return A(1) / (A(1) + exp_(-x));
+    case FeatureMap::Elu1:
+      return x > A(0) ? x + A(1) : exp_(x);
+    case FeatureMap::Relu:
+      return x > A(0) ? x : A(0);
+    case FeatureMap::Identity:
+      break;
+  }
+  return x;
+}
+
+// phi'(x), given fx = phi(x).
+template <typename A>
+FF_HD A feature_derivative(FeatureMap f, A x, A fx) {
+  switch (f) {
+    case FeatureMap::Sigmoid:
+      return fx * (A(1) - fx);
+    case FeatureMap::Elu1:
+      return x > A(0) ? A(1) : fx;
+    case FeatureMap::Relu:
+      return x > A(0) ? A(1) : A(0);
+    case FeatureMap::Identity:
+      break;
+  }
+  return A(1);
+}
+
+// The rows of one (B, H, n, width) input, any strides but a unit stride along the row, with its
+// padding (a row is valid unless one of the two (B, n) bool masks marks it) and optionally phi.
+template <typename T>
+struct Rows {
+  const T* data;
+  int64_t stride_b, stride_h, stride_row;
+  int64_t H, n, width;
+  const bool* pad_a;  // (B, n) or nullptr
+  const bool* pad_b;  // (B, n) or nullptr
+  bool apply_feature;
+  FeatureMap feature_map;
+
+  FF_HD bool valid(int64_t bh, int64_t r) const {
+    const int64_t at = (bh / H) * n + r;
+    return !(pad_a != nullptr && pad_a[at]) && !(pad_b != nullptr && pad_b[at]);
+  }
+  FF_HD const T* row(int64_t bh, int64_t r) const {
+    return data + (bh / H) * stride_b + (bh % H) * stride_h + r * stride_row;
+  }
+  // Element c of row r, through phi when apply_feature.
+  template <typename A>
+  FF_HD A get(int64_t bh, int64_t r, int64_t c) const {
+    const A x = static_cast<A>(row(bh, r)[c]);
+    return apply_feature ? feature(feature_map, x) : x;
+  }
+  template <typename A>
+  FF_HD A raw(int64_t bh, int64_t r, int64_t c) const {
+    return static_cast<A>(row(bh, r)[c]);
+  }
+};
+
+// Rows are split into chunks of `chunk` rows; chunk c holds rows [c * chunk, min((c + 1) * chunk, n)).
+FF_HD int64_t num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+
+}  // namespace flowformer::portable

@@ -1,0 +1,48 @@
+// CUDA backend of flowformer::flow_attention and its backward: the portable kernels of
+// flow_attention_portable.h, one CUDA thread per item, on the current stream of the inputs' device.
+#include "common/cuda_executor.cuh"
+#include "flow_attention/flow_attention_ops.h"
+#include "flow_attention/flow_attention_portable.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace flowformer::flow_attention_cuda {
+namespace {
+
+using flow_attention_ops::Mask;
+
+at::Tensor forward_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal,
+                        c10::string_view feature_map, double eps, double clamp, const Mask& query_padding_mask,
+                        const Mask& key_padding_mask) {
+  const char* op = flow_attention_ops::kForward;
+  flow_attention_ops::check_args(op, query, key, value, causal, feature_map, eps, clamp, query_padding_mask,
+                                 key_padding_mask);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
+                                                             query_padding_mask, key_padding_mask);
+  return flow_attention_portable::forward(portable::CudaExecutor{}, problem);
+}
+
+flow_attention_ops::Grads backward_cuda(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                        const at::Tensor& value, bool causal, c10::string_view feature_map,
+                                        double eps, double clamp, const Mask& query_padding_mask,
+                                        const Mask& key_padding_mask) {
+  const char* op = flow_attention_ops::kBackward;
+  flow_attention_ops::check_args(op, query, key, value, causal, feature_map, eps, clamp, query_padding_mask,
+                                 key_padding_mask);
+  flow_attention_ops::check_grad_out(grad_out, query, value);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
+                                                             query_padding_mask, key_padding_mask);
+  return flow_attention_portable::backward(portable::CudaExecutor{}, problem, grad_out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flowformer, CUDA, m) {
+  m.impl("flow_attention", TORCH_FN(forward_cuda));
+  m.impl("flow_attention_backward", TORCH_FN(backward_cuda));
+}
+
+}  // namespace flowformer::flow_attention_cuda

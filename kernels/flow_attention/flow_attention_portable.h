@@ -1,0 +1,430 @@
+// Flow-Attention as a sequence of portable item kernels (common/chunk_items.h) and small ATen ops on
+// per-row scalars (length-n vectors: counts, softmax, cumulative sums), for any executor: the CUDA
+// backend runs it with CudaExecutor, the CPU test mode with HostExecutor. Math: spec/flow_attention.md;
+// the gradient formulas are those of csrc/flow_attention/cpu/{noncausal,causal}.cpp.
+//
+// Non-causal: every sum over i or j is a total, taken as per-chunk partial sums (kReduceChunk rows)
+// added in a fixed order. Causal: each prefix vector (K_t = sum k, Q_t, A_t = sum O k, B_t = sum I q,
+// S_t = sum k (c v)^T) is its value at the chunk start (exclusive scan of per-chunk sums, kScanChunk
+// rows) plus the chunk-local part, whose dot products with q_t or k_t come from the chunk's score
+// matrix G[t, j] = <q_t, k_j>; the eps terms use <x + e, y + e> = <x, y> + e sum(x) + e sum(y) + D e^2.
+// The competition c_t = n_t exp(r_t - logcumsumexp(r)_t) never overflows. The backward runs the
+// suffix sums (R_t = sum g q dout^T, and the gradients of the prefix vectors) the same way, reversed.
+#pragma once
+
+#include "common/checks.h"
+#include "common/feature_map.h"
+#include "common/chunk_items.h"
+#include "flow_attention/assemble_gradient.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <limits>
+#include <tuple>
+
+namespace flowformer::flow_attention_portable {
+
+constexpr int64_t kReduceChunk = 256;
+constexpr int64_t kScanChunk = 64;
+
+struct Problem {
+  at::Tensor query, key, value;   // (B, H, L, D), (B, H, S, D), (B, H, S, M), unit stride along the row
+  at::Tensor query_pad, key_pad;  // (B, L), (B, S) bool, contiguous, or undefined
+  bool causal;
+  FeatureMap feature_map;
+  double eps, clamp;
+};
+
+inline at::Tensor unit_row_stride(const at::Tensor& x) {
+  return x.size(-1) <= 1 || x.stride(-1) == 1 ? x : x.contiguous();
+}
+
+// The arguments of one call (already checked), in the layout the kernels read.
+inline Problem make_problem(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            bool causal, c10::string_view feature_map, double eps, double clamp,
+                            const std::optional<at::Tensor>& query_padding_mask,
+                            const std::optional<at::Tensor>& key_padding_mask) {
+  auto mask = [](const std::optional<at::Tensor>& m) { return m.has_value() ? m->contiguous() : at::Tensor(); };
+  return {unit_row_stride(query), unit_row_stride(key), unit_row_stride(value), mask(query_padding_mask),
+          mask(key_padding_mask), causal, parse_feature_map(op, feature_map), eps, clamp};
+}
+
+using portable::ChunkSpan;
+using portable::Rows;
+using portable::RunningTerm;
+using portable::Shared;
+
+template <typename Exec, typename T>
+class Kernels {
+ public:
+  using A = at::opmath_type<T>;
+
+  Kernels(const Exec& exec, const Problem& p)
+      : exec_(exec), p_(p), B_(p.query.size(0)), H_(p.query.size(1)), L_(p.query.size(2)), S_(p.key.size(2)),
+        D_(p.query.size(3)), M_(p.value.size(3)),
+        acc_(p.query.options().dtype(c10::CppTypeToScalarType<A>::value)) {}
+
+  at::Tensor forward() {
+    return p_.causal ? causal_forward() : noncausal_forward();
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out) {
+    return p_.causal ? causal_backward(grad_out) : noncausal_backward(grad_out);
+  }
+
+ private:
+  // ---- the item kernels, each returning a new workspace (float, or double for double inputs)
+  at::Tensor workspace(at::IntArrayRef sizes) const {
+    return new_output(c10::fromIntArrayRefSlow(sizes), acc_);
+  }
+  static const bool* ptr(const at::Tensor& pad) { return pad.defined() ? pad.const_data_ptr<bool>() : nullptr; }
+  // The data of a workspace or per-row array (contiguous, accumulation type); nullptr if undefined.
+  static const A* ptr_or_null(const at::Tensor& t) {
+    if (!t.defined()) {
+      return nullptr;
+    }
+    TORCH_INTERNAL_ASSERT(t.is_contiguous() && t.scalar_type() == c10::CppTypeToScalarType<A>::value);
+    return t.const_data_ptr<A>();
+  }
+
+  Rows<T> rows(const at::Tensor& x, const at::Tensor& pad_a, const at::Tensor& pad_b, bool feature) const {
+    return {x.const_data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), H_, x.size(2), x.size(3),
+            ptr(pad_a), ptr(pad_b), feature, p_.feature_map};
+  }
+  int64_t BH() const { return B_ * H_; }
+  static int64_t chunks(int64_t n, int64_t chunk) { return portable::num_chunks(n, chunk); }
+  // A (BH, groups, size) tensor shared by `group` rows (group >= n: one per bh).
+  static Shared<A> shared(const at::Tensor& t, int64_t group) {
+    return {ptr_or_null(t), std::max<int64_t>(group, 1), t.size(-1)};
+  }
+
+  at::Tensor column_sums(const Rows<T>& x, const at::Tensor& w, int64_t chunk) const {
+    at::Tensor out = workspace({BH(), chunks(x.n, chunk), x.width});
+    exec_(out.numel(), portable::ChunkColumnSums<T, A>{x, ptr_or_null(w), chunk, out.mutable_data_ptr<A>()});
+    return out;
+  }
+  at::Tensor outer_sums(const Rows<T>& x, const Rows<T>& y, const at::Tensor& w, int64_t chunk) const {
+    at::Tensor out = workspace({BH(), chunks(x.n, chunk), x.width * y.width});
+    exec_(out.numel(), portable::ChunkOuterSums<T, A>{x, y, ptr_or_null(w), chunk, out.mutable_data_ptr<A>()});
+    return out;
+  }
+  at::Tensor exclusive(const at::Tensor& partial, bool reverse) const {
+    at::Tensor out = workspace(partial.sizes());
+    exec_(BH() * partial.size(2), portable::ChunkExclusiveScan<A>{ptr_or_null(partial), partial.size(1),
+                                                                  partial.size(2), reverse,
+                                                                  out.mutable_data_ptr<A>()});
+    return out;
+  }
+  // (BH, 1, width): the sums over all valid rows.
+  at::Tensor total(const Rows<T>& x, const at::Tensor& w) const {
+    return column_sums(x, w, kReduceChunk).sum(1, /*keepdim=*/true);
+  }
+  at::Tensor total_outer(const Rows<T>& x, const Rows<T>& y, const at::Tensor& w) const {
+    return outer_sums(x, y, w, kReduceChunk).sum(1, /*keepdim=*/true);
+  }
+  // (BH, n): <x_r, v> with v shared by `group` rows; the row sums of x when v is undefined.
+  at::Tensor row_dot(const Rows<T>& x, const at::Tensor& v, int64_t group) const {
+    at::Tensor out = workspace({BH(), x.n});
+    const Shared<A> vec = v.defined() ? shared(v, group) : Shared<A>{nullptr, 1, 0};
+    exec_(out.numel(), portable::RowDot<T, A>{x, vec, out.mutable_data_ptr<A>()});
+    return out;
+  }
+  at::Tensor row_sums(const Rows<T>& x) const { return row_dot(x, {}, 1); }
+  // (BH, n, M) = x W, or (BH, n, D) = x W^T when transpose, for the D x M matrices W shared by `group` rows.
+  at::Tensor row_times(const Rows<T>& x, const at::Tensor& W, int64_t group, bool transpose) const {
+    at::Tensor out = workspace({BH(), x.n, transpose ? D_ : M_});
+    exec_(out.numel(), portable::RowTimesMatrix<T, A>{x, shared(W, group), D_, M_, transpose,
+                                                       out.mutable_data_ptr<A>()});
+    return out;
+  }
+  at::Tensor scores(const Rows<T>& x, const Rows<T>& y) const {
+    at::Tensor out = workspace({BH(), x.n, kScanChunk});
+    exec_(out.numel(), portable::ChunkScores<T, A>{x, y, kScanChunk, out.mutable_data_ptr<A>()});
+    return out;
+  }
+  ChunkSpan span(bool suffix, bool transpose) const { return {L_, kScanChunk, suffix, transpose}; }
+  at::Tensor score_sums(const at::Tensor& G, const at::Tensor& w, ChunkSpan sp) const {
+    at::Tensor out = workspace({BH(), L_});
+    exec_(out.numel(), portable::ChunkScoreSums<A>{ptr_or_null(G), ptr_or_null(w), sp,
+                                                   out.mutable_data_ptr<A>()});
+    return out;
+  }
+  void score_rows_add(at::Tensor& out, const at::Tensor& G, const at::Tensor& w, ChunkSpan sp,
+                      const Rows<T>& y) const {
+    exec_(out.numel(), portable::ChunkScoreRowsAdd<T, A>{ptr_or_null(G), ptr_or_null(w), sp, y,
+                                                         out.mutable_data_ptr<A>()});
+  }
+  RunningTerm<A> term(const at::Tensor& start, int64_t group, const at::Tensor& w, bool suffix,
+                      const at::Tensor& mult, double outer, const at::Tensor& outer_rows) const {
+    return {shared(start, group), ptr_or_null(w), suffix, ptr_or_null(mult), static_cast<A>(outer),
+            ptr_or_null(outer_rows)};
+  }
+  // The gradient (B, H, n, D) of x: see assemble_gradient.h. `base` is overwritten.
+  at::Tensor assemble(const Rows<T>& x, const Rows<T>& src, at::Tensor& base, const at::Tensor& base_scale,
+                      std::initializer_list<RunningTerm<A>> terms, int64_t chunk) const {
+    const int64_t sizes[] = {B_, H_, x.n, D_};
+    at::Tensor out = new_output(c10::fromIntArrayRefSlow(sizes), p_.query.options());
+    using Item = portable::AssembleGradient<T, A>;
+    TORCH_INTERNAL_ASSERT(terms.size() <= Item::kMaxTerms);
+    Item item{x, src, base.mutable_data_ptr<A>(), ptr_or_null(base_scale), {}, static_cast<int>(terms.size()),
+              chunk, out.mutable_data_ptr<T>()};
+    std::copy(terms.begin(), terms.end(), item.terms);
+    exec_(BH() * chunks(x.n, chunk) * D_, item);
+    return out;
+  }
+
+  // ---- per-row scalars
+  // (BH, n) in the accumulation type: 1 where no mask marks the row, else 0.
+  at::Tensor valid_rows(const at::Tensor& pad_a, const at::Tensor& pad_b, int64_t n) const {
+    at::Tensor pad = at::zeros({B_, n}, p_.query.options().dtype(at::kBool));
+    for (const at::Tensor* m : {&pad_a, &pad_b}) {
+      if (m->defined()) {
+        pad = pad | *m;
+      }
+    }
+    return pad.logical_not().to(acc_.dtype()).unsqueeze(1).expand({B_, H_, n}).reshape({BH(), n});
+  }
+  static at::Tensor reverse_cumsum(const at::Tensor& x) { return x.flip(-1).cumsum(-1).flip(-1); }
+  // <x + e, v + e> for the vectors v (BH, 1, D) shared by all rows, given the row sums of x.
+  at::Tensor dot_eps_total(const Rows<T>& x, const at::Tensor& x_sums, const at::Tensor& v) const {
+    const double e = p_.eps;
+    return row_dot(x, v, x.n) + e * (x_sums + v.sum(-1)) + static_cast<double>(D_) * e * e;
+  }
+
+  // ---- non-causal
+  struct NoncausalStats {
+    at::Tensor q_valid, k_valid, Sv, ratio, nonempty;  // per row (BH, n) or per bh (BH, 1)
+    at::Tensor q_sum, k_sum, A, Bv;                     // (BH, 1, D): sum q, sum k, sum O k, sum I q
+    at::Tensor I, O, a, r, c, g;                        // per row
+    at::Tensor W;                                       // (BH, 1, D * M) = k^T (c v)
+  };
+
+  NoncausalStats noncausal_stats(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v) const {
+    NoncausalStats s;
+    s.q_valid = valid_rows(p_.query_pad, {}, L_);
+    s.k_valid = valid_rows(p_.key_pad, {}, S_);
+    const at::Tensor Lv = s.q_valid.sum(1, true);
+    s.Sv = s.k_valid.sum(1, true);
+    s.nonempty = (Lv > 0).logical_and(s.Sv > 0);
+    s.ratio = at::where(s.nonempty, Lv / s.Sv.clamp_min(1), 0);
+    const at::Tensor q_rows_valid = (s.q_valid > 0).logical_and(s.nonempty);
+    const at::Tensor k_rows_valid = (s.k_valid > 0).logical_and(s.nonempty);
+    const at::Tensor q_row_sums = row_sums(q), k_row_sums = row_sums(k);
+    s.q_sum = total(q, {});
+    s.k_sum = total(k, {});
+    s.I = at::where(q_rows_valid, dot_eps_total(q, q_row_sums, s.k_sum).reciprocal(), 0);
+    s.O = at::where(k_rows_valid, dot_eps_total(k, k_row_sums, s.q_sum).reciprocal(), 0);
+    s.Bv = total(q, s.I);
+    s.A = total(k, s.O);
+    s.a = at::where(q_rows_valid, at::sigmoid(dot_eps_total(q, q_row_sums, s.A) * s.ratio), 0);
+    s.r = dot_eps_total(k, k_row_sums, s.Bv);
+    const double inf = std::numeric_limits<double>::infinity();
+    const at::Tensor source = at::clamp(s.r, -p_.clamp, p_.clamp).masked_fill(s.k_valid == 0, -inf);
+    s.c = at::where(k_rows_valid, at::softmax(source, -1) * s.Sv, 0);
+    s.g = s.a * s.I;
+    s.W = total_outer(k, v, s.c);
+    return s;
+  }
+
+  at::Tensor noncausal_forward() const {
+    const Rows<T> q = rows(p_.query, p_.query_pad, {}, true);
+    const Rows<T> k = rows(p_.key, p_.key_pad, {}, true);
+    const Rows<T> v = rows(p_.value, p_.key_pad, {}, false);
+    const NoncausalStats s = noncausal_stats(q, k, v);
+    const at::Tensor y = row_times(q, s.W, L_, /*transpose=*/false);
+    return (s.g.unsqueeze(-1) * y).to(p_.query.scalar_type()).view({B_, H_, L_, M_});
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> noncausal_backward(const at::Tensor& grad_out) const {
+    const Rows<T> q = rows(p_.query, p_.query_pad, {}, true);
+    const Rows<T> k = rows(p_.key, p_.key_pad, {}, true);
+    const Rows<T> v = rows(p_.value, p_.key_pad, {}, false);
+    const Rows<T> dout = rows(grad_out, p_.query_pad, {}, false);
+    const NoncausalStats s = noncausal_stats(q, k, v);
+    const double e = p_.eps;
+    // out_i = g_i q_i^T W: Z_i = W dout_i, dg_i = <q_i, Z_i>; W = k^T (c v): U_j = dW v_j, dc_j = <k_j, U_j>.
+    const at::Tensor dW = total_outer(q, dout, s.g);
+    at::Tensor Z = row_times(dout, s.W, L_, /*transpose=*/true);
+    at::Tensor U = row_times(v, dW, S_, /*transpose=*/true);
+    const at::Tensor k_dW = row_times(k, dW, S_, /*transpose=*/false);
+    const at::Tensor dg = row_dot(q, Z, 1);
+    const at::Tensor dc = row_dot(k, U, 1);
+    // g = a I, a = sigmoid(<q + e, A + e> L/S); c = S softmax(clamp(r)).
+    const at::Tensor dsink = dg * s.I * s.a * (1 - s.a) * s.ratio;
+    const at::Tensor dA = total(q, dsink) + e * dsink.sum(-1, true).unsqueeze(-1);
+    const at::Tensor mean_cdc = (s.c * dc).sum(-1, true) / s.Sv.clamp_min(1);
+    const at::Tensor dr = at::where((s.k_valid > 0).logical_and(s.r.abs() <= p_.clamp), s.c * (dc - mean_cdc), 0);
+    // A = sum O k with O_j = 1 / <k_j + e, sum q + e>; B = sum I q with I_i = 1 / <q_i + e, sum k + e>.
+    const at::Tensor dw = -row_dot(k, dA, S_) * s.O * s.O;
+    const at::Tensor dB = total(k, dr) + e * dr.sum(-1, true).unsqueeze(-1);
+    const at::Tensor dq_sum = total(k, dw) + e * dw.sum(-1, true).unsqueeze(-1);
+    const at::Tensor du = -(dg * s.a + row_dot(q, dB, L_)) * s.I * s.I;
+    const at::Tensor dk_sum = total(q, du) + e * du.sum(-1, true).unsqueeze(-1);
+    const at::Tensor none;
+    const at::Tensor grad_q = assemble(q, k, Z, s.g,
+                                       {term(s.A, L_, none, false, dsink, e, none),
+                                        term(dB, L_, none, false, s.I, 0, none),
+                                        term(s.k_sum, L_, none, false, du, e, none),
+                                        term(dq_sum, L_, none, false, none, 0, none)},
+                                       kReduceChunk);
+    const at::Tensor grad_k = assemble(k, q, U, s.c,
+                                       {term(s.Bv, S_, none, false, dr, e, none),
+                                        term(dA, S_, none, false, s.O, 0, none),
+                                        term(s.q_sum, S_, none, false, dw, e, none),
+                                        term(dk_sum, S_, none, false, none, 0, none)},
+                                       kReduceChunk);
+    const at::Tensor grad_v = (s.c.unsqueeze(-1) * k_dW).to(p_.value.scalar_type()).view({B_, H_, S_, M_});
+    return {grad_q, grad_k, grad_v};
+  }
+
+  // ---- causal (L == S; a position is valid unless either mask marks it)
+  struct CausalStats {
+    at::Tensor valid, n;                     // per position: 1/0, and the number of valid positions up to it
+    at::Tensor G;                            // (BH, L, chunk) = <q_t, k_j> within each chunk
+    at::Tensor q_sums, k_sums;               // per position: sum over D of q_t, k_t
+    at::Tensor K0, Q0, A0, B0, S0;           // at each chunk start: sum k, sum q, sum O k, sum I q, sum k (c v)^T
+    at::Tensor I, O, a, r, source, lse, c, g;
+  };
+
+  // <x_t + e, V_t + e> for the prefix vector V_t = V0 (its chunk-start value) + the chunk's
+  // sum_{j <= t} w_j y_j, given G (the scores of x with y, transposed if y is the row side), the row
+  // sums of x, and the row sums of w y (whose cumulative sum is the sum over D of V_t).
+  at::Tensor prefix_dot_eps(const Rows<T>& x, const at::Tensor& V0, const at::Tensor& G, const at::Tensor& w,
+                            bool transpose, const at::Tensor& x_sums, const at::Tensor& wy_sums) const {
+    const double e = p_.eps;
+    return row_dot(x, V0, kScanChunk) + score_sums(G, w, span(false, transpose)) +
+           e * (x_sums + wy_sums.cumsum(-1)) + static_cast<double>(D_) * e * e;
+  }
+
+  CausalStats causal_stats(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v) const {
+    CausalStats s;
+    s.valid = valid_rows(p_.query_pad, p_.key_pad, L_);
+    s.n = s.valid.cumsum(-1);
+    const at::Tensor is_valid = s.valid > 0;
+    s.G = scores(q, k);
+    s.q_sums = row_sums(q);
+    s.k_sums = row_sums(k);
+    s.K0 = exclusive(column_sums(k, {}, kScanChunk), false);
+    s.Q0 = exclusive(column_sums(q, {}, kScanChunk), false);
+    // I_t = n_t / <q_t + e, K_t + e>, O_t = n_t / <k_t + e, Q_t + e> (G transposed: <k_t, q_i>).
+    s.I = at::where(is_valid, s.n / prefix_dot_eps(q, s.K0, s.G, s.valid, false, s.q_sums, s.k_sums), 0);
+    s.O = at::where(is_valid, s.n / prefix_dot_eps(k, s.Q0, s.G, s.valid, true, s.k_sums, s.q_sums), 0);
+    s.A0 = exclusive(column_sums(k, s.O, kScanChunk), false);
+    s.B0 = exclusive(column_sums(q, s.I, kScanChunk), false);
+    const at::Tensor sink = prefix_dot_eps(q, s.A0, s.G, s.O, false, s.q_sums, s.O * s.k_sums) / s.n;
+    s.r = prefix_dot_eps(k, s.B0, s.G, s.I, true, s.k_sums, s.I * s.q_sums) / s.n;
+    s.a = at::where(is_valid, at::sigmoid(sink), 0);
+    // c_t = n_t exp(source_t) / sum_{j <= t} exp(source_j), through logcumsumexp (no overflow).
+    const double inf = std::numeric_limits<double>::infinity();
+    s.source = at::where(is_valid, at::clamp(s.r, -p_.clamp, p_.clamp), -inf);
+    s.lse = at::logcumsumexp(s.source, -1);
+    s.c = at::where(is_valid, s.n * at::exp(s.source - s.lse), 0);
+    s.g = at::where(is_valid, s.a * s.I / s.n, 0);
+    s.S0 = exclusive(outer_sums(k, v, s.c, kScanChunk), false);
+    return s;
+  }
+
+  std::tuple<Rows<T>, Rows<T>, Rows<T>> causal_rows() const {
+    return {rows(p_.query, p_.query_pad, p_.key_pad, true), rows(p_.key, p_.query_pad, p_.key_pad, true),
+            rows(p_.value, p_.query_pad, p_.key_pad, false)};
+  }
+
+  at::Tensor causal_forward() const {
+    const auto [q, k, v] = causal_rows();
+    const CausalStats s = causal_stats(q, k, v);
+    // y_t = q_t^T S_t = q_t^T S0 + sum over the chunk's j <= t of <q_t, k_j> c_j v_j.
+    at::Tensor y = row_times(q, s.S0, kScanChunk, /*transpose=*/false);
+    score_rows_add(y, s.G, s.c, span(false, false), v);
+    return (s.g.unsqueeze(-1) * y).to(p_.query.scalar_type()).view({B_, H_, L_, M_});
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward(const at::Tensor& grad_out) const {
+    const auto [q, k, v] = causal_rows();
+    const Rows<T> dout = rows(grad_out, p_.query_pad, p_.key_pad, false);
+    const CausalStats s = causal_stats(q, k, v);
+    const double e = p_.eps;
+    const at::Tensor is_valid = s.valid > 0;
+    const at::Tensor none;
+    const at::Tensor VD = scores(dout, v);  // <dout_t, v_j> within each chunk
+    // Z_t = S_t dout_t (the output's gradient through S_t), dg_t = <q_t, Z_t>.
+    at::Tensor Z = row_times(dout, s.S0, kScanChunk, /*transpose=*/true);
+    score_rows_add(Z, VD, s.c, span(false, false), k);
+    const at::Tensor dg = row_dot(q, Z, 1);
+    const at::Tensor dsink = at::where(is_valid, dg * s.I / s.n * s.a * (1 - s.a) / s.n, 0);
+    // R_t = sum_{t' >= t} g q dout^T: dw_t = k_t^T R_t, U_t = R_t v_t; dv = c dw, dc = <dw, v>.
+    const at::Tensor R0 = exclusive(outer_sums(q, dout, s.g, kScanChunk), true);
+    at::Tensor dw = row_times(k, R0, kScanChunk, /*transpose=*/false);
+    score_rows_add(dw, s.G, s.g, span(true, true), dout);
+    at::Tensor U = row_times(v, R0, kScanChunk, /*transpose=*/true);
+    score_rows_add(U, VD, s.g, span(true, true), q);
+    const at::Tensor dc = row_dot(v, dw, 1);
+    // c_t = n_t e_t / sum_{j <= t} e_j: dsource_t = x_t - sum_{t' >= t} x_t' exp(source_t - lse_t'), x = dc c,
+    // the sum split by sign so that each part is a suffix logsumexp.
+    const at::Tensor x = dc * s.c;
+    const double inf = std::numeric_limits<double>::infinity();
+    auto suffix_part = [&](const at::Tensor& part) {
+      const at::Tensor logs = at::where(part > 0, at::log(part) - s.lse, -inf);
+      return at::exp(s.source + at::logcumsumexp(logs.flip(-1), -1).flip(-1));
+    };
+    const at::Tensor dsource = x - (suffix_part(at::relu(x)) - suffix_part(at::relu(-x)));
+    const at::Tensor dr = at::where(is_valid.logical_and(s.r.abs() <= p_.clamp), dsource / s.n, 0);
+    // r_t = <k_t + e, B_t + e> / n_t: RB_t = sum_{t' >= t} dr (k + e); dI_t gets <RB_t, q_t>.
+    const at::Tensor RB0 = exclusive(column_sums(k, dr, kScanChunk), true);
+    const at::Tensor dr_after = reverse_cumsum(dr);
+    const at::Tensor q_RB = row_dot(q, RB0, kScanChunk) + score_sums(s.G, dr, span(true, false)) +
+                            e * s.q_sums * dr_after;
+    const at::Tensor du = at::where(is_valid, -(dg * s.a / s.n + q_RB) * s.I * s.I / s.n, 0);
+    // sink_t = <q_t + e, A_t + e> / n_t: RA_t = sum_{t' >= t} dsink (q + e); dO_t = <RA_t, k_t>.
+    const at::Tensor RA0 = exclusive(column_sums(q, dsink, kScanChunk), true);
+    const at::Tensor dsink_after = reverse_cumsum(dsink);
+    const at::Tensor k_RA = row_dot(k, RA0, kScanChunk) + score_sums(s.G, dsink, span(true, true)) +
+                            e * s.k_sums * dsink_after;
+    const at::Tensor dw_out = at::where(is_valid, -k_RA * s.O * s.O / s.n, 0);
+    // K_t, Q_t through I_t and O_t: RK_t = sum_{t' >= t} du (q + e), RQ_t = sum_{t' >= t} dw_out (k + e).
+    const at::Tensor RK0 = exclusive(column_sums(q, du, kScanChunk), true);
+    const at::Tensor RQ0 = exclusive(column_sums(k, dw_out, kScanChunk), true);
+    const at::Tensor grad_q = assemble(q, k, Z, s.g,
+                                       {term(s.A0, kScanChunk, s.O, false, dsink, e, none),
+                                        term(s.K0, kScanChunk, s.valid, false, du, e, none),
+                                        term(RB0, kScanChunk, dr, true, s.I, 0, e * dr_after),
+                                        term(RQ0, kScanChunk, dw_out, true, none, 0, e * reverse_cumsum(dw_out))},
+                                       kScanChunk);
+    const at::Tensor grad_k = assemble(k, q, U, s.c,
+                                       {term(s.B0, kScanChunk, s.I, false, dr, e, none),
+                                        term(s.Q0, kScanChunk, s.valid, false, dw_out, e, none),
+                                        term(RA0, kScanChunk, dsink, true, s.O, 0, e * dsink_after),
+                                        term(RK0, kScanChunk, du, true, none, 0, e * reverse_cumsum(du))},
+                                       kScanChunk);
+    const at::Tensor grad_v = (s.c.unsqueeze(-1) * dw).to(p_.value.scalar_type()).view({B_, H_, L_, M_});
+    return {grad_q, grad_k, grad_v};
+  }
+
+  const Exec& exec_;
+  const Problem& p_;
+  int64_t B_, H_, L_, S_, D_, M_;
+  at::TensorOptions acc_;
+};
+
+template <typename Exec>
+at::Tensor forward(const Exec& exec, const Problem& p) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.query.scalar_type(), "flow_attention_forward", [&] {
+    out = Kernels<Exec, scalar_t>(exec, p).forward();
+  });
+  return out;
+}
+
+template <typename Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Exec& exec, const Problem& p,
+                                                        const at::Tensor& grad_out) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+  const at::Tensor dout = unit_row_stride(grad_out.to(p.query.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.query.scalar_type(), "flow_attention_backward", [&] {
+    grads = Kernels<Exec, scalar_t>(exec, p).backward(dout);
+  });
+  return grads;
+}
+
+}  // namespace flowformer::flow_attention_portable
