@@ -184,7 +184,7 @@ class Kernels {
         pad = pad | *m;
       }
     }
-    return pad.logical_not().to(acc_.dtype()).unsqueeze(1).expand({B_, H_, n}).reshape({BH(), n});
+    return pad.logical_not().to(acc_.dtype()).unsqueeze(1).expand({B_, H_, n}).reshape({BH(), n}).contiguous();
   }
   static at::Tensor reverse_cumsum(const at::Tensor& x) { return x.flip(-1).cumsum(-1).flip(-1); }
   // <x + e, v + e> for the vectors v (BH, 1, D) shared by all rows, given the row sums of x.

@@ -9,8 +9,10 @@ from helpers import DTYPES, FORWARD_TOL, assert_close, devices, grad_tol, grads,
 
 OP = "flowformer::flow_attention"
 FEATURE_MAPS = ["sigmoid", "elu1", "relu", "identity"]
-# (B, H, L, S, D, M): L != S, L or S = 1, D != M, D = 1, odd sizes. Causal cases use S = L.
-SHAPES = [(2, 3, 17, 13, 5, 6), (1, 2, 1, 9, 4, 4), (2, 1, 9, 1, 3, 5), (2, 2, 11, 7, 1, 3), (1, 3, 33, 33, 7, 2)]
+# (B, H, L, S, D, M): L != S, L or S = 1, D != M, D = 1, odd sizes; the last one spans several chunks of
+# the CUDA algorithm (64 rows per causal chunk, 256 per partial sum). Causal cases use S = L.
+SHAPES = [(2, 3, 17, 13, 5, 6), (1, 2, 1, 9, 4, 4), (2, 1, 9, 1, 3, 5), (2, 2, 11, 7, 1, 3), (1, 3, 33, 33, 7, 2),
+          (1, 2, 300, 270, 4, 3)]
 
 
 def make_inputs(gen, shape, causal, dtype, device, feature_map="sigmoid", scale=1.0):
