@@ -5,7 +5,8 @@ round-robin, so they share the machine's conditions) of the forward and of the f
 of the op, of the eager reference (flowformer.reference: the paper's einsum code;
 optionally under torch.compile) and of torch's scaled_dot_product_attention (softmax attention, the
 quadratic peer), and the peak memory of forward + backward (CUDA: max_memory_allocated; CPU: peak RSS
-growth of a fresh process). Writes <out>/flow_attention.json, .md and .png with the device, torch
+growth of a fresh process); on CUDA also the achieved fraction of the measured copy bandwidth on the
+fewest bytes the op must move. Writes <out>/flow_attention.json, .md and .png with the device, torch
 version and commit.
 
     python benchmarks/bench_flow_attention.py --device cpu --lengths 1024,4096 --out benchmarks/results/cpu
@@ -77,6 +78,21 @@ def memory_child(args):
     print(peak_rss_growth_mib(lambda: fn(*ts, causal).backward(grad)))
 
 
+def copy_bandwidth_gbs(device, nbytes=1 << 30, repeat=10):
+    """Measured device-to-device copy bandwidth (GB/s, bytes read + written): the roofline's memory side."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = time_interleaved_ms({"copy": lambda: dst.copy_(src)}, device, repeat)["copy"]
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def min_bytes(B, H, L, D, M, itemsize, backward):
+    """The fewest bytes the op must move: q, k, v read once and out written once; the backward also reads
+    q, k, v and grad_out once and writes the three gradients once."""
+    forward = B * H * L * (2 * D + 2 * M) * itemsize
+    return forward + (B * H * L * (4 * D + 3 * M) * itemsize if backward else 0)
+
+
 def measure_memory_cuda(fn, ts, grad, causal):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -116,6 +132,7 @@ def run(args):
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "flowformer::flow_attention", "CUDA" if device.type == "cuda" else "CPU")
     budget = args.memory_budget_gib * 2**30
+    bandwidth = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     rows = []
     for mode in args.modes.split(","):
         causal = MODES[mode]
@@ -148,11 +165,16 @@ def run(args):
                     row["forward_backward_ms"] = both[impl]
                     if device.type == "cuda":
                         row["peak_memory_mib"] = measure_memory_cuda(impls[impl], ts, grad, causal)
+                    if bandwidth and impl == "flowformer":  # achieved fraction of the copy bandwidth
+                        dims = (args.batch, args.heads, L, args.dim, args.dim, itemsize)
+                        for key, backward in (("forward", False), ("forward_backward", True)):
+                            gbs = min_bytes(*dims, backward) / (row[f"{key}_ms"] * 1e-3) / 1e9
+                            row[f"{key}_roofline_fraction"] = gbs / bandwidth
                     elif args.memory:
                         row["peak_memory_mib"] = measure_memory_cpu(args, impl, mode, L)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    return rows
+    return rows, bandwidth
 
 
 def ratios(rows):
@@ -188,6 +210,15 @@ def write_markdown(path, meta, rows, speedups):
         mem = r.get("peak_memory_mib")
         lines.append(f"| {r['mode']} | {r['L']} | {r['impl']} | {r['forward_ms']:.2f} | "
                      f"{r['forward_backward_ms']:.2f} | {'' if mem is None else f'{mem:.0f}'} |")
+    if meta.get("copy_bandwidth_gbs"):
+        lines += ["", f"Roofline: measured device-to-device copy bandwidth {meta['copy_bandwidth_gbs']:.0f} GB/s; "
+                  "flowformer's achieved bandwidth on the fewest bytes it must move (inputs read once, outputs "
+                  "written once), as a fraction of it:", "", "| mode | L | forward | forward+backward |",
+                  "|---|---|---|---|"]
+        for r in rows:
+            if "forward_roofline_fraction" in r:
+                lines.append(f"| {r['mode']} | {r['L']} | {r['forward_roofline_fraction']:.1%} | "
+                             f"{r['forward_backward_roofline_fraction']:.1%} |")
     lines += ["", "flowformer's speed-up (x) and memory ratio over each implementation, same run:", "",
               "| mode | L | versus | forward | forward+backward | peak memory ratio |", "|---|---|---|---|---|---|"]
     for s in speedups:
@@ -249,7 +280,7 @@ def main(argv=None):
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "dtype": args.dtype, "batch": args.batch, "heads": args.heads, "dim": args.dim,
             "repeat": args.repeat, "build": flowformer.build_info()}
-    rows = run(args)
+    rows, meta["copy_bandwidth_gbs"] = run(args)
     speedups = ratios(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
