@@ -52,6 +52,17 @@ void check_non_negative(const char* op, const char* arg, double value) {
   TORCH_CHECK(value >= 0.0, op, ": ", arg, " must be >= 0, got ", value);
 }
 
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value) {
+  check_rank(op, "grad_out", grad_out, 4, "(B, H, L, M)");
+  check_floating(op, "grad_out", grad_out);
+  TORCH_CHECK(grad_out.device() == query.device(), op, ": grad_out must be on the device of query (",
+              query.device(), "), got ", grad_out.device());
+  check_size(op, "grad_out", grad_out, 0, query.sym_size(0), "batch size B", "as query");
+  check_size(op, "grad_out", grad_out, 1, query.sym_size(1), "heads H", "as query");
+  check_size(op, "grad_out", grad_out, 2, query.sym_size(2), "length L", "as query");
+  check_size(op, "grad_out", grad_out, 3, value.sym_size(3), "value size M", "as value");
+}
+
 at::ScalarType accumulate_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }

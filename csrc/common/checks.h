@@ -30,6 +30,9 @@ void check_padding_mask(const char* op, const char* arg, const std::optional<at:
 
 void check_non_negative(const char* op, const char* arg, double value);
 
+// grad_out of an op whose output is (B, H, L, M): B, H, L of query and M of value, on query's device.
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value);
+
 // float64 inputs accumulate in float64, all others in float32.
 at::ScalarType accumulate_type(at::ScalarType input);
 

@@ -36,4 +36,19 @@ at::Tensor apply_feature_map(FeatureMap f, const at::Tensor& x) {
   return x;
 }
 
+at::Tensor apply_feature_map_backward(FeatureMap f, const at::Tensor& x, const at::Tensor& fx,
+                                      const at::Tensor& grad) {
+  switch (f) {
+    case FeatureMap::Sigmoid:
+      return grad * fx * (1 - fx);
+    case FeatureMap::Elu1:
+      return at::where(x > 0, grad, grad * fx);
+    case FeatureMap::Relu:
+      return at::where(x > 0, grad, 0);
+    case FeatureMap::Identity:
+      break;
+  }
+  return grad;
+}
+
 }  // namespace flowformer

@@ -20,6 +20,10 @@ FeatureMap parse_feature_map(const char* op, c10::string_view name);
 // phi(x), elementwise.
 at::Tensor apply_feature_map(FeatureMap f, const at::Tensor& x);
 
+// grad * phi'(x), elementwise, given fx = phi(x).
+at::Tensor apply_feature_map_backward(FeatureMap f, const at::Tensor& x, const at::Tensor& fx,
+                                      const at::Tensor& grad);
+
 // grad[i] *= phi'(x[i]) for a row of n values, given fx = phi(x): the chain rule through the map.
 template <typename T>
 inline void feature_map_backward_row(FeatureMap f, int64_t n, const T* x, const T* fx, T* grad) {

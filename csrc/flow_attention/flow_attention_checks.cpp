@@ -37,14 +37,7 @@ void check_args(const char* op, const at::Tensor& query, const at::Tensor& key, 
 }
 
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value) {
-  check_rank(kBackward, "grad_out", grad_out, 4, "(B, H, L, M)");
-  check_floating(kBackward, "grad_out", grad_out);
-  TORCH_CHECK(grad_out.device() == query.device(), kBackward, ": grad_out must be on the device of query (",
-              query.device(), "), got ", grad_out.device());
-  check_size(kBackward, "grad_out", grad_out, 0, query.sym_size(0), "batch size B", "as query");
-  check_size(kBackward, "grad_out", grad_out, 1, query.sym_size(1), "heads H", "as query");
-  check_size(kBackward, "grad_out", grad_out, 2, query.sym_size(2), "length L", "as query");
-  check_size(kBackward, "grad_out", grad_out, 3, value.sym_size(3), "value size M", "as value");
+  flowformer::check_grad_out(kBackward, grad_out, query, value);
 }
 
 }  // namespace flowformer::flow_attention_ops

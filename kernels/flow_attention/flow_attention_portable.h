@@ -12,16 +12,12 @@
 // suffix sums (R_t = sum g q dout^T, and the gradients of the prefix vectors) the same way, reversed.
 #pragma once
 
-#include "common/checks.h"
+#include "common/chunk_launcher.h"
 #include "common/feature_map.h"
-#include "common/chunk_items.h"
-#include "flow_attention/assemble_gradient.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
-#include <algorithm>
-#include <initializer_list>
 #include <limits>
 #include <tuple>
 
@@ -54,18 +50,19 @@ inline Problem make_problem(const char* op, const at::Tensor& query, const at::T
 
 using portable::ChunkSpan;
 using portable::Rows;
-using portable::RunningTerm;
-using portable::Shared;
 
 template <typename Exec, typename T>
-class Kernels {
+class Kernels : private portable::ChunkLauncher<Exec, T> {
+  using Launcher = portable::ChunkLauncher<Exec, T>;
+
  public:
   using A = at::opmath_type<T>;
 
   Kernels(const Exec& exec, const Problem& p)
-      : exec_(exec), p_(p), B_(p.query.size(0)), H_(p.query.size(1)), L_(p.query.size(2)), S_(p.key.size(2)),
-        D_(p.query.size(3)), M_(p.value.size(3)),
-        acc_(p.query.options().dtype(c10::CppTypeToScalarType<A>::value)) {}
+      : Launcher(exec, p.query.size(0), p.query.size(1), p.query.size(3), p.value.size(3), p.feature_map,
+                 p.query.options()),
+        p_(p), B_(p.query.size(0)), H_(p.query.size(1)), L_(p.query.size(2)), S_(p.key.size(2)),
+        D_(p.query.size(3)), M_(p.value.size(3)) {}
 
   at::Tensor forward() {
     return p_.causal ? causal_forward() : noncausal_forward();
@@ -75,118 +72,28 @@ class Kernels {
   }
 
  private:
-  // ---- the item kernels, each returning a new workspace (float, or double for double inputs)
-  at::Tensor workspace(at::IntArrayRef sizes) const {
-    return new_output(c10::fromIntArrayRefSlow(sizes), acc_);
-  }
-  static const bool* ptr(const at::Tensor& pad) { return pad.defined() ? pad.const_data_ptr<bool>() : nullptr; }
-  // The data of a workspace or per-row array (contiguous, accumulation type); nullptr if undefined.
-  static const A* ptr_or_null(const at::Tensor& t) {
-    if (!t.defined()) {
-      return nullptr;
-    }
-    TORCH_INTERNAL_ASSERT(t.is_contiguous() && t.scalar_type() == c10::CppTypeToScalarType<A>::value);
-    return t.const_data_ptr<A>();
-  }
+  using Launcher::assemble;
+  using Launcher::column_sums;
+  using Launcher::exclusive;
+  using Launcher::outer_sums;
+  using Launcher::reverse_cumsum;
+  using Launcher::row_dot;
+  using Launcher::row_sums;
+  using Launcher::row_times;
+  using Launcher::rows;
+  using Launcher::score_rows_add;
+  using Launcher::score_sums;
+  using Launcher::term;
+  using Launcher::valid_rows;
 
-  Rows<T> rows(const at::Tensor& x, const at::Tensor& pad_a, const at::Tensor& pad_b, bool feature) const {
-    return {x.const_data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), H_, x.size(2), x.size(3),
-            ptr(pad_a), ptr(pad_b), feature, p_.feature_map};
-  }
-  int64_t BH() const { return B_ * H_; }
-  static int64_t chunks(int64_t n, int64_t chunk) { return portable::num_chunks(n, chunk); }
-  // A (BH, groups, size) tensor shared by `group` rows (group >= n: one per bh).
-  static Shared<A> shared(const at::Tensor& t, int64_t group) {
-    return {ptr_or_null(t), std::max<int64_t>(group, 1), t.size(-1)};
-  }
-
-  at::Tensor column_sums(const Rows<T>& x, const at::Tensor& w, int64_t chunk) const {
-    at::Tensor out = workspace({BH(), chunks(x.n, chunk), x.width});
-    exec_(out.numel(), portable::ChunkColumnSums<T, A>{x, ptr_or_null(w), chunk, out.mutable_data_ptr<A>()});
-    return out;
-  }
-  at::Tensor outer_sums(const Rows<T>& x, const Rows<T>& y, const at::Tensor& w, int64_t chunk) const {
-    at::Tensor out = workspace({BH(), chunks(x.n, chunk), x.width * y.width});
-    exec_(out.numel(), portable::ChunkOuterSums<T, A>{x, y, ptr_or_null(w), chunk, out.mutable_data_ptr<A>()});
-    return out;
-  }
-  at::Tensor exclusive(const at::Tensor& partial, bool reverse) const {
-    at::Tensor out = workspace(partial.sizes());
-    exec_(BH() * partial.size(2), portable::ChunkExclusiveScan<A>{ptr_or_null(partial), partial.size(1),
-                                                                  partial.size(2), reverse,
-                                                                  out.mutable_data_ptr<A>()});
-    return out;
-  }
-  // (BH, 1, width): the sums over all valid rows.
-  at::Tensor total(const Rows<T>& x, const at::Tensor& w) const {
-    return column_sums(x, w, kReduceChunk).sum(1, /*keepdim=*/true);
-  }
+  at::Tensor total(const Rows<T>& x, const at::Tensor& w) const { return Launcher::total(x, w, kReduceChunk); }
   at::Tensor total_outer(const Rows<T>& x, const Rows<T>& y, const at::Tensor& w) const {
-    return outer_sums(x, y, w, kReduceChunk).sum(1, /*keepdim=*/true);
+    return Launcher::total_outer(x, y, w, kReduceChunk);
   }
-  // (BH, n): <x_r, v> with v shared by `group` rows; the row sums of x when v is undefined.
-  at::Tensor row_dot(const Rows<T>& x, const at::Tensor& v, int64_t group) const {
-    at::Tensor out = workspace({BH(), x.n});
-    const Shared<A> vec = v.defined() ? shared(v, group) : Shared<A>{nullptr, 1, 0};
-    exec_(out.numel(), portable::RowDot<T, A>{x, vec, out.mutable_data_ptr<A>()});
-    return out;
-  }
-  at::Tensor row_sums(const Rows<T>& x) const { return row_dot(x, {}, 1); }
-  // (BH, n, M) = x W, or (BH, n, D) = x W^T when transpose, for the D x M matrices W shared by `group` rows.
-  at::Tensor row_times(const Rows<T>& x, const at::Tensor& W, int64_t group, bool transpose) const {
-    at::Tensor out = workspace({BH(), x.n, transpose ? D_ : M_});
-    exec_(out.numel(), portable::RowTimesMatrix<T, A>{x, shared(W, group), D_, M_, transpose,
-                                                       out.mutable_data_ptr<A>()});
-    return out;
-  }
-  at::Tensor scores(const Rows<T>& x, const Rows<T>& y) const {
-    at::Tensor out = workspace({BH(), x.n, kScanChunk});
-    exec_(out.numel(), portable::ChunkScores<T, A>{x, y, kScanChunk, out.mutable_data_ptr<A>()});
-    return out;
-  }
+  at::Tensor scores(const Rows<T>& x, const Rows<T>& y) const { return Launcher::scores(x, y, kScanChunk); }
   ChunkSpan span(bool suffix, bool transpose) const { return {L_, kScanChunk, suffix, transpose}; }
-  at::Tensor score_sums(const at::Tensor& G, const at::Tensor& w, ChunkSpan sp) const {
-    at::Tensor out = workspace({BH(), L_});
-    exec_(out.numel(), portable::ChunkScoreSums<A>{ptr_or_null(G), ptr_or_null(w), sp,
-                                                   out.mutable_data_ptr<A>()});
-    return out;
-  }
-  void score_rows_add(at::Tensor& out, const at::Tensor& G, const at::Tensor& w, ChunkSpan sp,
-                      const Rows<T>& y) const {
-    exec_(out.numel(), portable::ChunkScoreRowsAdd<T, A>{ptr_or_null(G), ptr_or_null(w), sp, y,
-                                                         out.mutable_data_ptr<A>()});
-  }
-  RunningTerm<A> term(const at::Tensor& start, int64_t group, const at::Tensor& w, bool suffix,
-                      const at::Tensor& mult, double outer, const at::Tensor& outer_rows) const {
-    return {shared(start, group), ptr_or_null(w), suffix, ptr_or_null(mult), static_cast<A>(outer),
-            ptr_or_null(outer_rows)};
-  }
-  // The gradient (B, H, n, D) of x: see assemble_gradient.h. `base` is overwritten.
-  at::Tensor assemble(const Rows<T>& x, const Rows<T>& src, at::Tensor& base, const at::Tensor& base_scale,
-                      std::initializer_list<RunningTerm<A>> terms, int64_t chunk) const {
-    const int64_t sizes[] = {B_, H_, x.n, D_};
-    at::Tensor out = new_output(c10::fromIntArrayRefSlow(sizes), p_.query.options());
-    using Item = portable::AssembleGradient<T, A>;
-    TORCH_INTERNAL_ASSERT(terms.size() <= Item::kMaxTerms);
-    Item item{x, src, base.mutable_data_ptr<A>(), ptr_or_null(base_scale), {}, static_cast<int>(terms.size()),
-              chunk, out.mutable_data_ptr<T>()};
-    std::copy(terms.begin(), terms.end(), item.terms);
-    exec_(BH() * chunks(x.n, chunk) * D_, item);
-    return out;
-  }
 
   // ---- per-row scalars
-  // (BH, n) in the accumulation type: 1 where no mask marks the row, else 0.
-  at::Tensor valid_rows(const at::Tensor& pad_a, const at::Tensor& pad_b, int64_t n) const {
-    at::Tensor pad = at::zeros({B_, n}, p_.query.options().dtype(at::kBool));
-    for (const at::Tensor* m : {&pad_a, &pad_b}) {
-      if (m->defined()) {
-        pad = pad | *m;
-      }
-    }
-    return pad.logical_not().to(acc_.dtype()).unsqueeze(1).expand({B_, H_, n}).reshape({BH(), n}).contiguous();
-  }
-  static at::Tensor reverse_cumsum(const at::Tensor& x) { return x.flip(-1).cumsum(-1).flip(-1); }
   // <x + e, v + e> for the vectors v (BH, 1, D) shared by all rows, given the row sums of x.
   at::Tensor dot_eps_total(const Rows<T>& x, const at::Tensor& x_sums, const at::Tensor& v) const {
     const double e = p_.eps;
@@ -401,10 +308,8 @@ class Kernels {
     return {grad_q, grad_k, grad_v};
   }
 
-  const Exec& exec_;
   const Problem& p_;
   int64_t B_, H_, L_, S_, D_, M_;
-  at::TensorOptions acc_;
 };
 
 template <typename Exec>

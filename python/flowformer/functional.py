@@ -1,6 +1,6 @@
 """The typed functional API over torch.ops.flowformer.*. The math of each op is in spec/."""
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -56,4 +56,68 @@ def flow_attention(
     )
 
 
-__all__ = ["flow_attention"]
+def causal_linear_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    feature_map: FeatureMap = "elu1",
+    normalize: bool = True,
+    eps: float = 1e-6,
+    initial_kv: Optional[Tensor] = None,
+    initial_z: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Causal linear attention (Katharopoulos et al., "Transformers are RNNs", ICML 2020) with its
+    recurrent state in and out: S_t = S_0 + sum_{j<=t} phi(k_j) v_j^T, z_t = z_0 + sum_{j<=t} phi(k_j),
+    out_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps).
+
+    Args:
+        query, key: (B, H, L, D).
+        value: (B, H, L, M).
+        feature_map: phi: "elu1" (elu + 1, the paper's), "relu", "sigmoid" or "identity".
+        normalize: divide by phi(q_t)^T z_t + eps; False gives the plain causal dot product.
+        eps: added to the normaliser.
+        initial_kv: (B, H, D, M) state S_0, float32 (float64 for float64 inputs); None means zeros.
+        initial_z: (B, H, D) state z_0; None means zeros.
+
+    Passing ``final_kv, final_z`` of one call as ``initial_kv, initial_z`` of the next continues the
+    sequence exactly (gradients included); a call with L = 1 is one decoding step, O(D M) per head.
+    Any strides are accepted; dtypes float32, float16, bfloat16 and float64, with float32 accumulation.
+
+    Returns:
+        (out (B, H, L, M) in the dtype of ``query``, final_kv (B, H, D, M), final_z (B, H, D)).
+        Differentiable in query, key, value and the initial states.
+    """
+    return torch.ops.flowformer.causal_linear_attention(
+        query, key, value, feature_map=feature_map, normalize=normalize, eps=eps, initial_kv=initial_kv,
+        initial_z=initial_z)
+
+
+def linear_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    feature_map: FeatureMap = "elu1",
+    eps: float = 1e-6,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Non-causal linear attention: out_i = phi(q_i)^T S / (phi(q_i)^T z + eps) with
+    S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j) over the valid keys.
+
+    Args:
+        query: (B, H, L, D).
+        key: (B, H, S, D).
+        value: (B, H, S, M).
+        feature_map: phi: "elu1" (default), "relu", "sigmoid" or "identity".
+        eps: added to the normaliser.
+        key_padding_mask: bool (B, S), True marks a padded key (left out of S and z).
+
+    Returns:
+        (B, H, L, M) in the dtype of ``query``. Differentiable in query, key and value.
+    """
+    return torch.ops.flowformer.linear_attention(
+        query, key, value, feature_map=feature_map, eps=eps, key_padding_mask=key_padding_mask)
+
+
+__all__ = ["flow_attention", "causal_linear_attention", "linear_attention"]

@@ -103,3 +103,53 @@ def _flow_causal(q, k, v, pad, eps, clamp):
     out = torch.einsum("bhld,bhldm->bhlm", q * (sink_incoming / n)[..., None], kv)
     out = out * sink_allocation[..., None]
     return out * valid
+
+
+def causal_linear_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    feature_map: str = "elu1",
+    normalize: bool = True,
+    eps: float = 1e-6,
+    initial_kv: Optional[Tensor] = None,
+    initial_z: Optional[Tensor] = None,
+):
+    """spec/linear_attention.md, causal: (out, final_kv, final_z), computed in the dtype of the inputs
+    (states in that dtype too). Materialises the (B, H, L, D, M) prefix sums, as the paper's einsum code."""
+    B, H, L, D = query.shape
+    M = value.shape[-1]
+    q = apply_feature_map(query, feature_map)
+    k = apply_feature_map(key, feature_map)
+    kv0 = query.new_zeros(B, H, D, M) if initial_kv is None else initial_kv.to(query.dtype)
+    z0 = query.new_zeros(B, H, D) if initial_z is None else initial_z.to(query.dtype)
+    kv = torch.einsum("bhld,bhlm->bhldm", k, value).cumsum(2) + kv0[:, :, None]
+    z = k.cumsum(2) + z0[:, :, None]
+    out = torch.einsum("bhld,bhldm->bhlm", q, kv)
+    if normalize:
+        out = out / (torch.einsum("bhld,bhld->bhl", q, z) + eps)[..., None]
+    final_kv = kv[:, :, -1] if L > 0 else kv0
+    final_z = z[:, :, -1] if L > 0 else z0
+    return out, final_kv, final_z
+
+
+def linear_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    feature_map: str = "elu1",
+    eps: float = 1e-6,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """spec/linear_attention.md, non-causal, over the valid keys."""
+    q = apply_feature_map(query, feature_map)
+    k = apply_feature_map(key, feature_map)
+    v = value
+    if key_padding_mask is not None:
+        valid = (~key_padding_mask)[:, None, :, None].to(k.dtype)
+        k, v = k * valid, v * valid
+    kv = k.transpose(-2, -1) @ v
+    z = k.sum(2)
+    return (q @ kv) / (torch.einsum("bhld,bhd->bhl", q, z) + eps)[..., None]

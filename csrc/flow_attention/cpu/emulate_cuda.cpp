@@ -3,15 +3,7 @@
 #include "common/host_executor.h"
 #include "flow_attention/flow_attention_portable.h"
 
-#include <cstdlib>
-#include <cstring>
-
 namespace flowformer::flow_attention_cpu {
-
-bool emulate_cuda_requested() {
-  const char* flag = std::getenv("FLOWFORMER_EMULATE_CUDA");
-  return flag != nullptr && std::strcmp(flag, "1") == 0;
-}
 
 at::Tensor emulated_forward(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             bool causal, c10::string_view feature_map, double eps, double clamp,

@@ -1,0 +1,65 @@
+// CUDA backend of the linear-attention ops: the portable kernels of linear_attention_portable.h, one
+// CUDA thread per item, on the current stream of the inputs' device.
+#include "common/cuda_executor.cuh"
+#include "linear_attention/linear_attention_ops.h"
+#include "linear_attention/linear_attention_portable.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace flowformer::linear_attention_cuda {
+namespace {
+
+namespace ops = linear_attention_ops;
+namespace portable_ops = linear_attention_portable;
+using ops::Optional;
+
+ops::CausalResult causal_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                              c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
+                              const Optional& initial_z) {
+  ops::check_causal_args(ops::kCausal, query, key, value, feature_map, eps, initial_kv, initial_z);
+  const c10::cuda::CUDAGuard guard(query.device());
+  return portable_ops::causal(portable::CudaExecutor{}, query, key, value, feature_map, normalize, eps, initial_kv,
+                              initial_z, ops::kCausal);
+}
+
+ops::CausalGrads causal_backward_cuda(const at::Tensor& grad_out, const Optional& grad_final_kv,
+                                      const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
+                                      const at::Tensor& value, c10::string_view feature_map, bool normalize,
+                                      double eps, const Optional& initial_kv, const Optional& initial_z) {
+  ops::check_causal_args(ops::kCausalBackward, query, key, value, feature_map, eps, initial_kv, initial_z);
+  ops::check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value);
+  const c10::cuda::CUDAGuard guard(query.device());
+  return portable_ops::causal_backward(portable::CudaExecutor{}, grad_out, grad_final_kv, grad_final_z, query, key,
+                                       value, feature_map, normalize, eps, initial_kv, initial_z,
+                                       ops::kCausalBackward);
+}
+
+at::Tensor noncausal_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          c10::string_view feature_map, double eps, const Optional& key_padding_mask) {
+  ops::check_noncausal_args(ops::kNoncausal, query, key, value, feature_map, eps, key_padding_mask);
+  const c10::cuda::CUDAGuard guard(query.device());
+  return portable_ops::noncausal(portable::CudaExecutor{}, query, key, value, feature_map, eps, key_padding_mask,
+                                 ops::kNoncausal);
+}
+
+ops::Grads noncausal_backward_cuda(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                   const at::Tensor& value, c10::string_view feature_map, double eps,
+                                   const Optional& key_padding_mask) {
+  ops::check_noncausal_args(ops::kNoncausalBackward, query, key, value, feature_map, eps, key_padding_mask);
+  ops::check_noncausal_grad(grad_out, query, value);
+  const c10::cuda::CUDAGuard guard(query.device());
+  return portable_ops::noncausal_backward(portable::CudaExecutor{}, grad_out, query, key, value, feature_map, eps,
+                                          key_padding_mask, ops::kNoncausalBackward);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flowformer, CUDA, m) {
+  m.impl("causal_linear_attention", TORCH_FN(causal_cuda));
+  m.impl("causal_linear_attention_backward", TORCH_FN(causal_backward_cuda));
+  m.impl("linear_attention", TORCH_FN(noncausal_cuda));
+  m.impl("linear_attention_backward", TORCH_FN(noncausal_backward_cuda));
+}
+
+}  // namespace flowformer::linear_attention_cuda
