@@ -18,11 +18,37 @@ def flow_attention_case(options, dtype):
     out.backward(torch.randn_like(out))
 
 
+def causal_linear_attention_case(options, dtype):
+    B, H, L, D = 2, 3, 150, 16
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    kv0 = torch.randn(B, H, D, D, device="cuda", requires_grad=True)
+    z0 = torch.rand(B, H, D, device="cuda", requires_grad=True)
+    out, kv, z = torch.ops.flowformer.causal_linear_attention(q, k, v, initial_kv=kv0, initial_z=z0, **options)
+    (out.float().sum() + kv.sum() + z.sum()).backward()
+    step = torch.ops.flowformer.causal_linear_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], initial_kv=kv,
+                                                        initial_z=z, **options)  # a decoding step
+    step[0].float().sum().backward()
+
+
+def linear_attention_case(options, dtype):
+    B, H, L, S, D = 2, 3, 150, 300, 16
+    q = torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+    mask[1, -50:] = True
+    out = torch.ops.flowformer.linear_attention(q, k, v, key_padding_mask=mask, **options)
+    out.backward(torch.randn_like(out))
+
+
 # op -> (function running one case, the options of each case)
 CASES = {
     "flowformer::flow_attention": (flow_attention_case, [
         dict(causal=False), dict(causal=True), dict(causal=False, feature_map="elu1", clamp=float("inf")),
     ]),
+    "flowformer::causal_linear_attention": (causal_linear_attention_case, [
+        dict(), dict(normalize=False, feature_map="relu"),
+    ]),
+    "flowformer::linear_attention": (linear_attention_case, [dict()]),
 }
 
 

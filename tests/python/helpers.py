@@ -46,6 +46,15 @@ def assert_close(actual, expected, tol, what=""):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def conditioned_grad_tol(dtype, f32_reference, f64_reference):
+    """The spec's gradient bound, or where the inputs make a gradient ill-conditioned (its true value
+    comes from cancelling terms, e.g. O(eps) when the output is scale-invariant in it): 8x what the
+    reference itself loses when run in float32 on the same inputs, rescaled to the unit roundoff of
+    dtype. Any implementation must lose that much; a wrong gradient is off by O(1) and still fails."""
+    roundoff_ratio = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    return max(grad_tol(dtype), 8 * roundoff_ratio * rel_err(f32_reference, f64_reference))
+
+
 def grads(fn, inputs, grad_out):
     """Gradients of <fn(*inputs), grad_out> with respect to every input."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]

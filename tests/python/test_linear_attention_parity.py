@@ -1,0 +1,143 @@
+"""causal_linear_attention and linear_attention against the float64 reference of spec/linear_attention.md:
+outputs, final states and gradients (initial states included), every dtype, feature map, stride."""
+
+import pytest
+import torch
+
+from flowformer import functional as F
+from flowformer import reference as R
+from helpers import DTYPES, FORWARD_TOL, assert_close, conditioned_grad_tol, devices, randn
+
+CAUSAL = "flowformer::causal_linear_attention"
+NONCAUSAL = "flowformer::linear_attention"
+FEATURE_MAPS = ["elu1", "relu", "sigmoid", "identity"]
+# (B, H, L, D, M): L = 1 (a decoding step), D = 1, D != M, odd sizes, several chunks of 64 rows.
+SHAPES = [(2, 3, 17, 5, 6), (1, 2, 1, 4, 4), (2, 2, 11, 1, 3), (1, 3, 33, 7, 2), (1, 2, 200, 4, 3)]
+
+
+def features_input(gen, shape, feature_map, dtype, device):
+    """Inputs for the feature map: non-negative for identity; for relu, every row keeps a positive
+    feature (a row of zero features makes the normaliser eps and its gradient O(1 / eps))."""
+    x = randn(gen, *shape)
+    if feature_map == "identity":
+        x = x.abs()
+    elif feature_map == "relu":
+        x[..., 0] = x[..., 0].abs() + 0.1
+    return x.to(dtype=dtype, device=device)
+
+
+def states(gen, B, H, D, M, dtype, device):
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    kv = randn(gen, B, H, D, M, dtype=state_dtype, device=device)
+    z = (torch.rand(B, H, D, generator=gen, dtype=torch.float64) + 1).to(state_dtype).to(device)
+    return kv, z
+
+
+def grads_of(fn, inputs, grad_outputs):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return [o.detach() for o in outs], torch.autograd.grad(outs, leaves, grad_outputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("device", devices(CAUSAL))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_causal_parity(gen, shape, with_state, normalize, feature_map, dtype, device):
+    B, H, L, D, M = shape
+    q = features_input(gen, (B, H, L, D), feature_map, dtype, device)
+    k = features_input(gen, (B, H, L, D), feature_map, dtype, device)
+    v = randn(gen, B, H, L, M, dtype=dtype, device=device)
+    kv0, z0 = states(gen, B, H, D, M, dtype, device)
+    options = dict(feature_map=feature_map, normalize=normalize)
+
+    def op(q_, k_, v_, kv_, z_):
+        return F.causal_linear_attention(q_, k_, v_, initial_kv=kv_ if with_state else None,
+                                         initial_z=z_ if with_state else None, **options)
+
+    def ref(q_, k_, v_, kv_, z_):
+        return R.causal_linear_attention(q_, k_, v_, initial_kv=kv_ if with_state else None,
+                                         initial_z=z_ if with_state else None, **options)
+
+    grad_outputs = [randn(gen, B, H, L, M, dtype=dtype, device=device), *states(gen, B, H, D, M, dtype, device)]
+    inputs = (q, k, v, kv0, z0)
+    outs, g = grads_of(op, inputs, grad_outputs)
+    ref_outs, ref_g = grads_of(ref, [t.double().cpu() for t in inputs], [t.double().cpu() for t in grad_outputs])
+    _, f32_g = grads_of(ref, [t.float().cpu() for t in inputs], [t.float().cpu() for t in grad_outputs])
+    assert outs[0].dtype == dtype and outs[1].dtype == kv0.dtype and outs[2].dtype == z0.dtype
+    for name, a, b in zip(("out", "final_kv", "final_z"), outs, ref_outs):
+        assert_close(a, b, FORWARD_TOL[dtype], name)
+    names = ("query", "key", "value", "initial_kv", "initial_z")
+    for name, a, b, baseline in zip(names, g, ref_g, f32_g):
+        if not with_state and name.startswith("initial"):
+            continue
+        if b.norm() == 0:  # initial_z does not reach an unnormalised output
+            assert a.abs().max() == 0, f"grad {name} must be 0"
+            continue
+        assert_close(a, b, conditioned_grad_tol(dtype, baseline, b), f"grad {name}")
+
+
+@pytest.mark.parametrize("device", devices(NONCAUSAL))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("L,S", [(17, 13), (1, 9), (9, 1), (300, 270)])
+def test_noncausal_parity(gen, L, S, masked, feature_map, dtype, device):
+    B, H, D, M = 2, 3, 5, 4
+    q = features_input(gen, (B, H, L, D), feature_map, dtype, device)
+    k = features_input(gen, (B, H, S, D), feature_map, dtype, device)
+    v = randn(gen, B, H, S, M, dtype=dtype, device=device)
+    mask = None
+    if masked:
+        mask = torch.rand(B, S, generator=gen) < 0.3
+        mask[:, 0] = False
+        mask = mask.to(device)
+    options = dict(feature_map=feature_map, key_padding_mask=mask)
+    grad_out = randn(gen, B, H, L, M, dtype=dtype, device=device)
+    outs, g = grads_of(lambda *x: F.linear_attention(*x, **options), (q, k, v), [grad_out])
+    ref_mask = None if mask is None else mask.cpu()
+    def ref(*x):
+        return R.linear_attention(*x, feature_map=feature_map, key_padding_mask=ref_mask)
+
+    ref_outs, ref_g = grads_of(ref, [t.double().cpu() for t in (q, k, v)], [grad_out.double().cpu()])
+    _, f32_g = grads_of(ref, [t.float().cpu() for t in (q, k, v)], [grad_out.float().cpu()])
+    assert outs[0].dtype == dtype
+    assert_close(outs[0], ref_outs[0], FORWARD_TOL[dtype], "out")
+    for name, a, b, baseline in zip(("query", "key", "value"), g, ref_g, f32_g):
+        assert_close(a, b, conditioned_grad_tol(dtype, baseline, b), f"grad {name}")
+    if masked:  # padded keys get no gradient
+        for grad in g[1:]:
+            assert (grad.masked_select(mask[:, None, :, None]) == 0).all()
+
+
+@pytest.mark.parametrize("device", devices(CAUSAL))
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_contiguous(gen, causal, device):
+    B, L, H, D = 2, 70, 3, 4
+    q, k, v = (randn(gen, B, L, H, D, device=device).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    fn = F.causal_linear_attention if causal else F.linear_attention
+    ref = R.causal_linear_attention if causal else R.linear_attention
+    out = fn(q, k, v)
+    expected = ref(*(t.double() for t in (q, k, v)))
+    if causal:
+        out, expected = out[0], expected[0]
+    assert_close(out, expected, FORWARD_TOL[torch.float32], "out")
+
+
+@pytest.mark.parametrize("device", devices(CAUSAL))
+def test_large_sums_in_half_precision(gen, device):
+    # sum_j phi(k_j) v_j reaches thousands: accumulation must not be in float16.
+    B, H, L, D = 1, 1, 4096, 8
+    q, k = (randn(gen, B, H, L, D, dtype=torch.float16, device=device).abs() + 4 for _ in range(2))
+    v = randn(gen, B, H, L, D, dtype=torch.float16, device=device) + 8
+    out, kv, z = F.causal_linear_attention(q, k, v, feature_map="identity", normalize=False)
+    ref_out, ref_kv, _ = R.causal_linear_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                                   feature_map="identity", normalize=False)
+    assert ref_out.abs().max() > 65504 and kv.abs().max() > 65504
+    finite = ref_out.abs() <= 65504  # float16 outputs beyond its range are inf, as in any float16 op
+    assert torch.isfinite(out[finite]).all()
+    assert_close(kv, ref_kv, FORWARD_TOL[torch.float32] * 10, "final_kv")
