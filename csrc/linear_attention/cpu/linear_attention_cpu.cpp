@@ -83,12 +83,23 @@ ops::CausalGrads causal_backward_cpu(const at::Tensor& grad_out, const Optional&
   return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dv.to(value.scalar_type()), grad_kv, grad_z};
 }
 
-// (B, H, S, 1): 1 at valid keys, 0 at padded ones.
-at::Tensor key_valid(const Optional& key_padding_mask, const Inputs& in) {
-  if (!key_padding_mask.has_value()) {
-    return at::ones({1, 1, in.k.size(2), 1}, in.k.options());
+// The non-causal inputs in the accumulation type, contiguous (batched products of strided (B, H) views
+// would copy them at every product).
+NoncausalInputs convert_noncausal(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  c10::string_view feature_map, double eps, const Optional& key_padding_mask) {
+  NoncausalInputs in;
+  in.feature_map = parse_feature_map(op, feature_map);
+  in.eps = eps;
+  const auto acc = accumulate_type(q.scalar_type());
+  in.query = q.to(acc).contiguous();
+  in.key = k.to(acc).contiguous();
+  in.q = apply_feature_map(in.feature_map, in.query);
+  in.k = apply_feature_map(in.feature_map, in.key);
+  in.v = v.to(acc).contiguous();
+  if (key_padding_mask.has_value()) {
+    in.key_valid = key_padding_mask->logical_not().to(acc).unsqueeze(1).unsqueeze(-1);
   }
-  return key_padding_mask->logical_not().to(in.k.scalar_type()).unsqueeze(1).unsqueeze(-1);
+  return in;
 }
 
 at::Tensor noncausal_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -98,8 +109,8 @@ at::Tensor noncausal_cpu(const at::Tensor& query, const at::Tensor& key, const a
   if (emulate_cuda_requested()) {
     return emulated::noncausal(portable::HostExecutor{}, query, key, value, feature_map, eps, key_padding_mask, op);
   }
-  const Inputs in = convert(op, query, key, value, feature_map, eps);
-  return noncausal_forward(in, key_valid(key_padding_mask, in)).to(query.scalar_type());
+  return noncausal_forward(convert_noncausal(op, query, key, value, feature_map, eps, key_padding_mask))
+      .to(query.scalar_type());
 }
 
 ops::Grads noncausal_backward_cpu(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
@@ -112,8 +123,8 @@ ops::Grads noncausal_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
     return emulated::noncausal_backward(portable::HostExecutor{}, grad_out, query, key, value, feature_map, eps,
                                         key_padding_mask, op);
   }
-  const Inputs in = convert(op, query, key, value, feature_map, eps);
-  auto [dq, dk, dv] = noncausal_backward(in, key_valid(key_padding_mask, in), grad_out.to(in.v.scalar_type()));
+  const NoncausalInputs in = convert_noncausal(op, query, key, value, feature_map, eps, key_padding_mask);
+  auto [dq, dk, dv] = noncausal_backward(in, grad_out.to(in.v.scalar_type()));
   return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dv.to(value.scalar_type())};
 }
 

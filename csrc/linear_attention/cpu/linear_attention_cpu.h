@@ -26,9 +26,12 @@ void causal_backward(const Inputs& in, bool normalize, const at::Tensor& kv0, co
                      const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
                      at::Tensor& grad_kv, at::Tensor& grad_z);
 
-// Non-causal, over the valid keys (key_valid: (B, H, S, 1) 0/1 in the accumulation type).
-at::Tensor noncausal_forward(const Inputs& in, const at::Tensor& key_valid);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> noncausal_backward(const Inputs& in, const at::Tensor& key_valid,
+// Non-causal: the same inputs in any strides, and the valid keys (B, 1, S, 1) as 0/1 (undefined: all).
+struct NoncausalInputs : Inputs {
+  at::Tensor key_valid;
+};
+at::Tensor noncausal_forward(const NoncausalInputs& in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noncausal_backward(const NoncausalInputs& in,
                                                                   const at::Tensor& grad_out);
 
 }  // namespace flowformer::linear_attention_cpu
