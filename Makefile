@@ -59,6 +59,7 @@ demo: setup
 # A quick CPU benchmark; results (JSON, markdown, PNG) go to benchmarks/results/cpu.
 bench: setup
 	$(PY) benchmarks/bench_flow_attention.py --device cpu --lengths 1024,2048,4096 --out benchmarks/results/cpu
+	$(PY) benchmarks/bench_linear_attention.py --device cpu --lengths 1024,2048,4096 --out benchmarks/results/cpu
 
 # On a CUDA machine (no network needed): build in place with its own torch, CUDA tests,
 # compute-sanitizer, benchmarks; results and a summary go to $(OUT).

@@ -33,10 +33,21 @@ else
   SUMMARY+=("compute-sanitizer|MISSING|-")
 fi
 GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo gpu)
-step "benchmark flow_attention (bf16)" bench.log "$PYTHON" benchmarks/bench_flow_attention.py --device cuda \
-  --dtype bfloat16 --batch 8 --heads 16 --lengths 1024,2048,4096,8192,16384,32768 --compile \
-  --memory-budget-gib 60 --out "$OUT/bench"
-mkdir -p "benchmarks/results/$GPU" && cp "$OUT"/bench/* "benchmarks/results/$GPU/" 2>/dev/null
+# flash-linear-attention, the Triton peer of the linear-attention benchmark, when its wheels were carried
+# along in .whl/ (pip download --no-deps flash-linear-attention fla-core -d .whl): no network needed.
+if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
+  step "install flash-linear-attention" fla.log "$PYTHON" -m pip install --no-deps --no-index .whl/*.whl
+fi
+LENGTHS=1024,2048,4096,8192,16384,32768
+step "benchmark flow_attention (bf16)" bench_flow.log "$PYTHON" benchmarks/bench_flow_attention.py --device cuda \
+  --dtype bfloat16 --batch 8 --heads 16 --lengths $LENGTHS --compile --memory-budget-gib 60 --out "$OUT/bench"
+step "benchmark linear_attention D=64 (bf16)" bench_linear64.log "$PYTHON" benchmarks/bench_linear_attention.py \
+  --device cuda --dtype bfloat16 --batch 8 --heads 16 --dim 64 --lengths $LENGTHS --compile \
+  --memory-budget-gib 60 --out "$OUT/bench/d64"
+step "benchmark linear_attention D=128 (bf16)" bench_linear128.log "$PYTHON" benchmarks/bench_linear_attention.py \
+  --device cuda --dtype bfloat16 --batch 8 --heads 16 --dim 128 --lengths $LENGTHS --memory-budget-gib 60 \
+  --out "$OUT/bench/d128"
+mkdir -p "benchmarks/results/$GPU" && cp -r "$OUT"/bench/* "benchmarks/results/$GPU/" 2>/dev/null
 
 echo
 echo "gpu-check summary ($OUT)"
