@@ -16,9 +16,9 @@ setup: deps catch2 build
 
 # A virtualenv with torch (installed from this machine's local wheels) and the test and build tools.
 deps: $(VENV)/.deps-$(TORCH_VERSION)
-$(VENV)/.deps-$(TORCH_VERSION):
+$(VENV)/.deps-$(TORCH_VERSION): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) numpy pytest expecttest psutil matplotlib ninja \
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision numpy pytest expecttest psutil matplotlib ninja \
 		"cmake>=3.28" setuptools wheel
 	touch $@
 

@@ -54,7 +54,9 @@ def flow_attention(
     return _flow_noncausal(q, k, v, qpad, kpad, eps, clamp)
 
 
-def _flow_noncausal(q, k, v, qpad, kpad, eps, clamp):
+def _flow_noncausal_factors(q, k, qpad, kpad, eps, clamp):
+    """The per-position factors of non-causal Flow-Attention: out = g * (q k^T) (c v), masked rows zero.
+    Returns (q, k) with padded rows zeroed, g (B, H, L), c (B, H, S) and the (B, 1, L, 1) output mask."""
     qvalid = (~qpad)[:, None, :, None].to(q.dtype)  # (B, 1, L, 1)
     kvalid = (~kpad)[:, None, :, None].to(q.dtype)
     q = q * qvalid
@@ -75,14 +77,21 @@ def _flow_noncausal(q, k, v, qpad, kpad, eps, clamp):
     all_padded = kpad.all(1)[:, None, None]
     logits = logits.masked_fill(all_padded, 0.0)
     source_competition = torch.softmax(logits, dim=-1) * safe_n_k
-    # (4) attention
-    kv = k.transpose(-2, -1) @ (v * source_competition[..., None])
-    out = ((q @ kv) * sink_incoming[..., None]) * sink_allocation[..., None]
     empty = (n_q == 0) | (n_k == 0)  # (B, 1, 1)
-    return torch.where(qvalid.bool() & ~empty[..., None], out, torch.zeros_like(out))
+    return q, k, sink_incoming * sink_allocation, source_competition, qvalid.bool() & ~empty[..., None]
 
 
-def _flow_causal(q, k, v, pad, eps, clamp):
+def _flow_noncausal(q, k, v, qpad, kpad, eps, clamp):
+    q, k, row_scale, competition, out_mask = _flow_noncausal_factors(q, k, qpad, kpad, eps, clamp)
+    # (4) attention
+    kv = k.transpose(-2, -1) @ (v * competition[..., None])
+    out = (q @ kv) * row_scale[..., None]
+    return torch.where(out_mask, out, torch.zeros_like(out))
+
+
+def _flow_causal_factors(q, k, pad, eps, clamp):
+    """The per-position factors of causal Flow-Attention: out_t = g_t sum_{j<=t} <q_t, k_j> c_j v_j.
+    Returns (q, k) with padded rows zeroed, g (B, H, L), c (B, H, L) and the (B, 1, L, 1) valid mask."""
     valid = (~pad)[:, None, :, None].to(q.dtype)  # (B, 1, L, 1)
     q = q * valid
     k = k * valid
@@ -98,11 +107,45 @@ def _flow_causal(q, k, v, pad, eps, clamp):
     sink_allocation = torch.sigmoid(conserved_sink)
     e = torch.exp(conserved_source) * valid[..., 0]
     source_competition = e / e.cumsum(-1).clamp(min=torch.finfo(e.dtype).tiny) * n
+    return q, k, sink_incoming / n * sink_allocation, source_competition, valid.bool()
+
+
+def _flow_causal(q, k, v, pad, eps, clamp):
+    q, k, row_scale, competition, valid = _flow_causal_factors(q, k, pad, eps, clamp)
     # (4) causal attention: the public code's (B, H, L, D, M) cumulative sum
-    kv = torch.einsum("bhld,bhlm->bhldm", k, v * source_competition[..., None]).cumsum(2)
-    out = torch.einsum("bhld,bhldm->bhlm", q * (sink_incoming / n)[..., None], kv)
-    out = out * sink_allocation[..., None]
+    kv = torch.einsum("bhld,bhlm->bhldm", k, v * competition[..., None]).cumsum(2)
+    out = torch.einsum("bhld,bhldm->bhlm", q * row_scale[..., None], kv)
     return out * valid
+
+
+def flow_attention_weights(
+    query: Tensor,
+    key: Tensor,
+    *,
+    causal: bool = False,
+    feature_map: str = "sigmoid",
+    eps: float = 1e-6,
+    clamp: float = 1.0,
+    query_padding_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """The (B, H, L, S) matrix A that flow_attention applies to the values: out = A @ value, with
+    A_ij = g_i <q_i, k_j> c_j (allocation times incoming flow, times competition), zero for masked
+    pairs and, when causal, above the diagonal. O(L S) time and memory."""
+    B, H, L, _ = query.shape
+    S = key.shape[2]
+    q = apply_feature_map(query, feature_map)
+    k = apply_feature_map(key, feature_map)
+    qpad = torch.zeros(B, L, dtype=torch.bool, device=query.device) if query_padding_mask is None else query_padding_mask
+    kpad = torch.zeros(B, S, dtype=torch.bool, device=query.device) if key_padding_mask is None else key_padding_mask
+    if causal:
+        q, k, row_scale, competition, rows = _flow_causal_factors(q, k, qpad | kpad, eps, clamp)
+    else:
+        q, k, row_scale, competition, rows = _flow_noncausal_factors(q, k, qpad, kpad, eps, clamp)
+    weights = row_scale[..., None] * (q @ k.transpose(-2, -1)) * competition[..., None, :]
+    if causal:
+        weights = weights.tril()
+    return torch.where(rows, weights, torch.zeros_like(weights))
 
 
 def causal_linear_attention(
@@ -153,3 +196,22 @@ def linear_attention(
     kv = k.transpose(-2, -1) @ v
     z = k.sum(2)
     return (q @ kv) / (torch.einsum("bhld,bhd->bhl", q, z) + eps)[..., None]
+
+
+def linear_attention_weights(
+    query: Tensor,
+    key: Tensor,
+    *,
+    causal: bool = False,
+    feature_map: str = "elu1",
+    eps: float = 1e-6,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """The (B, H, L, S) matrix A that (causal_)linear_attention applies to the values (no initial
+    state): A_ij = <q_i, k_j> / (sum_j' <q_i, k_j'> + eps) over valid (and, causal, j <= i) keys."""
+    scores = apply_feature_map(query, feature_map) @ apply_feature_map(key, feature_map).transpose(-2, -1)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], 0.0)
+    if causal:
+        scores = scores.tril()
+    return scores / (scores.sum(-1, keepdim=True) + eps)

@@ -1,0 +1,185 @@
+"""Drop-in replacements for torch.nn.MultiheadAttention running Flow-Attention or linear attention.
+
+Same constructor, forward signature, parameter names and shapes as nn.MultiheadAttention (so its
+state_dict loads into these modules and back); the attention between the projections is the
+flowformer op. Masks: key_padding_mask maps to the op's padding masks (to both sides in
+self-attention); attn_mask may be None or the causal mask (or is_causal=True): linear attention cannot
+apply any other mask and says so. need_weights=True returns the exact (L, S) matrix the layer applied
+to the values, built only on request at O(L S) cost. Dropout applies to the output of the output
+projection (as the Flowformer reference code does), not to attention weights, which are never formed.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as TF
+
+from .. import functional as F
+from .. import reference as R
+from . import _masks
+
+
+class _LinearMultiheadAttention(nn.Module):
+    """The projections and argument handling of nn.MultiheadAttention; subclasses supply _attend."""
+
+    # nn.TransformerEncoderLayer and nn.TransformerEncoder take a fused softmax-attention fast path in
+    # eval mode, reading the MultiheadAttention weights directly, whenever
+    # self_attn._qkv_same_embed_dim is True. False keeps them calling this module's forward; whether
+    # the projections are packed is _packed_in_proj.
+    _qkv_same_embed_dim = False
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be > 0, got {embed_dim} and {num_heads}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._packed_in_proj = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        if self._packed_in_proj:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        """nn.MultiheadAttention's initialisation."""
+        if self._packed_in_proj:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def _projections(self, query, key, value):
+        E = self.embed_dim
+        bq, bk, bv = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.split(E)
+        if self._packed_in_proj:
+            wq, wk, wv = self.in_proj_weight.split(E)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return TF.linear(query, wq, bq), TF.linear(key, wk, bk), TF.linear(value, wv, bv)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        name = type(self).__name__
+        self_attention = query is key  # as nn.Transformer's layers call it: one tensor for query, key, value
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))  # (L, 1, E)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif query.dim() != 3:
+            raise RuntimeError(f"{name}: query must be 2-D (L, E) or 3-D, got {query.dim()}-D")
+        elif self.batch_first:  # the computation runs (L, N, E), as nn.MultiheadAttention's
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        L, N, _ = query.shape
+        q, k, v = self._projections(query, key, value)  # (L, N, E), (S, N, E), (S, N, E)
+        pad = _masks.padding_mask(key_padding_mask, name)
+        if self.bias_k is not None:  # one more key and value, never padded
+            k = torch.cat([k, self.bias_k.expand(1, N, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, N, -1)])
+            pad = None if pad is None else TF.pad(pad, (0, 1))
+            attn_mask = None if attn_mask is None else TF.pad(attn_mask, (0, 1))
+            self_attention = False
+        H, hd = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(t.shape[0], N, H, hd).permute(1, 2, 0, 3) for t in (q, k, v))  # (N, H, len, hd)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(N, H, 1, hd)], 2)
+            v = torch.cat([v, v.new_zeros(N, H, 1, hd)], 2)
+            pad = None if pad is None else TF.pad(pad, (0, 1))
+            attn_mask = None if attn_mask is None else TF.pad(attn_mask, (0, 1))
+            self_attention = False
+        causal = _masks.causal_mode(attn_mask, is_causal, L, k.shape[2], name)
+        query_pad = pad if self_attention else None
+        out = self._attend(q, k, v, causal, query_pad, pad)  # (N, H, L, hd)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, N, self.embed_dim))
+        out = TF.dropout(out, self.dropout, self.training)
+        weights = None
+        if need_weights:
+            weights = self._weights(q, k, causal, query_pad, pad)  # (N, H, L, S)
+            if average_attn_weights:
+                weights = weights.mean(1)
+        if unbatched:
+            return out.squeeze(1), None if weights is None else weights.squeeze(0)
+        return (out.transpose(0, 1) if self.batch_first else out), weights
+
+
+class FlowAttention(_LinearMultiheadAttention):
+    """nn.MultiheadAttention with Flow-Attention (flowformer.functional.flow_attention) between the
+    projections. Extra keyword options: feature_map ("sigmoid"), eps (1e-6), clamp (1.0)."""
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, feature_map="sigmoid",
+                 eps=1e-6, clamp=1.0):
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+                         device, dtype)
+        self.options = {"feature_map": feature_map, "eps": eps, "clamp": clamp}
+
+    def _attend(self, q, k, v, causal, query_pad, key_pad):
+        return F.flow_attention(q, k, v, causal=causal, query_padding_mask=query_pad, key_padding_mask=key_pad,
+                                **self.options)
+
+    def _weights(self, q, k, causal, query_pad, key_pad):
+        return R.flow_attention_weights(q, k, causal=causal, query_padding_mask=query_pad,
+                                        key_padding_mask=key_pad, **self.options)
+
+
+class LinearAttention(_LinearMultiheadAttention):
+    """nn.MultiheadAttention with linear attention (Katharopoulos et al., 2020) between the projections.
+    Extra keyword options: feature_map ("elu1"), eps (1e-6). Padded queries get outputs, as in
+    nn.MultiheadAttention. In causal mode a key_padding_mask may only pad on the right (the causal op
+    has no padding mask; right padding cannot reach valid positions)."""
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, feature_map="elu1", eps=1e-6):
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+                         device, dtype)
+        self.options = {"feature_map": feature_map, "eps": eps}
+
+    def _attend(self, q, k, v, causal, query_pad, key_pad):
+        if not causal:
+            return F.linear_attention(q, k, v, key_padding_mask=key_pad, **self.options)
+        if key_pad is not None:
+            right_padded = (key_pad.int().diff(dim=1) >= 0).all()
+            if not bool(right_padded):
+                raise RuntimeError("LinearAttention: in causal mode key_padding_mask may only pad on the right "
+                                   "(True after the last valid position); use FlowAttention for other padding")
+        return F.causal_linear_attention(q, k, v, **self.options)[0]
+
+    def _weights(self, q, k, causal, query_pad, key_pad):
+        # Causal: the op ran without the (right) padding, which only padded queries can see.
+        return R.linear_attention_weights(q, k, causal=causal, key_padding_mask=None if causal else key_pad,
+                                          **self.options)
