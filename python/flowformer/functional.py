@@ -120,4 +120,48 @@ def linear_attention(
         query, key, value, feature_map=feature_map, eps=eps, key_padding_mask=key_padding_mask)
 
 
-__all__ = ["flow_attention", "causal_linear_attention", "linear_attention"]
+def aft_full(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    pos_bias: Tensor,
+    *,
+    causal: bool = False,
+    window: int = 0,
+) -> Tensor:
+    """AFT-full and AFT-local (Zhai et al., "An Attention Free Transformer", 2021):
+    out_t = sigmoid(q_t) * sum_t' softmax_t'(k_t' + w_{t,t'}) v_t', per channel.
+
+    Args:
+        query: (B, L, C).
+        key, value: (B, S, C).
+        pos_bias: (L, S) learned position biases w, shared by batch and channels.
+        causal: sum over t' <= t only (needs L == S).
+        window: 0 for AFT-full; s > 0 for AFT-local: the bias applies where |t - t'| < s and is 0 (not
+            -inf: those positions still contribute) elsewhere; O(L s C) work.
+
+    Exact and finite for keys anywhere in [-80, 80] and biases in [-30, 30] (maxima are subtracted;
+    where the fast factorised sums underflow, those elements are recomputed exactly). Any strides;
+    float32, float16, bfloat16, float64, accumulated in float32 (float64 for float64).
+
+    Returns:
+        (B, L, C) in the dtype of ``query``. Differentiable in query, key, value and pos_bias.
+    """
+    return torch.ops.flowformer.aft_full(query, key, value, pos_bias, causal=causal, window=window)
+
+
+def aft_simple(query: Tensor, key: Tensor, value: Tensor, *, causal: bool = False) -> Tensor:
+    """AFT-simple: out_t = sigmoid(q_t) * sum_t' softmax_t'(k_t') v_t', per channel (no position bias);
+    causal: a running recurrence over t' <= t with a running maximum (never overflows).
+
+    Args:
+        query: (B, L, C).
+        key, value: (B, S, C) (S == L when causal).
+
+    Returns:
+        (B, L, C) in the dtype of ``query``. Differentiable in query, key and value.
+    """
+    return torch.ops.flowformer.aft_simple(query, key, value, causal=causal)
+
+
+__all__ = ["flow_attention", "causal_linear_attention", "linear_attention", "aft_full", "aft_simple"]

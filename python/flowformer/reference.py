@@ -215,3 +215,37 @@ def linear_attention_weights(
     if causal:
         scores = scores.tril()
     return scores / (scores.sum(-1, keepdim=True) + eps)
+
+
+def aft_full(query: Tensor, key: Tensor, value: Tensor, pos_bias: Tensor, *, causal: bool = False,
+             window: int = 0) -> Tensor:
+    """spec/aft.md, AFT-full (window = 0) and AFT-local (window > 0, bias 0 outside |t - t'| < window):
+    a softmax over positions per channel of key + bias, as a (B, L, S, C) tensor (O(L S C) memory)."""
+    L, S = pos_bias.shape
+    bias = pos_bias.to(key.dtype)
+    t = torch.arange(L, device=key.device)[:, None]
+    j = torch.arange(S, device=key.device)[None, :]
+    if window > 0:
+        bias = torch.where((t - j).abs() < window, bias, torch.zeros_like(bias))
+    logits = key[:, None, :, :] + bias[None, :, :, None]  # (B, L, S, C)
+    if causal:
+        logits = logits.masked_fill((j > t)[None, :, :, None], float("-inf"))
+    weights = torch.softmax(logits, dim=2)
+    return torch.sigmoid(query) * (weights * value[:, None]).sum(2)
+
+
+def aft_full_matrix(query: Tensor, key: Tensor, value: Tensor, pos_bias: Tensor) -> Tensor:
+    """AFT-full in the paper's matrix formulation, with the maxima subtracted:
+    sigmoid(q) * (exp(w) @ (exp(k) v)) / (exp(w) @ exp(k)). O(L C) memory besides the (L, S) bias;
+    underflows (0 / 0) where the two maxima do not meet: the eager peer of the benchmarks, not exact."""
+    ew = torch.exp(pos_bias - pos_bias.amax(1, keepdim=True)).to(key.dtype)
+    ek = torch.exp(key - key.amax(1, keepdim=True))
+    return torch.sigmoid(query) * (ew @ (ek * value)) / (ew @ ek)
+
+
+def aft_simple(query: Tensor, key: Tensor, value: Tensor, *, causal: bool = False) -> Tensor:
+    """spec/aft.md, AFT-simple: a softmax over positions per channel of the keys, no position bias."""
+    if causal:
+        L = query.shape[1]
+        return aft_full(query, key, value, key.new_zeros(L, L), causal=True)
+    return torch.sigmoid(query) * (torch.softmax(key, dim=1) * value).sum(1, keepdim=True)

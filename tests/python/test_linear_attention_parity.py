@@ -6,7 +6,7 @@ import torch
 
 from flowformer import functional as F
 from flowformer import reference as R
-from helpers import DTYPES, FORWARD_TOL, assert_close, conditioned_grad_tol, devices, randn
+from helpers import DTYPES, FORWARD_TOL, assert_close, conditioned_grad_tol, devices, grad_tol, randn
 
 CAUSAL = "flowformer::causal_linear_attention"
 NONCAUSAL = "flowformer::linear_attention"
@@ -31,6 +31,13 @@ def states(gen, B, H, D, M, dtype, device):
     kv = randn(gen, B, H, D, M, dtype=state_dtype, device=device)
     z = (torch.rand(B, H, D, generator=gen, dtype=torch.float64) + 1).to(state_dtype).to(device)
     return kv, z
+
+
+def assert_cancelling_terms_close(actual, expected, grad_out, value, dtype, name):
+    """A gradient whose true value is O(eps), compared on the scale |grad_out| |v| of the terms that cancel."""
+    scale = grad_out.double().norm() * value.double().norm()
+    err = ((actual.double().cpu() - expected).norm() / scale).item()
+    assert err <= grad_tol(dtype), f"grad {name}: error {err:.3e} on the scale |grad_out| |v|"
 
 
 def grads_of(fn, inputs, grad_outputs):
@@ -71,13 +78,20 @@ def test_causal_parity(gen, shape, with_state, normalize, feature_map, dtype, de
     for name, a, b in zip(("out", "final_kv", "final_z"), outs, ref_outs):
         assert_close(a, b, FORWARD_TOL[dtype], name)
     names = ("query", "key", "value", "initial_kv", "initial_z")
+    # Normalised outputs that do not depend on the scale of q (D = 1), or of q and k (one position, no
+    # state: out = v), have O(eps) true gradients there, left from cancelling terms.
+    scale_invariant = {"query"} if D == 1 else set()
+    if L == 1 and not with_state:
+        scale_invariant |= {"query", "key"}
     for name, a, b, baseline in zip(names, g, ref_g, f32_g):
         if not with_state and name.startswith("initial"):
             continue
         if b.norm() == 0:  # initial_z does not reach an unnormalised output
             assert a.abs().max() == 0, f"grad {name} must be 0"
-            continue
-        assert_close(a, b, conditioned_grad_tol(dtype, baseline, b), f"grad {name}")
+        elif normalize and name in scale_invariant:
+            assert_cancelling_terms_close(a, b, grad_outputs[0], v, dtype, name)
+        else:
+            assert_close(a, b, conditioned_grad_tol(dtype, baseline, b), f"grad {name}")
 
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
@@ -107,7 +121,10 @@ def test_noncausal_parity(gen, L, S, masked, feature_map, dtype, device):
     assert outs[0].dtype == dtype
     assert_close(outs[0], ref_outs[0], FORWARD_TOL[dtype], "out")
     for name, a, b, baseline in zip(("query", "key", "value"), g, ref_g, f32_g):
-        assert_close(a, b, conditioned_grad_tol(dtype, baseline, b), f"grad {name}")
+        if S == 1 and name != "value":  # out = v: O(eps) gradients, as above
+            assert_cancelling_terms_close(a, b, grad_out, v, dtype, name)
+        else:
+            assert_close(a, b, conditioned_grad_tol(dtype, baseline, b), f"grad {name}")
     if masked:  # padded keys get no gradient
         for grad in g[1:]:
             assert (grad.masked_select(mask[:, None, :, None]) == 0).all()

@@ -4,3 +4,4 @@
 #include <flowformer/build_info.h>
 #include <flowformer/flow_attention.h>
 #include <flowformer/linear_attention.h>
+#include <flowformer/aft.h>

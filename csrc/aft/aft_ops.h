@@ -1,0 +1,34 @@
+// The AFT ops as the dispatcher sees them (spec/aft.md), shared by the schema file, the backends
+// (cpu/ and, for CUDA, kernels/aft/) and the Meta and Autograd registrations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace flowformer::aft_ops {
+
+constexpr const char* kFull = "flowformer::aft_full";
+constexpr const char* kFullBackward = "flowformer::aft_full_backward";
+constexpr const char* kSimple = "flowformer::aft_simple";
+constexpr const char* kSimpleBackward = "flowformer::aft_simple_backward";
+
+using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // query, key, value, pos_bias
+
+at::Tensor full(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& pos_bias,
+                bool causal, int64_t window);
+Grads4 full_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                     const at::Tensor& value, const at::Tensor& pos_bias, bool causal, int64_t window);
+at::Tensor simple(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal);
+Grads3 simple_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                       const at::Tensor& value, bool causal);
+
+// Argument checks shared by every backend and the Meta kernels.
+void check_full_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const at::Tensor& pos_bias, bool causal, int64_t window);
+void check_simple_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                       bool causal);
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& query);
+
+}  // namespace flowformer::aft_ops

@@ -1,0 +1,57 @@
+// The AFT ops' backend functions for one executor: argument checks, then aft_portable.h. Included by
+// the CPU backend (HostExecutor) and the CUDA backend (CudaExecutor, with a device guard).
+#pragma once
+
+#include "aft/aft_ops.h"
+#include "aft/aft_portable.h"
+
+#include <torch/library.h>
+
+namespace flowformer::aft_portable {
+
+template <typename Exec, typename Guard>
+struct Backend {
+  static at::Tensor full(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                         const at::Tensor& pos_bias, bool causal, int64_t window) {
+    aft_ops::check_full_args(aft_ops::kFull, query, key, value, pos_bias, causal, window);
+    const Guard guard(query.device());
+    return with_aft(Exec{}, query, [&](const auto& aft) {
+      return aft.full_forward(query, key, value, pos_bias, causal, window);
+    });
+  }
+
+  static Grads4 full_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& value, const at::Tensor& pos_bias, bool causal, int64_t window) {
+    aft_ops::check_full_args(aft_ops::kFullBackward, query, key, value, pos_bias, causal, window);
+    aft_ops::check_grad_out(aft_ops::kFullBackward, grad_out, query);
+    const Guard guard(query.device());
+    return with_aft(Exec{}, query, [&](const auto& aft) {
+      return aft.full_backward(grad_out, query, key, value, pos_bias, causal, window);
+    });
+  }
+
+  static at::Tensor simple(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal) {
+    aft_ops::check_simple_args(aft_ops::kSimple, query, key, value, causal);
+    const Guard guard(query.device());
+    return with_aft(Exec{}, query, [&](const auto& aft) { return aft.simple_forward(query, key, value, causal); });
+  }
+
+  static Grads3 simple_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, bool causal) {
+    aft_ops::check_simple_args(aft_ops::kSimpleBackward, query, key, value, causal);
+    aft_ops::check_grad_out(aft_ops::kSimpleBackward, grad_out, query);
+    const Guard guard(query.device());
+    return with_aft(Exec{}, query, [&](const auto& aft) {
+      return aft.simple_backward(grad_out, query, key, value, causal);
+    });
+  }
+
+  static void register_to(torch::Library& m) {
+    m.impl("aft_full", TORCH_FN(full));
+    m.impl("aft_full_backward", TORCH_FN(full_backward));
+    m.impl("aft_simple", TORCH_FN(simple));
+    m.impl("aft_simple_backward", TORCH_FN(simple_backward));
+  }
+};
+
+}  // namespace flowformer::aft_portable

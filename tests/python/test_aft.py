@@ -1,0 +1,159 @@
+"""aft_full (AFT-full, AFT-local) and aft_simple against the float64 reference of spec/aft.md: outputs
+and gradients (pos_bias included), every dtype, causal and windowed, L != S, strides, the spec's
+adversarial ranges; gradcheck, opcheck, torch.compile, errors."""
+
+import pytest
+import torch
+
+from flowformer import functional as F
+from flowformer import reference as R
+from helpers import DTYPES, FORWARD_TOL, assert_close, devices, grad_tol, randn
+
+FULL = "flowformer::aft_full"
+SIMPLE = "flowformer::aft_simple"
+# (B, L, S, C, causal, window)
+FULL_CASES = [(2, 9, 7, 5, False, 0), (2, 9, 9, 5, True, 0), (2, 13, 11, 4, False, 3), (1, 13, 13, 4, True, 3),
+              (2, 1, 6, 3, False, 0), (2, 6, 1, 3, False, 2), (1, 70, 70, 3, True, 8), (1, 40, 50, 2, False, 100)]
+
+
+def full_inputs(gen, B, L, S, C, dtype, device, key_range=1.0, bias_range=1.0):
+    q = randn(gen, B, L, C, dtype=dtype, device=device)
+    k = ((torch.rand(B, S, C, generator=gen, dtype=torch.float64) * 2 - 1) * key_range).to(dtype).to(device)
+    v = randn(gen, B, S, C, dtype=dtype, device=device)
+    w = ((torch.rand(L, S, generator=gen, dtype=torch.float64) * 2 - 1) * bias_range).to(dtype).to(device)
+    return q, k, v, w
+
+
+def check_against_reference(op, ref, inputs, grad_out, dtype, tol_scale=1.0):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = op(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    ref_out = ref(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.double().cpu())
+    assert out.dtype == inputs[0].dtype and out.shape == ref_out.shape
+    assert_close(out, ref_out, FORWARD_TOL[dtype] * tol_scale, "output")
+    for name, a, b in zip(("query", "key", "value", "pos_bias"), grads, ref_grads):
+        assert a.dtype == inputs[0].dtype or name == "pos_bias"
+        assert_close(a, b, grad_tol(dtype) * tol_scale, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", devices(FULL))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FULL_CASES)
+def test_aft_full_parity(gen, case, dtype, device):
+    B, L, S, C, causal, window = case
+    q, k, v, w = full_inputs(gen, B, L, S, C, dtype, device)
+    grad_out = randn(gen, B, L, C, dtype=dtype, device=device)
+    check_against_reference(lambda *x: F.aft_full(*x, causal=causal, window=window),
+                            lambda *x: R.aft_full(*x, causal=causal, window=window), (q, k, v, w), grad_out, dtype)
+
+
+@pytest.mark.parametrize("device", devices(FULL))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [0, 4])
+def test_aft_full_adversarial_ranges(gen, causal, window, device):
+    # Keys across [-80, 80] (magnitudes differing wildly between positions), biases across [-30, 30]:
+    # exact in float32, never NaN. Keys that rise along the sequence starve the causal prefix sums.
+    B, L, C = 2, 48, 6
+    q, k, v, w = full_inputs(gen, B, L, L, C, torch.float32, device, key_range=80.0, bias_range=30.0)
+    k[1] = torch.linspace(-80, 80, L, device=device)[:, None].expand(L, C)
+    grad_out = randn(gen, B, L, C, device=device)
+    check_against_reference(lambda *x: F.aft_full(*x, causal=causal, window=window),
+                            lambda *x: R.aft_full(*x, causal=causal, window=window), (q, k, v, w), grad_out,
+                            torch.float32)
+
+
+@pytest.mark.parametrize("device", devices(SIMPLE))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("key_range", [1.0, 80.0])
+def test_aft_simple_parity(gen, key_range, causal, dtype, device):
+    B, L, C = 2, 37, 5
+    S = L if causal else 23
+    q, k, v, _ = full_inputs(gen, B, L, S, C, dtype, device, key_range=key_range)
+    grad_out = randn(gen, B, L, C, dtype=dtype, device=device)
+    check_against_reference(lambda *x: F.aft_simple(*x, causal=causal),
+                            lambda *x: R.aft_simple(*x, causal=causal), (q, k, v), grad_out, dtype)
+
+
+@pytest.mark.parametrize("device", devices(FULL))
+def test_non_contiguous(gen, device):
+    B, L, C = 2, 12, 4
+    q, k, v = (randn(gen, B, C, L, device=device).transpose(1, 2) for _ in range(3))
+    w = randn(gen, L, L, device=device).t()
+    assert not q.is_contiguous() and not w.is_contiguous()
+    for causal in (False, True):
+        assert_close(F.aft_full(q, k, v, w, causal=causal, window=3),
+                     R.aft_full(*(t.double() for t in (q, k, v, w)), causal=causal, window=3), 1e-5, "aft_full")
+        assert_close(F.aft_simple(q, k, v, causal=causal),
+                     R.aft_simple(*(t.double() for t in (q, k, v)), causal=causal), 1e-5, "aft_simple")
+
+
+@pytest.mark.parametrize("device", devices(FULL))
+@pytest.mark.parametrize("causal,window", [(False, 0), (True, 0), (False, 2), (True, 3)])
+def test_gradcheck_aft_full(gen, causal, window, device):
+    q, k, v, w = (t.requires_grad_() for t in full_inputs(gen, 2, 6, 6, 3, torch.float64, device))
+    assert torch.autograd.gradcheck(lambda *x: F.aft_full(*x, causal=causal, window=window), (q, k, v, w))
+
+
+@pytest.mark.parametrize("device", devices(SIMPLE))
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_aft_simple(gen, causal, device):
+    q, k, v, _ = (t.requires_grad_() for t in full_inputs(gen, 2, 6, 6, 3, torch.float64, device))
+    assert torch.autograd.gradcheck(lambda *x: F.aft_simple(*x, causal=causal), (q, k, v))
+
+
+@pytest.mark.parametrize("device", devices(FULL))
+def test_opcheck(gen, device):
+    for requires_grad in (False, True):
+        q, k, v, w = (t.requires_grad_(requires_grad) for t in full_inputs(gen, 2, 7, 7, 3, torch.float64, device))
+        for kwargs in ({}, {"causal": True}, {"window": 2}, {"causal": True, "window": 3}):
+            torch.library.opcheck(torch.ops.flowformer.aft_full.default, (q, k, v, w), kwargs)
+        for kwargs in ({}, {"causal": True}):
+            torch.library.opcheck(torch.ops.flowformer.aft_simple.default, (q, k, v), kwargs)
+
+
+@pytest.mark.parametrize("device", devices(FULL))
+def test_backward_is_deterministic(gen, device):
+    q, k, v, w = (t.requires_grad_() for t in full_inputs(gen, 2, 40, 40, 8, torch.float32, device, 80.0, 30.0))
+    for window in (0, 5):
+        first = torch.autograd.grad(F.aft_full(q, k, v, w, causal=True, window=window).sum(), (q, k, v, w))
+        second = torch.autograd.grad(F.aft_full(q, k, v, w, causal=True, window=window).sum(), (q, k, v, w))
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_compile_fullgraph(gen):
+    q, k, v, w = (t.requires_grad_() for t in full_inputs(gen, 2, 10, 10, 4, torch.float32, "cpu"))
+
+    def model(q_, k_, v_, w_):
+        return (F.aft_full(q_.tanh(), k_, v_, w_, causal=True, window=3) + F.aft_simple(q_, k_, v_)).sum()
+
+    compiled = torch.compile(model, fullgraph=True)
+    for a, b in zip(torch.autograd.grad(compiled(q, k, v, w), (q, k, v, w)),
+                    torch.autograd.grad(model(q, k, v, w), (q, k, v, w))):
+        torch.testing.assert_close(a, b)
+
+
+def test_errors(gen):
+    q, k, v, w = full_inputs(gen, 2, 5, 4, 3, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_full: pos_bias must have length S = 4 \(as key\), got 3"):
+        F.aft_full(q, k, v, w[:, :3])
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_full: causal=True requires query and key of the same"):
+        F.aft_full(q, k, v, w, causal=True)
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_full: window must be >= 0"):
+        F.aft_full(q, k, v, w, window=-1)
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_simple: value must have channels C = 3"):
+        F.aft_simple(q, k, v[..., :2])
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_simple: query must be a 3-D tensor \(B, L, C\)"):
+        F.aft_simple(q[0], k, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_inputs(gen, causal):
+    q, k, v, w = (t.requires_grad_() for t in full_inputs(gen, 2, 0, 0, 3, torch.float32, "cpu"))
+    out = F.aft_full(q, k, v, w, causal=causal)
+    assert out.shape == (2, 0, 3)
+    out.sum().backward()
+    q, k, v, w = full_inputs(gen, 2, 4, 0, 3, torch.float32, "cpu")
+    assert (F.aft_full(q, k, v, w) == 0).all()
