@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -36,9 +36,14 @@ class Suite:
     min_bytes: Callable         # (args, L, itemsize, backward: bool) -> bytes flowformer must move
     reference_bytes: Callable   # (args, L, causal, itemsize) -> bytes the eager reference holds at once
     description: str = ""
+    inputs: Optional[Callable] = None  # (args, L, device, dtype, requires_grad) -> (inputs, grad); else qkv()
 
 
-def inputs(args, L, device, dtype, requires_grad):
+def make_inputs(suite, args, L, device, dtype, requires_grad):
+    return (suite.inputs or qkv)(args, L, device, dtype, requires_grad)
+
+
+def qkv(args, L, device, dtype, requires_grad):
     """q, k, v (B, H, L, D) as views of (B, L, H, D) tensors (the layout of a model's projections, and
     that of flash-linear-attention), and a gradient for the output."""
     gen = torch.Generator().manual_seed(L)
@@ -80,9 +85,9 @@ def memory_child(suite, args):
     dtype = getattr(torch, args.dtype)
     fn = suite.make_impls(False)[impl]
     causal = suite.modes[mode]
-    small, small_grad = inputs(args, 8, "cpu", dtype, True)
+    small, small_grad = make_inputs(suite, args, 8, "cpu", dtype, True)
     fn(*small, causal).backward(small_grad)  # one-time initialisation
-    ts, grad = inputs(args, L, "cpu", dtype, True)
+    ts, grad = make_inputs(suite, args, L, "cpu", dtype, True)
     print(peak_rss_growth_mib(lambda: fn(*ts, causal).backward(grad)))
 
 
@@ -121,7 +126,7 @@ def run(suite, args):
     for mode in args.modes.split(","):
         causal = suite.modes[mode]
         for L in (int(x) for x in args.lengths.split(",")):
-            ts, grad = inputs(args, L, device, dtype, True)
+            ts, grad = make_inputs(suite, args, L, device, dtype, True)
             runnable, skipped = {}, {}
             for impl, fn in impls.items():
                 if impl == "flowformer" and not has_kernel:
@@ -129,7 +134,7 @@ def run(suite, args):
                 elif impl.startswith("reference") and suite.reference_bytes(args, L, causal, itemsize) > budget:
                     skipped[impl] = "reference does not fit the memory budget"
                 else:
-                    runnable[impl] = lambda a, b, c, f=fn: f(a, b, c, causal)
+                    runnable[impl] = lambda *xs, f=fn: f(*xs, causal)
             try:
                 forward = time_interleaved_ms({n: forward_only(f, ts) for n, f in runnable.items()}, device,
                                               args.repeat)

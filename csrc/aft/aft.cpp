@@ -37,7 +37,23 @@ Grads3 simple_backward(const at::Tensor& grad_out, const at::Tensor& query, cons
   return op.call(grad_out, query, key, value, causal);
 }
 
+at::Tensor conv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& weight) {
+  static auto op = typed_op<decltype(conv)>(kConv);
+  return op.call(query, key, value, weight);
+}
+
+Grads4 conv_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                     const at::Tensor& value, const at::Tensor& weight) {
+  static auto op = typed_op<decltype(conv_backward)>(kConvBackward);
+  return op.call(grad_out, query, key, value, weight);
+}
+
 }  // namespace aft_ops
+
+at::Tensor aft_conv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& weight) {
+  return aft_ops::conv(query, key, value, weight);
+}
 
 at::Tensor aft_full(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                     const at::Tensor& pos_bias, const AftFullOptions& options) {
@@ -54,6 +70,10 @@ TORCH_LIBRARY_FRAGMENT(flowformer, m) {
         {at::Tag::pt2_compliant_tag});
   m.def("aft_full_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor pos_bias, *, "
         "bool causal, int window) -> (Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("aft_conv(Tensor query, Tensor key, Tensor value, Tensor weight) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("aft_conv_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor weight) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.def("aft_simple(Tensor query, Tensor key, Tensor value, *, bool causal=False) -> Tensor",
         {at::Tag::pt2_compliant_tag});

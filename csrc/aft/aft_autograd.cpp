@@ -1,5 +1,5 @@
 // Autograd for the AFT ops, registered in C++ so that C++ programs get gradients too. Only the inputs
-// are saved; the backward ops recompute the rest. Gradients reach query, key, value and pos_bias.
+// are saved; the backward ops recompute the rest. Gradients reach query, key, value and pos_bias / weight.
 // Differentiating a backward op again (double backward) raises a clear error.
 #include "aft/aft_ops.h"
 
@@ -73,6 +73,43 @@ class SimpleBackwardFunction : public torch::autograd::Function<SimpleBackwardFu
   static variable_list backward(AutogradContext*, variable_list) { no_double_backward(kSimpleBackward); }
 };
 
+class ConvFunction : public torch::autograd::Function<ConvFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const at::Tensor& weight) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({query, key, value, weight});
+    return conv(query, key, value, weight);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    auto [dq, dk, dv, dw] = conv_backward(grads[0], s[0], s[1], s[2], s[3]);
+    return {dq, dk, dv, dw};
+  }
+};
+
+class ConvBackwardFunction : public torch::autograd::Function<ConvBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& query,
+                               const at::Tensor& key, const at::Tensor& value, const at::Tensor& weight) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dq, dk, dv, dw] = conv_backward(grad_out, query, key, value, weight);
+    return {dq, dk, dv, dw};
+  }
+  static variable_list backward(AutogradContext*, variable_list) { no_double_backward(kConvBackward); }
+};
+
+at::Tensor conv_autograd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                         const at::Tensor& weight) {
+  return ConvFunction::apply(query, key, value, weight);
+}
+
+Grads4 conv_backward_autograd(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& value, const at::Tensor& weight) {
+  const auto r = ConvBackwardFunction::apply(grad_out, query, key, value, weight);
+  return {r[0], r[1], r[2], r[3]};
+}
+
 at::Tensor full_autograd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                          const at::Tensor& pos_bias, bool causal, int64_t window) {
   return FullFunction::apply(query, key, value, pos_bias, causal, window);
@@ -100,6 +137,8 @@ TORCH_LIBRARY_IMPL(flowformer, Autograd, m) {
   m.impl("aft_full", TORCH_FN(full_autograd));
   m.impl("aft_full_backward", TORCH_FN(full_backward_autograd));
   m.impl("aft_simple", TORCH_FN(simple_autograd));
+  m.impl("aft_conv", TORCH_FN(conv_autograd));
+  m.impl("aft_conv_backward", TORCH_FN(conv_backward_autograd));
   m.impl("aft_simple_backward", TORCH_FN(simple_backward_autograd));
 }
 

@@ -44,8 +44,29 @@ void check_simple_args(const char* op, const at::Tensor& query, const at::Tensor
   check_qkv(op, query, key, value, causal);
 }
 
+void check_conv_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const at::Tensor& weight) {
+  check_rank(op, "query", query, 4, "(B, Hi, Wi, C)");
+  check_rank(op, "key", key, 4, "(B, Hi, Wi, C)");
+  check_rank(op, "value", value, 4, "(B, Hi, Wi, C)");
+  check_floating(op, "query", query);
+  check_like(op, "key", key, "query", query);
+  check_like(op, "value", value, "query", query);
+  TORCH_CHECK(key.sym_sizes().equals(query.sym_sizes()) && value.sym_sizes().equals(query.sym_sizes()), op,
+              ": query, key and value must have the same shape (B, Hi, Wi, C), got ", query.sym_sizes(), ", ",
+              key.sym_sizes(), " and ", value.sym_sizes());
+  check_rank(op, "weight", weight, 3, "(heads, s, s)");
+  check_floating(op, "weight", weight);
+  TORCH_CHECK(weight.device() == query.device(), op, ": weight must be on the device of query (", query.device(),
+              "), got ", weight.device());
+  TORCH_CHECK(weight.sym_size(1) == weight.sym_size(2) && weight.sym_size(1) % 2 == 1, op,
+              ": weight must be (heads, s, s) with an odd kernel size s, got shape ", weight.sym_sizes());
+  TORCH_CHECK(weight.sym_size(0) > 0 && query.sym_size(3) % weight.sym_size(0) == 0, op,
+              ": the channels C = ", query.sym_size(3), " must be divisible by heads = ", weight.sym_size(0));
+}
+
 void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& query) {
-  check_rank(op, "grad_out", grad_out, 3, "(B, L, C)");
+  check_rank(op, "grad_out", grad_out, query.dim(), query.dim() == 3 ? "(B, L, C)" : "(B, Hi, Wi, C)");
   check_floating(op, "grad_out", grad_out);
   TORCH_CHECK(grad_out.device() == query.device(), op, ": grad_out must be on the device of query (",
               query.device(), "), got ", grad_out.device());

@@ -37,9 +37,24 @@ Grads3 simple_backward_meta(const at::Tensor& grad_out, const at::Tensor& query,
   return {like(query), like(key), like(value)};
 }
 
+at::Tensor conv_meta(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const at::Tensor& weight) {
+  check_conv_args(kConv, query, key, value, weight);
+  return like(query);
+}
+
+Grads4 conv_backward_meta(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                          const at::Tensor& value, const at::Tensor& weight) {
+  check_conv_args(kConvBackward, query, key, value, weight);
+  check_grad_out(kConvBackward, grad_out, query);
+  return {like(query), like(key), like(value), like(weight)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowformer, Meta, m) {
+  m.impl("aft_conv", TORCH_FN(conv_meta));
+  m.impl("aft_conv_backward", TORCH_FN(conv_backward_meta));
   m.impl("aft_full", TORCH_FN(full_meta));
   m.impl("aft_full_backward", TORCH_FN(full_backward_meta));
   m.impl("aft_simple", TORCH_FN(simple_meta));

@@ -12,6 +12,8 @@ constexpr const char* kFull = "flowformer::aft_full";
 constexpr const char* kFullBackward = "flowformer::aft_full_backward";
 constexpr const char* kSimple = "flowformer::aft_simple";
 constexpr const char* kSimpleBackward = "flowformer::aft_simple_backward";
+constexpr const char* kConv = "flowformer::aft_conv";
+constexpr const char* kConvBackward = "flowformer::aft_conv_backward";
 
 using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // query, key, value, pos_bias
@@ -24,11 +26,17 @@ at::Tensor simple(const at::Tensor& query, const at::Tensor& key, const at::Tens
 Grads3 simple_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
                        const at::Tensor& value, bool causal);
 
+at::Tensor conv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& weight);
+Grads4 conv_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                     const at::Tensor& value, const at::Tensor& weight);  // query, key, value, weight
+
 // Argument checks shared by every backend and the Meta kernels.
 void check_full_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                      const at::Tensor& pos_bias, bool causal, int64_t window);
 void check_simple_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                        bool causal);
+void check_conv_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const at::Tensor& weight);
 void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& query);
 
 }  // namespace flowformer::aft_ops

@@ -46,7 +46,26 @@ struct Backend {
     });
   }
 
+  static at::Tensor conv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                         const at::Tensor& weight) {
+    aft_ops::check_conv_args(aft_ops::kConv, query, key, value, weight);
+    const Guard guard(query.device());
+    return with_aft(Exec{}, query, [&](const auto& aft) { return aft.conv_forward(query, key, value, weight); });
+  }
+
+  static Grads4 conv_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& value, const at::Tensor& weight) {
+    aft_ops::check_conv_args(aft_ops::kConvBackward, query, key, value, weight);
+    aft_ops::check_grad_out(aft_ops::kConvBackward, grad_out, query);
+    const Guard guard(query.device());
+    return with_aft(Exec{}, query, [&](const auto& aft) {
+      return aft.conv_backward(grad_out, query, key, value, weight);
+    });
+  }
+
   static void register_to(torch::Library& m) {
+    m.impl("aft_conv", TORCH_FN(conv));
+    m.impl("aft_conv_backward", TORCH_FN(conv_backward));
     m.impl("aft_full", TORCH_FN(full));
     m.impl("aft_full_backward", TORCH_FN(full_backward));
     m.impl("aft_simple", TORCH_FN(simple));

@@ -9,8 +9,10 @@
 // exp(w') = 1 + (exp(w) - 1) inside the window, O(L window C) work (AftLocalRows), the same fallback,
 // also taken where the window's correction cancels the rest (more than 4 bits lost).
 // aft_simple: non-causal a softmax over positions per channel (ATen); causal a running-maximum scan.
+// aft_conv: AFT-local on the image grid with a per-head s x s bias (aft_conv_items.h), the same fallback.
 #pragma once
 
+#include "aft/aft_conv_items.h"
 #include "aft/aft_items.h"
 
 #include <ATen/ATen.h>
@@ -78,6 +80,38 @@ class Aft {
                                                          f.C, mut(dw)});
     }
     return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dw.to(w.scalar_type())};
+  }
+
+  at::Tensor conv_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& weight) const {
+    const Conv f = conv(q, k, v, weight);
+    return (at::sigmoid(q.to(acc())) * f.y.view(q.sizes())).to(q.scalar_type());
+  }
+
+  Grads4 conv_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& weight) const {
+    const Conv f = conv(q, k, v, weight);
+    const at::Tensor gate = at::sigmoid(q.to(acc())).reshape(f.y.sizes());
+    const at::Tensor dout = grad_out.to(acc()).reshape(f.y.sizes());
+    const at::Tensor dq = dout * f.y * gate * (1 - gate);
+    const at::Tensor dy = (dout * gate).contiguous();
+    const at::Tensor G = at::where(f.flag, 0, dy / f.den).contiguous();
+    const at::Tensor Hm = (G * f.y).contiguous();
+    const at::Tensor GB = G.sum(1).contiguous(), HB = Hm.sum(1).contiguous();
+    at::Tensor dk = at::empty_like(f.k), dv = at::empty_like(f.v), dw = at::empty_like(f.w);
+    exec_(dk.numel(), portable::ConvKeyGrads<A>{f.grid, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(G), ptr(Hm),
+                                                ptr(GB), ptr(HB), mut(dk), mut(dv)});
+    exec_(dw.numel(), portable::ConvWeightGrads<A>{f.grid, ptr(f.E), ptr(f.K), ptr(f.v), ptr(G), ptr(Hm), f.B,
+                                                   mut(dw)});
+    if (f.any_flagged) {
+      const bool* flag = f.flag.template const_data_ptr<bool>();
+      exec_(dk.numel(), portable::ConvFlaggedKeyGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y), ptr(f.m), ptr(f.s),
+                                                         ptr(dy), flag, mut(dk), mut(dv)});
+      exec_(dw.numel(), portable::ConvFlaggedWeightGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y), ptr(f.m),
+                                                            ptr(f.s), ptr(dy), flag, f.B, mut(dw)});
+    }
+    return {dq.view(q.sizes()).to(q.scalar_type()), dk.view(k.sizes()).to(k.scalar_type()),
+            dv.view(v.sizes()).to(v.scalar_type()), dw.to(weight.scalar_type())};
   }
 
   at::Tensor simple_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) const {
@@ -170,6 +204,47 @@ class Aft {
       f.s = at::ones_like(f.y);
       exec_(f.y.numel(), portable::AftRobustRows<A>{f.range, ptr(f.k), ptr(f.v), f.flag.template const_data_ptr<bool>(),
                                                     f.C, mut(f.y), mut(f.m), mut(f.s)});
+    }
+    return f;
+  }
+
+  struct Conv {
+    at::Tensor k, v, w;        // (B, P, C) with P = Hi Wi positions, and the (heads, s, s) weight
+    at::Tensor E, mw, K;       // exp(w - mw_h), the per-head maxima of (0, w^h), exp(k - max_p k)
+    at::Tensor y, den, flag;   // (B, P, C)
+    at::Tensor m, s;           // softmax statistics of the flagged elements
+    portable::ConvGrid<A> grid;
+    int64_t B;
+    bool any_flagged;
+  };
+
+  Conv conv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& weight) const {
+    Conv f;
+    f.B = k.size(0);
+    const int64_t Hi = k.size(1), Wi = k.size(2), C = k.size(3), heads = weight.size(0), s = weight.size(1);
+    const int64_t flat[] = {f.B, Hi * Wi, C};
+    f.k = k.to(acc()).reshape(flat).contiguous();
+    f.v = v.to(acc()).reshape(flat).contiguous();
+    f.w = weight.to(acc()).contiguous();
+    f.grid = {ptr(f.w), Hi, Wi, s, heads, C};
+    f.mw = f.w.view({heads, -1}).amax(1).clamp_min(0).contiguous();  // positions outside N(p) have bias 0
+    f.E = at::exp(f.w - f.mw.view({-1, 1, 1})).contiguous();
+    const at::Tensor mk = Hi * Wi > 0 ? std::get<0>(f.k.max(1, true)) : at::zeros({f.B, 1, C}, f.k.options());
+    f.K = at::exp(f.k - mk).contiguous();
+    const at::Tensor Akv = (f.K * f.v).sum(1).contiguous(), Ak = f.K.sum(1).contiguous();
+    f.y = at::empty_like(f.k);
+    f.den = at::empty_like(f.k);
+    f.flag = at::empty(flat, f.k.options().dtype(at::kBool));
+    exec_(f.y.numel(), portable::ConvLocalRows<A>{f.grid, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(Akv), ptr(Ak),
+                                                  tiny(), mut(f.y), mut(f.den),
+                                                  f.flag.template mutable_data_ptr<bool>()});
+    f.any_flagged = f.flag.numel() > 0 && f.flag.any().template item<bool>();
+    if (f.any_flagged) {
+      f.m = at::zeros_like(f.y);
+      f.s = at::ones_like(f.y);
+      exec_(f.y.numel(), portable::ConvRobustRows<A>{f.grid, ptr(f.k), ptr(f.v),
+                                                     f.flag.template const_data_ptr<bool>(), mut(f.y), mut(f.m),
+                                                     mut(f.s)});
     }
     return f;
   }

@@ -164,4 +164,23 @@ def aft_simple(query: Tensor, key: Tensor, value: Tensor, *, causal: bool = Fals
     return torch.ops.flowformer.aft_simple(query, key, value, causal=causal)
 
 
-__all__ = ["flow_attention", "causal_linear_attention", "linear_attention", "aft_full", "aft_simple"]
+def aft_conv(query: Tensor, key: Tensor, value: Tensor, weight: Tensor) -> Tensor:
+    """AFT-conv: AFT-local on an image grid with a per-head, weight-shared relative position bias.
+
+    Args:
+        query, key, value: (B, Hi, Wi, C) image tokens, channels last.
+        weight: (heads, s, s), s odd; C must be divisible by heads; head h owns the h-th contiguous
+            block of C / heads channels. For the position p' = p + (dy, dx) inside the s x s
+            neighbourhood of p the bias is weight[h, dy + s // 2, dx + s // 2]; every other position
+            contributes with bias 0 (zero padding at the borders).
+
+    out_p = sigmoid(q_p) * (sum_all exp(k) v + sum_{N(p)} (exp(w) - 1) exp(k) v) / (same without v),
+    in O(Hi Wi s^2 C), exact and finite under the spec's ranges (maxima subtracted, exact fallback).
+
+    Returns:
+        (B, Hi, Wi, C) in the dtype of ``query``. Differentiable in query, key, value and weight.
+    """
+    return torch.ops.flowformer.aft_conv(query, key, value, weight)
+
+
+__all__ = ["flow_attention", "causal_linear_attention", "linear_attention", "aft_full", "aft_simple", "aft_conv"]

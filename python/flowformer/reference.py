@@ -249,3 +249,23 @@ def aft_simple(query: Tensor, key: Tensor, value: Tensor, *, causal: bool = Fals
         L = query.shape[1]
         return aft_full(query, key, value, key.new_zeros(L, L), causal=True)
     return torch.sigmoid(query) * (torch.softmax(key, dim=1) * value).sum(1, keepdim=True)
+
+
+def aft_conv(query: Tensor, key: Tensor, value: Tensor, weight: Tensor) -> Tensor:
+    """spec/aft.md, AFT-conv: AFT-local on the (Hi, Wi) grid with a per-head relative bias, as a dense
+    softmax over all positions: p' = p + (dy, dx) within the s x s neighbourhood has bias
+    weight[h, dy + s // 2, dx + s // 2], every other position bias 0. O((Hi Wi)^2 C) memory."""
+    B, Hi, Wi, C = query.shape
+    heads, s, _ = weight.shape
+    r = s // 2
+    ys, xs = torch.meshgrid(torch.arange(Hi), torch.arange(Wi), indexing="ij")
+    ys, xs = ys.reshape(-1).to(key.device), xs.reshape(-1).to(key.device)
+    dy, dx = ys[None, :] - ys[:, None], xs[None, :] - xs[:, None]  # (P, P): offset of p' from p
+    inside = (dy.abs() <= r) & (dx.abs() <= r)
+    index = ((dy + r).clamp(0, s - 1) * s + (dx + r).clamp(0, s - 1))
+    bias = weight.reshape(heads, s * s).to(key.dtype)[:, index] * inside  # (heads, P, P)
+    bias = bias.repeat_interleave(C // heads, dim=0).permute(1, 2, 0)  # (P, P, C)
+    k = key.reshape(B, 1, Hi * Wi, C)
+    weights = torch.softmax(k + bias[None], dim=2)  # (B, P, P', C)
+    y = (weights * value.reshape(B, 1, Hi * Wi, C)).sum(2)
+    return torch.sigmoid(query) * y.reshape(B, Hi, Wi, C)

@@ -157,3 +157,62 @@ def test_empty_inputs(gen, causal):
     out.sum().backward()
     q, k, v, w = full_inputs(gen, 2, 4, 0, 3, torch.float32, "cpu")
     assert (F.aft_full(q, k, v, w) == 0).all()
+
+
+CONV = "flowformer::aft_conv"
+
+
+def conv_inputs(gen, B, Hi, Wi, C, heads, s, dtype, device, key_range=1.0, bias_range=1.0):
+    q = randn(gen, B, Hi, Wi, C, dtype=dtype, device=device)
+    k = ((torch.rand(B, Hi, Wi, C, generator=gen, dtype=torch.float64) * 2 - 1) * key_range).to(dtype).to(device)
+    v = randn(gen, B, Hi, Wi, C, dtype=dtype, device=device)
+    w = ((torch.rand(heads, s, s, generator=gen, dtype=torch.float64) * 2 - 1) * bias_range).to(dtype).to(device)
+    return q, k, v, w
+
+
+@pytest.mark.parametrize("device", devices(CONV))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 6, 4, 2, 3), (1, 7, 4, 6, 3, 5), (2, 3, 3, 2, 1, 7), (1, 1, 8, 2, 2, 3)])
+def test_aft_conv_parity(gen, shape, dtype, device):
+    B, Hi, Wi, C, heads, s = shape
+    inputs = conv_inputs(gen, B, Hi, Wi, C, heads, s, dtype, device)
+    grad_out = randn(gen, B, Hi, Wi, C, dtype=dtype, device=device)
+    check_against_reference(F.aft_conv, R.aft_conv, inputs, grad_out, dtype)
+
+
+@pytest.mark.parametrize("device", devices(CONV))
+def test_aft_conv_adversarial_ranges(gen, device):
+    inputs = conv_inputs(gen, 2, 6, 7, 4, 2, 3, torch.float32, device, key_range=80.0, bias_range=30.0)
+    grad_out = randn(gen, 2, 6, 7, 4, device=device)
+    check_against_reference(F.aft_conv, R.aft_conv, inputs, grad_out, torch.float32)
+
+
+def test_aft_conv_kernel_offset_convention():
+    # One head, a 3 x 3 kernel whose only large entry is at [0, 2]: dy = -1, dx = +1, so every position
+    # attends (almost only) to its upper-right neighbour.
+    B, Hi, Wi, C = 1, 4, 4, 1
+    weight = torch.full((1, 3, 3), -30.0)
+    weight[0, 0, 2] = 30.0
+    k = torch.zeros(B, Hi, Wi, C)
+    v = torch.arange(Hi * Wi, dtype=torch.float32).reshape(B, Hi, Wi, C)
+    q = torch.full((B, Hi, Wi, C), 30.0)  # sigmoid = 1
+    out = F.aft_conv(q, k, v, weight)
+    assert torch.allclose(out[0, 1, 1, 0], v[0, 0, 2, 0], atol=1e-4)
+    assert torch.allclose(out[0, 2, 2, 0], v[0, 1, 3, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices(CONV))
+def test_aft_conv_gradcheck_and_opcheck(gen, device):
+    inputs = [t.requires_grad_() for t in conv_inputs(gen, 2, 3, 4, 4, 2, 3, torch.float64, device)]
+    assert torch.autograd.gradcheck(F.aft_conv, inputs)
+    torch.library.opcheck(torch.ops.flowformer.aft_conv.default, tuple(inputs))
+
+
+def test_aft_conv_errors(gen):
+    q, k, v, w = conv_inputs(gen, 1, 3, 3, 4, 2, 3, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_conv: weight must be \(heads, s, s\) with an odd"):
+        F.aft_conv(q, k, v, w[:, :2, :2])
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_conv: the channels C = 4 must be divisible by heads = 3"):
+        F.aft_conv(q, k, v, torch.zeros(3, 3, 3))
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_conv: query, key and value must have the same shape"):
+        F.aft_conv(q, k[:, :2], v, w)

@@ -1,5 +1,5 @@
 // The Attention Free Transformer (Zhai et al., arXiv 2105.14103). The contract, with the math, is
-// spec/aft.md; the ops are flowformer::aft_full and flowformer::aft_simple.
+// spec/aft.md; the ops are flowformer::aft_full, flowformer::aft_simple and flowformer::aft_conv.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,5 +17,11 @@ at::Tensor aft_full(const at::Tensor& query, const at::Tensor& key, const at::Te
 
 // AFT-simple: a softmax over positions per channel (no position bias); causal: a running recurrence.
 at::Tensor aft_simple(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal = false);
+
+// AFT-conv: query, key, value (B, Hi, Wi, C) image tokens (channels last), weight (heads, s, s) with s
+// odd and C divisible by heads (head h: the h-th block of C / heads channels). AFT-local on the grid with
+// the per-head relative bias: p' = p + (dy, dx) in the s x s neighbourhood uses weight[h][dy + s/2][dx + s/2].
+at::Tensor aft_conv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& weight);
 
 }  // namespace flowformer

@@ -1,0 +1,216 @@
+// Portable items of aft_conv (spec/aft.md, AFT-conv): AFT-local on a Hi x Wi grid of positions (flattened
+// p = y Wi + x) with a per-head s x s relative bias w^h, zero-padded at the borders. Per batch b and
+// channel c (of head h), with K = exp(k - max_p k) and E^h = exp(w^h - mw_h), base_h = exp(-mw_h):
+//   num_p = base_h sum_{all p'} K v + sum_{p' in N(p)} (E^h_{p'-p} - base_h) K_{p'} v_{p'}, den likewise.
+// Kernel offset convention: p' = p + (dy, dx) uses w^h[dy + s/2, dx + s/2]. Arrays are contiguous, in
+// the accumulation type: k, v, y, ... (B, Hi * Wi, C), w and E (heads, s, s).
+#pragma once
+
+#include "common/portable.h"
+
+namespace flowformer::portable {
+
+template <typename A>
+struct ConvGrid {
+  const A* w;  // (heads, s, s)
+  int64_t Hi, Wi, s, heads, C;
+
+  FF_HD int64_t positions() const { return Hi * Wi; }
+  FF_HD int64_t head(int64_t c) const { return c / (C / heads); }
+  // The kernel index of the offset from p to p2, or -1 outside the s x s neighbourhood.
+  FF_HD int64_t offset(int64_t p, int64_t p2) const {
+    const int64_t r = s / 2, dy = p2 / Wi - p / Wi, dx = p2 % Wi - p % Wi;
+    return (dy < -r || dy > r || dx < -r || dx > r) ? -1 : (dy + r) * s + dx + r;
+  }
+  // The position p + (oy - s/2, ox - s/2) for the kernel index o = oy s + ox, or -1 outside the grid.
+  FF_HD int64_t shifted(int64_t p, int64_t o) const {
+    const int64_t y = p / Wi + o / s - s / 2, x = p % Wi + o % s - s / 2;
+    return (y < 0 || y >= Hi || x < 0 || x >= Wi) ? -1 : y * Wi + x;
+  }
+  FF_HD A bias(int64_t p, int64_t p2, int64_t c) const {
+    const int64_t o = offset(p, p2);
+    return o < 0 ? A(0) : w[head(c) * s * s + o];
+  }
+};
+
+// The exact softmax of the flagged elements: an online softmax over all positions. Items: B * P * C.
+template <typename A>
+struct ConvRobustRows {
+  ConvGrid<A> grid;
+  const A *k, *v;
+  const bool* flag;
+  A *y, *m_out, *s_out;
+
+  FF_HD void operator()(int64_t item) const {
+    if (!flag[item]) {
+      return;
+    }
+    const int64_t C = grid.C, P = grid.positions();
+    const int64_t c = item % C, p = (item / C) % P, b = item / (C * P);
+    A m = -INFINITY, s = 0, a = 0;
+    for (int64_t p2 = 0; p2 < P; ++p2) {
+      const int64_t at = (b * P + p2) * C + c;
+      const A z = k[at] + grid.bias(p, p2, c);
+      if (z > m) {
+        const A scale = exp_(m - z);
+        s *= scale;
+        a *= scale;
+        m = z;
+      }
+      const A e = exp_(z - m);
+      s += e;
+      a += e * v[at];
+    }
+    y[item] = a / s;
+    m_out[item] = m;
+    s_out[item] = s;
+  }
+};
+
+// The fast path: num and den through the neighbourhood; flags elements whose den underflowed or lost
+// more than 4 bits to cancellation. Akv, Ak: (B, C) sums over all positions. Items: B * P * C.
+template <typename A>
+struct ConvLocalRows {
+  ConvGrid<A> grid;
+  const A *E, *mw, *K, *v, *Akv, *Ak;
+  A tiny;
+  A *y, *den;
+  bool* flag;
+
+  FF_HD void operator()(int64_t item) const {
+    const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s;
+    const int64_t c = item % C, p = (item / C) % P, b = item / (C * P), h = grid.head(c);
+    const A base = exp_(-mw[h]);
+    A num = base * Akv[b * C + c], d = base * Ak[b * C + c], positive = d;
+    for (int64_t o = 0; o < ss; ++o) {
+      const int64_t p2 = grid.shifted(p, o);
+      if (p2 >= 0) {
+        const int64_t at = (b * P + p2) * C + c;
+        const A e = E[h * ss + o];
+        num += (e - base) * K[at] * v[at];
+        d += (e - base) * K[at];
+        positive += e * K[at];
+      }
+    }
+    const bool bad = !(d >= tiny) || d < positive * A(0.0625);
+    flag[item] = bad;
+    den[item] = bad ? A(1) : d;
+    y[item] = bad ? A(0) : num / d;
+  }
+};
+
+// Key and value gradients of the unflagged elements, G = dy / den, Hm = G y, GB and HB their sums over
+// all positions (B, C): EG_p' = base_h GB + sum_{p: p' in N(p)} (E_{p'-p} - base_h) G_p, EH likewise;
+// dv = K EG, dk = K (v EG - EH). Items: B * P * C.
+template <typename A>
+struct ConvKeyGrads {
+  ConvGrid<A> grid;
+  const A *E, *mw, *K, *v, *G, *Hm, *GB, *HB;
+  A *dk, *dv;
+
+  FF_HD void operator()(int64_t item) const {
+    const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s;
+    const int64_t c = item % C, p2 = (item / C) % P, b = item / (C * P), h = grid.head(c);
+    const A base = exp_(-mw[h]);
+    A eg = base * GB[b * C + c], eh = base * HB[b * C + c];
+    for (int64_t o = 0; o < ss; ++o) {  // p = p2 - offset o: the mirrored kernel index
+      const int64_t p = grid.shifted(p2, ss - 1 - o);
+      if (p >= 0) {
+        const int64_t at = (b * P + p) * C + c;
+        eg += (E[h * ss + o] - base) * G[at];
+        eh += (E[h * ss + o] - base) * Hm[at];
+      }
+    }
+    dv[item] = K[item] * eg;
+    dk[item] = K[item] * (v[item] * eg - eh);
+  }
+};
+
+// The weight gradient of the unflagged elements: dw^h_o = E^h_o sum_{b, c in h, p} K_{p+o} (G_p v_{p+o} - Hm_p).
+// Items: heads * s * s.
+template <typename A>
+struct ConvWeightGrads {
+  ConvGrid<A> grid;
+  const A *E, *K, *v, *G, *Hm;
+  int64_t B;
+  A* dw;
+
+  FF_HD void operator()(int64_t item) const {
+    const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s, per_head = C / grid.heads;
+    const int64_t o = item % ss, h = item / ss;
+    A sum = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t p2 = grid.shifted(p, o);
+        if (p2 < 0) {
+          continue;
+        }
+        for (int64_t c = h * per_head; c < (h + 1) * per_head; ++c) {
+          const int64_t at = (b * P + p) * C + c, at2 = (b * P + p2) * C + c;
+          sum += K[at2] * (G[at] * v[at2] - Hm[at]);
+        }
+      }
+    }
+    dw[item] = E[item] * sum;
+  }
+};
+
+// The flagged elements' share of the key and value gradients, gathered per key position p':
+// P = exp(k_p' + w'_{p,p'} - m_p) / s_p, dv_p' += P dy_p, dk_p' += P (v_p' - y_p) dy_p. Items: B * P * C.
+template <typename A>
+struct ConvFlaggedKeyGrads {
+  ConvGrid<A> grid;
+  const A *k, *v, *y, *m, *s, *dy;
+  const bool* flag;
+  A *dk, *dv;
+
+  FF_HD void operator()(int64_t item) const {
+    const int64_t C = grid.C, P = grid.positions();
+    const int64_t c = item % C, p2 = (item / C) % P, b = item / (C * P);
+    A gv = 0, gk = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t at = (b * P + p) * C + c;
+      if (flag[at]) {
+        const A prob = exp_(k[item] + grid.bias(p, p2, c) - m[at]) / s[at];
+        gv += prob * dy[at];
+        gk += prob * (v[item] - y[at]) * dy[at];
+      }
+    }
+    dv[item] += gv;
+    dk[item] += gk;
+  }
+};
+
+// The flagged elements' share of the weight gradient: dw^h_o += sum P (v_{p+o} - y_p) dy_p.
+// Items: heads * s * s.
+template <typename A>
+struct ConvFlaggedWeightGrads {
+  ConvGrid<A> grid;
+  const A *k, *v, *y, *m, *s, *dy;
+  const bool* flag;
+  int64_t B;
+  A* dw;
+
+  FF_HD void operator()(int64_t item) const {
+    const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s, per_head = C / grid.heads;
+    const int64_t o = item % ss, h = item / ss;
+    A sum = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t p2 = grid.shifted(p, o);
+        if (p2 < 0) {
+          continue;
+        }
+        for (int64_t c = h * per_head; c < (h + 1) * per_head; ++c) {
+          const int64_t at = (b * P + p) * C + c, at2 = (b * P + p2) * C + c;
+          if (flag[at]) {
+            sum += exp_(k[at2] + grid.w[item] - m[at]) / s[at] * (v[at2] - y[at]) * dy[at];
+          }
+        }
+      }
+    }
+    dw[item] += sum;
+  }
+};
+
+}  // namespace flowformer::portable
