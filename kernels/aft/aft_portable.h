@@ -18,7 +18,6 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
-#include <vector>
 
 namespace flowformer::aft_portable {
 
@@ -49,12 +48,17 @@ class Aft {
     const at::Tensor Hm = (G * f.y).contiguous();
     at::Tensor dk, dv, dw;
     if (window == 0) {
-      const at::Tensor EG = at::matmul(f.E.t(), G), EH = at::matmul(f.E.t(), Hm);
+      // One product for E^T G and E^T Hm, one for dw = E (G (K v)^T - Hm K^T) summed over the batch.
+      const int64_t C = f.C;
+      const at::Tensor GH = at::cat({G, Hm}, 2);  // (B, L, 2C)
+      const at::Tensor EGH = at::matmul(f.E.t(), GH);
+      const at::Tensor EG = EGH.narrow(2, 0, C), EH = EGH.narrow(2, C, C);
       dv = (f.K * EG).contiguous();
       dk = (f.K * (f.v * EG - EH)).contiguous();
-      // dw = E (G (K v)^T - Hm K^T), summed over the batch.
-      const std::vector<at::Tensor> g_kv{G, f.K * f.v}, h_k{Hm, f.K};
-      dw = (f.E * (at::einsum("blc,bsc->ls", g_kv) - at::einsum("blc,bsc->ls", h_k))).contiguous();
+      const at::Tensor right = at::cat({f.K * f.v, -f.K}, 2);  // (B, S, 2C)
+      const int64_t rows[] = {f.L, f.B * 2 * C}, cols[] = {f.S, f.B * 2 * C};
+      dw = (f.E * at::matmul(GH.permute({1, 0, 2}).reshape(rows), right.permute({1, 0, 2}).reshape(cols).t()))
+               .contiguous();
     } else {
       // The part outside the window: sums over the t with t' in R(t) of exp(-mw_t) G_t (suffix sums when causal).
       const at::Tensor base = at::exp(-f.mw).view({1, -1, 1});
@@ -180,10 +184,11 @@ class Aft {
     const at::Tensor mk = f.S > 0 ? std::get<0>(f.k.max(1, true)) : at::zeros({f.B, 1, f.C}, opts);
     f.K = at::exp(f.k - mk).contiguous();
     if (window == 0) {
-      const at::Tensor den = at::matmul(f.E, f.K);  // (B, L, C)
+      const at::Tensor num_den = at::matmul(f.E, at::cat({f.K * f.v, f.K}, 2));  // one product: (B, L, 2C)
+      const at::Tensor den = num_den.narrow(2, f.C, f.C);
       f.flag = (den < tiny()).logical_or(den.isnan()).contiguous();
       f.den = at::where(f.flag, 1, den).contiguous();
-      f.y = at::where(f.flag, 0, at::matmul(f.E, f.K * f.v) / f.den).contiguous();
+      f.y = at::where(f.flag, 0, num_den.narrow(2, 0, f.C) / f.den).contiguous();
     } else {
       // The sums over R(t) of K v and K: prefix sums when causal, else totals.
       const int64_t rows[] = {f.B, f.L, f.C};
