@@ -1,6 +1,9 @@
-"""Modules: drop-in replacements for torch.nn.MultiheadAttention, and replace_attention."""
+"""Modules: drop-in replacements for torch.nn.MultiheadAttention, replace_attention, AFT layers, small models."""
 
+from .aft import AFTConv, AFTFull, AFTLocal, AFTSimple
 from .attention import FlowAttention, LinearAttention
+from .models import Flowformer, FlowformerEncoderLayer
 from .replace import replace_attention
 
-__all__ = ["FlowAttention", "LinearAttention", "replace_attention"]
+__all__ = ["FlowAttention", "LinearAttention", "Flowformer", "FlowformerEncoderLayer", "replace_attention",
+           "AFTFull", "AFTLocal", "AFTSimple", "AFTConv"]
