@@ -60,6 +60,8 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_flow_attention.py --device cpu --lengths 1024,2048,4096 --out benchmarks/results/cpu
 	$(PY) benchmarks/bench_linear_attention.py --device cpu --lengths 1024,2048,4096 --out benchmarks/results/cpu
+	$(PY) benchmarks/bench_aft.py --device cpu --batch 2 --heads 8 --dim 64 --lengths 256,512,1024 \
+		--out benchmarks/results/cpu
 
 # On a CUDA machine (no network needed): build in place with its own torch, CUDA tests,
 # compute-sanitizer, benchmarks; results and a summary go to $(OUT).

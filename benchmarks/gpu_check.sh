@@ -47,6 +47,9 @@ step "benchmark linear_attention D=64 (bf16)" bench_linear64.log "$PYTHON" bench
 step "benchmark linear_attention D=128 (bf16)" bench_linear128.log "$PYTHON" benchmarks/bench_linear_attention.py \
   --device cuda --dtype bfloat16 --batch 8 --heads 16 --dim 128 --lengths $LENGTHS --memory-budget-gib 60 \
   --out "$OUT/bench/d128"
+step "benchmark aft_full C=512 (bf16)" bench_aft.log "$PYTHON" benchmarks/bench_aft.py --device cuda \
+  --dtype bfloat16 --batch 8 --heads 8 --dim 64 --lengths 256,512,1024,2048,4096,8192 --compile \
+  --memory-budget-gib 60 --out "$OUT/bench"
 mkdir -p "benchmarks/results/$GPU" && cp -r "$OUT"/bench/* "benchmarks/results/$GPU/" 2>/dev/null
 
 echo

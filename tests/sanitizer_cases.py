@@ -40,6 +40,21 @@ def linear_attention_case(options, dtype):
     out.backward(torch.randn_like(out))
 
 
+def aft_full_case(options, dtype):
+    B, L, C = 2, 70, 16
+    q, k, v = (torch.randn(B, L, C, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    k.data[1].mul_(60)  # keys of very different magnitudes: some elements take the exact fallback
+    w = torch.randn(L, L, device="cuda", dtype=dtype, requires_grad=True)
+    torch.ops.flowformer.aft_full(q, k, v, w, **options).float().sum().backward()
+    torch.ops.flowformer.aft_simple(q, k, v, causal=options["causal"]).float().sum().backward()
+
+
+def aft_conv_case(options, dtype):
+    q, k, v = (torch.randn(2, 7, 9, 8, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
+    torch.ops.flowformer.aft_conv(q, k, v, w).float().sum().backward()
+
+
 # op -> (function running one case, the options of each case)
 CASES = {
     "flowformer::flow_attention": (flow_attention_case, [
@@ -49,6 +64,8 @@ CASES = {
         dict(), dict(normalize=False, feature_map="relu"),
     ]),
     "flowformer::linear_attention": (linear_attention_case, [dict()]),
+    "flowformer::aft_full": (aft_full_case, [dict(causal=False), dict(causal=True), dict(causal=True, window=5)]),
+    "flowformer::aft_conv": (aft_conv_case, [dict()]),
 }
 
 
