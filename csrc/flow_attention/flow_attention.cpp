@@ -24,7 +24,24 @@ Grads backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Te
                  key_padding_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor> causal_with_state(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value, c10::string_view feature_map,
+                                                     double eps, double clamp, const Mask& state,
+                                                     const Mask& query_padding_mask, const Mask& key_padding_mask) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kCausalState, "").typed<decltype(causal_with_state)>();
+  return op.call(query, key, value, feature_map, eps, clamp, state, query_padding_mask, key_padding_mask);
+}
+
 }  // namespace flow_attention_ops
+
+CausalFlowAttentionResult causal_flow_attention(const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& value, const CausalFlowAttentionOptions& options) {
+  auto [out, state] = flow_attention_ops::causal_with_state(query, key, value, options.feature_map, options.eps,
+                                                            options.clamp, options.state, options.query_padding_mask,
+                                                            options.key_padding_mask);
+  return {out, state};
+}
 
 at::Tensor flow_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           const FlowAttentionOptions& options) {
@@ -42,6 +59,11 @@ TORCH_LIBRARY_FRAGMENT(flowformer, m) {
       "flow_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, *, bool causal, "
       "str feature_map, float eps, float clamp, Tensor? query_padding_mask, Tensor? key_padding_mask) "
       "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "causal_flow_attention(Tensor query, Tensor key, Tensor value, *, str feature_map=\"sigmoid\", "
+      "float eps=1e-06, float clamp=1.0, Tensor? state=None, Tensor? query_padding_mask=None, "
+      "Tensor? key_padding_mask=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

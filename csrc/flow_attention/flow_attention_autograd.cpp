@@ -80,9 +80,25 @@ Grads backward_autograd(const at::Tensor& grad_out, const at::Tensor& query, con
   return {grads[0], grads[1], grads[2]};
 }
 
+// causal_flow_attention is for inference: a clear error instead of silently missing gradients.
+std::tuple<at::Tensor, at::Tensor> causal_with_state_autograd(const at::Tensor& query, const at::Tensor& key,
+                                                              const at::Tensor& value, c10::string_view feature_map,
+                                                              double eps, double clamp, const Mask& state,
+                                                              const Mask& query_padding_mask,
+                                                              const Mask& key_padding_mask) {
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (query.requires_grad() || key.requires_grad() || value.requires_grad() ||
+                           (state.has_value() && state->requires_grad()));
+  TORCH_CHECK(!needs_grad, kCausalState, ": has no gradient (it is for decoding); train with ",
+              "flow_attention(causal=True), or run this under torch.no_grad()");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return causal_with_state(query, key, value, feature_map, eps, clamp, state, query_padding_mask, key_padding_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowformer, Autograd, m) {
+  m.impl("causal_flow_attention", TORCH_FN(causal_with_state_autograd));
   m.impl("flow_attention", TORCH_FN(forward_autograd));
   m.impl("flow_attention_backward", TORCH_FN(backward_autograd));
 }

@@ -12,6 +12,7 @@ namespace flowformer::flow_attention_ops {
 
 constexpr const char* kForward = "flowformer::flow_attention";
 constexpr const char* kBackward = "flowformer::flow_attention_backward";
+constexpr const char* kCausalState = "flowformer::causal_flow_attention";
 
 using Mask = std::optional<at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -27,10 +28,19 @@ Grads backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Te
                bool causal, c10::string_view feature_map, double eps, double clamp, const Mask& query_padding_mask,
                const Mask& key_padding_mask);
 
+// causal_flow_attention(query, key, value, *, feature_map, eps, clamp, state, query_padding_mask,
+// key_padding_mask) -> (out, final_state): the causal mode from a recurrent state (state_layout.h), for
+// decoding step by step. No gradient.
+std::tuple<at::Tensor, at::Tensor> causal_with_state(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value, c10::string_view feature_map,
+                                                     double eps, double clamp, const Mask& state,
+                                                     const Mask& query_padding_mask, const Mask& key_padding_mask);
+
 // Argument checks shared by every backend and the Meta kernels; `op` is kForward or kBackward.
 void check_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                 bool causal, c10::string_view feature_map, double eps, double clamp,
                 const Mask& query_padding_mask, const Mask& key_padding_mask);
+void check_state(const at::Tensor& query, const at::Tensor& value, const Mask& state);
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value);
 
 }  // namespace flowformer::flow_attention_ops

@@ -38,9 +38,27 @@ flow_attention_ops::Grads backward_cuda(const at::Tensor& grad_out, const at::Te
   return flow_attention_portable::backward(portable::CudaExecutor{}, problem, grad_out);
 }
 
+std::tuple<at::Tensor, at::Tensor> causal_with_state_cuda(const at::Tensor& query, const at::Tensor& key,
+                                                          const at::Tensor& value, c10::string_view feature_map,
+                                                          double eps, double clamp, const Mask& state,
+                                                          const Mask& query_padding_mask,
+                                                          const Mask& key_padding_mask) {
+  const char* op = flow_attention_ops::kCausalState;
+  flow_attention_ops::check_args(op, query, key, value, true, feature_map, eps, clamp, query_padding_mask,
+                                 key_padding_mask);
+  flow_attention_ops::check_state(query, value, state);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto problem = flow_attention_portable::make_problem(op, query, key, value, true, feature_map, eps, clamp,
+                                                             query_padding_mask, key_padding_mask);
+  auto [out, final_state] = flow_attention_portable::forward_with_state(portable::CudaExecutor{}, problem,
+                                                                       state.value_or(at::Tensor()));
+  return {out, final_state};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowformer, CUDA, m) {
+  m.impl("causal_flow_attention", TORCH_FN(causal_with_state_cuda));
   m.impl("flow_attention", TORCH_FN(forward_cuda));
   m.impl("flow_attention_backward", TORCH_FN(backward_cuda));
 }

@@ -14,12 +14,14 @@
 
 #include "common/chunk_launcher.h"
 #include "common/feature_map.h"
+#include "flow_attention/state_layout.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
 #include <limits>
 #include <tuple>
+#include <utility>
 
 namespace flowformer::flow_attention_portable {
 
@@ -70,9 +72,16 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out) {
     return p_.causal ? causal_backward(grad_out) : noncausal_backward(grad_out);
   }
+  // Causal mode from a packed recurrent state (state_layout.h; undefined: the empty prefix):
+  // (out, the state after the last position).
+  std::pair<at::Tensor, at::Tensor> forward_with_state(const at::Tensor& state) {
+    return causal_forward_with_state(state, true);
+  }
 
  private:
+  using Launcher::acc_options;
   using Launcher::assemble;
+  using Launcher::BH;
   using Launcher::column_sums;
   using Launcher::exclusive;
   using Launcher::outer_sums;
@@ -193,44 +202,99 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
     at::Tensor q_sums, k_sums;               // per position: sum over D of q_t, k_t
     at::Tensor K0, Q0, A0, B0, S0;           // at each chunk start: sum k, sum q, sum O k, sum I q, sum k (c v)^T
     at::Tensor I, O, a, r, source, lse, c, g;
+    at::Tensor K_end, Q_end, A_end, B_end, S_end;  // the sums over all positions (initial state included)
   };
+
+  // The state before the first position (state_layout.h): counts and sums (BH, 1, ...), and the log of
+  // the competition's normaliser (-inf before any position).
+  struct Initial {
+    at::Tensor n, K, Q, A, B, S, lse, m;
+  };
+
+  Initial initial_state(const at::Tensor& packed) const {
+    const RecurrentState layout{D_, M_};
+    Initial init;
+    if (!packed.defined()) {
+      const at::Tensor zero = at::zeros({BH(), 1}, acc_options());
+      init.n = zero;
+      init.K = init.Q = init.A = init.B = at::zeros({BH(), 1, D_}, acc_options());
+      init.S = at::zeros({BH(), 1, D_ * M_}, acc_options());
+      init.lse = init.m = at::full({BH(), 1}, -std::numeric_limits<double>::infinity(), acc_options());
+      return init;
+    }
+    const at::Tensor rows = packed.reshape({BH(), layout.size()});
+    auto field = [&](int64_t offset, int64_t size) { return rows.narrow(1, offset, size).unsqueeze(1).contiguous(); };
+    init.n = rows.narrow(1, RecurrentState::n(), 1);
+    const at::Tensor started = init.n > 0;
+    const double inf = std::numeric_limits<double>::infinity();
+    init.m = at::where(started, rows.narrow(1, RecurrentState::m(), 1), -inf);
+    init.lse = at::where(started, at::log(rows.narrow(1, RecurrentState::E(), 1)) + init.m, -inf);
+    init.K = field(layout.K(), D_);
+    init.Q = field(layout.Q(), D_);
+    init.A = field(layout.A(), D_);
+    init.B = field(layout.B(), D_);
+    init.S = field(layout.S(), D_ * M_);
+    return init;
+  }
 
   // <x_t + e, V_t + e> for the prefix vector V_t = V0 (its chunk-start value) + the chunk's
   // sum_{j <= t} w_j y_j, given G (the scores of x with y, transposed if y is the row side), the row
   // sums of x, and the row sums of w y (whose cumulative sum is the sum over D of V_t).
+  // <x_t + e, V_t + e> for the prefix vector V_t = V0 (its chunk-start value) + the chunk's
+  // sum_{j <= t} w_j y_j, given G (the scores of x with y, transposed if y is the row side), the row
+  // sums of x, and the row sums of w y (whose cumulative sum, after that of the initial vector V_init,
+  // is the sum over D of V_t).
   at::Tensor prefix_dot_eps(const Rows<T>& x, const at::Tensor& V0, const at::Tensor& G, const at::Tensor& w,
-                            bool transpose, const at::Tensor& x_sums, const at::Tensor& wy_sums) const {
+                            bool transpose, const at::Tensor& x_sums, const at::Tensor& wy_sums,
+                            const at::Tensor& V_init) const {
     const double e = p_.eps;
     return row_dot(x, V0, kScanChunk) + score_sums(G, w, span(false, transpose)) +
-           e * (x_sums + wy_sums.cumsum(-1)) + static_cast<double>(D_) * e * e;
+           e * (x_sums + wy_sums.cumsum(-1) + V_init.sum(-1)) + static_cast<double>(D_) * e * e;
   }
 
-  CausalStats causal_stats(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v) const {
+  // Per-chunk sums of w x, as the sums before each chunk (the initial sums included) and in total.
+  std::pair<at::Tensor, at::Tensor> scanned(const at::Tensor& partial, const at::Tensor& initial) const {
+    return {exclusive(partial, false) + initial, partial.sum(1, true) + initial};
+  }
+
+  CausalStats causal_stats(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const Initial& init) const {
     CausalStats s;
     s.valid = valid_rows(p_.query_pad, p_.key_pad, L_);
-    s.n = s.valid.cumsum(-1);
+    s.n = s.valid.cumsum(-1) + init.n;
     const at::Tensor is_valid = s.valid > 0;
     s.G = scores(q, k);
     s.q_sums = row_sums(q);
     s.k_sums = row_sums(k);
-    s.K0 = exclusive(column_sums(k, {}, kScanChunk), false);
-    s.Q0 = exclusive(column_sums(q, {}, kScanChunk), false);
+    std::tie(s.K0, s.K_end) = scanned(column_sums(k, {}, kScanChunk), init.K);
+    std::tie(s.Q0, s.Q_end) = scanned(column_sums(q, {}, kScanChunk), init.Q);
     // I_t = n_t / <q_t + e, K_t + e>, O_t = n_t / <k_t + e, Q_t + e> (G transposed: <k_t, q_i>).
-    s.I = at::where(is_valid, s.n / prefix_dot_eps(q, s.K0, s.G, s.valid, false, s.q_sums, s.k_sums), 0);
-    s.O = at::where(is_valid, s.n / prefix_dot_eps(k, s.Q0, s.G, s.valid, true, s.k_sums, s.q_sums), 0);
-    s.A0 = exclusive(column_sums(k, s.O, kScanChunk), false);
-    s.B0 = exclusive(column_sums(q, s.I, kScanChunk), false);
-    const at::Tensor sink = prefix_dot_eps(q, s.A0, s.G, s.O, false, s.q_sums, s.O * s.k_sums) / s.n;
-    s.r = prefix_dot_eps(k, s.B0, s.G, s.I, true, s.k_sums, s.I * s.q_sums) / s.n;
+    s.I = at::where(is_valid, s.n / prefix_dot_eps(q, s.K0, s.G, s.valid, false, s.q_sums, s.k_sums, init.K), 0);
+    s.O = at::where(is_valid, s.n / prefix_dot_eps(k, s.Q0, s.G, s.valid, true, s.k_sums, s.q_sums, init.Q), 0);
+    std::tie(s.A0, s.A_end) = scanned(column_sums(k, s.O, kScanChunk), init.A);
+    std::tie(s.B0, s.B_end) = scanned(column_sums(q, s.I, kScanChunk), init.B);
+    const at::Tensor sink = prefix_dot_eps(q, s.A0, s.G, s.O, false, s.q_sums, s.O * s.k_sums, init.A) / s.n;
+    s.r = prefix_dot_eps(k, s.B0, s.G, s.I, true, s.k_sums, s.I * s.q_sums, init.B) / s.n;
     s.a = at::where(is_valid, at::sigmoid(sink), 0);
     // c_t = n_t exp(source_t) / sum_{j <= t} exp(source_j), through logcumsumexp (no overflow).
     const double inf = std::numeric_limits<double>::infinity();
     s.source = at::where(is_valid, at::clamp(s.r, -p_.clamp, p_.clamp), -inf);
-    s.lse = at::logcumsumexp(s.source, -1);
+    s.lse = at::logaddexp(at::logcumsumexp(s.source, -1), init.lse);
     s.c = at::where(is_valid, s.n * at::exp(s.source - s.lse), 0);
     s.g = at::where(is_valid, s.a * s.I / s.n, 0);
-    s.S0 = exclusive(outer_sums(k, v, s.c, kScanChunk), false);
+    std::tie(s.S0, s.S_end) = scanned(outer_sums(k, v, s.c, kScanChunk), init.S);
     return s;
+  }
+
+  // The state after the last position, packed (B, H, RecurrentState::size()).
+  at::Tensor final_state(const CausalStats& s, const Initial& init) const {
+    const at::Tensor n = init.n + s.valid.sum(-1, true);
+    const at::Tensor lse = L_ > 0 ? at::logaddexp(at::logsumexp(s.source, -1, true), init.lse) : init.lse;
+    const at::Tensor m = L_ > 0 ? at::maximum(std::get<0>(s.source.max(-1, true)), init.m) : init.m;
+    const at::Tensor started = n > 0;
+    const at::Tensor parts[] = {n, at::where(started, m, 0), at::where(started, at::exp(lse - m), 0),
+                                s.K_end.squeeze(1), s.Q_end.squeeze(1), s.A_end.squeeze(1), s.B_end.squeeze(1),
+                                s.S_end.squeeze(1)};
+    return at::cat(parts, 1).view({B_, H_, RecurrentState{D_, M_}.size()});
   }
 
   std::tuple<Rows<T>, Rows<T>, Rows<T>> causal_rows() const {
@@ -238,19 +302,24 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
             rows(p_.value, p_.query_pad, p_.key_pad, false)};
   }
 
-  at::Tensor causal_forward() const {
+  // The causal output from a packed initial state (undefined: the empty prefix), and the final state.
+  std::pair<at::Tensor, at::Tensor> causal_forward_with_state(const at::Tensor& state, bool want_state) const {
     const auto [q, k, v] = causal_rows();
-    const CausalStats s = causal_stats(q, k, v);
+    const Initial init = initial_state(state);
+    const CausalStats s = causal_stats(q, k, v, init);
     // y_t = q_t^T S_t = q_t^T S0 + sum over the chunk's j <= t of <q_t, k_j> c_j v_j.
     at::Tensor y = row_times(q, s.S0, kScanChunk, /*transpose=*/false);
     score_rows_add(y, s.G, s.c, span(false, false), v);
-    return (s.g.unsqueeze(-1) * y).to(p_.query.scalar_type()).view({B_, H_, L_, M_});
+    const at::Tensor out = (s.g.unsqueeze(-1) * y).to(p_.query.scalar_type()).view({B_, H_, L_, M_});
+    return {out, want_state ? final_state(s, init) : at::Tensor()};
   }
+
+  at::Tensor causal_forward() const { return causal_forward_with_state({}, false).first; }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward(const at::Tensor& grad_out) const {
     const auto [q, k, v] = causal_rows();
     const Rows<T> dout = rows(grad_out, p_.query_pad, p_.key_pad, false);
-    const CausalStats s = causal_stats(q, k, v);
+    const CausalStats s = causal_stats(q, k, v, initial_state({}));
     const double e = p_.eps;
     const at::Tensor is_valid = s.valid > 0;
     const at::Tensor none;
@@ -319,6 +388,16 @@ at::Tensor forward(const Exec& exec, const Problem& p) {
     out = Kernels<Exec, scalar_t>(exec, p).forward();
   });
   return out;
+}
+
+template <typename Exec>
+std::pair<at::Tensor, at::Tensor> forward_with_state(const Exec& exec, const Problem& p, const at::Tensor& state) {
+  std::pair<at::Tensor, at::Tensor> result;
+  const at::Tensor packed = state.defined() ? state.contiguous() : state;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.query.scalar_type(), "flow_attention_state", [&] {
+    result = Kernels<Exec, scalar_t>(exec, p).forward_with_state(packed);
+  });
+  return result;
 }
 
 template <typename Exec>

@@ -56,6 +56,36 @@ def flow_attention(
     )
 
 
+def causal_flow_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    feature_map: FeatureMap = "sigmoid",
+    eps: float = 1e-6,
+    clamp: float = 1.0,
+    state: Optional[Tensor] = None,
+    query_padding_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Causal Flow-Attention carrying its recurrent state, for decoding step by step.
+
+    Same math and arguments as ``flow_attention(..., causal=True)``, plus ``state``: the state of the
+    positions before this call, None for none. Returns ``(out, state)``, the state after the last
+    position. Running a sequence in pieces, passing the state along, equals one causal run, and a call
+    with L = 1 costs O(D M) per (batch, head), whatever the length of the history.
+
+    The state is a (B, H, 3 + 4 D + D M) tensor in float32 (float64 for float64 inputs), per (b, h)
+    [n, m, E, sum k, sum q, sum O k, sum I q, sum k (c v)^T (D x M, row-major)]: n the count of valid
+    positions, the four D-vectors the prefix sums of spec/flow_attention.md, and the competition's
+    normaliser sum exp(source) = E exp(m) held against its running maximum m. Padded positions (either
+    mask) leave it unchanged. No gradient: train with ``flow_attention(causal=True)``.
+    """
+    return torch.ops.flowformer.causal_flow_attention(
+        query, key, value, feature_map=feature_map, eps=eps, clamp=clamp, state=state,
+        query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask)
+
+
 def causal_linear_attention(
     query: Tensor,
     key: Tensor,
@@ -183,4 +213,4 @@ def aft_conv(query: Tensor, key: Tensor, value: Tensor, weight: Tensor) -> Tenso
     return torch.ops.flowformer.aft_conv(query, key, value, weight)
 
 
-__all__ = ["flow_attention", "causal_linear_attention", "linear_attention", "aft_full", "aft_simple", "aft_conv"]
+__all__ = ["flow_attention", "causal_flow_attention", "causal_linear_attention", "linear_attention", "aft_full", "aft_simple", "aft_conv"]

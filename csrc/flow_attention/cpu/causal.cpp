@@ -12,12 +12,14 @@
 #include "flow_attention/cpu/flow_attention_cpu.h"
 
 #include "common/cpu_vec.h"
+#include "flow_attention/state_layout.h"
 
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace flowformer::flow_attention_cpu {
@@ -35,16 +37,27 @@ struct ScanState {
   std::vector<T> K, Q, A, B, S;  // D, D, D, D, D x M
 };
 
-// Runs the scan and calls on_step(t, step, state) at every valid position t, once the state includes t.
+// The state of an empty prefix.
+template <typename T>
+ScanState<T> empty_state(int64_t D, int64_t M) {
+  return {std::vector<T>(D, T(0)), std::vector<T>(D, T(0)), std::vector<T>(D, T(0)), std::vector<T>(D, T(0)),
+          std::vector<T>(D * M, T(0))};
+}
+
+template <typename T>
+Step<T> empty_step() {
+  return {T(0), T(0), T(0), T(0), T(0), T(0), -std::numeric_limits<T>::infinity(), T(0)};
+}
+
+// Runs the scan from the state (s, st) of the positions before this slice and calls
+// on_step(t, step, state) at every valid position t, once the state includes t; leaves the final state.
 // Inlined into its callers, so that it is compiled for the instruction set of their clone.
 template <typename T, typename OnStep>
-FLOWFORMER_INLINE void causal_scan(const Slice<T>& in, const Params& p, OnStep on_step) {
+FLOWFORMER_INLINE void causal_scan(const Slice<T>& in, const Params& p, Step<T>& s, ScanState<T>& st,
+                                   OnStep on_step) {
   const int64_t L = in.L, D = in.D, M = in.M;
   const T eps = static_cast<T>(p.eps);
   const T clamp = static_cast<T>(p.clamp);
-  ScanState<T> st{std::vector<T>(D, T(0)), std::vector<T>(D, T(0)), std::vector<T>(D, T(0)),
-                  std::vector<T>(D, T(0)), std::vector<T>(D * M, T(0))};
-  Step<T> s{T(0), T(0), T(0), T(0), T(0), T(0), -std::numeric_limits<T>::infinity(), T(0)};
   for (int64_t t = 0; t < L; ++t) {
     if (!is_valid(in.query_pad, t) || !is_valid(in.key_pad, t)) {
       continue;
@@ -75,9 +88,39 @@ template <typename T>
 FLOWFORMER_CPU_CLONES void forward_slice(const Slice<T>& in, const Params& p, T* out) {
   const int64_t D = in.D, M = in.M;
   std::fill(out, out + in.L * M, T(0));
-  causal_scan(in, p, [&](int64_t t, const Step<T>& s, const ScanState<T>& st) {
+  Step<T> step = empty_step<T>();
+  ScanState<T> state = empty_state<T>(D, M);
+  causal_scan(in, p, step, state, [&](int64_t t, const Step<T>& s, const ScanState<T>& st) {
     cpu::vec_mat(D, M, s.g(), in.q + t * D, st.S.data(), out + t * M);
   });
+}
+
+// The forward from a packed recurrent state (state_layout.h), which it advances past this slice.
+template <typename T>
+FLOWFORMER_CPU_CLONES void forward_slice_with_state(const Slice<T>& in, const Params& p, T* packed, T* out) {
+  const int64_t D = in.D, M = in.M;
+  const RecurrentState layout{D, M};
+  std::fill(out, out + in.L * M, T(0));
+  Step<T> step = empty_step<T>();
+  step.n = packed[layout.n()];
+  step.m = packed[layout.n()] > 0 ? packed[layout.m()] : -std::numeric_limits<T>::infinity();
+  step.E = packed[layout.E()];
+  ScanState<T> state = empty_state<T>(D, M);
+  const std::pair<std::vector<T>*, int64_t> fields[] = {{&state.K, layout.K()}, {&state.Q, layout.Q()},
+                                                        {&state.A, layout.A()}, {&state.B, layout.B()},
+                                                        {&state.S, layout.S()}};
+  for (auto [field, offset] : fields) {
+    std::copy(packed + offset, packed + offset + field->size(), field->begin());
+  }
+  causal_scan(in, p, step, state, [&](int64_t t, const Step<T>& s, const ScanState<T>& st) {
+    cpu::vec_mat(D, M, s.g(), in.q + t * D, st.S.data(), out + t * M);
+  });
+  packed[layout.n()] = step.n;
+  packed[layout.m()] = step.n > 0 ? step.m : T(0);
+  packed[layout.E()] = step.E;
+  for (auto [field, offset] : fields) {
+    std::copy(field->begin(), field->end(), packed + offset);
+  }
 }
 
 // Work space of the backward, reused across the slices of one call.
@@ -107,7 +150,9 @@ FLOWFORMER_CPU_CLONES void backward_slice(const Slice<T>& in, const Params& p, B
   }
   ws.y.resize(M);
   auto& [steps, dg, dsink, K, Q, B, y] = ws;
-  causal_scan(in, p, [&](int64_t t, const Step<T>& s, const ScanState<T>& st) {
+  Step<T> first = empty_step<T>();
+  ScanState<T> state = empty_state<T>(D, M);
+  causal_scan(in, p, first, state, [&](int64_t t, const Step<T>& s, const ScanState<T>& st) {
     const T* q = in.q + t * D;
     const T* dout = grad_out + t * M;
     T* dq = grad_q + t * D;
@@ -192,6 +237,19 @@ void causal_forward(const Features& in, at::Tensor& out) {
     in.for_slice_ranges([&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         forward_slice(in.slice<scalar_t>(bh), in.params, o + bh * in.L * in.M);
+      }
+    });
+  });
+}
+
+void causal_forward_with_state(const Features& in, at::Tensor& out, at::Tensor& state) {
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "flow_attention_causal_state", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    scalar_t* packed = state.mutable_data_ptr<scalar_t>();
+    const int64_t size = state.size(-1);
+    in.for_slice_ranges([&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        forward_slice_with_state(in.slice<scalar_t>(bh), in.params, packed + bh * size, o + bh * in.L * in.M);
       }
     });
   });

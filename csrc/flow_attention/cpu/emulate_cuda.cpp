@@ -24,4 +24,15 @@ flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& gr
   return flow_attention_portable::backward(portable::HostExecutor{}, problem, grad_out);
 }
 
+std::tuple<at::Tensor, at::Tensor> emulated_forward_with_state(
+    const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    c10::string_view feature_map, double eps, double clamp, const flow_attention_ops::Mask& state,
+    const flow_attention_ops::Mask& query_padding_mask, const flow_attention_ops::Mask& key_padding_mask) {
+  const auto problem = flow_attention_portable::make_problem(op, query, key, value, true, feature_map, eps, clamp,
+                                                             query_padding_mask, key_padding_mask);
+  auto [out, final_state] = flow_attention_portable::forward_with_state(portable::HostExecutor{}, problem,
+                                                                       state.value_or(at::Tensor()));
+  return {out, final_state};
+}
+
 }  // namespace flowformer::flow_attention_cpu

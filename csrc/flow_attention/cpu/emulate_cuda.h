@@ -18,4 +18,9 @@ flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& gr
                                             const flow_attention_ops::Mask& query_padding_mask,
                                             const flow_attention_ops::Mask& key_padding_mask);
 
+std::tuple<at::Tensor, at::Tensor> emulated_forward_with_state(
+    const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    c10::string_view feature_map, double eps, double clamp, const flow_attention_ops::Mask& state,
+    const flow_attention_ops::Mask& query_padding_mask, const flow_attention_ops::Mask& key_padding_mask);
+
 }  // namespace flowformer::flow_attention_cpu

@@ -8,8 +8,9 @@
 #include "common/checks.h"
 #include "common/feature_map.h"
 #include "flow_attention/flow_attention_ops.h"
+#include "flow_attention/state_layout.h"
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 namespace flowformer::flow_attention_cpu {
@@ -85,9 +86,31 @@ flow_attention_ops::Grads backward_cpu(const at::Tensor& grad_out, const at::Ten
   return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dv.to(value.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor> causal_with_state_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                         const at::Tensor& value, c10::string_view feature_map,
+                                                         double eps, double clamp, const Mask& state,
+                                                         const Mask& query_padding_mask, const Mask& key_padding_mask) {
+  const char* op = flow_attention_ops::kCausalState;
+  flow_attention_ops::check_args(op, query, key, value, true, feature_map, eps, clamp, query_padding_mask,
+                                 key_padding_mask);
+  flow_attention_ops::check_state(query, value, state);
+  if (emulate_cuda_requested()) {
+    return emulated_forward_with_state(op, query, key, value, feature_map, eps, clamp, state, query_padding_mask,
+                                       key_padding_mask);
+  }
+  const Features f = convert(op, query, key, value, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
+  const int64_t size = RecurrentState{f.D, f.M}.size();
+  at::Tensor packed = state.has_value() ? state->clone(at::MemoryFormat::Contiguous)
+                                        : at::zeros({f.B, f.H, size}, f.v.options());
+  at::Tensor out = new_output({f.B, f.H, f.L, f.M}, f.v.options());
+  causal_forward_with_state(f, out, packed);
+  return {out.to(query.scalar_type()), packed};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowformer, CPU, m) {
+  m.impl("causal_flow_attention", TORCH_FN(causal_with_state_cpu));
   m.impl("flow_attention", TORCH_FN(forward_cpu));
   m.impl("flow_attention_backward", TORCH_FN(backward_cpu));
 }

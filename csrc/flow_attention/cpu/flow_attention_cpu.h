@@ -67,6 +67,8 @@ void noncausal_forward(const Features& in, at::Tensor& out);
 void noncausal_backward(const Features& in, const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k,
                         at::Tensor& grad_v);
 void causal_forward(const Features& in, at::Tensor& out);
+// Causal forward from the packed recurrent state `state` (BH, RecurrentState::size()), advanced in place.
+void causal_forward_with_state(const Features& in, at::Tensor& out, at::Tensor& state);
 void causal_backward(const Features& in, const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k,
                      at::Tensor& grad_v);
 

@@ -23,4 +23,26 @@ struct FlowAttentionOptions {
 at::Tensor flow_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           const FlowAttentionOptions& options = {});
 
+struct CausalFlowAttentionOptions {
+  std::string feature_map = "sigmoid";
+  double eps = 1e-6;
+  double clamp = 1.0;
+  // (B, H, 3 + 4 D + D M) recurrent state in the accumulation type (float32, float64 for float64 inputs),
+  // laid out [n, m, E, sum k, sum q, sum O k, sum I q, sum k (c v)^T]; none: the empty prefix.
+  std::optional<at::Tensor> state;
+  std::optional<at::Tensor> query_padding_mask;   // a position is skipped if either mask marks it
+  std::optional<at::Tensor> key_padding_mask;
+};
+
+struct CausalFlowAttentionResult {
+  at::Tensor out;    // (B, H, L, M)
+  at::Tensor state;  // the state after the last position: pass it as options.state to continue
+};
+
+// Causal Flow-Attention carrying its recurrent state: running a sequence in pieces equals one run of
+// flow_attention(causal = true), and an L = 1 call costs O(D M) per (b, h). For inference: no gradient.
+CausalFlowAttentionResult causal_flow_attention(const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& value,
+                                                const CausalFlowAttentionOptions& options = {});
+
 }  // namespace flowformer
