@@ -47,7 +47,7 @@ test-emulated:
 
 cpp-build: setup
 	$(VENV)/bin/cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
-		-DCMAKE_PREFIX_PATH="$(TORCH_CMAKE)" >/dev/null
+		-DCMAKE_PREFIX_PATH="$(TORCH_CMAKE)" -DFLOWFORMER_PYTHON=$(abspath $(PY)) >/dev/null
 	$(VENV)/bin/cmake --build $(BUILD_DIR) -j $(JOBS)
 
 test-cpp: cpp-build

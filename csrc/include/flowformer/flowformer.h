@@ -5,3 +5,4 @@
 #include <flowformer/flow_attention.h>
 #include <flowformer/linear_attention.h>
 #include <flowformer/aft.h>
+#include <flowformer/nn.h>

@@ -183,3 +183,25 @@ class LinearAttention(_LinearMultiheadAttention):
         # Causal: the op ran without the (right) padding, which only padded queries can see.
         return R.linear_attention_weights(q, k, causal=causal, key_padding_mask=None if causal else key_pad,
                                           **self.options)
+
+
+def save_for_cpp(module: FlowAttention, path) -> None:
+    """Writes a FlowAttention's configuration and weights for the C++ module flowformer::nn::FlowAttention
+    (FlowAttentionImpl::load): torch.save of a dict with "format" = "flowformer.FlowAttention/1",
+    embed_dim, num_heads, bias, feature_map, eps, clamp and "state_dict" (tensors by parameter name).
+    The C++ module takes packed projections (kdim = vdim = embed_dim), no bias_kv, no zero attention."""
+    if not isinstance(module, FlowAttention):
+        raise TypeError(f"save_for_cpp: expected a FlowAttention, got {type(module).__name__}")
+    if not module._packed_in_proj or module.bias_k is not None or module.add_zero_attn:
+        raise ValueError("save_for_cpp: the C++ FlowAttention takes kdim = vdim = embed_dim, no add_bias_kv and "
+                         "no add_zero_attn")
+    torch.save({
+        "format": "flowformer.FlowAttention/1",
+        "embed_dim": module.embed_dim,
+        "num_heads": module.num_heads,
+        "bias": module.in_proj_bias is not None,
+        "feature_map": module.options["feature_map"],
+        "eps": float(module.options["eps"]),
+        "clamp": float(module.options["clamp"]),
+        "state_dict": {name: t.detach().cpu().float().contiguous() for name, t in module.state_dict().items()},
+    }, path)
