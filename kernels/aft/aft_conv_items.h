@@ -47,23 +47,14 @@ struct ConvRobustRows {
     }
     const int64_t C = grid.C, P = grid.positions();
     const int64_t c = item % C, p = (item / C) % P, b = item / (C * P);
-    A m = -INFINITY, s = 0, a = 0;
+    OnlineSoftmax<A> softmax;
     for (int64_t p2 = 0; p2 < P; ++p2) {
       const int64_t at = (b * P + p2) * C + c;
-      const A z = k[at] + grid.bias(p, p2, c);
-      if (z > m) {
-        const A scale = exp_(m - z);
-        s *= scale;
-        a *= scale;
-        m = z;
-      }
-      const A e = exp_(z - m);
-      s += e;
-      a += e * v[at];
+      softmax.add(k[at] + grid.bias(p, p2, c), v[at]);
     }
-    y[item] = a / s;
-    m_out[item] = m;
-    s_out[item] = s;
+    y[item] = softmax.a / softmax.s;
+    m_out[item] = softmax.m;
+    s_out[item] = softmax.s;
   }
 };
 

@@ -37,24 +37,15 @@ struct AftRobustRows {
       return;
     }
     const int64_t c = item % C, t = (item / C) % range.L, b = item / (C * range.L);
-    A m = -INFINITY, s = 0, a = 0;
+    OnlineSoftmax<A> softmax;
     for (int64_t j = 0; j < range.end(t); ++j) {
       const int64_t at = (b * range.S + j) * C + c;
-      const A z = k[at] + range.bias(t, j);
-      if (z > m) {
-        const A scale = exp_(m - z);
-        s *= scale;
-        a *= scale;
-        m = z;
-      }
-      const A e = exp_(z - m);
-      s += e;
-      a += e * v[at];
+      softmax.add(k[at] + range.bias(t, j), v[at]);
     }
-    const bool empty = s == A(0);  // no key position at all: the output is 0
-    y[item] = empty ? A(0) : a / s;
-    m_out[item] = empty ? A(0) : m;
-    s_out[item] = empty ? A(1) : s;
+    const bool empty = softmax.s == A(0);  // no key position at all: the output is 0
+    y[item] = empty ? A(0) : softmax.a / softmax.s;
+    m_out[item] = empty ? A(0) : softmax.m;
+    s_out[item] = empty ? A(1) : softmax.s;
   }
 };
 
@@ -217,17 +208,13 @@ struct AftSimpleCausalScan {
 
   FF_HD void operator()(int64_t item) const {
     const int64_t c = item % C, b = item / C;
-    A run_m = -INFINITY, run_s = 0, run_a = 0;
+    OnlineSoftmax<A> running;
     for (int64_t t = 0; t < L; ++t) {
       const int64_t at = (b * L + t) * C + c;
-      const A next_m = run_m > k[at] ? run_m : k[at];
-      const A scale = exp_(run_m - next_m), e = exp_(k[at] - next_m);
-      run_s = run_s * scale + e;
-      run_a = run_a * scale + e * v[at];
-      run_m = next_m;
-      y[at] = run_a / run_s;
-      m[at] = run_m;
-      s[at] = run_s;
+      running.add(k[at], v[at]);
+      y[at] = running.a / running.s;
+      m[at] = running.m;
+      s[at] = running.s;
     }
     if (dy == nullptr) {
       return;

@@ -16,6 +16,11 @@
 
 namespace flowformer::portable {
 
+// x itself when its rows have a unit stride (what Rows reads), else a contiguous copy.
+inline at::Tensor unit_row_stride(const at::Tensor& x) {
+  return x.size(-1) <= 1 || x.stride(-1) == 1 ? x : x.contiguous();
+}
+
 template <typename Exec, typename T>
 class ChunkLauncher {
  public:

@@ -53,6 +53,25 @@ FF_HD A feature_derivative(FeatureMap f, A x, A fx) {
   return A(1);
 }
 
+// A softmax-weighted sum accumulated one term at a time against a running maximum m (no overflow):
+// s = sum exp(z - m), a = sum exp(z - m) v. Empty: s = 0.
+template <typename A>
+struct OnlineSoftmax {
+  A m = -INFINITY, s = 0, a = 0;
+
+  FF_HD void add(A z, A v) {
+    if (z > m) {
+      const A scale = exp_(m - z);
+      s *= scale;
+      a *= scale;
+      m = z;
+    }
+    const A e = exp_(z - m);
+    s += e;
+    a += e * v;
+  }
+};
+
 // The rows of one (B, H, n, width) input, any strides but a unit stride along the row, with its
 // padding (a row is valid unless one of the two (B, n) bool masks marks it) and optionally phi.
 template <typename T>

@@ -36,18 +36,14 @@ struct Problem {
   double eps, clamp;
 };
 
-inline at::Tensor unit_row_stride(const at::Tensor& x) {
-  return x.size(-1) <= 1 || x.stride(-1) == 1 ? x : x.contiguous();
-}
-
 // The arguments of one call (already checked), in the layout the kernels read.
 inline Problem make_problem(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             bool causal, c10::string_view feature_map, double eps, double clamp,
                             const std::optional<at::Tensor>& query_padding_mask,
                             const std::optional<at::Tensor>& key_padding_mask) {
   auto mask = [](const std::optional<at::Tensor>& m) { return m.has_value() ? m->contiguous() : at::Tensor(); };
-  return {unit_row_stride(query), unit_row_stride(key), unit_row_stride(value), mask(query_padding_mask),
-          mask(key_padding_mask), causal, parse_feature_map(op, feature_map), eps, clamp};
+  return {portable::unit_row_stride(query), portable::unit_row_stride(key), portable::unit_row_stride(value),
+          mask(query_padding_mask), mask(key_padding_mask), causal, parse_feature_map(op, feature_map), eps, clamp};
 }
 
 using portable::ChunkSpan;
@@ -404,7 +400,7 @@ template <typename Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Exec& exec, const Problem& p,
                                                         const at::Tensor& grad_out) {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
-  const at::Tensor dout = unit_row_stride(grad_out.to(p.query.scalar_type()));
+  const at::Tensor dout = portable::unit_row_stride(grad_out.to(p.query.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.query.scalar_type(), "flow_attention_backward", [&] {
     grads = Kernels<Exec, scalar_t>(exec, p).backward(dout);
   });

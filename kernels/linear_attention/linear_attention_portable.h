@@ -34,10 +34,6 @@ struct Problem {
   bool normalize;
 };
 
-inline at::Tensor unit_row_stride(const at::Tensor& x) {
-  return x.size(-1) <= 1 || x.stride(-1) == 1 ? x : x.contiguous();
-}
-
 inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
@@ -143,7 +139,8 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
   ChunkSpan span(bool suffix, bool transpose) const { return {L_, kScanChunk, suffix, transpose}; }
   // A (B, H, ...) state as (BH, 1, size), zeros if undefined.
   at::Tensor state_or_zeros(const at::Tensor& s, int64_t size) const {
-    return s.defined() ? s.reshape({BH(), 1, size}).to(acc_options().dtype()) : at::zeros({BH(), 1, size}, acc_options());
+    return s.defined() ? s.reshape({BH(), 1, size}).to(acc_options().dtype())
+                       : at::zeros({BH(), 1, size}, acc_options());
   }
   // A (B, H, n, M) tensor as (BH, n, M) in the accumulation type.
   at::Tensor acc_rows(const at::Tensor& x) const {
@@ -243,9 +240,9 @@ template <typename Exec>
 CausalResult causal(const Exec& exec, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                     c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
                     const Optional& initial_z, const char* op) {
-  const Problem p{unit_row_stride(query), unit_row_stride(key), unit_row_stride(value), {},
-                  contiguous_or_undefined(initial_kv), contiguous_or_undefined(initial_z),
-                  parse_feature_map(op, feature_map), eps, normalize};
+  const Problem p{portable::unit_row_stride(query), portable::unit_row_stride(key),
+                  portable::unit_row_stride(value), {}, contiguous_or_undefined(initial_kv),
+                  contiguous_or_undefined(initial_z), parse_feature_map(op, feature_map), eps, normalize};
   return dispatch(exec, p, [](const auto& k) { return k.causal_forward(); });
 }
 
@@ -254,10 +251,10 @@ CausalGrads causal_backward(const Exec& exec, const at::Tensor& grad_out, const 
                             const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, c10::string_view feature_map, bool normalize, double eps,
                             const Optional& initial_kv, const Optional& initial_z, const char* op) {
-  const Problem p{unit_row_stride(query), unit_row_stride(key), unit_row_stride(value), {},
-                  contiguous_or_undefined(initial_kv), contiguous_or_undefined(initial_z),
-                  parse_feature_map(op, feature_map), eps, normalize};
-  const at::Tensor dout = unit_row_stride(grad_out.to(query.scalar_type()));
+  const Problem p{portable::unit_row_stride(query), portable::unit_row_stride(key),
+                  portable::unit_row_stride(value), {}, contiguous_or_undefined(initial_kv),
+                  contiguous_or_undefined(initial_z), parse_feature_map(op, feature_map), eps, normalize};
+  const at::Tensor dout = portable::unit_row_stride(grad_out.to(query.scalar_type()));
   const at::Tensor dkv = contiguous_or_undefined(grad_final_kv), dz = contiguous_or_undefined(grad_final_z);
   return dispatch(exec, p, [&](const auto& k) { return k.causal_backward(dout, dkv, dz); });
 }
@@ -265,8 +262,9 @@ CausalGrads causal_backward(const Exec& exec, const at::Tensor& grad_out, const 
 template <typename Exec>
 at::Tensor noncausal(const Exec& exec, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                      c10::string_view feature_map, double eps, const Optional& key_padding_mask, const char* op) {
-  const Problem p{unit_row_stride(query), unit_row_stride(key), unit_row_stride(value),
-                  contiguous_or_undefined(key_padding_mask), {}, {}, parse_feature_map(op, feature_map), eps, true};
+  const Problem p{portable::unit_row_stride(query), portable::unit_row_stride(key),
+                  portable::unit_row_stride(value), contiguous_or_undefined(key_padding_mask), {}, {},
+                  parse_feature_map(op, feature_map), eps, true};
   return dispatch(exec, p, [](const auto& k) { return k.noncausal_forward(); });
 }
 
@@ -274,9 +272,10 @@ template <typename Exec>
 Grads noncausal_backward(const Exec& exec, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
                          const at::Tensor& value, c10::string_view feature_map, double eps,
                          const Optional& key_padding_mask, const char* op) {
-  const Problem p{unit_row_stride(query), unit_row_stride(key), unit_row_stride(value),
-                  contiguous_or_undefined(key_padding_mask), {}, {}, parse_feature_map(op, feature_map), eps, true};
-  const at::Tensor dout = unit_row_stride(grad_out.to(query.scalar_type()));
+  const Problem p{portable::unit_row_stride(query), portable::unit_row_stride(key),
+                  portable::unit_row_stride(value), contiguous_or_undefined(key_padding_mask), {}, {},
+                  parse_feature_map(op, feature_map), eps, true};
+  const at::Tensor dout = portable::unit_row_stride(grad_out.to(query.scalar_type()));
   return dispatch(exec, p, [&](const auto& k) { return k.noncausal_backward(dout); });
 }
 

@@ -213,4 +213,5 @@ def aft_conv(query: Tensor, key: Tensor, value: Tensor, weight: Tensor) -> Tenso
     return torch.ops.flowformer.aft_conv(query, key, value, weight)
 
 
-__all__ = ["flow_attention", "causal_flow_attention", "causal_linear_attention", "linear_attention", "aft_full", "aft_simple", "aft_conv"]
+__all__ = ["flow_attention", "causal_flow_attention", "causal_linear_attention", "linear_attention", "aft_full",
+           "aft_simple", "aft_conv"]
