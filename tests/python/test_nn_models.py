@@ -60,3 +60,19 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert [r["attention"] for r in results] == ["flow", "linear", "softmax"]
     assert all(0 <= r["accuracy"] <= 1 and r["tokens_per_s"] > 0 for r in results)
     assert (tmp_path / "listops.md").exists() and (tmp_path / "listops.png").exists()
+
+
+def test_flowformer_lm_incremental_decoding_equals_the_full_forward():
+    torch.manual_seed(0)
+    model = fnn.FlowformerLM(20, d_model=32, nhead=4, num_layers=2).eval()
+    tokens = torch.randint(0, 20, (2, 30))
+    with torch.no_grad():
+        full = model(tokens)
+    states, steps = None, []
+    for piece in (tokens[:, :1], tokens[:, 1:2], tokens[:, 2:17], *tokens[:, 17:].split(1, dim=1)):
+        logits, states = model.step(piece, states)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())  # trains
+    loss.backward()
+    assert model.blocks[0].attn.in_proj_weight.grad is not None

@@ -2,8 +2,9 @@
 
 from .aft import AFTConv, AFTFull, AFTLocal, AFTSimple
 from .attention import FlowAttention, LinearAttention, save_for_cpp
-from .models import Flowformer, FlowformerEncoderLayer
+from .models import Flowformer, FlowformerEncoderLayer, FlowformerLM
 from .replace import replace_attention
 
-__all__ = ["FlowAttention", "LinearAttention", "Flowformer", "FlowformerEncoderLayer", "replace_attention",
+__all__ = ["FlowAttention", "LinearAttention", "Flowformer", "FlowformerEncoderLayer", "FlowformerLM",
+           "replace_attention",
            "AFTFull", "AFTLocal", "AFTSimple", "AFTConv", "save_for_cpp"]

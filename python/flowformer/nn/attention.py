@@ -156,6 +156,17 @@ class FlowAttention(_LinearMultiheadAttention):
         return R.flow_attention_weights(q, k, causal=causal, query_padding_mask=query_pad,
                                         key_padding_mask=key_pad, **self.options)
 
+    def step(self, x: Tensor, state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Causal self-attention over new positions x (N, T, E) (batch first; T = 1 for one decoding step)
+        after the positions summarised by `state` (None: none), in O(T D M) per head: returns the output
+        (N, T, E) and the state after them (F.causal_flow_attention's layout). No gradient."""
+        if not self._packed_in_proj or self.bias_k is not None or self.add_zero_attn:
+            raise RuntimeError("FlowAttention.step: needs kdim = vdim = embed_dim, no add_bias_kv, no add_zero_attn")
+        N, T, _ = x.shape
+        q, k, v = (t.view(N, T, self.num_heads, self.head_dim).transpose(1, 2) for t in self._projections(x, x, x))
+        out, state = F.causal_flow_attention(q, k, v, state=state, **self.options)
+        return self.out_proj(out.transpose(1, 2).reshape(N, T, self.embed_dim)), state
+
 
 class LinearAttention(_LinearMultiheadAttention):
     """nn.MultiheadAttention with linear attention (Katharopoulos et al., 2020) between the projections.
