@@ -42,16 +42,20 @@ def flow_attention(
     key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """spec/flow_attention.md, computed in the dtype of the inputs."""
-    B, H, L, _ = query.shape
-    S = key.shape[2]
-    q = apply_feature_map(query, feature_map)
-    k = apply_feature_map(key, feature_map)
-    v = value
-    qpad = torch.zeros(B, L, dtype=torch.bool, device=query.device) if query_padding_mask is None else query_padding_mask
-    kpad = torch.zeros(B, S, dtype=torch.bool, device=query.device) if key_padding_mask is None else key_padding_mask
+    q, k, qpad, kpad = _flow_features(query, key, feature_map, query_padding_mask, key_padding_mask)
     if causal:
-        return _flow_causal(q, k, v, qpad | kpad, eps, clamp)
-    return _flow_noncausal(q, k, v, qpad, kpad, eps, clamp)
+        return _flow_causal(q, k, value, qpad | kpad, eps, clamp)
+    return _flow_noncausal(q, k, value, qpad, kpad, eps, clamp)
+
+
+def _flow_features(query, key, feature_map, query_padding_mask, key_padding_mask):
+    """The features phi(query), phi(key) and both padding masks (all False where none is given)."""
+    B, _, L, _ = query.shape
+    S = key.shape[2]
+    no_padding = torch.zeros(B, max(L, S), dtype=torch.bool, device=query.device)
+    qpad = no_padding[:, :L] if query_padding_mask is None else query_padding_mask
+    kpad = no_padding[:, :S] if key_padding_mask is None else key_padding_mask
+    return apply_feature_map(query, feature_map), apply_feature_map(key, feature_map), qpad, kpad
 
 
 def _flow_noncausal_factors(q, k, qpad, kpad, eps, clamp):
@@ -132,12 +136,7 @@ def flow_attention_weights(
     """The (B, H, L, S) matrix A that flow_attention applies to the values: out = A @ value, with
     A_ij = g_i <q_i, k_j> c_j (allocation times incoming flow, times competition), zero for masked
     pairs and, when causal, above the diagonal. O(L S) time and memory."""
-    B, H, L, _ = query.shape
-    S = key.shape[2]
-    q = apply_feature_map(query, feature_map)
-    k = apply_feature_map(key, feature_map)
-    qpad = torch.zeros(B, L, dtype=torch.bool, device=query.device) if query_padding_mask is None else query_padding_mask
-    kpad = torch.zeros(B, S, dtype=torch.bool, device=query.device) if key_padding_mask is None else key_padding_mask
+    q, k, qpad, kpad = _flow_features(query, key, feature_map, query_padding_mask, key_padding_mask)
     if causal:
         q, k, row_scale, competition, rows = _flow_causal_factors(q, k, qpad | kpad, eps, clamp)
     else:
