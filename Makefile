@@ -43,7 +43,7 @@ test-python:
 # The op tests again, with the CPU backends running the CUDA backends' algorithms (their item functions
 # on host threads): the CUDA kernels' logic is tested on machines without a GPU.
 test-emulated:
-	FLOWFORMER_EMULATE_CUDA=1 $(PY) -m pytest tests/python -q -p no:cacheprovider -k "flow_attention or linear_attention"
+	FLOWFORMER_EMULATE_CUDA=1 $(PY) -m pytest tests/python -q -p no:cacheprovider -k "flow_attention or linear_attention or aft"
 
 cpp-build: setup
 	$(VENV)/bin/cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \

@@ -20,10 +20,17 @@ at::Tensor full(const at::Tensor& query, const at::Tensor& key, const at::Tensor
   return op.call(query, key, value, pos_bias, causal, window);
 }
 
+FullOutputs full_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                         const at::Tensor& pos_bias, bool causal, int64_t window) {
+  static auto op = typed_op<decltype(full_forward)>(kFullForward);
+  return op.call(query, key, value, pos_bias, causal, window);
+}
+
 Grads4 full_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-                     const at::Tensor& value, const at::Tensor& pos_bias, bool causal, int64_t window) {
+                     const at::Tensor& value, const at::Tensor& pos_bias, const at::Tensor& y, const at::Tensor& lse,
+                     bool causal, int64_t window) {
   static auto op = typed_op<decltype(full_backward)>(kFullBackward);
-  return op.call(grad_out, query, key, value, pos_bias, causal, window);
+  return op.call(grad_out, query, key, value, pos_bias, y, lse, causal, window);
 }
 
 at::Tensor simple(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal) {
@@ -68,8 +75,11 @@ TORCH_LIBRARY_FRAGMENT(flowformer, m) {
   m.def("aft_full(Tensor query, Tensor key, Tensor value, Tensor pos_bias, *, bool causal=False, int window=0) "
         "-> Tensor",
         {at::Tag::pt2_compliant_tag});
-  m.def("aft_full_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor pos_bias, *, "
-        "bool causal, int window) -> (Tensor, Tensor, Tensor, Tensor)",
+  m.def("aft_full_forward(Tensor query, Tensor key, Tensor value, Tensor pos_bias, *, bool causal=False, "
+        "int window=0) -> (Tensor out, Tensor y, Tensor lse)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("aft_full_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor pos_bias, Tensor y, "
+        "Tensor lse, *, bool causal, int window) -> (Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.def("aft_conv(Tensor query, Tensor key, Tensor value, Tensor weight) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("aft_conv_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor weight) "

@@ -1,9 +1,12 @@
-// Autograd for the AFT ops, registered in C++ so that C++ programs get gradients too. Only the inputs
-// are saved; the backward ops recompute the rest. Gradients reach query, key, value and pos_bias / weight.
+// Autograd for the AFT ops, registered in C++ so that C++ programs get gradients too. aft_full saves its
+// inputs and the softmax statistics of aft_full_forward (y, lse: (B, L, C) each, no (L, S) tensor); the
+// other ops save only their inputs and their backward ops recompute the rest. Gradients reach query,
+// key, value and pos_bias / weight.
 // Differentiating a backward op again (double backward) raises a clear error.
 #include "aft/aft_ops.h"
 
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 namespace flowformer::aft_ops {
@@ -16,20 +19,23 @@ using torch::autograd::variable_list;
   TORCH_CHECK(false, op, ": double backward (the gradient of a gradient of AFT) is not supported");
 }
 
+// aft_full_forward's outputs (out, y, lse); y and lse are statistics, not differentiable.
 class FullFunction : public torch::autograd::Function<FullFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
-                            const at::Tensor& value, const at::Tensor& pos_bias, bool causal, int64_t window) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const at::Tensor& pos_bias, bool causal, int64_t window) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({query, key, value, pos_bias});
+    auto [out, y, lse] = full_forward(query, key, value, pos_bias, causal, window);
+    ctx->save_for_backward({query, key, value, pos_bias, y, lse});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["window"] = window;
-    return full(query, key, value, pos_bias, causal, window);
+    ctx->mark_non_differentiable({y, lse});
+    return {out, y, lse};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    auto [dq, dk, dv, dw] = full_backward(grads[0], s[0], s[1], s[2], s[3], ctx->saved_data["causal"].toBool(),
-                                          ctx->saved_data["window"].toInt());
+    auto [dq, dk, dv, dw] = full_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5],
+                                          ctx->saved_data["causal"].toBool(), ctx->saved_data["window"].toInt());
     return {dq, dk, dv, dw, at::Tensor(), at::Tensor()};
   }
 };
@@ -38,9 +44,9 @@ class FullBackwardFunction : public torch::autograd::Function<FullBackwardFuncti
  public:
   static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& query,
                                const at::Tensor& key, const at::Tensor& value, const at::Tensor& pos_bias,
-                               bool causal, int64_t window) {
+                               const at::Tensor& y, const at::Tensor& lse, bool causal, int64_t window) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv, dw] = full_backward(grad_out, query, key, value, pos_bias, causal, window);
+    auto [dq, dk, dv, dw] = full_backward(grad_out, query, key, value, pos_bias, y, lse, causal, window);
     return {dq, dk, dv, dw};
   }
   static variable_list backward(AutogradContext*, variable_list) { no_double_backward(kFullBackward); }
@@ -112,12 +118,23 @@ Grads4 conv_backward_autograd(const at::Tensor& grad_out, const at::Tensor& quer
 
 at::Tensor full_autograd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                          const at::Tensor& pos_bias, bool causal, int64_t window) {
-  return FullFunction::apply(query, key, value, pos_bias, causal, window);
+  if (!torch::autograd::compute_requires_grad(query, key, value, pos_bias)) {  // no statistics to keep
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return full(query, key, value, pos_bias, causal, window);
+  }
+  return FullFunction::apply(query, key, value, pos_bias, causal, window)[0];
+}
+
+FullOutputs full_forward_autograd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                  const at::Tensor& pos_bias, bool causal, int64_t window) {
+  const auto r = FullFunction::apply(query, key, value, pos_bias, causal, window);
+  return {r[0], r[1], r[2]};
 }
 
 Grads4 full_backward_autograd(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-                              const at::Tensor& value, const at::Tensor& pos_bias, bool causal, int64_t window) {
-  const auto r = FullBackwardFunction::apply(grad_out, query, key, value, pos_bias, causal, window);
+                              const at::Tensor& value, const at::Tensor& pos_bias, const at::Tensor& y,
+                              const at::Tensor& lse, bool causal, int64_t window) {
+  const auto r = FullBackwardFunction::apply(grad_out, query, key, value, pos_bias, y, lse, causal, window);
   return {r[0], r[1], r[2], r[3]};
 }
 
@@ -136,6 +153,7 @@ Grads3 simple_backward_autograd(const at::Tensor& grad_out, const at::Tensor& qu
 TORCH_LIBRARY_IMPL(flowformer, Autograd, m) {
   m.impl("aft_full", TORCH_FN(full_autograd));
   m.impl("aft_full_backward", TORCH_FN(full_backward_autograd));
+  m.impl("aft_full_forward", TORCH_FN(full_forward_autograd));
   m.impl("aft_simple", TORCH_FN(simple_autograd));
   m.impl("aft_conv", TORCH_FN(conv_autograd));
   m.impl("aft_conv_backward", TORCH_FN(conv_backward_autograd));

@@ -74,4 +74,15 @@ void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor
               query.sym_sizes(), "), got ", grad_out.sym_sizes());
 }
 
+void check_full_stats(const char* op, const at::Tensor& y, const at::Tensor& lse, const at::Tensor& query) {
+  const at::ScalarType expected = accumulate_type(query.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"y", y}, {"lse", lse}}) {
+    TORCH_CHECK(t.scalar_type() == expected && t.device() == query.device(), op, ": ", name,
+                " (saved by aft_full_forward) must be ", expected, " on ", query.device(), ", got ", t.scalar_type(),
+                " on ", t.device());
+    TORCH_CHECK(t.sym_sizes().equals(query.sym_sizes()), op, ": ", name, " (saved by aft_full_forward) must have ",
+                "the shape of query (", query.sym_sizes(), "), got ", t.sym_sizes());
+  }
+}
+
 }  // namespace flowformer::aft_ops

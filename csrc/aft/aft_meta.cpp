@@ -18,10 +18,19 @@ at::Tensor full_meta(const at::Tensor& query, const at::Tensor& key, const at::T
   return like(query);
 }
 
+FullOutputs full_forward_meta(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                              const at::Tensor& pos_bias, bool causal, int64_t window) {
+  check_full_args(kFullForward, query, key, value, pos_bias, causal, window);
+  const auto stats = query.options().dtype(accumulate_type(query.scalar_type()));
+  return {like(query), new_output(query.sym_sizes(), stats), new_output(query.sym_sizes(), stats)};
+}
+
 Grads4 full_backward_meta(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-                          const at::Tensor& value, const at::Tensor& pos_bias, bool causal, int64_t window) {
+                          const at::Tensor& value, const at::Tensor& pos_bias, const at::Tensor& y,
+                          const at::Tensor& lse, bool causal, int64_t window) {
   check_full_args(kFullBackward, query, key, value, pos_bias, causal, window);
   check_grad_out(kFullBackward, grad_out, query);
+  check_full_stats(kFullBackward, y, lse, query);
   return {like(query), like(key), like(value), like(pos_bias)};
 }
 
@@ -57,6 +66,7 @@ TORCH_LIBRARY_IMPL(flowformer, Meta, m) {
   m.impl("aft_conv_backward", TORCH_FN(conv_backward_meta));
   m.impl("aft_full", TORCH_FN(full_meta));
   m.impl("aft_full_backward", TORCH_FN(full_backward_meta));
+  m.impl("aft_full_forward", TORCH_FN(full_forward_meta));
   m.impl("aft_simple", TORCH_FN(simple_meta));
   m.impl("aft_simple_backward", TORCH_FN(simple_backward_meta));
 }

@@ -6,6 +6,7 @@
 // the accumulation type: k, v, y, ... (B, Hi * Wi, C), w and E (heads, s, s).
 #pragma once
 
+#include "aft/aft_lanes.h"
 #include "common/portable.h"
 
 namespace flowformer::portable {
@@ -33,13 +34,14 @@ struct ConvGrid {
   }
 };
 
-// The exact softmax of the flagged elements: an online softmax over all positions. Items: B * P * C.
+// The exact softmax of the flagged elements: an online softmax over all positions; writes y and
+// lse = log sum exp(z) (the backward's P = exp(z - lse)). Items: B * P * C.
 template <typename A>
 struct ConvRobustRows {
   ConvGrid<A> grid;
   const A *k, *v;
   const bool* flag;
-  A *y, *m_out, *s_out;
+  A *y, *lse;
 
   FF_HD void operator()(int64_t item) const {
     if (!flag[item]) {
@@ -52,15 +54,15 @@ struct ConvRobustRows {
       const int64_t at = (b * P + p2) * C + c;
       softmax.add(k[at] + grid.bias(p, p2, c), v[at]);
     }
-    y[item] = softmax.a / softmax.s;
-    m_out[item] = softmax.m;
-    s_out[item] = softmax.s;
+    y[item] = softmax.average();
+    lse[item] = softmax.log_sum();
   }
 };
 
 // The fast path: num and den through the neighbourhood; flags elements whose den underflowed or lost
-// more than 4 bits to cancellation. Akv, Ak: (B, C) sums over all positions. Items: B * P * C.
-template <typename A>
+// more than 4 bits to cancellation. Akv, Ak: (B, C) sums over all positions.
+// Items: ChannelBlock<V>::items(B * P, C, C / heads).
+template <typename A, int V>
 struct ConvLocalRows {
   ConvGrid<A> grid;
   const A *E, *mw, *K, *v, *Akv, *Ak;
@@ -70,30 +72,34 @@ struct ConvLocalRows {
 
   FF_HD void operator()(int64_t item) const {
     const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s;
-    const int64_t c = item % C, p = (item / C) % P, b = item / (C * P), h = grid.head(c);
+    const ChannelBlock<V> lanes(item, C, C / grid.heads);
+    const int64_t p = lanes.row % P, b = lanes.row / P, h = grid.head(lanes.c0), out = lanes.row * C + lanes.c0;
     const A base = exp_(-mw[h]);
-    A num = base * Akv[b * C + c], d = base * Ak[b * C + c], positive = d;
-    for (int64_t o = 0; o < ss; ++o) {
-      const int64_t p2 = grid.shifted(p, o);
-      if (p2 >= 0) {
-        const int64_t at = (b * P + p2) * C + c;
-        const A e = E[h * ss + o];
-        num += (e - base) * K[at] * v[at];
-        d += (e - base) * K[at];
-        positive += e * K[at];
+    lanes.run([&](auto n) {
+      A num[V], d[V], positive[V];
+      for (int64_t l = 0; l < n; ++l) {
+        num[l] = base * Akv[b * C + lanes.c0 + l];
+        d[l] = base * Ak[b * C + lanes.c0 + l];
+        positive[l] = d[l];
       }
-    }
-    const bool bad = !(d >= tiny) || d < positive * A(0.0625);
-    flag[item] = bad;
-    den[item] = bad ? A(1) : d;
-    y[item] = bad ? A(0) : num / d;
+      for (int64_t o = 0; o < ss; ++o) {
+        const int64_t p2 = grid.shifted(p, o);
+        if (p2 < 0) {
+          continue;
+        }
+        const A e = E[h * ss + o], f = e - base;
+        const A *K2 = K + (b * P + p2) * C + lanes.c0, *v2 = v + (b * P + p2) * C + lanes.c0;
+        add_window_term(num, d, positive, n, f, e, K2, v2);
+      }
+      store_rows(n, num, d, positive, tiny, y + out, den + out, flag + out);
+    });
   }
 };
 
 // Key and value gradients of the unflagged elements, G = dy / den, Hm = G y, GB and HB their sums over
 // all positions (B, C): EG_p' = base_h GB + sum_{p: p' in N(p)} (E_{p'-p} - base_h) G_p, EH likewise;
-// dv = K EG, dk = K (v EG - EH). Items: B * P * C.
-template <typename A>
+// dv = K EG, dk = K (v EG - EH). Items: ChannelBlock<V>::items(B * P, C, C / heads).
+template <typename A, int V>
 struct ConvKeyGrads {
   ConvGrid<A> grid;
   const A *E, *mw, *K, *v, *G, *Hm, *GB, *HB;
@@ -101,25 +107,32 @@ struct ConvKeyGrads {
 
   FF_HD void operator()(int64_t item) const {
     const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s;
-    const int64_t c = item % C, p2 = (item / C) % P, b = item / (C * P), h = grid.head(c);
+    const ChannelBlock<V> lanes(item, C, C / grid.heads);
+    const int64_t p2 = lanes.row % P, b = lanes.row / P, h = grid.head(lanes.c0), out = lanes.row * C + lanes.c0;
     const A base = exp_(-mw[h]);
-    A eg = base * GB[b * C + c], eh = base * HB[b * C + c];
-    for (int64_t o = 0; o < ss; ++o) {  // p = p2 - offset o: the mirrored kernel index
-      const int64_t p = grid.shifted(p2, ss - 1 - o);
-      if (p >= 0) {
-        const int64_t at = (b * P + p) * C + c;
-        eg += (E[h * ss + o] - base) * G[at];
-        eh += (E[h * ss + o] - base) * Hm[at];
+    lanes.run([&](auto n) {
+      A eg[V], eh[V];
+      for (int64_t l = 0; l < n; ++l) {
+        eg[l] = base * GB[b * C + lanes.c0 + l];
+        eh[l] = base * HB[b * C + lanes.c0 + l];
       }
-    }
-    dv[item] = K[item] * eg;
-    dk[item] = K[item] * (v[item] * eg - eh);
+      for (int64_t o = 0; o < ss; ++o) {  // p = p2 - offset o: the mirrored kernel index
+        const int64_t p = grid.shifted(p2, ss - 1 - o);
+        if (p < 0) {
+          continue;
+        }
+        const A f = E[h * ss + o] - base;
+        const A *Gp = G + (b * P + p) * C + lanes.c0, *Hp = Hm + (b * P + p) * C + lanes.c0;
+        add_scaled_pair(eg, eh, n, f, Gp, Hp);
+      }
+      store_key_grads(n, eg, eh, K + out, v + out, dk + out, dv + out);
+    });
   }
 };
 
 // The weight gradient of the unflagged elements: dw^h_o = E^h_o sum_{b, c in h, p} K_{p+o} (G_p v_{p+o} - Hm_p).
 // Items: heads * s * s.
-template <typename A>
+template <typename A, int V>
 struct ConvWeightGrads {
   ConvGrid<A> grid;
   const A *E, *K, *v, *G, *Hm;
@@ -129,29 +142,28 @@ struct ConvWeightGrads {
   FF_HD void operator()(int64_t item) const {
     const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s, per_head = C / grid.heads;
     const int64_t o = item % ss, h = item / ss;
-    A sum = 0;
+    A lanes[V] = {};
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t p = 0; p < P; ++p) {
         const int64_t p2 = grid.shifted(p, o);
         if (p2 < 0) {
           continue;
         }
-        for (int64_t c = h * per_head; c < (h + 1) * per_head; ++c) {
-          const int64_t at = (b * P + p) * C + c, at2 = (b * P + p2) * C + c;
-          sum += K[at2] * (G[at] * v[at2] - Hm[at]);
-        }
+        const int64_t at = (b * P + p) * C + h * per_head, at2 = (b * P + p2) * C + h * per_head;
+        const A *Gp = G + at, *Hp = Hm + at, *K2 = K + at2, *v2 = v + at2;
+        add_to_lanes(lanes, per_head, [&](int64_t c) { return K2[c] * (Gp[c] * v2[c] - Hp[c]); });
       }
     }
-    dw[item] = E[item] * sum;
+    dw[item] = E[item] * lanes_total(lanes);
   }
 };
 
 // The flagged elements' share of the key and value gradients, gathered per key position p':
-// P = exp(k_p' + w'_{p,p'} - m_p) / s_p, dv_p' += P dy_p, dk_p' += P (v_p' - y_p) dy_p. Items: B * P * C.
+// P = exp(k_p' + w'_{p,p'} - lse_p), dv_p' += P dy_p, dk_p' += P (v_p' - y_p) dy_p. Items: B * P * C.
 template <typename A>
 struct ConvFlaggedKeyGrads {
   ConvGrid<A> grid;
-  const A *k, *v, *y, *m, *s, *dy;
+  const A *k, *v, *y, *lse, *dy;
   const bool* flag;
   A *dk, *dv;
 
@@ -162,7 +174,7 @@ struct ConvFlaggedKeyGrads {
     for (int64_t p = 0; p < P; ++p) {
       const int64_t at = (b * P + p) * C + c;
       if (flag[at]) {
-        const A prob = exp_(k[item] + grid.bias(p, p2, c) - m[at]) / s[at];
+        const A prob = exp_(k[item] + grid.bias(p, p2, c) - lse[at]);
         gv += prob * dy[at];
         gk += prob * (v[item] - y[at]) * dy[at];
       }
@@ -177,7 +189,7 @@ struct ConvFlaggedKeyGrads {
 template <typename A>
 struct ConvFlaggedWeightGrads {
   ConvGrid<A> grid;
-  const A *k, *v, *y, *m, *s, *dy;
+  const A *k, *v, *y, *lse, *dy;
   const bool* flag;
   int64_t B;
   A* dw;
@@ -195,7 +207,7 @@ struct ConvFlaggedWeightGrads {
         for (int64_t c = h * per_head; c < (h + 1) * per_head; ++c) {
           const int64_t at = (b * P + p) * C + c, at2 = (b * P + p2) * C + c;
           if (flag[at]) {
-            sum += exp_(k[at2] + grid.w[item] - m[at]) / s[at] * (v[at2] - y[at]) * dy[at];
+            sum += exp_(k[at2] + grid.w[item] - lse[at]) * (v[at2] - y[at]) * dy[at];
           }
         }
       }

@@ -2,35 +2,74 @@
 // host loop). Notation, per batch b and channel c: logits z_{t,t'} = k_{t'} + w'_{t,t'} over the
 // positions t' in R(t) (all of them, or t' <= t when causal), where w' = w (window = 0) or, for
 // AFT-local, w inside the window |t - t'| < window and 0 outside; y_t = softmax_{t'}(z) . v.
-// Arrays are contiguous, in the accumulation type: k, v, y (B, S or L, C), w and E (L, S).
+// Arrays are contiguous, in the accumulation type: k, v, y (B, S or L, C); w as AftRange stores it.
 #pragma once
 
+#include "aft/aft_lanes.h"
 #include "common/portable.h"
 
 namespace flowformer::portable {
 
-// Which key positions t' a query position t sums over, and its bias there.
+// Which key positions t' a query position t sums over, and its bias there. The biases are stored dense,
+// (L, S), for window = 0; for AFT-local as the band around the diagonal, (L, 2 window - 1), entry (t, o)
+// holding w_{t, t - window + 1 + o} (no (L, S) work space).
 template <typename A>
 struct AftRange {
-  const A* w;  // (L, S)
+  const A* w;
   int64_t L, S, window;
   bool causal;
 
   FF_HD int64_t end(int64_t t) const { return causal ? t + 1 : S; }
   FF_HD bool in_window(int64_t t, int64_t j) const { return window == 0 || (t - j < window && j - t < window); }
-  FF_HD A bias(int64_t t, int64_t j) const { return in_window(t, j) ? w[t * S + j] : A(0); }
+  FF_HD int64_t width() const { return window == 0 ? S : 2 * window - 1; }  // stored biases per row
+  FF_HD int64_t bias_index(int64_t t, int64_t j) const {
+    return window == 0 ? t * S + j : t * width() + j - t + window - 1;
+  }
+  FF_HD int64_t key_of(int64_t index) const {  // the key position j of a stored bias
+    const int64_t t = index / width();
+    return window == 0 ? index % S : t - window + 1 + index % width();
+  }
+  FF_HD A bias(int64_t t, int64_t j) const { return in_window(t, j) ? w[bias_index(t, j)] : A(0); }
+};
+
+// AFT-local's biases through the band (AftRange stores w as the band, so no (L, S) work space): per row
+// t, mw_t = the maximum of w' over R(t) (w inside the window; 0 if R(t) reaches outside it), base_t =
+// exp(-mw_t) if R(t) reaches outside the window, else 0, and F_{t,o} = exp(w_{t,j} - mw_t) - base_t for
+// j = t - window + 1 + o in R(t) (else 0): exp(w'_{t,j} - mw_t) = base_t + F_{t,o}. Items: L.
+template <typename A>
+struct AftBand {
+  AftRange<A> range;
+  A *mw, *base, *F;  // (L), (L), (L, 2 window - 1)
+
+  FF_HD void operator()(int64_t t) const {
+    const int64_t width = 2 * range.window - 1, first = t - range.window + 1;
+    const int64_t end = range.end(t);
+    const bool outside = end > 0 && (first > 0 || t + range.window < end);
+    A m = outside ? A(0) : -INFINITY;
+    for (int64_t j = first > 0 ? first : 0; j < end && j < t + range.window; ++j) {
+      m = range.w[t * width + j - first] > m ? range.w[t * width + j - first] : m;
+    }
+    m = m == -INFINITY ? A(0) : m;
+    const A b = outside ? exp_(-m) : A(0);
+    for (int64_t o = 0; o < width; ++o) {
+      const int64_t j = first + o;
+      F[t * width + o] = (j >= 0 && j < end) ? exp_(range.w[t * width + o] - m) - b : A(0);
+    }
+    mw[t] = m;
+    base[t] = b;
+  }
 };
 
 // The exact softmax of the flagged elements (b, t, c) (flag != 0), where the fast factorised sums lost
-// precision: an online softmax over t' in R(t) with a running maximum. Writes y and the statistics
-// (maximum m, sum s of exp(z - m)) the backward needs. Items: B * L * C.
+// precision: an online softmax over t' in R(t) with a running maximum. Writes y and lse = log sum_t'
+// exp(z) (the backward's P = exp(z - lse)). Items: B * L * C.
 template <typename A>
 struct AftRobustRows {
   AftRange<A> range;
   const A *k, *v;
   const bool* flag;
   int64_t C;
-  A *y, *m_out, *s_out;
+  A *y, *lse;
 
   FF_HD void operator()(int64_t item) const {
     if (!flag[item]) {
@@ -42,109 +81,113 @@ struct AftRobustRows {
       const int64_t at = (b * range.S + j) * C + c;
       softmax.add(k[at] + range.bias(t, j), v[at]);
     }
-    const bool empty = softmax.s == A(0);  // no key position at all: the output is 0
-    y[item] = empty ? A(0) : softmax.a / softmax.s;
-    m_out[item] = empty ? A(0) : softmax.m;
-    s_out[item] = empty ? A(1) : softmax.s;
+    y[item] = softmax.average();
+    lse[item] = softmax.log_sum();
   }
 };
 
-// AFT-local through exp(w') = exp(0) + (exp(w) - 1) inside the window, with K = exp(k - mk), the
-// row-stabilised E = exp(w' - mw_t) and the sums over R(t) of K v and K (Akv, Ak: (B, L, C), prefix sums
-// when causal): num = exp(-mw_t) Akv + sum over the window of (E - exp(-mw_t)) K v, den likewise. Flags
-// the element when den lost more than 4 bits to cancellation, or underflowed. Items: B * L * C.
-template <typename A>
+// AFT-local through the band (AftBand), with K = exp(k - mk) and the sums over R(t) of K v and K (Akv,
+// Ak: (B, L, C), prefix sums when causal): num = base_t Akv + sum over the window of F K v, den likewise.
+// Flags the element when den lost more than 4 bits to cancellation, or underflowed.
+// Items: ChannelBlock<V>::items(B * L, C, C).
+template <typename A, int V>
 struct AftLocalRows {
   AftRange<A> range;
-  const A *E, *mw, *K, *v, *Akv, *Ak;
+  const A *F, *base, *K, *v, *Akv, *Ak;
   int64_t C;
   A tiny;
   A *y, *den;
   bool* flag;
 
   FF_HD void operator()(int64_t item) const {
-    const int64_t c = item % C, t = (item / C) % range.L, b = item / (C * range.L);
-    const A base = exp_(-mw[t]);
-    A num = base * Akv[item], d = base * Ak[item], positive = d;
-    const int64_t lo = t - range.window + 1 > 0 ? t - range.window + 1 : 0;
+    const ChannelBlock<V> lanes(item, C, C);
+    const int64_t t = lanes.row % range.L, b = lanes.row / range.L, out = lanes.row * C + lanes.c0;
+    const int64_t width = 2 * range.window - 1, first = t - range.window + 1;
+    const int64_t lo = first > 0 ? first : 0;
     const int64_t hi = t + range.window < range.end(t) ? t + range.window : range.end(t);
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t at = (b * range.S + j) * C + c;
-      const A e = E[t * range.S + j];
-      num += (e - base) * K[at] * v[at];
-      d += (e - base) * K[at];
-      positive += e * K[at];
-    }
-    const bool bad = !(d >= tiny) || d < positive * A(0.0625);  // lost more than 4 bits to cancellation
-    flag[item] = bad;
-    den[item] = bad ? A(1) : d;
-    y[item] = bad ? A(0) : num / d;
+    const A bt = base[t];
+    lanes.run([&](auto n) {
+      A num[V], d[V], positive[V];
+      for (int64_t l = 0; l < n; ++l) {
+        num[l] = bt * Akv[out + l];
+        d[l] = bt * Ak[out + l];
+        positive[l] = d[l];
+      }
+      for (int64_t j = lo; j < hi; ++j) {
+        const A f = F[t * width + j - first], e = f + bt;
+        const A *Kj = K + (b * range.S + j) * C + lanes.c0, *vj = v + (b * range.S + j) * C + lanes.c0;
+        add_window_term(num, d, positive, n, f, e, Kj, vj);
+      }
+      store_rows(n, num, d, positive, tiny, y + out, den + out, flag + out);
+    });
   }
 };
 
 // AFT-local backward through the window, for the elements not flagged: with G = dy / den and
-// Hm = G y (zero at flagged elements) and GB, HB their sums over the t with t' in R(t) of
-// exp(-mw_t) G (totals, or suffix sums when causal):
-//   EG_t' = GB + sum over the t whose window holds t' of (E_{t,t'} - exp(-mw_t)) G_t, EH likewise,
-//   dv_t' = K EG, dk_t' = K (v EG - EH). Items: B * S * C.
-template <typename A>
+// Hm = G y (zero at flagged elements) and GB, HB their sums over the t with t' in R(t) of base_t G_t
+// (totals, or suffix sums when causal):
+//   EG_t' = GB + sum over the t whose window holds t' of F_{t,t'} G_t, EH likewise,
+//   dv_t' = K EG, dk_t' = K (v EG - EH). Items: ChannelBlock<V>::items(B * S, C, C).
+template <typename A, int V>
 struct AftLocalKeyGrads {
   AftRange<A> range;
-  const A *E, *mw, *K, *v, *G, *Hm, *GB, *HB;
+  const A *F, *K, *v, *G, *Hm, *GB, *HB;
   int64_t C;
   A *dk, *dv;
 
   FF_HD void operator()(int64_t item) const {
-    const int64_t c = item % C, j = (item / C) % range.S, b = item / (C * range.S);
-    A eg = GB[item], eh = HB[item];
+    const ChannelBlock<V> lanes(item, C, C);
+    const int64_t j = lanes.row % range.S, b = lanes.row / range.S, out = lanes.row * C + lanes.c0;
+    const int64_t width = 2 * range.window - 1;
     const int64_t lo = range.causal ? j : (j - range.window + 1 > 0 ? j - range.window + 1 : 0);
     const int64_t hi = j + range.window < range.L ? j + range.window : range.L;
-    for (int64_t t = lo; t < hi; ++t) {
-      if (t - j >= range.window || j - t >= range.window) {
-        continue;
+    lanes.run([&](auto n) {
+      A eg[V], eh[V];
+      for (int64_t l = 0; l < n; ++l) {
+        eg[l] = GB[out + l];
+        eh[l] = HB[out + l];
       }
-      const A factor = E[t * range.S + j] - exp_(-mw[t]);
-      const int64_t at = (b * range.L + t) * C + c;
-      eg += factor * G[at];
-      eh += factor * Hm[at];
-    }
-    dv[item] = K[item] * eg;
-    dk[item] = K[item] * (v[item] * eg - eh);
+      for (int64_t t = lo; t < hi; ++t) {
+        const A f = F[t * width + j - t + range.window - 1];
+        const A *Gt = G + (b * range.L + t) * C + lanes.c0, *Ht = Hm + (b * range.L + t) * C + lanes.c0;
+        add_scaled_pair(eg, eh, n, f, Gt, Ht);
+      }
+      store_key_grads(n, eg, eh, K + out, v + out, dk + out, dv + out);
+    });
   }
 };
 
 // AFT-local gradient of the bias inside the window (unflagged elements):
-//   dw_{t,t'} = E_{t,t'} sum_{b,c} K_{t'} (G_t v_{t'} - Hm_t). Items: L * (2 window - 1), the band.
-template <typename A>
+//   dw_{t,t'} = (base_t + F_{t,t'}) sum_{b,c} K_{t'} (G_t v_{t'} - Hm_t). Items: L * (2 window - 1), the band.
+template <typename A, int V>
 struct AftLocalBiasGrads {
   AftRange<A> range;
-  const A *E, *K, *v, *G, *Hm;
+  const A *F, *base, *K, *v, *G, *Hm;
   int64_t B, C;
-  A* dw;  // (L, S), zero outside the band
+  A* dw;  // the band (L, 2 window - 1), like the biases
 
   FF_HD void operator()(int64_t item) const {
-    const int64_t width = 2 * range.window - 1;
-    const int64_t t = item / width, j = t - range.window + 1 + item % width;
-    if (j < 0 || j >= range.S || j >= range.end(t)) {
+    const int64_t t = item / range.width(), j = range.key_of(item);
+    if (j < 0 || j >= range.end(t)) {
+      dw[item] = 0;
       return;
     }
-    A sum = 0;
+    A lanes[V] = {};
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t at_t = (b * range.L + t) * C + c, at_j = (b * range.S + j) * C + c;
-        sum += K[at_j] * (G[at_t] * v[at_j] - Hm[at_t]);
-      }
+      const A *Kj = K + (b * range.S + j) * C, *vj = v + (b * range.S + j) * C;
+      const A *Gt = G + (b * range.L + t) * C, *Ht = Hm + (b * range.L + t) * C;
+      add_to_lanes(lanes, C, [&](int64_t c) { return Kj[c] * (Gt[c] * vj[c] - Ht[c]); });
     }
-    dw[t * range.S + j] = E[t * range.S + j] * sum;
+    dw[item] = (base[t] + F[item]) * lanes_total(lanes);
   }
 };
 
 // The flagged elements' share of the key and value gradients, gathered per key position t':
-//   P = exp(z_{t,t'} - m_t) / s_t,  dv_t' += P dy_t,  dk_t' += P (v_t' - y_t) dy_t. Items: B * S * C.
+//   P = exp(z_{t,t'} - lse_t),  dv_t' += P dy_t,  dk_t' += P (v_t' - y_t) dy_t. Items: B * S * C.
 template <typename A>
 struct AftFlaggedKeyGrads {
   AftRange<A> range;
-  const A *k, *v, *y, *m, *s, *dy;
+  const A *k, *v, *y, *lse, *dy;
   const bool* flag;
   int64_t C;
   A *dk, *dv;
@@ -155,7 +198,7 @@ struct AftFlaggedKeyGrads {
     for (int64_t t = range.causal ? j : 0; t < range.L; ++t) {
       const int64_t at = (b * range.L + t) * C + c;
       if (flag[at]) {
-        const A p = exp_(k[item] + range.bias(t, j) - m[at]) / s[at];
+        const A p = exp_(k[item] + range.bias(t, j) - lse[at]);
         gv += p * dy[at];
         gk += p * (v[item] - y[at]) * dy[at];
       }
@@ -166,18 +209,18 @@ struct AftFlaggedKeyGrads {
 };
 
 // The flagged elements' share of the bias gradient: dw_{t,t'} += sum_{b,c} P (v_t' - y_t) dy_t, inside
-// the window. Items: L * S.
+// the window; dw is stored like the biases. Items: L * range.width().
 template <typename A>
 struct AftFlaggedBiasGrads {
   AftRange<A> range;
-  const A *k, *v, *y, *m, *s, *dy;
+  const A *k, *v, *y, *lse, *dy;
   const bool* flag;
   int64_t B, C;
   A* dw;
 
   FF_HD void operator()(int64_t item) const {
-    const int64_t j = item % range.S, t = item / range.S;
-    if (j >= range.end(t) || !range.in_window(t, j)) {
+    const int64_t t = item / range.width(), j = range.key_of(item);
+    if (j < 0 || j >= range.end(t)) {
       return;
     }
     A sum = 0;
@@ -185,7 +228,7 @@ struct AftFlaggedBiasGrads {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t at = (b * range.L + t) * C + c, at_j = (b * range.S + j) * C + c;
         if (flag[at]) {
-          sum += exp_(k[at_j] + range.w[item] - m[at]) / s[at] * (v[at_j] - y[at]) * dy[at];
+          sum += exp_(k[at_j] + range.w[item] - lse[at]) * (v[at_j] - y[at]) * dy[at];
         }
       }
     }

@@ -3,11 +3,14 @@
 // CudaExecutor, the CPU backend with HostExecutor: one implementation, tested on the CPU.
 //
 // aft_full, window = 0: with K = exp(k - max_t' k) and E = exp(w - max_t' w) (row-stabilised, zero above
-// the diagonal when causal), num = E (K v) and den = E K: two matrix products sharing E. Where
-// den < 2^-60 (2^-600 in float64) the factors underflowed: those elements are recomputed exactly by an
-// online softmax (AftRobustRows) and their gradients gathered apart. window > 0 (AFT-local):
-// exp(w') = 1 + (exp(w) - 1) inside the window, O(L window C) work (AftLocalRows), the same fallback,
+// the diagonal when causal), num = E (K v) and den = E K: one matrix product of E with [K v, K] laid out
+// (S, B, 2C), so that the batch folds into one GEMM. Where den < 2^-60 (2^-600 in float64) the factors
+// underflowed: those elements are recomputed exactly by an online softmax (AftRobustRows) and their
+// gradients gathered apart. window > 0 (AFT-local): exp(w') = base + F with F a band of width
+// 2 window - 1 (AftBand), O(L window C) work and no (L, S) work space (AftLocalRows), the same fallback,
 // also taken where the window's correction cancels the rest (more than 4 bits lost).
+// Under autograd the forward also returns y (the softmax average before the gate) and lse (the log of
+// its denominator), so that the backward needs no second forward: two products for window = 0.
 // aft_simple: non-causal a softmax over positions per channel (ATen); causal a running-maximum scan.
 // aft_conv: AFT-local on the image grid with a per-head s x s bias (aft_conv_items.h), the same fallback.
 #pragma once
@@ -17,73 +20,115 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace flowformer::aft_portable {
 
 using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using FullOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // out, y, lse
 using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// A is the accumulation type: float, or double for double inputs.
-template <typename Exec, typename A>
+// A is the accumulation type: float, or double for double inputs; V the channel lanes of the items
+// that loop over a window (ChannelBlock).
+template <typename Exec, typename A, int V>
 class Aft {
  public:
   explicit Aft(const Exec& exec) : exec_(exec) {}
 
-  at::Tensor full_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
-                          bool causal, int64_t window) const {
-    const Full f = full(q, k, v, w, causal, window);
-    return (at::sigmoid(f.q) * f.y).to(q.scalar_type());
+  // aft_full; with `stats`, also y and lse (else undefined), what full_backward needs.
+  FullOutputs full_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                           bool causal, int64_t window, bool stats) const {
+    const Full f = full_inputs(q, k, v, w, causal, window);
+    const Biases e = biases(f);
+    const Keys keys = exp_keys(f);
+    Rows r = rows(f, e, keys);
+    at::Tensor lse;
+    if (stats) {
+      lse = at::empty({f.B, f.L, f.C}, f.k.options());
+      at::log_out(lse, r.den);
+      lse.add_(e.mw.view({1, -1, 1})).add_(keys.mk);
+    } else if (r.any_flagged) {
+      lse = at::empty({f.B, f.L, f.C}, f.k.options());
+    }
+    if (r.any_flagged) {
+      exec_(r.y.numel(), portable::AftRobustRows<A>{f.range, ptr(f.k), ptr(f.v),
+                                                    r.flag.template const_data_ptr<bool>(), f.C, mut(r.y),
+                                                    mut(lse)});
+    }
+    const at::Tensor out = (at::sigmoid(f.q) * r.y).to(q.scalar_type());
+    return {out, stats ? r.y : at::Tensor(), stats ? lse : at::Tensor()};
   }
 
   Grads4 full_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& w, bool causal, int64_t window) const {
-    const Full f = full(q, k, v, w, causal, window);
+                       const at::Tensor& w, const at::Tensor& y_saved, const at::Tensor& lse_saved, bool causal,
+                       int64_t window) const {
+    const Full f = full_inputs(q, k, v, w, causal, window);
+    const Biases e = biases(f);
+    const Keys keys = exp_keys(f);
+    const at::Tensor y = y_saved.contiguous(), lse = lse_saved.contiguous();
+    // The denominator (scaled like the factors) and the flags of the forward: from lse for window = 0,
+    // else recomputed through the band (the cancellation test needs the window's terms).
+    at::Tensor den, flag;
+    if (window == 0) {
+      den = at::exp(lse - e.mw.view({1, -1, 1}) - keys.mk);
+      flag = den.ge(tiny()).logical_not_();
+    } else {
+      const Rows r = rows(f, e, keys);
+      den = r.den;
+      flag = r.flag;
+    }
+    const bool any_flagged = flag.numel() > 0 && flag.any().template item<bool>();
     const at::Tensor gate = at::sigmoid(f.q);
     const at::Tensor dout = grad_out.to(acc());
-    const at::Tensor dq = dout * f.y * gate * (1 - gate);
+    const at::Tensor dq = dout * y * gate * (1 - gate);
     const at::Tensor dy = (dout * gate).contiguous();
-    // Softmax gradients of the unflagged elements through G = dy / den and Hm = G y.
-    const at::Tensor G = at::where(f.flag, 0, dy / f.den).contiguous();
-    const at::Tensor Hm = (G * f.y).contiguous();
-    at::Tensor dk, dv, dw;
+    const int64_t C = f.C, BC2 = f.B * 2 * f.C;
+    at::Tensor dk = at::empty_like(f.k), dv = at::empty_like(f.v), dw;
     if (window == 0) {
-      // One product for E^T G and E^T Hm, one for dw = E (G (K v)^T - Hm K^T) summed over the batch.
-      const int64_t C = f.C;
-      const at::Tensor GH = at::cat({G, Hm}, 2);  // (B, L, 2C)
-      const at::Tensor EGH = at::matmul(f.E.t(), GH);
-      const at::Tensor EG = EGH.narrow(2, 0, C), EH = EGH.narrow(2, C, C);
-      dv = (f.K * EG).contiguous();
-      dk = (f.K * (f.v * EG - EH)).contiguous();
-      const at::Tensor right = at::cat({f.K * f.v, -f.K}, 2);  // (B, S, 2C)
-      const int64_t rows[] = {f.L, f.B * 2 * C}, cols[] = {f.S, f.B * 2 * C};
-      dw = (f.E * at::matmul(GH.permute({1, 0, 2}).reshape(rows), right.permute({1, 0, 2}).reshape(cols).t()))
-               .contiguous();
+      // Softmax gradients of the unflagged elements through G = dy / den and Hm = G y, laid out
+      // (L, B, 2C) as [G, -Hm]: E^T [G, -Hm] in one product, dw = E (G (K v)^T - Hm K^T) summed over the
+      // batch in another.
+      const at::Tensor GH = at::empty({f.L, f.B, 2 * C}, f.k.options());
+      at::Tensor G = GH.narrow(2, 0, C).permute({1, 0, 2}), Hn = GH.narrow(2, C, C).permute({1, 0, 2});
+      at::div_out(G, dy, den);
+      G.masked_fill_(flag, 0);
+      at::mul_out(Hn, G, y);
+      Hn.neg_();
+      const int64_t gh_rows[] = {f.L, BC2}, x_rows[] = {f.S, BC2}, egh_rows[] = {f.S, f.B, 2 * C};
+      const at::Tensor EGH = transposed_bias_product(f, e.E, GH.view(gh_rows)).view(egh_rows);
+      const at::Tensor EG = EGH.narrow(2, 0, C).permute({1, 0, 2}), EHn = EGH.narrow(2, C, C).permute({1, 0, 2});
+      at::mul_out(dv, keys.K, EG);
+      at::mul_out(dk, f.v, EG);
+      dk.add_(EHn).mul_(keys.K);
+      dw = bias_gradient_product(f, GH.view(gh_rows), keys.X.view(x_rows)).mul_(e.E);
     } else {
-      // The part outside the window: sums over the t with t' in R(t) of exp(-mw_t) G_t (suffix sums when causal).
-      const at::Tensor base = at::exp(-f.mw).view({1, -1, 1});
+      const at::Tensor G = at::where(flag, 0, dy / den).contiguous();
+      const at::Tensor Hm = (G * y).contiguous();
+      // The part outside the window: sums over the t with t' in R(t) of base_t G_t (suffix sums when causal).
       auto over_rows = [&](const at::Tensor& x) {
-        const at::Tensor scaled = base * x;
+        const at::Tensor scaled = e.base.view({1, -1, 1}) * x;
         return (causal ? scaled.flip(1).cumsum(1).flip(1) : scaled.sum(1, true).expand_as(f.k)).contiguous();
       };
       const at::Tensor GB = over_rows(G), HB = over_rows(Hm);
-      dk = at::empty_like(f.k);
-      dv = at::empty_like(f.v);
-      exec_(dk.numel(), portable::AftLocalKeyGrads<A>{f.range, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(G),
-                                                      ptr(Hm), ptr(GB), ptr(HB), f.C, mut(dk), mut(dv)});
-      dw = at::zeros_like(f.E);
-      exec_(f.L * (2 * window - 1), portable::AftLocalBiasGrads<A>{f.range, ptr(f.E), ptr(f.K), ptr(f.v), ptr(G),
-                                                                   ptr(Hm), f.B, f.C, mut(dw)});
+      exec_(portable::ChannelBlock<V>::items(f.B * f.S, C, C),
+            portable::AftLocalKeyGrads<A, V>{f.range, ptr(e.F), ptr(keys.K), ptr(f.v), ptr(G), ptr(Hm), ptr(GB),
+                                             ptr(HB), C, mut(dk), mut(dv)});
+      dw = at::empty_like(f.w);  // the band, made dense at the end
+      exec_(f.L * (2 * window - 1), portable::AftLocalBiasGrads<A, V>{f.range, ptr(e.F), ptr(e.base), ptr(keys.K),
+                                                                   ptr(f.v), ptr(G), ptr(Hm), f.B, C, mut(dw)});
     }
-    if (f.any_flagged) {
-      exec_(dk.numel(), portable::AftFlaggedKeyGrads<A>{f.range, ptr(f.k), ptr(f.v), ptr(f.y), ptr(f.m), ptr(f.s),
-                                                        ptr(dy), f.flag.template const_data_ptr<bool>(), f.C, mut(dk),
-                                                        mut(dv)});
-      exec_(dw.numel(), portable::AftFlaggedBiasGrads<A>{f.range, ptr(f.k), ptr(f.v), ptr(f.y), ptr(f.m),
-                                                         ptr(f.s), ptr(dy), f.flag.template const_data_ptr<bool>(), f.B,
-                                                         f.C, mut(dw)});
+    if (any_flagged) {
+      const bool* flags = flag.template const_data_ptr<bool>();  // contiguous (B, L, C) in both cases
+      exec_(dk.numel(), portable::AftFlaggedKeyGrads<A>{f.range, ptr(f.k), ptr(f.v), ptr(y), ptr(lse), ptr(dy),
+                                                        flags, C, mut(dk), mut(dv)});
+      exec_(dw.numel(), portable::AftFlaggedBiasGrads<A>{f.range, ptr(f.k), ptr(f.v), ptr(y), ptr(lse), ptr(dy),
+                                                         flags, f.B, C, mut(dw)});
     }
-    return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dw.to(w.scalar_type())};
+    dw = window == 0 ? dw.to(w.scalar_type()) : dense_bias_grad(f, dw, w);
+    return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dw};
   }
 
   at::Tensor conv_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -103,16 +148,17 @@ class Aft {
     const at::Tensor Hm = (G * f.y).contiguous();
     const at::Tensor GB = G.sum(1).contiguous(), HB = Hm.sum(1).contiguous();
     at::Tensor dk = at::empty_like(f.k), dv = at::empty_like(f.v), dw = at::empty_like(f.w);
-    exec_(dk.numel(), portable::ConvKeyGrads<A>{f.grid, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(G), ptr(Hm),
-                                                ptr(GB), ptr(HB), mut(dk), mut(dv)});
-    exec_(dw.numel(), portable::ConvWeightGrads<A>{f.grid, ptr(f.E), ptr(f.K), ptr(f.v), ptr(G), ptr(Hm), f.B,
+    exec_(portable::ChannelBlock<V>::items(f.B * f.grid.positions(), f.grid.C, f.grid.C / f.grid.heads),
+          portable::ConvKeyGrads<A, V>{f.grid, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(G), ptr(Hm), ptr(GB),
+                                       ptr(HB), mut(dk), mut(dv)});
+    exec_(dw.numel(), portable::ConvWeightGrads<A, V>{f.grid, ptr(f.E), ptr(f.K), ptr(f.v), ptr(G), ptr(Hm), f.B,
                                                    mut(dw)});
     if (f.any_flagged) {
       const bool* flag = f.flag.template const_data_ptr<bool>();
-      exec_(dk.numel(), portable::ConvFlaggedKeyGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y), ptr(f.m), ptr(f.s),
+      exec_(dk.numel(), portable::ConvFlaggedKeyGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y), ptr(f.lse),
                                                          ptr(dy), flag, mut(dk), mut(dv)});
-      exec_(dw.numel(), portable::ConvFlaggedWeightGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y), ptr(f.m),
-                                                            ptr(f.s), ptr(dy), flag, f.B, mut(dw)});
+      exec_(dw.numel(), portable::ConvFlaggedWeightGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y),
+                                                            ptr(f.lse), ptr(dy), flag, f.B, mut(dw)});
     }
     return {dq.view(q.sizes()).to(q.scalar_type()), dk.view(k.sizes()).to(k.scalar_type()),
             dv.view(v.sizes()).to(v.scalar_type()), dw.to(weight.scalar_type())};
@@ -146,78 +192,185 @@ class Aft {
   static A tiny() { return std::is_same_v<A, double> ? A(2.4e-181) : A(8.7e-19); }  // 2^-600, 2^-60
 
   struct Full {
-    at::Tensor q, k, v, w;        // inputs in the accumulation type, contiguous
-    at::Tensor E, mw;             // (L, S) row-stabilised exp of the biases (0 outside R(t)); row maxima (L)
-    at::Tensor K;                 // exp(k - max over positions), (B, S, C)
-    at::Tensor y, den, flag;      // (B, L, C); flag: computed exactly by AftRobustRows
-    at::Tensor m, s;              // softmax statistics of the flagged elements
+    at::Tensor q, k, v, w;  // inputs in the accumulation type, contiguous; w stored as AftRange says
     portable::AftRange<A> range;
     int64_t B, L, S, C;
+  };
+
+  // Row maxima mw of w' over R(t); window = 0: E = exp(w - mw) (L, S), zero outside R(t); window > 0:
+  // base and the band F of AftBand.
+  struct Biases {
+    at::Tensor mw, E, base, F;
+  };
+
+  // mk = max over positions of k (B, 1, C), K = exp(k - mk) and K v (B, S, C); window = 0: views of
+  // X = [K v, K] laid out (S, B, 2C), the right-hand side of the products; else contiguous.
+  struct Keys {
+    at::Tensor mk, K, Kv, X;
+  };
+
+  // y (B, L, C) contiguous (0 where flagged), den (scaled by exp(-mw_t - mk)), flag (contiguous).
+  struct Rows {
+    at::Tensor y, den, flag;
     bool any_flagged;
   };
 
-  Full full(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, bool causal,
-            int64_t window) const {
+  Full full_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, bool causal,
+                   int64_t window) const {
     Full f;
     f.q = q.to(acc());
     f.k = k.to(acc()).contiguous();
     f.v = v.to(acc()).contiguous();
-    f.w = w.to(acc()).contiguous();
     f.B = k.size(0);
     f.L = q.size(1);
     f.S = k.size(1);
     f.C = k.size(2);
-    f.range = {ptr(f.w), f.L, f.S, window, causal};
-    const auto opts = f.k.options();
-    // w' (the bias outside the window is 0), -inf outside R(t); its row maxima; E = exp(w' - mw).
-    at::Tensor biases = f.w;
-    if (window > 0) {
-      const at::Tensor t = at::arange(f.L, opts.dtype(at::kLong)).view({-1, 1});
-      const at::Tensor j = at::arange(f.S, opts.dtype(at::kLong)).view({1, -1});
-      biases = at::where((t - j).abs() < window, f.w, 0);
+    if (window == 0) {
+      f.w = w.to(acc()).contiguous();
+    } else {  // the band of AftRange, gathered before the conversion: no (L, S) copy
+      const int64_t band[] = {f.L, 2 * window - 1};
+      f.w = f.S == 0 ? at::zeros(band, f.k.options())
+                     : at::gather(w, 1, band_keys(f.L, window, w.device()).clamp(0, f.S - 1)).to(acc());
     }
-    if (causal) {
+    f.range = {ptr(f.w), f.L, f.S, window, causal};
+    return f;
+  }
+
+  // The key position j = t - window + 1 + o of each band entry (t, o), as an (L, 2 window - 1) index.
+  static at::Tensor band_keys(int64_t L, int64_t window, const c10::Device& device) {
+    const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+    return at::arange(L, opts).view({-1, 1}) + at::arange(2 * window - 1, opts).view({1, -1}) - (window - 1);
+  }
+
+  // The dense (L, S) gradient, in the biases' dtype, of a band gradient (zero outside R(t)).
+  static at::Tensor dense_bias_grad(const Full& f, const at::Tensor& band, const at::Tensor& w) {
+    const at::Tensor j = band_keys(f.L, f.range.window, w.device());
+    const at::Tensor t = at::arange(f.L, j.options()).view({-1, 1}).expand_as(j);
+    const at::Tensor inside = (j >= 0).logical_and_(f.range.causal ? j <= t : j < f.S);
+    at::Tensor dense = at::zeros({f.L * f.S}, w.options());
+    dense.index_put_({(t * f.S + j).masked_select(inside)}, band.masked_select(inside).to(w.scalar_type()));
+    return dense.view({f.L, f.S});
+  }
+
+  Biases biases(const Full& f) const {
+    Biases e;
+    const auto opts = f.w.options();
+    if (f.range.window > 0) {
+      e.mw = at::empty({f.L}, opts);
+      e.base = at::empty({f.L}, opts);
+      e.F = at::empty({f.L, 2 * f.range.window - 1}, opts);
+      exec_(f.L, portable::AftBand<A>{f.range, mut(e.mw), mut(e.base), mut(e.F)});
+      return e;
+    }
+    at::Tensor biases = f.w;
+    if (f.range.causal) {
       biases = biases.masked_fill(at::ones({f.L, f.S}, opts.dtype(at::kBool)).triu(1), -INFINITY);
     }
-    f.mw = f.L > 0 && f.S > 0 ? std::get<0>(biases.max(1)).contiguous() : at::zeros({f.L}, opts);
-    f.E = at::exp(biases - f.mw.view({-1, 1})).contiguous();
-    const at::Tensor mk = f.S > 0 ? std::get<0>(f.k.max(1, true)) : at::zeros({f.B, 1, f.C}, opts);
-    f.K = at::exp(f.k - mk).contiguous();
-    if (window == 0) {
-      const at::Tensor num_den = at::matmul(f.E, at::cat({f.K * f.v, f.K}, 2));  // one product: (B, L, 2C)
-      const at::Tensor den = num_den.narrow(2, f.C, f.C);
-      f.flag = (den < tiny()).logical_or(den.isnan()).contiguous();
-      f.den = at::where(f.flag, 1, den).contiguous();
-      f.y = at::where(f.flag, 0, num_den.narrow(2, 0, f.C) / f.den).contiguous();
+    e.mw = f.L > 0 && f.S > 0 ? std::get<0>(biases.max(1)) : at::zeros({f.L}, opts);
+    e.E = at::exp(biases - e.mw.view({-1, 1}));
+    return e;
+  }
+
+  Keys exp_keys(const Full& f) const {
+    Keys keys;
+    const auto opts = f.k.options();
+    keys.mk = f.S > 0 ? std::get<0>(f.k.max(1, true)) : at::zeros({f.B, 1, f.C}, opts);
+    if (f.range.window > 0) {
+      keys.K = at::exp(f.k - keys.mk);
+      keys.Kv = keys.K * f.v;
+      return keys;
+    }
+    keys.X = at::empty({f.S, f.B, 2 * f.C}, opts);
+    keys.Kv = keys.X.narrow(2, 0, f.C).permute({1, 0, 2});
+    keys.K = keys.X.narrow(2, f.C, f.C).permute({1, 0, 2});
+    at::exp_out(keys.K, f.k - keys.mk);
+    at::mul_out(keys.Kv, keys.K, f.v);
+    return keys;
+  }
+
+  // The three products of window = 0 with E (L, S). Causal E is zero above the diagonal (L == S): the
+  // rows are split into blocks [r0, r1) that only need the key positions below r1, about half the work.
+  std::vector<std::pair<int64_t, int64_t>> row_blocks(const Full& f) const {
+    std::vector<std::pair<int64_t, int64_t>> blocks;
+    const int64_t rows = f.range.causal ? std::max<int64_t>(128, (f.L + 7) / 8) : std::max<int64_t>(f.L, 1);
+    for (int64_t r0 = 0; r0 < f.L; r0 += rows) {
+      blocks.emplace_back(r0, std::min(f.L, r0 + rows));
+    }
+    return blocks;
+  }
+
+  // E X: (L, S) (S, N) -> (L, N).
+  at::Tensor bias_product(const Full& f, const at::Tensor& E, const at::Tensor& X) const {
+    if (!f.range.causal) {
+      return at::mm(E, X);
+    }
+    at::Tensor out = at::empty({f.L, X.size(1)}, X.options());
+    for (const auto& [r0, r1] : row_blocks(f)) {
+      at::Tensor rows = out.narrow(0, r0, r1 - r0);
+      at::mm_out(rows, E.narrow(0, r0, r1 - r0).narrow(1, 0, r1), X.narrow(0, 0, r1));
+    }
+    return out;
+  }
+
+  // E^T Y: (L, S)^T (L, N) -> (S, N); causal: output rows [c0, c1) need the rows t >= c0 of Y.
+  at::Tensor transposed_bias_product(const Full& f, const at::Tensor& E, const at::Tensor& Y) const {
+    if (!f.range.causal) {
+      return at::mm(E.t(), Y);
+    }
+    at::Tensor out = at::empty({f.S, Y.size(1)}, Y.options());
+    for (const auto& [c0, c1] : row_blocks(f)) {
+      at::Tensor rows = out.narrow(0, c0, c1 - c0);
+      at::mm_out(rows, E.narrow(0, c0, f.L - c0).narrow(1, c0, c1 - c0).t(), Y.narrow(0, c0, f.L - c0));
+    }
+    return out;
+  }
+
+  // Y X^T: (L, N) (S, N)^T -> (L, S); causal: zero above the diagonal's blocks (E is zero there).
+  at::Tensor bias_gradient_product(const Full& f, const at::Tensor& Y, const at::Tensor& X) const {
+    if (!f.range.causal) {
+      return at::mm(Y, X.t());
+    }
+    at::Tensor out = at::zeros({f.L, f.S}, Y.options());
+    for (const auto& [r0, r1] : row_blocks(f)) {
+      out.narrow(0, r0, r1 - r0).narrow(1, 0, r1).copy_(at::mm(Y.narrow(0, r0, r1 - r0), X.narrow(0, 0, r1).t()));
+    }
+    return out;
+  }
+
+  Rows rows(const Full& f, const Biases& e, const Keys& keys) const {
+    Rows r;
+    const auto opts = f.k.options();
+    const int64_t rows[] = {f.B, f.L, f.C};
+    r.y = at::empty(rows, opts);
+    r.flag = at::empty(rows, opts.dtype(at::kBool));
+    if (f.range.window == 0) {
+      const int64_t x_rows[] = {f.S, f.B * 2 * f.C}, nd_rows[] = {f.L, f.B, 2 * f.C};
+      const at::Tensor num_den = bias_product(f, e.E, keys.X.view(x_rows)).view(nd_rows);
+      r.den = num_den.narrow(2, f.C, f.C).permute({1, 0, 2});
+      at::ge_out(r.flag, r.den, tiny());
+      r.flag.logical_not_();
+      at::div_out(r.y, num_den.narrow(2, 0, f.C).permute({1, 0, 2}), r.den);
+      r.y.masked_fill_(r.flag, 0);
     } else {
       // The sums over R(t) of K v and K: prefix sums when causal, else totals.
-      const int64_t rows[] = {f.B, f.L, f.C};
       auto over_range = [&](const at::Tensor& x) {
-        return (causal ? x.cumsum(1) : x.sum(1, true).expand(rows)).contiguous();
+        return (f.range.causal ? x.cumsum(1) : x.sum(1, true).expand(rows)).contiguous();
       };
-      const at::Tensor Akv = over_range(f.K * f.v), Ak = over_range(f.K);
-      f.y = at::empty({f.B, f.L, f.C}, opts);
-      f.den = at::empty_like(f.y);
-      f.flag = at::empty({f.B, f.L, f.C}, opts.dtype(at::kBool));
-      exec_(f.y.numel(), portable::AftLocalRows<A>{f.range, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(Akv),
-                                                   ptr(Ak), f.C, tiny(), mut(f.y), mut(f.den),
-                                                   f.flag.template mutable_data_ptr<bool>()});
+      const at::Tensor Akv = over_range(keys.Kv), Ak = over_range(keys.K);
+      r.den = at::empty(rows, opts);
+      exec_(portable::ChannelBlock<V>::items(f.B * f.L, f.C, f.C),
+          portable::AftLocalRows<A, V>{f.range, ptr(e.F), ptr(e.base), ptr(keys.K), ptr(f.v), ptr(Akv), ptr(Ak), f.C,
+                                       tiny(), mut(r.y), mut(r.den), r.flag.template mutable_data_ptr<bool>()});
     }
-    f.any_flagged = f.flag.numel() > 0 && f.flag.any().template item<bool>();
-    if (f.any_flagged) {
-      f.m = at::zeros_like(f.y);
-      f.s = at::ones_like(f.y);
-      exec_(f.y.numel(), portable::AftRobustRows<A>{f.range, ptr(f.k), ptr(f.v), f.flag.template const_data_ptr<bool>(),
-                                                    f.C, mut(f.y), mut(f.m), mut(f.s)});
-    }
-    return f;
+    r.any_flagged = r.flag.numel() > 0 && r.flag.any().template item<bool>();
+    return r;
   }
 
   struct Conv {
     at::Tensor k, v, w;        // (B, P, C) with P = Hi Wi positions, and the (heads, s, s) weight
     at::Tensor E, mw, K;       // exp(w - mw_h), the per-head maxima of (0, w^h), exp(k - max_p k)
     at::Tensor y, den, flag;   // (B, P, C)
-    at::Tensor m, s;           // softmax statistics of the flagged elements
+    at::Tensor lse;            // log of the softmax denominator of the flagged elements
     portable::ConvGrid<A> grid;
     int64_t B;
     bool any_flagged;
@@ -240,16 +393,15 @@ class Aft {
     f.y = at::empty_like(f.k);
     f.den = at::empty_like(f.k);
     f.flag = at::empty(flat, f.k.options().dtype(at::kBool));
-    exec_(f.y.numel(), portable::ConvLocalRows<A>{f.grid, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(Akv), ptr(Ak),
-                                                  tiny(), mut(f.y), mut(f.den),
-                                                  f.flag.template mutable_data_ptr<bool>()});
+    exec_(portable::ChannelBlock<V>::items(f.B * Hi * Wi, C, C / heads),
+          portable::ConvLocalRows<A, V>{f.grid, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(Akv), ptr(Ak), tiny(),
+                                        mut(f.y), mut(f.den), f.flag.template mutable_data_ptr<bool>()});
     f.any_flagged = f.flag.numel() > 0 && f.flag.any().template item<bool>();
     if (f.any_flagged) {
-      f.m = at::zeros_like(f.y);
-      f.s = at::ones_like(f.y);
+      f.lse = at::zeros_like(f.y);
       exec_(f.y.numel(), portable::ConvRobustRows<A>{f.grid, ptr(f.k), ptr(f.v),
-                                                     f.flag.template const_data_ptr<bool>(), mut(f.y), mut(f.m),
-                                                     mut(f.s)});
+                                                     f.flag.template const_data_ptr<bool>(), mut(f.y),
+                                                     mut(f.lse)});
     }
     return f;
   }
@@ -289,13 +441,17 @@ class Aft {
   const Exec& exec_;
 };
 
-// Runs fn(Aft<Exec, A>) for the accumulation type of `input`.
+// Runs fn(Aft<Exec, A, V>) for the accumulation type of `input`, with the executor's channel lanes V, or
+// with one lane when `one_lane` (how the CPU runs the GPU's item layout in emulation mode).
 template <typename Exec, typename Fn>
-auto with_aft(const Exec& exec, const at::Tensor& input, const Fn& fn) {
-  if (input.scalar_type() == at::kDouble) {
-    return fn(Aft<Exec, double>(exec));
+auto with_aft(const Exec& exec, const at::Tensor& input, bool one_lane, const Fn& fn) {
+  if constexpr (Exec::kLanes > 1) {
+    if (one_lane) {
+      return input.scalar_type() == at::kDouble ? fn(Aft<Exec, double, 1>(exec)) : fn(Aft<Exec, float, 1>(exec));
+    }
   }
-  return fn(Aft<Exec, float>(exec));
+  constexpr int V = Exec::kLanes;
+  return input.scalar_type() == at::kDouble ? fn(Aft<Exec, double, V>(exec)) : fn(Aft<Exec, float, V>(exec));
 }
 
 }  // namespace flowformer::aft_portable

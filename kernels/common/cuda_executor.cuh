@@ -21,6 +21,8 @@ __global__ void __launch_bounds__(kItemsPerBlock) run_items(int64_t items, Item 
 }
 
 struct CudaExecutor {
+  static constexpr int kLanes = 1;  // channels per item (ChannelBlock): one thread per channel
+
   template <typename Item>
   void operator()(int64_t items, const Item& item) const {
     if (items == 0) {

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FF_HD __host__ __device__ __forceinline__
@@ -20,6 +21,8 @@ namespace flowformer::portable {
 
 FF_HD float exp_(float x) { return expf(x); }
 FF_HD double exp_(double x) { return exp(x); }
+FF_HD float log_(float x) { return logf(x); }
+FF_HD double log_(double x) { return log(x); }
 
 // phi(x) of the feature map (see common/feature_map.h for the table).
 template <typename A>
@@ -59,6 +62,10 @@ template <typename A>
 struct OnlineSoftmax {
   A m = -INFINITY, s = 0, a = 0;
 
+  FF_HD bool empty() const { return s == A(0); }
+  FF_HD A average() const { return empty() ? A(0) : a / s; }  // 0 over no term at all
+  FF_HD A log_sum() const { return empty() ? A(0) : m + log_(s); }  // log sum exp(z); 0 over no term
+
   FF_HD void add(A z, A v) {
     if (z > m) {
       const A scale = exp_(m - z);
@@ -71,6 +78,59 @@ struct OnlineSoftmax {
     a += e * v;
   }
 };
+
+// Channel lanes: an item of a per-channel kernel covers up to V consecutive channels of one row, within
+// one group of `group` channels (a head; C itself when channels are not grouped). V = 1 on the GPU (one
+// thread per channel, coalesced); V > 1 on the CPU, where the host compiler vectorises across the lanes.
+template <int V>
+struct ChannelBlock {
+  int64_t row, c0, n;  // the row (every index but the channel), the first channel, the channels covered
+
+  FF_HD static int64_t items(int64_t rows, int64_t C, int64_t group) {
+    return rows * (C / group) * ((group + V - 1) / V);
+  }
+  FF_HD ChannelBlock(int64_t item, int64_t C, int64_t group) {
+    const int64_t per_group = (group + V - 1) / V, per_row = (C / group) * per_group;
+    const int64_t block = item % per_row, start = block % per_group * V;
+    row = item / per_row;
+    c0 = block / per_group * group + start;
+    n = group - start < V ? group - start : V;
+  }
+  // body(count) with count = V as a compile-time constant for a full block (the lanes stay in registers
+  // and the loops over them vectorise), else the remaining channels.
+  template <typename Body>
+  FF_HD void run(const Body& body) const {
+    if (n == V) {
+      body(std::integral_constant<int64_t, V>{});
+    } else {
+      body(n);
+    }
+  }
+};
+
+// Sums sum_{c < n} term(c) into V interleaved partial sums (V lanes: the host compiler vectorises the
+// main loop; one lane on the GPU); lanes_total adds them in a fixed order, so results are deterministic.
+template <int V, typename A, typename Term>
+FF_HD void add_to_lanes(A (&lanes)[V], int64_t n, const Term& term) {
+  int64_t c = 0;
+  for (; c + V <= n; c += V) {
+    for (int l = 0; l < V; ++l) {
+      lanes[l] += term(c + l);
+    }
+  }
+  for (; c < n; ++c) {
+    lanes[c % V] += term(c);
+  }
+}
+
+template <int V, typename A>
+FF_HD A lanes_total(const A (&lanes)[V]) {
+  A total = 0;
+  for (int l = 0; l < V; ++l) {
+    total += lanes[l];
+  }
+  return total;
+}
 
 // The rows of one (B, H, n, width) input, any strides but a unit stride along the row, with its
 // padding (a row is valid unless one of the two (B, n) bool masks marks it) and optionally phi.

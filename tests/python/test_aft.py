@@ -64,6 +64,55 @@ def test_aft_full_adversarial_ranges(gen, causal, window, device):
                             torch.float32)
 
 
+@pytest.mark.parametrize("device", devices(FULL))
+@pytest.mark.parametrize("C", [64, 67, 130])
+@pytest.mark.parametrize("causal,window", [(False, 0), (True, 0), (False, 3), (True, 5)])
+def test_aft_full_channel_blocks(gen, causal, window, C, device):
+    # The CPU runs the windowed items over blocks of 64 channels (ChannelBlock): full blocks and tails.
+    B, L = 2, 19
+    q, k, v, w = full_inputs(gen, B, L, L, C, torch.float32, device, key_range=4.0, bias_range=3.0)
+    grad_out = randn(gen, B, L, C, device=device)
+    check_against_reference(lambda *x: F.aft_full(*x, causal=causal, window=window),
+                            lambda *x: R.aft_full(*x, causal=causal, window=window), (q, k, v, w), grad_out,
+                            torch.float32)
+
+
+def softmax_statistics(k, v, w, causal, window):
+    """Float64 y (the softmax average before the gate) and lse (log of its denominator), (B, L, C)."""
+    L, S = w.shape
+    t, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    bias = torch.where((t - j).abs() < window, w, torch.zeros_like(w)) if window > 0 else w
+    logits = k[:, None] + bias[None, :, :, None]  # (B, L, S, C)
+    if causal:
+        logits = logits.masked_fill((j > t)[None, :, :, None], float("-inf"))
+    return (torch.softmax(logits, 2) * v[:, None]).sum(2), torch.logsumexp(logits, 2)
+
+
+@pytest.mark.parametrize("device", devices(FULL))
+@pytest.mark.parametrize("causal,window", [(False, 0), (True, 0), (False, 4), (True, 4)])
+def test_aft_full_forward_statistics(gen, causal, window, device):
+    # aft_full_forward's y and lse (what the backward uses instead of a second forward), exact in float32
+    # also in the adversarial ranges, where many elements take the robust path.
+    q, k, v, w = full_inputs(gen, 2, 30, 30, 5, torch.float32, device, key_range=80.0, bias_range=30.0)
+    out, y, lse = torch.ops.flowformer.aft_full_forward(q, k, v, w, causal=causal, window=window)
+    ref_y, ref_lse = softmax_statistics(*(t.double().cpu() for t in (k, v, w)), causal, window)
+    assert y.dtype == lse.dtype == torch.float32 and y.shape == lse.shape == q.shape
+    assert_close(y, ref_y, 1e-5, "y")
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(out, F.aft_full(q, k, v, w, causal=causal, window=window), rtol=0, atol=0)
+
+
+def test_aft_full_backward_checks_statistics(gen):
+    q, k, v, w = full_inputs(gen, 2, 5, 5, 3, torch.float32, "cpu")
+    _, y, lse = torch.ops.flowformer.aft_full_forward(q, k, v, w)
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_full_backward: lse \(saved by aft_full_forward\) must "
+                                           r"be Float on cpu, got Double"):
+        torch.ops.flowformer.aft_full_backward(q, q, k, v, w, y, lse.double(), causal=False, window=0)
+    with pytest.raises(RuntimeError, match=r"flowformer::aft_full_backward: y \(saved by aft_full_forward\) must "
+                                           r"have the shape of query"):
+        torch.ops.flowformer.aft_full_backward(q, q, k, v, w, y[:, :2], lse, causal=False, window=0)
+
+
 @pytest.mark.parametrize("device", devices(SIMPLE))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
@@ -110,6 +159,11 @@ def test_opcheck(gen, device):
         q, k, v, w = (t.requires_grad_(requires_grad) for t in full_inputs(gen, 2, 7, 7, 3, torch.float64, device))
         for kwargs in ({}, {"causal": True}, {"window": 2}, {"causal": True, "window": 3}):
             torch.library.opcheck(torch.ops.flowformer.aft_full.default, (q, k, v, w), kwargs)
+            torch.library.opcheck(torch.ops.flowformer.aft_full_forward.default, (q, k, v, w), kwargs)
+            _, y, lse = torch.ops.flowformer.aft_full_forward(q, k, v, w, **kwargs)
+            backward_args = tuple(t.detach() for t in (torch.randn_like(q), q, k, v, w, y, lse))
+            torch.library.opcheck(torch.ops.flowformer.aft_full_backward.default, backward_args,
+                                  {"causal": False, "window": 0, **kwargs})
         for kwargs in ({}, {"causal": True}):
             torch.library.opcheck(torch.ops.flowformer.aft_simple.default, (q, k, v), kwargs)
 
@@ -172,7 +226,8 @@ def conv_inputs(gen, B, Hi, Wi, C, heads, s, dtype, device, key_range=1.0, bias_
 
 @pytest.mark.parametrize("device", devices(CONV))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 5, 6, 4, 2, 3), (1, 7, 4, 6, 3, 5), (2, 3, 3, 2, 1, 7), (1, 1, 8, 2, 2, 3)])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 4, 2, 3), (1, 7, 4, 6, 3, 5), (2, 3, 3, 2, 1, 7), (1, 1, 8, 2, 2, 3),
+                                   (1, 4, 5, 132, 2, 3), (1, 3, 4, 64, 1, 3)])
 def test_aft_conv_parity(gen, shape, dtype, device):
     B, Hi, Wi, C, heads, s = shape
     inputs = conv_inputs(gen, B, Hi, Wi, C, heads, s, dtype, device)
