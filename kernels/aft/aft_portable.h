@@ -74,7 +74,7 @@ class Aft {
     at::Tensor den, flag;
     if (window == 0) {
       den = at::exp(lse - e.mw.view({1, -1, 1}) - keys.mk);
-      flag = den.ge(tiny()).logical_not_();
+      flag = den.lt(tiny());
     } else {
       const Rows r = rows(f, e, keys);
       den = r.den;
@@ -209,7 +209,8 @@ class Aft {
     at::Tensor mk, K, Kv, X;
   };
 
-  // y (B, L, C) contiguous (0 where flagged), den (scaled by exp(-mw_t - mk)), flag (contiguous).
+  // y (B, L, C) contiguous (flagged elements: left to AftRobustRows), den (scaled by exp(-mw_t - mk)),
+  // flag (contiguous).
   struct Rows {
     at::Tensor y, den, flag;
     bool any_flagged;
@@ -266,7 +267,7 @@ class Aft {
     if (f.range.causal) {
       biases = biases.masked_fill(at::ones({f.L, f.S}, opts.dtype(at::kBool)).triu(1), -INFINITY);
     }
-    e.mw = f.L > 0 && f.S > 0 ? std::get<0>(biases.max(1)) : at::zeros({f.L}, opts);
+    e.mw = f.L > 0 && f.S > 0 ? biases.amax(1) : at::zeros({f.L}, opts);
     e.E = at::exp(biases - e.mw.view({-1, 1}));
     return e;
   }
@@ -274,7 +275,7 @@ class Aft {
   Keys exp_keys(const Full& f) const {
     Keys keys;
     const auto opts = f.k.options();
-    keys.mk = f.S > 0 ? std::get<0>(f.k.max(1, true)) : at::zeros({f.B, 1, f.C}, opts);
+    keys.mk = f.S > 0 ? f.k.amax(1, true) : at::zeros({f.B, 1, f.C}, opts);
     if (f.range.window > 0) {
       keys.K = at::exp(f.k - keys.mk);
       keys.Kv = keys.K * f.v;
@@ -347,10 +348,8 @@ class Aft {
       const int64_t x_rows[] = {f.S, f.B * 2 * f.C}, nd_rows[] = {f.L, f.B, 2 * f.C};
       const at::Tensor num_den = bias_product(f, e.E, keys.X.view(x_rows)).view(nd_rows);
       r.den = num_den.narrow(2, f.C, f.C).permute({1, 0, 2});
-      at::ge_out(r.flag, r.den, tiny());
-      r.flag.logical_not_();
+      at::lt_out(r.flag, r.den, tiny());  // NaN only from non-finite inputs: it propagates
       at::div_out(r.y, num_den.narrow(2, 0, f.C).permute({1, 0, 2}), r.den);
-      r.y.masked_fill_(r.flag, 0);
     } else {
       // The sums over R(t) of K v and K: prefix sums when causal, else totals.
       auto over_range = [&](const at::Tensor& x) {
@@ -387,7 +386,7 @@ class Aft {
     f.grid = {ptr(f.w), Hi, Wi, s, heads, C};
     f.mw = f.w.view({heads, -1}).amax(1).clamp_min(0).contiguous();  // positions outside N(p) have bias 0
     f.E = at::exp(f.w - f.mw.view({-1, 1, 1})).contiguous();
-    const at::Tensor mk = Hi * Wi > 0 ? std::get<0>(f.k.max(1, true)) : at::zeros({f.B, 1, C}, f.k.options());
+    const at::Tensor mk = Hi * Wi > 0 ? f.k.amax(1, true) : at::zeros({f.B, 1, C}, f.k.options());
     f.K = at::exp(f.k - mk).contiguous();
     const at::Tensor Akv = (f.K * f.v).sum(1).contiguous(), Ak = f.K.sum(1).contiguous();
     f.y = at::empty_like(f.k);
