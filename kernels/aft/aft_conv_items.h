@@ -32,6 +32,26 @@ struct ConvGrid {
     const int64_t o = offset(p, p2);
     return o < 0 ? A(0) : w[head(c) * s * s + o];
   }
+
+  // The weight-gradient items: one per (head h, kernel index o, chunk of 64 positions p), their partial
+  // sums added in a fixed order afterwards (enough items to fill a GPU; deterministic).
+  FF_HD int64_t position_chunks() const { return (positions() + 63) / 64; }
+  FF_HD int64_t weight_of(int64_t item) const { return item / position_chunks(); }  // h * s * s + o
+  // Calls row(at, at2) for every (b, p) of the item's chunk whose p2 = p + offset o lies on the grid, with
+  // at and at2 the offsets of head h's first channel at p and p2.
+  template <typename Row>
+  FF_HD void for_each_offset_pair(int64_t item, int64_t B, const Row& row) const {
+    const int64_t P = positions(), ss = s * s, o = weight_of(item) % ss, h = weight_of(item) / ss;
+    const int64_t begin = item % position_chunks() * 64, end = begin + 64 < P ? begin + 64 : P;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t p2 = shifted(p, o);
+        if (p2 >= 0) {
+          row((b * P + p) * C + h * (C / heads), (b * P + p2) * C + h * (C / heads));
+        }
+      }
+    }
+  }
 };
 
 // The exact softmax of the flagged elements: an online softmax over all positions; writes y and
@@ -130,31 +150,23 @@ struct ConvKeyGrads {
   }
 };
 
-// The weight gradient of the unflagged elements: dw^h_o = E^h_o sum_{b, c in h, p} K_{p+o} (G_p v_{p+o} - Hm_p).
-// Items: heads * s * s.
+// The weight gradient of the unflagged elements, dw^h_o = E^h_o sum_{b, c in h, p} K_{p+o} (G_p v_{p+o} - Hm_p),
+// without the factor E^h_o: one partial sum per item. Items: heads * s * s * grid.position_chunks().
 template <typename A, int V>
 struct ConvWeightGrads {
   ConvGrid<A> grid;
-  const A *E, *K, *v, *G, *Hm;
+  const A *K, *v, *G, *Hm;
   int64_t B;
-  A* dw;
+  A* partial;
 
   FF_HD void operator()(int64_t item) const {
-    const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s, per_head = C / grid.heads;
-    const int64_t o = item % ss, h = item / ss;
+    const int64_t per_head = grid.C / grid.heads;
     A lanes[V] = {};
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t p2 = grid.shifted(p, o);
-        if (p2 < 0) {
-          continue;
-        }
-        const int64_t at = (b * P + p) * C + h * per_head, at2 = (b * P + p2) * C + h * per_head;
-        const A *Gp = G + at, *Hp = Hm + at, *K2 = K + at2, *v2 = v + at2;
-        add_to_lanes(lanes, per_head, [&](int64_t c) { return K2[c] * (Gp[c] * v2[c] - Hp[c]); });
-      }
-    }
-    dw[item] = E[item] * lanes_total(lanes);
+    grid.for_each_offset_pair(item, B, [&](int64_t at, int64_t at2) {
+      const A *Gp = G + at, *Hp = Hm + at, *K2 = K + at2, *v2 = v + at2;
+      add_to_lanes(lanes, per_head, [&](int64_t c) { return K2[c] * (Gp[c] * v2[c] - Hp[c]); });
+    });
+    partial[item] = lanes_total(lanes);
   }
 };
 
@@ -184,35 +196,28 @@ struct ConvFlaggedKeyGrads {
   }
 };
 
-// The flagged elements' share of the weight gradient: dw^h_o += sum P (v_{p+o} - y_p) dy_p.
-// Items: heads * s * s.
+// The flagged elements' share of the weight gradient, dw^h_o += sum P (v_{p+o} - y_p) dy_p: one partial
+// sum per item. Items: heads * s * s * grid.position_chunks().
 template <typename A>
 struct ConvFlaggedWeightGrads {
   ConvGrid<A> grid;
   const A *k, *v, *y, *lse, *dy;
   const bool* flag;
   int64_t B;
-  A* dw;
+  A* partial;
 
   FF_HD void operator()(int64_t item) const {
-    const int64_t C = grid.C, P = grid.positions(), ss = grid.s * grid.s, per_head = C / grid.heads;
-    const int64_t o = item % ss, h = item / ss;
+    const int64_t per_head = grid.C / grid.heads;
+    const A w = grid.w[grid.weight_of(item)];
     A sum = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t p2 = grid.shifted(p, o);
-        if (p2 < 0) {
-          continue;
-        }
-        for (int64_t c = h * per_head; c < (h + 1) * per_head; ++c) {
-          const int64_t at = (b * P + p) * C + c, at2 = (b * P + p2) * C + c;
-          if (flag[at]) {
-            sum += exp_(k[at2] + grid.w[item] - lse[at]) * (v[at2] - y[at]) * dy[at];
-          }
+    grid.for_each_offset_pair(item, B, [&](int64_t at, int64_t at2) {
+      for (int64_t c = 0; c < per_head; ++c) {
+        if (flag[at + c]) {
+          sum += exp_(k[at2 + c] + w - lse[at + c]) * (v[at2 + c] - y[at + c]) * dy[at + c];
         }
       }
-    }
-    dw[item] += sum;
+    });
+    partial[item] = sum;
   }
 };
 

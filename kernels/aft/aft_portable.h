@@ -147,18 +147,24 @@ class Aft {
     const at::Tensor G = at::where(f.flag, 0, dy / f.den).contiguous();
     const at::Tensor Hm = (G * f.y).contiguous();
     const at::Tensor GB = G.sum(1).contiguous(), HB = Hm.sum(1).contiguous();
-    at::Tensor dk = at::empty_like(f.k), dv = at::empty_like(f.v), dw = at::empty_like(f.w);
+    at::Tensor dk = at::empty_like(f.k), dv = at::empty_like(f.v);
     exec_(portable::ChannelBlock<V>::items(f.B * f.grid.positions(), f.grid.C, f.grid.C / f.grid.heads),
           portable::ConvKeyGrads<A, V>{f.grid, ptr(f.E), ptr(f.mw), ptr(f.K), ptr(f.v), ptr(G), ptr(Hm), ptr(GB),
                                        ptr(HB), mut(dk), mut(dv)});
-    exec_(dw.numel(), portable::ConvWeightGrads<A, V>{f.grid, ptr(f.E), ptr(f.K), ptr(f.v), ptr(G), ptr(Hm), f.B,
-                                                   mut(dw)});
+    // The weight gradients as partial sums over chunks of positions, added in order.
+    const int64_t chunks = f.grid.position_chunks();
+    const int64_t partial_rows[] = {f.w.size(0), f.w.size(1), f.w.size(2), chunks};
+    at::Tensor partial = at::empty(partial_rows, f.k.options());
+    exec_(partial.numel(), portable::ConvWeightGrads<A, V>{f.grid, ptr(f.K), ptr(f.v), ptr(G), ptr(Hm), f.B,
+                                                           mut(partial)});
+    at::Tensor dw = f.E * partial.sum(-1);
     if (f.any_flagged) {
       const bool* flag = f.flag.template const_data_ptr<bool>();
       exec_(dk.numel(), portable::ConvFlaggedKeyGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y), ptr(f.lse),
                                                          ptr(dy), flag, mut(dk), mut(dv)});
-      exec_(dw.numel(), portable::ConvFlaggedWeightGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y),
-                                                            ptr(f.lse), ptr(dy), flag, f.B, mut(dw)});
+      exec_(partial.numel(), portable::ConvFlaggedWeightGrads<A>{f.grid, ptr(f.k), ptr(f.v), ptr(f.y),
+                                                                 ptr(f.lse), ptr(dy), flag, f.B, mut(partial)});
+      dw += partial.sum(-1);
     }
     return {dq.view(q.sizes()).to(q.scalar_type()), dk.view(k.sizes()).to(k.scalar_type()),
             dv.view(v.sizes()).to(v.scalar_type()), dw.to(weight.scalar_type())};

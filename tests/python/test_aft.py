@@ -227,7 +227,7 @@ def conv_inputs(gen, B, Hi, Wi, C, heads, s, dtype, device, key_range=1.0, bias_
 @pytest.mark.parametrize("device", devices(CONV))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 5, 6, 4, 2, 3), (1, 7, 4, 6, 3, 5), (2, 3, 3, 2, 1, 7), (1, 1, 8, 2, 2, 3),
-                                   (1, 4, 5, 132, 2, 3), (1, 3, 4, 64, 1, 3)])
+                                   (1, 4, 5, 132, 2, 3), (1, 3, 4, 64, 1, 3), (2, 9, 11, 4, 2, 5)])
 def test_aft_conv_parity(gen, shape, dtype, device):
     B, Hi, Wi, C, heads, s = shape
     inputs = conv_inputs(gen, B, Hi, Wi, C, heads, s, dtype, device)
@@ -237,8 +237,9 @@ def test_aft_conv_parity(gen, shape, dtype, device):
 
 @pytest.mark.parametrize("device", devices(CONV))
 def test_aft_conv_adversarial_ranges(gen, device):
-    inputs = conv_inputs(gen, 2, 6, 7, 4, 2, 3, torch.float32, device, key_range=80.0, bias_range=30.0)
-    grad_out = randn(gen, 2, 6, 7, 4, device=device)
+    # 72 positions: the weight gradient's partial sums span two chunks of 64 positions.
+    inputs = conv_inputs(gen, 2, 9, 8, 4, 2, 3, torch.float32, device, key_range=80.0, bias_range=30.0)
+    grad_out = randn(gen, 2, 9, 8, 4, device=device)
     check_against_reference(F.aft_conv, R.aft_conv, inputs, grad_out, torch.float32)
 
 
