@@ -236,12 +236,14 @@ struct AftFlaggedBiasGrads {
   }
 };
 
-// Causal AFT-simple, one (b, c) per item: the running-maximum recurrence
+// Causal AFT-simple, per (b, c): the running-maximum recurrence
 //   m_t = max(m_{t-1}, k_t), s_t = s_{t-1} exp(m_{t-1} - m_t) + exp(k_t - m_t), a_t likewise with v_t,
 //   y_t = a_t / s_t; with dy given, also the reverse recurrence of the backward:
-//   U_t = dy_t / s_t + exp(m_t - m_{t+1}) U_{t+1}, V_t likewise with dy_t y_t,
-//   dv_t = exp(k_t - m_t) U_t, dk_t = exp(k_t - m_t) (v_t U_t - V_t). Items: B * C.
-template <typename A>
+//   U_t = dy_t / s_t + exp(m_t - m_{t+1}) U_{t+1}, W_t likewise with dy_t y_t,
+//   dv_t = exp(k_t - m_t) U_t, dk_t = exp(k_t - m_t) (v_t U_t - W_t).
+// An item scans the n <= V channels of its ChannelBlock together (contiguous rows on the CPU).
+// Items: ChannelBlock<V>::items(B, C, C).
+template <typename A, int V>
 struct AftSimpleCausalScan {
   const A *k, *v;
   const A* dy;  // nullptr: forward only
@@ -250,29 +252,35 @@ struct AftSimpleCausalScan {
   A *dk, *dv;
 
   FF_HD void operator()(int64_t item) const {
-    const int64_t c = item % C, b = item / C;
-    OnlineSoftmax<A> running;
-    for (int64_t t = 0; t < L; ++t) {
-      const int64_t at = (b * L + t) * C + c;
-      running.add(k[at], v[at]);
-      y[at] = running.a / running.s;
-      m[at] = running.m;
-      s[at] = running.s;
-    }
-    if (dy == nullptr) {
-      return;
-    }
-    A U = 0, V = 0, next_m = 0;
-    for (int64_t t = L - 1; t >= 0; --t) {
-      const int64_t at = (b * L + t) * C + c;
-      const A carry = t + 1 < L ? exp_(m[at] - next_m) : A(0);
-      U = dy[at] / s[at] + carry * U;
-      V = dy[at] * y[at] / s[at] + carry * V;
-      next_m = m[at];
-      const A p = exp_(k[at] - m[at]);
-      dv[at] = p * U;
-      dk[at] = p * (v[at] * U - V);
-    }
+    const ChannelBlock<V> lanes(item, C, C);
+    const int64_t first = lanes.row * L * C + lanes.c0;  // (b, t = 0, c0)
+    lanes.run([&](auto n) {
+      OnlineSoftmax<A> running[V];
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t at = first + t * C;
+        for (int64_t l = 0; l < n; ++l) {
+          running[l].add(k[at + l], v[at + l]);
+          y[at + l] = running[l].a / running[l].s;
+          m[at + l] = running[l].m;
+          s[at + l] = running[l].s;
+        }
+      }
+      if (dy == nullptr) {
+        return;
+      }
+      A U[V] = {}, W[V] = {};
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const int64_t at = first + t * C;
+        for (int64_t l = 0; l < n; ++l) {
+          const A carry = t + 1 < L ? exp_(m[at + l] - m[at + C + l]) : A(0);
+          U[l] = dy[at + l] / s[at + l] + carry * U[l];
+          W[l] = dy[at + l] * y[at + l] / s[at + l] + carry * W[l];
+          const A p = exp_(k[at + l] - m[at + l]);
+          dv[at + l] = p * U[l];
+          dk[at + l] = p * (v[at + l] * U[l] - W[l]);
+        }
+      }
+    });
   }
 };
 

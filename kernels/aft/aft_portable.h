@@ -436,10 +436,10 @@ class Aft {
       r.dk = at::empty_like(ka);
       r.dv = at::empty_like(ka);
     }
-    exec_(B * C, portable::AftSimpleCausalScan<A>{ptr(ka), ptr(va), dy.defined() ? ptr(dyc) : nullptr, L, C,
-                                                  mut(r.y), mut(m), mut(s),
-                                                  dy.defined() ? mut(r.dk) : nullptr,
-                                                  dy.defined() ? mut(r.dv) : nullptr});
+    exec_(portable::ChannelBlock<V>::items(B, C, C),
+          portable::AftSimpleCausalScan<A, V>{ptr(ka), ptr(va), dy.defined() ? ptr(dyc) : nullptr, L, C, mut(r.y),
+                                              mut(m), mut(s), dy.defined() ? mut(r.dk) : nullptr,
+                                              dy.defined() ? mut(r.dv) : nullptr});
     return r;
   }
 

@@ -117,8 +117,9 @@ def test_aft_full_backward_checks_statistics(gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("key_range", [1.0, 80.0])
-def test_aft_simple_parity(gen, key_range, causal, dtype, device):
-    B, L, C = 2, 37, 5
+@pytest.mark.parametrize("C", [5, 70])  # 70: a full block of 64 channel lanes on the CPU, and a tail
+def test_aft_simple_parity(gen, C, key_range, causal, dtype, device):
+    B, L = 2, 37
     S = L if causal else 23
     q, k, v, _ = full_inputs(gen, B, L, S, C, dtype, device, key_range=key_range)
     grad_out = randn(gen, B, L, C, dtype=dtype, device=device)
