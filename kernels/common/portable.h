@@ -96,8 +96,8 @@ struct ChannelBlock {
     c0 = block / per_group * group + start;
     n = group - start < V ? group - start : V;
   }
-  // body(count) with count = V as a compile-time constant for a full block (the lanes stay in registers
-  // and the loops over them vectorise), else the remaining channels.
+  // body(count) with count = V as a compile-time constant for a full block (the loops over the lanes get
+  // a fixed trip count and vectorise), else the remaining channels.
   template <typename Body>
   FF_HD void run(const Body& body) const {
     if (n == V) {
