@@ -190,6 +190,43 @@ def test_compile_fullgraph(gen):
         torch.testing.assert_close(a, b)
 
 
+class AftMixer(torch.nn.Module):
+    """aft_full (AFT-local, causal), aft_simple and aft_conv on (B, 12, 8) tokens, a 3 x 4 grid for aft_conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos_bias = torch.nn.Parameter(torch.randn(12, 12))
+        self.weight = torch.nn.Parameter(torch.randn(2, 3, 3))
+
+    def forward(self, x):
+        B = x.shape[0]
+        local = F.aft_full(x, x.tanh(), x, self.pos_bias, causal=True, window=3)
+        grid = x.view(B, 3, 4, 8)
+        conv = F.aft_conv(grid, grid.sin(), grid, self.weight).view(B, 12, 8)
+        return local + F.aft_simple(x, x.cos(), x) + conv
+
+
+def test_export(gen):
+    model = AftMixer()
+    exported = torch.export.export(model, (randn(gen, 2, 12, 8),),
+                                   dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
+    targets = {str(node.target) for node in exported.graph.nodes}
+    for op in ("aft_full", "aft_simple", "aft_conv"):
+        assert any(f"flowformer.{op}" in t for t in targets), op
+    x = randn(gen, 5, 12, 8)
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_compile_fullgraph_all_ops(gen):
+    model = AftMixer()
+    x = randn(gen, 2, 12, 8).requires_grad_()
+    compiled = torch.compile(model, fullgraph=True)
+    params = [x, *model.parameters()]
+    for a, b in zip(torch.autograd.grad(compiled(x).square().sum(), params),
+                    torch.autograd.grad(model(x).square().sum(), params)):
+        torch.testing.assert_close(a, b)
+
+
 def test_errors(gen):
     q, k, v, w = full_inputs(gen, 2, 5, 4, 3, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match=r"flowformer::aft_full: pos_bias must have length S = 4 \(as key\), got 3"):
