@@ -45,11 +45,14 @@ class Aft {
     const Biases e = biases(f);
     const Keys keys = exp_keys(f);
     Rows r = rows(f, e, keys);
+    if (r.any_flagged && rescalable(f)) {
+      r = rescaled_rows(f, e, rescaled_key_maxima(f));
+    }
     at::Tensor lse;
     if (stats) {
       lse = at::empty({f.B, f.L, f.C}, f.k.options());
       at::log_out(lse, r.den);
-      lse.add_(e.mw.view({1, -1, 1})).add_(keys.mk);
+      lse.add_(e.mw.view({1, -1, 1})).add_(r.mk);
     } else if (r.any_flagged) {
       lse = at::empty({f.B, f.L, f.C}, f.k.options());
     }
@@ -71,10 +74,15 @@ class Aft {
     const at::Tensor y = y_saved.contiguous(), lse = lse_saved.contiguous();
     // The denominator (scaled like the factors) and the flags of the forward: from lse for window = 0,
     // else recomputed through the band (the cancellation test needs the window's terms).
-    at::Tensor den, flag;
+    at::Tensor den, flag, mk_rows;  // mk_rows: defined when the rescaled factorisation is used
     if (window == 0) {
       den = at::exp(lse - e.mw.view({1, -1, 1}) - keys.mk);
       flag = den.lt(tiny());
+      if (rescalable(f) && flag.any().template item<bool>()) {
+        mk_rows = rescaled_key_maxima(f);
+        den = at::exp(lse - e.mw.view({1, -1, 1}) - mk_rows);
+        flag = den.lt(tiny());
+      }
     } else {
       const Rows r = rows(f, e, keys);
       den = r.den;
@@ -98,12 +106,16 @@ class Aft {
       at::mul_out(Hn, G, y);
       Hn.neg_();
       const int64_t gh_rows[] = {f.L, BC2}, x_rows[] = {f.S, BC2}, egh_rows[] = {f.S, f.B, 2 * C};
-      const at::Tensor EGH = transposed_bias_product(f, e.E, GH.view(gh_rows)).view(egh_rows);
-      const at::Tensor EG = EGH.narrow(2, 0, C).permute({1, 0, 2}), EHn = EGH.narrow(2, C, C).permute({1, 0, 2});
-      at::mul_out(dv, keys.K, EG);
-      at::mul_out(dk, f.v, EG);
-      dk.add_(EHn).mul_(keys.K);
-      dw = bias_gradient_product(f, GH.view(gh_rows), keys.X.view(x_rows)).mul_(e.E);
+      if (mk_rows.defined()) {
+        dw = rescaled_gradients(f, e, mk_rows, GH, dk, dv);
+      } else {
+        const at::Tensor EGH = transposed_bias_product(f, e.E, GH.view(gh_rows)).view(egh_rows);
+        const at::Tensor EG = EGH.narrow(2, 0, C).permute({1, 0, 2}), EHn = EGH.narrow(2, C, C).permute({1, 0, 2});
+        at::mul_out(dv, keys.K, EG);
+        at::mul_out(dk, f.v, EG);
+        dk.add_(EHn).mul_(keys.K);
+        dw = bias_gradient_product(f, GH.view(gh_rows), keys.X.view(x_rows)).mul_(e.E);
+      }
     } else {
       const at::Tensor G = at::where(flag, 0, dy / den).contiguous();
       const at::Tensor Hm = (G * y).contiguous();
@@ -219,6 +231,7 @@ class Aft {
   // flag (contiguous).
   struct Rows {
     at::Tensor y, den, flag;
+    at::Tensor mk;  // the key maxima den is scaled by: (B, 1, C), or (B, L, C) when rescaled
     bool any_flagged;
   };
 
@@ -367,8 +380,83 @@ class Aft {
           portable::AftLocalRows<A, V>{f.range, ptr(e.F), ptr(e.base), ptr(keys.K), ptr(f.v), ptr(Akv), ptr(Ak), f.C,
                                        tiny(), mut(r.y), mut(r.den), r.flag.template mutable_data_ptr<bool>()});
     }
+    r.mk = keys.mk;
     r.any_flagged = r.flag.numel() > 0 && r.flag.any().template item<bool>();
     return r;
+  }
+
+  // Causal window = 0: keys that rise along the sequence make K = exp(k - max_t' k) underflow in the early
+  // rows, where max_t' k lies in the future. Before the exact per-element path, such inputs get a
+  // rescaled factorisation: blocks of 32 rows, each with its own key maxima over the keys it sums over
+  // (t' < r1), so that only elements that underflow within their block are left for AftRobustRows.
+  static constexpr int64_t kRescaledRows = 32;
+
+  static bool rescalable(const Full& f) { return f.range.causal && f.range.window == 0 && f.L > kRescaledRows; }
+
+  // max_{t' < r1(t)} k for the row t in block [r0, r1), (B, L, C).
+  static at::Tensor rescaled_key_maxima(const Full& f) {
+    const at::Tensor prefix = std::get<0>(f.k.cummax(1));
+    const auto index = at::TensorOptions().dtype(at::kLong).device(f.k.device());
+    const at::Tensor ends = (at::arange(f.L, index).div(kRescaledRows, "floor") + 1).mul_(kRescaledRows).sub_(1)
+                                .clamp_max_(f.L - 1);
+    return prefix.index_select(1, ends);
+  }
+
+  // [K v, K] for the keys t' < r1 with K = exp(k - mk) and the maxima mk of block [r0, r1), laid out
+  // (r1, B, 2C) like Keys::X.
+  static at::Tensor block_factors(const Full& f, const at::Tensor& mk_rows, int64_t r1) {
+    at::Tensor X = at::empty({r1, f.B, 2 * f.C}, f.k.options());
+    at::Tensor K = X.narrow(2, f.C, f.C).permute({1, 0, 2}), Kv = X.narrow(2, 0, f.C).permute({1, 0, 2});
+    at::exp_out(K, f.k.narrow(1, 0, r1) - mk_rows.narrow(1, r1 - 1, 1));
+    at::mul_out(Kv, K, f.v.narrow(1, 0, r1));
+    return X;
+  }
+
+  template <typename Fn>
+  static void for_rescaled_blocks(const Full& f, const Fn& fn) {
+    for (int64_t r0 = 0; r0 < f.L; r0 += kRescaledRows) {
+      fn(r0, std::min(f.L, r0 + kRescaledRows));
+    }
+  }
+
+  Rows rescaled_rows(const Full& f, const Biases& e, const at::Tensor& mk_rows) const {
+    const int64_t BC2 = f.B * 2 * f.C, nd_rows[] = {f.L, f.B, 2 * f.C};
+    at::Tensor num_den = at::empty({f.L, BC2}, f.k.options());
+    for_rescaled_blocks(f, [&](int64_t r0, int64_t r1) {
+      at::Tensor rows = num_den.narrow(0, r0, r1 - r0);
+      at::mm_out(rows, e.E.narrow(0, r0, r1 - r0).narrow(1, 0, r1), block_factors(f, mk_rows, r1).view({r1, BC2}));
+    });
+    Rows r;
+    const int64_t rows[] = {f.B, f.L, f.C};
+    r.y = at::empty(rows, f.k.options());
+    r.flag = at::empty(rows, f.k.options().dtype(at::kBool));
+    r.den = num_den.view(nd_rows).narrow(2, f.C, f.C).permute({1, 0, 2});
+    at::lt_out(r.flag, r.den, tiny());
+    at::div_out(r.y, num_den.view(nd_rows).narrow(2, 0, f.C).permute({1, 0, 2}), r.den);
+    r.mk = mk_rows;
+    r.any_flagged = r.flag.any().template item<bool>();
+    return r;
+  }
+
+  // The backward's three products in the rescaled factorisation, block by block: dv, dk (accumulated over
+  // the blocks in order) and the returned dw, from GH = [G, -Hm] laid out (L, B, 2C).
+  at::Tensor rescaled_gradients(const Full& f, const Biases& e, const at::Tensor& mk_rows, const at::Tensor& GH,
+                                at::Tensor& dk, at::Tensor& dv) const {
+    const int64_t C = f.C, BC2 = f.B * 2 * C;
+    dk.zero_();
+    dv.zero_();
+    at::Tensor dw = at::zeros({f.L, f.S}, f.k.options());
+    for_rescaled_blocks(f, [&](int64_t r0, int64_t r1) {
+      const at::Tensor X = block_factors(f, mk_rows, r1), GHr = GH.narrow(0, r0, r1 - r0).reshape({r1 - r0, BC2});
+      const at::Tensor Er = e.E.narrow(0, r0, r1 - r0).narrow(1, 0, r1);
+      const at::Tensor P = at::mm(Er.t(), GHr).view({r1, f.B, 2 * C});
+      const at::Tensor PG = P.narrow(2, 0, C).permute({1, 0, 2}), PHn = P.narrow(2, C, C).permute({1, 0, 2});
+      const at::Tensor K = X.narrow(2, C, C).permute({1, 0, 2});
+      dv.narrow(1, 0, r1).addcmul_(K, PG);
+      dk.narrow(1, 0, r1).add_(K * (f.v.narrow(1, 0, r1) * PG + PHn));
+      dw.narrow(0, r0, r1 - r0).narrow(1, 0, r1).copy_(at::mm(GHr, X.view({r1, BC2}).t()).mul_(Er));
+    });
+    return dw;
   }
 
   struct Conv {

@@ -171,9 +171,9 @@ def aft_full(
             -inf: those positions still contribute) elsewhere; O(L s C) work.
 
     Exact and finite for keys anywhere in [-80, 80] and biases in [-30, 30] (maxima are subtracted;
-    where the fast factorised sums underflow, those elements are recomputed exactly, at O(S) each: inputs
-    that make most of them underflow, such as causal keys rising by ~100 along the sequence, run many
-    times slower). Any strides; float32, float16, bfloat16, float64, accumulated in float32 (float64 for
+    where the fast factorised sums underflow, causal inputs are first refactorised in blocks of 32 rows
+    (keys rising along the sequence), and the elements that still underflow are recomputed exactly, at
+    O(S) each: inputs that make most elements underflow even so run many times slower). Any strides; float32, float16, bfloat16, float64, accumulated in float32 (float64 for
     float64). For the backward it keeps two (B, L, C) softmax statistics besides its inputs; window > 0
     needs no (L, S) work space.
 

@@ -113,6 +113,21 @@ def test_aft_full_backward_checks_statistics(gen):
         torch.ops.flowformer.aft_full_backward(q, q, k, v, w, y[:, :2], lse, causal=False, window=0)
 
 
+@pytest.mark.parametrize("device", devices(FULL))
+@pytest.mark.parametrize("L", [33, 150])
+def test_aft_full_causal_rising_keys(gen, L, device):
+    # Keys rising from -80 to 80 along the sequence (different slopes per channel, some falling): the
+    # global factorisation underflows in the early rows, the rescaled one (blocks of 32 rows) mostly not;
+    # what remains takes the exact path. Outputs and all gradients against float64.
+    B, C = 2, 4
+    q, k, v, w = full_inputs(gen, B, L, L, C, torch.float32, device, bias_range=5.0)
+    slopes = torch.tensor([1.0, 0.5, -0.25, 0.05], device=device)
+    k = (torch.linspace(-80, 80, L, device=device)[:, None] * slopes + k[0]).expand(B, L, C).contiguous()
+    grad_out = randn(gen, B, L, C, device=device)
+    check_against_reference(lambda *x: F.aft_full(*x, causal=True), lambda *x: R.aft_full(*x, causal=True),
+                            (q, k, v, w), grad_out, torch.float32)
+
+
 @pytest.mark.parametrize("device", devices(SIMPLE))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
