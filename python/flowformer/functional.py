@@ -173,9 +173,9 @@ def aft_full(
     Exact and finite for keys anywhere in [-80, 80] and biases in [-30, 30] (maxima are subtracted;
     where the fast factorised sums underflow, causal inputs are first refactorised in blocks of 32 rows
     (keys rising along the sequence), and the elements that still underflow are recomputed exactly, at
-    O(S) each: inputs that make most elements underflow even so run many times slower). Any strides; float32, float16, bfloat16, float64, accumulated in float32 (float64 for
-    float64). For the backward it keeps two (B, L, C) softmax statistics besides its inputs; window > 0
-    needs no (L, S) work space.
+    O(S) each: inputs that make most elements underflow even so run many times slower). Any strides;
+    float32, float16, bfloat16, float64, accumulated in float32 (float64 for float64). For the backward
+    it keeps two (B, L, C) softmax statistics besides its inputs; window > 0 needs no (L, S) work space.
 
     Returns:
         (B, L, C) in the dtype of ``query``. Differentiable in query, key, value and pos_bias.
