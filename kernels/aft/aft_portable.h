@@ -300,12 +300,20 @@ class Aft {
       keys.Kv = keys.K * f.v;
       return keys;
     }
-    keys.X = at::empty({f.S, f.B, 2 * f.C}, opts);
+    keys.X = key_factors(f, keys.mk, f.S);
     keys.Kv = keys.X.narrow(2, 0, f.C).permute({1, 0, 2});
     keys.K = keys.X.narrow(2, f.C, f.C).permute({1, 0, 2});
-    at::exp_out(keys.K, f.k - keys.mk);
-    at::mul_out(keys.Kv, keys.K, f.v);
     return keys;
+  }
+
+  // [K v, K] for the first n key positions with K = exp(k - mk) (mk broadcast over them), laid out
+  // (n, B, 2C): the right-hand side of the window = 0 products.
+  static at::Tensor key_factors(const Full& f, const at::Tensor& mk, int64_t n) {
+    at::Tensor X = at::empty({n, f.B, 2 * f.C}, f.k.options());
+    at::Tensor K = X.narrow(2, f.C, f.C).permute({1, 0, 2}), Kv = X.narrow(2, 0, f.C).permute({1, 0, 2});
+    at::exp_out(K, f.k.narrow(1, 0, n) - mk);
+    at::mul_out(Kv, K, f.v.narrow(1, 0, n));
+    return X;
   }
 
   // The three products of window = 0 with E (L, S). Causal E is zero above the diagonal (L == S): the
@@ -358,29 +366,39 @@ class Aft {
   }
 
   Rows rows(const Full& f, const Biases& e, const Keys& keys) const {
+    if (f.range.window == 0) {
+      const int64_t x_rows[] = {f.S, f.B * 2 * f.C};
+      return product_rows(f, bias_product(f, e.E, keys.X.view(x_rows)), keys.mk);
+    }
     Rows r;
     const auto opts = f.k.options();
     const int64_t rows[] = {f.B, f.L, f.C};
     r.y = at::empty(rows, opts);
     r.flag = at::empty(rows, opts.dtype(at::kBool));
-    if (f.range.window == 0) {
-      const int64_t x_rows[] = {f.S, f.B * 2 * f.C}, nd_rows[] = {f.L, f.B, 2 * f.C};
-      const at::Tensor num_den = bias_product(f, e.E, keys.X.view(x_rows)).view(nd_rows);
-      r.den = num_den.narrow(2, f.C, f.C).permute({1, 0, 2});
-      at::lt_out(r.flag, r.den, tiny());  // NaN only from non-finite inputs: it propagates
-      at::div_out(r.y, num_den.narrow(2, 0, f.C).permute({1, 0, 2}), r.den);
-    } else {
-      // The sums over R(t) of K v and K: prefix sums when causal, else totals.
-      auto over_range = [&](const at::Tensor& x) {
-        return (f.range.causal ? x.cumsum(1) : x.sum(1, true).expand(rows)).contiguous();
-      };
-      const at::Tensor Akv = over_range(keys.Kv), Ak = over_range(keys.K);
-      r.den = at::empty(rows, opts);
-      exec_(portable::ChannelBlock<V>::items(f.B * f.L, f.C, f.C),
+    // The sums over R(t) of K v and K: prefix sums when causal, else totals.
+    auto over_range = [&](const at::Tensor& x) {
+      return (f.range.causal ? x.cumsum(1) : x.sum(1, true).expand(rows)).contiguous();
+    };
+    const at::Tensor Akv = over_range(keys.Kv), Ak = over_range(keys.K);
+    r.den = at::empty(rows, opts);
+    exec_(portable::ChannelBlock<V>::items(f.B * f.L, f.C, f.C),
           portable::AftLocalRows<A, V>{f.range, ptr(e.F), ptr(e.base), ptr(keys.K), ptr(f.v), ptr(Akv), ptr(Ak), f.C,
                                        tiny(), mut(r.y), mut(r.den), r.flag.template mutable_data_ptr<bool>()});
-    }
     r.mk = keys.mk;
+    r.any_flagged = r.flag.numel() > 0 && r.flag.any().template item<bool>();
+    return r;
+  }
+
+  // Rows from the window = 0 product [num, den] (L, B * 2C), scaled by the key maxima mk.
+  Rows product_rows(const Full& f, const at::Tensor& num_den, const at::Tensor& mk) const {
+    Rows r;
+    const int64_t rows[] = {f.B, f.L, f.C}, nd_rows[] = {f.L, f.B, 2 * f.C};
+    r.y = at::empty(rows, f.k.options());
+    r.flag = at::empty(rows, f.k.options().dtype(at::kBool));
+    r.den = num_den.view(nd_rows).narrow(2, f.C, f.C).permute({1, 0, 2});
+    at::lt_out(r.flag, r.den, tiny());  // NaN only from non-finite inputs: it propagates
+    at::div_out(r.y, num_den.view(nd_rows).narrow(2, 0, f.C).permute({1, 0, 2}), r.den);
+    r.mk = mk;
     r.any_flagged = r.flag.numel() > 0 && r.flag.any().template item<bool>();
     return r;
   }
@@ -402,14 +420,9 @@ class Aft {
     return prefix.index_select(1, ends);
   }
 
-  // [K v, K] for the keys t' < r1 with K = exp(k - mk) and the maxima mk of block [r0, r1), laid out
-  // (r1, B, 2C) like Keys::X.
+  // key_factors of the keys t' < r1 with the maxima of block [r0, r1).
   static at::Tensor block_factors(const Full& f, const at::Tensor& mk_rows, int64_t r1) {
-    at::Tensor X = at::empty({r1, f.B, 2 * f.C}, f.k.options());
-    at::Tensor K = X.narrow(2, f.C, f.C).permute({1, 0, 2}), Kv = X.narrow(2, 0, f.C).permute({1, 0, 2});
-    at::exp_out(K, f.k.narrow(1, 0, r1) - mk_rows.narrow(1, r1 - 1, 1));
-    at::mul_out(Kv, K, f.v.narrow(1, 0, r1));
-    return X;
+    return key_factors(f, mk_rows.narrow(1, r1 - 1, 1), r1);
   }
 
   template <typename Fn>
@@ -420,22 +433,13 @@ class Aft {
   }
 
   Rows rescaled_rows(const Full& f, const Biases& e, const at::Tensor& mk_rows) const {
-    const int64_t BC2 = f.B * 2 * f.C, nd_rows[] = {f.L, f.B, 2 * f.C};
+    const int64_t BC2 = f.B * 2 * f.C;
     at::Tensor num_den = at::empty({f.L, BC2}, f.k.options());
     for_rescaled_blocks(f, [&](int64_t r0, int64_t r1) {
       at::Tensor rows = num_den.narrow(0, r0, r1 - r0);
       at::mm_out(rows, e.E.narrow(0, r0, r1 - r0).narrow(1, 0, r1), block_factors(f, mk_rows, r1).view({r1, BC2}));
     });
-    Rows r;
-    const int64_t rows[] = {f.B, f.L, f.C};
-    r.y = at::empty(rows, f.k.options());
-    r.flag = at::empty(rows, f.k.options().dtype(at::kBool));
-    r.den = num_den.view(nd_rows).narrow(2, f.C, f.C).permute({1, 0, 2});
-    at::lt_out(r.flag, r.den, tiny());
-    at::div_out(r.y, num_den.view(nd_rows).narrow(2, 0, f.C).permute({1, 0, 2}), r.den);
-    r.mk = mk_rows;
-    r.any_flagged = r.flag.any().template item<bool>();
-    return r;
+    return product_rows(f, num_den, mk_rows);
   }
 
   // The backward's three products in the rescaled factorisation, block by block: dv, dk (accumulated over
