@@ -10,7 +10,7 @@ JOBS ?= $(shell nproc)
 OUT ?= gpu-check-out
 TORCH_CMAKE = $$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')
 
-.PHONY: setup deps catch2 build test test-python test-emulated test-cpp cpp-build demo bench gpu-check clean
+.PHONY: setup deps catch2 build test test-simt test-python test-emulated test-cpp cpp-build demo bench gpu-check clean
 
 setup: deps catch2 build
 
@@ -35,7 +35,16 @@ build: deps
 		$(PY) -m pip install -q --no-build-isolation --no-deps -e . && touch $(VENV)/.flowformer-editable; \
 	fi
 
-test: setup test-python test-emulated test-cpp
+test: setup test-simt test-python test-emulated test-cpp
+
+# The SIMT emulator's own tests (kernels/simt; torch-free, ASan and UBSan) and the static checks of the
+# sample kernels' sm_90 code (tests/static; needs nvcc, and cuobjdump from the venv's triton wheel).
+SIMT_BUILD_DIR ?= build/simt
+test-simt: deps catch2
+	$(VENV)/bin/cmake -S tests/simt -B $(SIMT_BUILD_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+		-DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null
+	$(VENV)/bin/cmake --build $(SIMT_BUILD_DIR) -j $(JOBS)
+	$(VENV)/bin/ctest --test-dir $(SIMT_BUILD_DIR) --output-on-failure --no-tests=error
 
 test-python:
 	$(PY) -m pytest tests/python -q -p no:cacheprovider

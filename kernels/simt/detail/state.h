@@ -1,0 +1,112 @@
+// Internal state of the SIMT emulator, shared by its .cpp files: threads, warps, blocks, shared memory.
+#pragma once
+
+#include "simt/emulator.h"
+#include "simt/fiber.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <random>
+#include <tuple>
+#include <vector>
+
+namespace flowformer::simt::detail {
+
+enum class Status : uint8_t { Runnable, AtBarrier, AtCollective, Exited };
+
+// Per byte of shared memory. Epochs are stored plus one, so that 0 means "never".
+struct Shadow {
+  uint32_t write_epoch, read_epoch;            // barrier interval of the last write / read
+  uint32_t write_warp_epoch, read_warp_epoch;  // __syncwarp epoch of the writer's / reader's warp then
+  uint32_t previous_read_warp_epoch;
+  uint16_t writer, reader;                     // thread index in the block
+  uint16_t previous_reader;                    // the reader before `reader` in read_epoch, if any
+  bool has_previous_reader;
+  bool readers_in_two_warps;                   // read_epoch's readers span more than one warp
+  bool async_pending;                          // a cp.async to this byte has not completed
+  Site write_site, read_site;
+};
+
+struct Region {
+  const char* name;  // "static" or "dynamic"
+  std::vector<unsigned char> bytes;
+  std::vector<Shadow> shadow;
+  std::size_t used = 0;  // bytes in use in this block (shadow reset up to here)
+};
+
+struct AsyncCopy {
+  Region* region;
+  std::size_t offset;
+  const void* source;  // nullptr: zero fill
+  std::size_t bytes;
+  Site site;
+};
+
+struct Collective {
+  const char* op;
+  Site site;
+  unsigned mask, arrived;
+  const void* in[32];
+  void* out[32];
+};
+
+struct Warp {
+  unsigned lanes;       // threads of the block in this warp
+  uint32_t sync_epoch;  // completed __syncwarp calls
+  std::vector<Collective> waiting;
+};
+
+struct Block;
+
+struct Thread {
+  Uint3 thread_idx;
+  unsigned tid, lane, warp;
+  Status status;
+  Block* block;
+  std::unique_ptr<Fiber> fiber;
+  std::vector<std::vector<AsyncCopy>> async_committed;  // oldest group first
+  std::vector<AsyncCopy> async_open;
+};
+
+struct StaticAllocation {
+  std::size_t offset, bytes;
+};
+
+// One host thread's block: reused for every block that host thread runs.
+struct Block {
+  const char* kernel = "";
+  const Options* options = nullptr;
+  Uint3 block_idx{};
+  Dim3 block_dim, grid_dim;
+  unsigned threads_count = 0;
+  std::vector<std::unique_ptr<Thread>> threads;
+  std::vector<Warp> warps;
+  ThreadBody body = nullptr;
+  const void* body_context = nullptr;
+
+  uint32_t barrier_epoch = 0;
+  unsigned at_barrier = 0, exited = 0;
+  Site barrier_site;
+  unsigned barrier_first = 0;  // the thread that reached the current barrier first
+
+  Region static_shared{"static", {}, {}, 0}, dynamic_shared{"dynamic", {}, {}, 0};
+  std::map<std::tuple<const char*, int, std::size_t, std::size_t>, StaticAllocation> static_allocations;
+
+  std::mt19937_64 rng;
+  uint64_t switches = 0;
+  std::map<std::tuple<int, const char*, int, const char*, int>, Hazard> hazards;
+  std::exception_ptr error;
+
+  std::string where(const Thread& t) const;  // "kernel K, block (x, y, z), thread (x, y, z)"
+};
+
+Thread& current();
+void maybe_yield();  // a random suspension point (Schedule::Random)
+[[noreturn]] void fail(const std::string& message);  // KernelError naming the current thread
+void record_hazard(Block& block, Hazard::Kind kind, const std::string& message, Site a, Site b);
+void reset_shared(Block& block, std::size_t dynamic_bytes);
+void finish_async(Thread& t, std::size_t keep_groups);  // completes all but the newest keep_groups
+
+}  // namespace flowformer::simt::detail

@@ -1,0 +1,109 @@
+// Types shared by the two builds of a kernel: dim3, and 16-bit float storage. nvcc: CUDA's own types.
+// Host (emulation): dim3/uint3 look-alikes, and bf16/half with the conversions of __float2bfloat16_rn and
+// __float2half_rn (round to nearest even), bit-compatible with CUDA's and c10's types.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#else
+#include <cmath>
+#endif
+
+namespace flowformer::simt {
+
+#if defined(__CUDACC__)
+
+#define FF_SIMT_HD __host__ __device__ __forceinline__
+using Dim3 = dim3;
+using bf16 = __nv_bfloat16;
+using half = __half;
+
+#else
+
+#define FF_SIMT_HD inline
+
+struct Dim3 {
+  unsigned x, y, z;
+  constexpr Dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct Uint3 {
+  unsigned x, y, z;
+};
+
+inline float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t bits_from_float(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+struct bf16 {
+  uint16_t bits;
+
+  bf16() = default;
+  bf16(float f) : bits(round(f)) {}  // NOLINT: implicit, as __nv_bfloat16's
+  operator float() const { return float_from_bits(uint32_t(bits) << 16); }
+
+  static uint16_t round(float f) {
+    const uint32_t u = bits_from_float(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      return uint16_t((u >> 16) | 0x40u);  // NaN stays a quiet NaN
+    }
+    return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+};
+
+struct half {
+  uint16_t bits;
+
+  half() = default;
+  half(float f) : bits(round(f)) {}  // NOLINT: implicit, as __half's
+  operator float() const {
+    const uint32_t sign = uint32_t(bits & 0x8000u) << 16, e = (bits >> 10) & 0x1fu, m = bits & 0x3ffu;
+    if (e == 0) {  // zero or subnormal: m * 2^-24
+      const float magnitude = float(m) * 5.9604644775390625e-8f;
+      return sign ? -magnitude : magnitude;
+    }
+    if (e == 31) {
+      return float_from_bits(sign | 0x7f800000u | (m << 13));
+    }
+    return float_from_bits(sign | ((e + 112u) << 23) | (m << 13));
+  }
+
+  static uint16_t round(float f) {
+    const uint32_t u = bits_from_float(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+      return uint16_t(sign | 0x7e00u);
+    }
+    if (a >= 0x477ff000u) {  // at or above 65520: rounds to infinity
+      return uint16_t(sign | 0x7c00u);
+    }
+    if (a >= 0x38800000u) {  // normal: rebias the exponent (127 - 15), drop 13 mantissa bits, to nearest even
+      const uint32_t r = a - 0x38000000u;
+      return uint16_t(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+    }
+    // subnormal: a multiple of 2^-24, rounded to nearest even (the scaling by 2^24 is exact)
+    return uint16_t(sign | uint32_t(std::nearbyint(float_from_bits(a) * 16777216.0f)));
+  }
+};
+
+#endif
+
+// Two 16-bit values in one 32-bit register, the lower index in the lower half (the fragment layout).
+template <typename T>
+FF_SIMT_HD uint32_t pack2(T lo, T hi) {
+  uint16_t l, h;
+  std::memcpy(&l, &lo, 2);
+  std::memcpy(&h, &hi, 2);
+  return uint32_t(l) | (uint32_t(h) << 16);
+}
+
+}  // namespace flowformer::simt
