@@ -2,6 +2,8 @@
 // stream of the current device (the caller holds a device guard), every launch checked.
 #pragma once
 
+#include "common/item_kernel.cuh"
+
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -9,16 +11,6 @@
 #include <limits>
 
 namespace flowformer::portable {
-
-constexpr int kItemsPerBlock = 256;
-
-template <typename Item>
-__global__ void __launch_bounds__(kItemsPerBlock) run_items(int64_t items, Item item) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x;
-  if (i < items) {
-    item(i);
-  }
-}
 
 struct CudaExecutor {
   static constexpr int kLanes = 1;  // channels per item (ChannelBlock): one thread per channel
