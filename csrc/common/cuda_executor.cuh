@@ -1,5 +1,6 @@
-// Runs the items of a portable kernel (portable.h) on the GPU: one thread per item, on the current
-// stream of the current device (the caller holds a device guard), every launch checked.
+// Runs the items of a portable kernel (kernels/common/portable.h) on the GPU: one thread per item
+// (run_items, kernels/common/item_kernel.cuh), on the current stream of the current device (the caller
+// holds a device guard), every launch checked.
 #pragma once
 
 #include "common/item_kernel.cuh"
