@@ -1,5 +1,5 @@
 // The AFT ops as the dispatcher sees them (spec/aft.md), shared by the schema file, the backends
-// (cpu/ and, for CUDA, kernels/aft/) and the Meta and Autograd registrations.
+// (cpu/ and cuda/) and the Meta and Autograd registrations.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -8,7 +8,7 @@
 namespace flowformer {
 
 #ifdef FLOWFORMER_WITH_CUDA
-std::string cuda_arch_list();  // kernels/common/cuda_build_info.cu
+std::string cuda_arch_list();  // cuda_build_info.cu
 std::string cuda_toolkit_version();
 #endif
 

@@ -1,5 +1,5 @@
 // The two ops of the Flow-Attention family as the dispatcher sees them, shared by the schema file,
-// the backends (cpu/, and CUDA in kernels/flow_attention/) and the Meta and Autograd registrations.
+// the backends (cpu/ and cuda/) and the Meta and Autograd registrations.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
 // The ops of the linear-attention family as the dispatcher sees them (spec/linear_attention.md),
-// shared by the schema file, the backends (cpu/, and CUDA in kernels/linear_attention/) and the Meta
+// shared by the schema file, the backends (cpu/ and cuda/) and the Meta
 // and Autograd registrations.
 #pragma once
 

@@ -1,8 +1,8 @@
-// Building blocks of the portable kernels: code written once, compiled by nvcc for the GPU (each
-// "item" is one CUDA thread, see cuda_executor.cuh) and by the host compiler for the CPU (items run
-// in a parallel loop, see host_executor.h), so the CPU test suite exercises the exact algorithm the
-// CUDA kernels run. An item function reads inputs and earlier results and writes its own outputs only:
-// no shared memory, no atomics, results independent of the order in which items run.
+// Building blocks of the portable kernels: code written once, compiled by nvcc for the GPU (each "item"
+// is one CUDA thread, see csrc/common/cuda_executor.cuh) and by the host compiler for the CPU (items run
+// in a parallel loop, see csrc/common/host_executor.h), so the CPU test suite exercises the exact
+// algorithm the CUDA kernels run. An item function reads inputs and earlier results and writes its own
+// outputs only: no shared memory, no atomics, results independent of the order in which items run.
 #pragma once
 
 #include "common/feature_map_kind.h"
@@ -24,7 +24,7 @@ FF_HD double exp_(double x) { return exp(x); }
 FF_HD float log_(float x) { return logf(x); }
 FF_HD double log_(double x) { return log(x); }
 
-// phi(x) of the feature map (see common/feature_map.h for the table).
+// phi(x) of the feature map (see csrc/common/feature_map.h for the table).
 template <typename A>
 FF_HD A feature(FeatureMap f, A x) {
   switch (f) {

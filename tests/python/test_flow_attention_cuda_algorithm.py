@@ -1,4 +1,4 @@
-"""The algorithm of the CUDA backend (kernels/flow_attention/flow_attention_portable.h).
+"""The algorithm of the CUDA backend (csrc/flow_attention/flow_attention_portable.h).
 
 On a machine without a GPU it runs on host threads when FLOWFORMER_EMULATE_CUDA=1 (the same item
 functions the CUDA kernels run, one per thread): `make test` runs the Flow-Attention tests a second

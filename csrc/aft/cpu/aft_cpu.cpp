@@ -1,4 +1,4 @@
-// CPU backend of the AFT ops: the portable implementation (kernels/aft/aft_portable.h) on host threads.
+// CPU backend of the AFT ops: the portable implementation (aft/aft_portable.h) on host threads.
 #include "aft/aft_backend.h"
 #include "common/host_executor.h"
 

@@ -1,4 +1,4 @@
-// flow_attention's CUDA algorithm (kernels/flow_attention/flow_attention_portable.h) on CPU tensors,
+// flow_attention's CUDA algorithm (flow_attention/flow_attention_portable.h) on CPU tensors,
 // run by the CPU backend when emulate_cuda_requested() (common/emulate_cuda.h).
 #pragma once
 

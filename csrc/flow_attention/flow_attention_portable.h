@@ -1,5 +1,5 @@
-// Flow-Attention as a sequence of portable item kernels (common/chunk_items.h) and small ATen ops on
-// per-row scalars (length-n vectors: counts, softmax, cumulative sums), for any executor: the CUDA
+// Flow-Attention as a sequence of portable item kernels (kernels/common/chunk_items.h) and small ATen ops
+// on per-row scalars (length-n vectors: counts, softmax, cumulative sums), for any executor: the CUDA
 // backend runs it with CudaExecutor, the CPU test mode with HostExecutor. Math: spec/flow_attention.md;
 // the gradient formulas are those of csrc/flow_attention/cpu/{noncausal,causal}.cpp.
 //

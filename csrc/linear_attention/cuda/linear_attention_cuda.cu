@@ -1,5 +1,6 @@
-// CUDA backend of the linear-attention ops: the portable kernels of linear_attention_portable.h, one
-// CUDA thread per item, on the current stream of the inputs' device.
+// CUDA backend of the linear-attention ops: the portable kernels of
+// linear_attention/linear_attention_portable.h, one CUDA thread per item, on the current stream of the
+// inputs' device.
 #include "common/cuda_executor.cuh"
 #include "linear_attention/linear_attention_ops.h"
 #include "linear_attention/linear_attention_portable.h"

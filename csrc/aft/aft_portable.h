@@ -1,6 +1,6 @@
 // The AFT ops (spec/aft.md) for any executor: dense products and per-channel reductions in ATen, and the
-// items of aft_items.h where the work is banded or must be exact. The CUDA backend runs them with
-// CudaExecutor, the CPU backend with HostExecutor: one implementation, tested on the CPU.
+// items of kernels/aft/aft_items.h where the work is banded or must be exact. The CUDA backend runs them
+// with CudaExecutor, the CPU backend with HostExecutor: one implementation, tested on the CPU.
 //
 // aft_full, window = 0: with K = exp(k - max_t' k) and E = exp(w - max_t' w) (row-stabilised, zero above
 // the diagonal when causal), num = E (K v) and den = E K: one matrix product of E with [K v, K] laid out
@@ -12,7 +12,8 @@
 // Under autograd the forward also returns y (the softmax average before the gate) and lse (the log of
 // its denominator), so that the backward needs no second forward: two products for window = 0.
 // aft_simple: non-causal a softmax over positions per channel (ATen); causal a running-maximum scan.
-// aft_conv: AFT-local on the image grid with a per-head s x s bias (aft_conv_items.h), the same fallback.
+// aft_conv: AFT-local on the image grid with a per-head s x s bias (kernels/aft/aft_conv_items.h), the
+// same fallback.
 #pragma once
 
 #include "aft/aft_conv_items.h"

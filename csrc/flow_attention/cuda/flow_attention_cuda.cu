@@ -1,5 +1,6 @@
 // CUDA backend of flowformer::flow_attention and its backward: the portable kernels of
-// flow_attention_portable.h, one CUDA thread per item, on the current stream of the inputs' device.
+// flow_attention/flow_attention_portable.h, one CUDA thread per item, on the current stream of the
+// inputs' device.
 #include "common/cuda_executor.cuh"
 #include "flow_attention/flow_attention_ops.h"
 #include "flow_attention/flow_attention_portable.h"

@@ -1,4 +1,4 @@
-// Linear attention as portable item kernels (common/chunk_items.h) and small ATen ops on per-row
+// Linear attention as portable item kernels (kernels/common/chunk_items.h) and small ATen ops on per-row
 // scalars, for any executor: the CUDA backend runs it with CudaExecutor, the CPU test mode with
 // HostExecutor. Math: spec/linear_attention.md; q, k are the features phi(query), phi(key).
 //

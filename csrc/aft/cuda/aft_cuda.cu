@@ -1,5 +1,5 @@
-// CUDA backend of the AFT ops: the portable implementation (aft_portable.h), one CUDA thread per item,
-// on the current stream of the inputs' device.
+// CUDA backend of the AFT ops: the portable implementation (aft/aft_portable.h), one CUDA thread per
+// item, on the current stream of the inputs' device.
 #include "aft/aft_backend.h"
 #include "common/cuda_executor.cuh"
 

@@ -1,7 +1,7 @@
-// Runs the generic items of chunk_items.h (and assemble_gradient.h) with an executor (CudaExecutor or
-// HostExecutor) on (B, H, n, width) inputs, each call returning a new workspace in the accumulation
-// type (float, or double for double inputs) laid out (B * H, ...). Shared by the ops built on the
-// chunked algorithm (Flow-Attention, linear attention).
+// Runs the generic items of kernels/common/chunk_items.h (and assemble_gradient.h) with an executor
+// (CudaExecutor or HostExecutor) on (B, H, n, width) inputs, each call returning a new workspace in the
+// accumulation type (float, or double for double inputs) laid out (B * H, ...). Shared by the ops built
+// on the chunked algorithm (Flow-Attention, linear attention).
 #pragma once
 
 #include "common/assemble_gradient.h"
@@ -114,7 +114,8 @@ class ChunkLauncher {
                       const at::Tensor& mult, double outer, const at::Tensor& outer_rows) const {
     return {shared(start, group), data(w), suffix, data(mult), static_cast<A>(outer), data(outer_rows)};
   }
-  // The gradient (B, H, n, D) of x, in the input dtype: see assemble_gradient.h. `base` is overwritten.
+  // The gradient (B, H, n, D) of x, in the input dtype: see kernels/common/assemble_gradient.h. `base` is
+  // overwritten.
   at::Tensor assemble(const Rows<T>& x, const Rows<T>& src, at::Tensor& base, const at::Tensor& base_scale,
                       std::initializer_list<RunningTerm<A>> terms, int64_t chunk) const {
     const int64_t sizes[] = {B_, H_, x.n, D_};

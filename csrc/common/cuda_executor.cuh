@@ -1,6 +1,9 @@
-// Runs the items of a portable kernel (portable.h) on the GPU: one thread per item, on the current
-// stream of the current device (the caller holds a device guard), every launch checked.
+// Runs the items of a portable kernel (kernels/common/portable.h) on the GPU: one thread per item
+// (run_items, kernels/common/item_kernel.cuh), on the current stream of the current device (the caller
+// holds a device guard), every launch checked.
 #pragma once
+
+#include "common/item_kernel.cuh"
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -9,16 +12,6 @@
 #include <limits>
 
 namespace flowformer::portable {
-
-constexpr int kItemsPerBlock = 256;
-
-template <typename Item>
-__global__ void __launch_bounds__(kItemsPerBlock) run_items(int64_t items, Item item) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x;
-  if (i < items) {
-    item(i);
-  }
-}
 
 struct CudaExecutor {
   static constexpr int kLanes = 1;  // channels per item (ChannelBlock): one thread per channel
