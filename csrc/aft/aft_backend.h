@@ -1,5 +1,5 @@
 // The AFT ops' backend functions for one executor: argument checks, then aft_portable.h. Included by
-// the CPU backend (HostExecutor; one channel lane per item, as on the GPU, in emulation mode) and the CUDA
+// the CPU backend (HostExecutor; EmulatedExecutor in emulation mode: the GPU's item kernel) and the CUDA
 // backend (CudaExecutor, with a device guard).
 #pragma once
 
@@ -11,13 +11,14 @@
 
 namespace flowformer::aft_portable {
 
-template <typename Exec, typename Guard>
+// Emulation: the executor of the test mode (FLOWFORMER_EMULATE_CUDA=1), or void (the CUDA backend).
+template <typename Exec, typename Guard, typename Emulation>
 struct Backend {
   static at::Tensor full(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                          const at::Tensor& pos_bias, bool causal, int64_t window) {
     aft_ops::check_full_args(aft_ops::kFull, query, key, value, pos_bias, causal, window);
     const Guard guard(query.device());
-    return with_aft(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
+    return with_aft<Emulation>(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
       return std::get<0>(aft.full_forward(query, key, value, pos_bias, causal, window, false));
     });
   }
@@ -26,7 +27,7 @@ struct Backend {
                                   const at::Tensor& pos_bias, bool causal, int64_t window) {
     aft_ops::check_full_args(aft_ops::kFullForward, query, key, value, pos_bias, causal, window);
     const Guard guard(query.device());
-    return with_aft(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
+    return with_aft<Emulation>(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
       return aft.full_forward(query, key, value, pos_bias, causal, window, true);
     });
   }
@@ -38,7 +39,7 @@ struct Backend {
     aft_ops::check_grad_out(aft_ops::kFullBackward, grad_out, query);
     aft_ops::check_full_stats(aft_ops::kFullBackward, y, lse, query);
     const Guard guard(query.device());
-    return with_aft(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
+    return with_aft<Emulation>(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
       return aft.full_backward(grad_out, query, key, value, pos_bias, y, lse, causal, window);
     });
   }
@@ -46,7 +47,7 @@ struct Backend {
   static at::Tensor simple(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal) {
     aft_ops::check_simple_args(aft_ops::kSimple, query, key, value, causal);
     const Guard guard(query.device());
-    return with_aft(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
+    return with_aft<Emulation>(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
       return aft.simple_forward(query, key, value, causal);
     });
   }
@@ -56,7 +57,7 @@ struct Backend {
     aft_ops::check_simple_args(aft_ops::kSimpleBackward, query, key, value, causal);
     aft_ops::check_grad_out(aft_ops::kSimpleBackward, grad_out, query);
     const Guard guard(query.device());
-    return with_aft(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
+    return with_aft<Emulation>(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
       return aft.simple_backward(grad_out, query, key, value, causal);
     });
   }
@@ -65,7 +66,7 @@ struct Backend {
                          const at::Tensor& weight) {
     aft_ops::check_conv_args(aft_ops::kConv, query, key, value, weight);
     const Guard guard(query.device());
-    return with_aft(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
+    return with_aft<Emulation>(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
       return aft.conv_forward(query, key, value, weight);
     });
   }
@@ -75,7 +76,7 @@ struct Backend {
     aft_ops::check_conv_args(aft_ops::kConvBackward, query, key, value, weight);
     aft_ops::check_grad_out(aft_ops::kConvBackward, grad_out, query);
     const Guard guard(query.device());
-    return with_aft(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
+    return with_aft<Emulation>(Exec{}, query, emulate_cuda_requested(), [&](const auto& aft) {
       return aft.conv_backward(grad_out, query, key, value, weight);
     });
   }

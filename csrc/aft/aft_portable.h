@@ -1,6 +1,6 @@
 // The AFT ops (spec/aft.md) for any executor: dense products and per-channel reductions in ATen, and the
 // items of kernels/aft/aft_items.h where the work is banded or must be exact. The CUDA backend runs them
-// with CudaExecutor, the CPU backend with HostExecutor: one implementation, tested on the CPU.
+// with CudaExecutor, the CPU backend with HostExecutor (EmulatedExecutor in its test mode): one implementation, tested on the CPU.
 //
 // aft_full, window = 0: with K = exp(k - max_t' k) and E = exp(w - max_t' w) (row-stabilised, zero above
 // the diagonal when causal), num = E (K v) and den = E K: one matrix product of E with [K v, K] laid out
@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -539,17 +540,21 @@ class Aft {
   const Exec& exec_;
 };
 
-// Runs fn(Aft<Exec, A, V>) for the accumulation type of `input`, with the executor's channel lanes V, or
-// with one lane when `one_lane` (how the CPU runs the GPU's item layout in emulation mode).
-template <typename Exec, typename Fn>
-auto with_aft(const Exec& exec, const at::Tensor& input, bool one_lane, const Fn& fn) {
-  if constexpr (Exec::kLanes > 1) {
-    if (one_lane) {
-      return input.scalar_type() == at::kDouble ? fn(Aft<Exec, double, 1>(exec)) : fn(Aft<Exec, float, 1>(exec));
+// Runs fn(Aft<Exec, A, V>) for the accumulation type of `input`, with the executor's channel lanes V; or,
+// when `emulate` and an Emulation executor is given (the CPU backend's test mode), fn(Aft<Emulation, A, 1>):
+// the GPU's item kernel and layout in the SIMT emulator.
+template <typename Emulation, typename Exec, typename Fn>
+auto with_aft(const Exec& exec, const at::Tensor& input, bool emulate, const Fn& fn) {
+  const bool wide = input.scalar_type() == at::kDouble;
+  if constexpr (!std::is_void_v<Emulation>) {
+    if (emulate) {
+      const Emulation emulation{};
+      return wide ? fn(Aft<Emulation, double, Emulation::kLanes>(emulation))
+                  : fn(Aft<Emulation, float, Emulation::kLanes>(emulation));
     }
   }
   constexpr int V = Exec::kLanes;
-  return input.scalar_type() == at::kDouble ? fn(Aft<Exec, double, V>(exec)) : fn(Aft<Exec, float, V>(exec));
+  return wide ? fn(Aft<Exec, double, V>(exec)) : fn(Aft<Exec, float, V>(exec));
 }
 
 }  // namespace flowformer::aft_portable

@@ -1,5 +1,5 @@
 // Runs the generic items of kernels/common/chunk_items.h (and assemble_gradient.h) with an executor
-// (CudaExecutor or HostExecutor) on (B, H, n, width) inputs, each call returning a new workspace in the
+// (CudaExecutor or EmulatedExecutor) on (B, H, n, width) inputs, each call returning a new workspace in the
 // accumulation type (float, or double for double inputs) laid out (B * H, ...). Shared by the ops built
 // on the chunked algorithm (Flow-Attention, linear attention).
 #pragma once

@@ -3,13 +3,11 @@
 // holds a device guard), every launch checked.
 #pragma once
 
-#include "common/item_kernel.cuh"
-
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
-#include <limits>
+
+#include "common/item_kernel.cuh"
 
 namespace flowformer::portable {
 
@@ -18,14 +16,7 @@ struct CudaExecutor {
 
   template <typename Item>
   void operator()(int64_t items, const Item& item) const {
-    if (items == 0) {
-      return;
-    }
-    const int64_t blocks = (items + kItemsPerBlock - 1) / kItemsPerBlock;
-    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "flowformer: ", items,
-                " items exceed one CUDA launch");
-    run_items<<<static_cast<unsigned>(blocks), kItemsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(items, item);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch_items(items, item, c10::cuda::getCurrentCUDAStream());
   }
 };
 

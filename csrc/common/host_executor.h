@@ -1,8 +1,7 @@
 // Runs the items of a portable kernel (kernels/common/portable.h) on the host: a parallel loop over item
 // indices, compiled for x86-64-v4, x86-64-v3 and a baseline (chosen by the running CPU's features,
-// common/cpu_vec.h) so that items over channel lanes vectorise. Used by the AFT CPU backend, and by the
-// CPU backends of the chunked ops in emulation mode (FLOWFORMER_EMULATE_CUDA=1) to test the CUDA
-// algorithm.
+// common/cpu_vec.h) so that items over channel lanes vectorise: the AFT CPU backend. (The test mode
+// FLOWFORMER_EMULATE_CUDA=1 runs the CUDA item kernel instead: emulated_executor.h.)
 #pragma once
 
 #include "common/cpu_vec.h"

@@ -1,6 +1,6 @@
 // Flow-Attention as a sequence of portable item kernels (kernels/common/chunk_items.h) and small ATen ops
 // on per-row scalars (length-n vectors: counts, softmax, cumulative sums), for any executor: the CUDA
-// backend runs it with CudaExecutor, the CPU test mode with HostExecutor. Math: spec/flow_attention.md;
+// backend runs it with CudaExecutor, the CPU test mode with EmulatedExecutor. Math: spec/flow_attention.md;
 // the gradient formulas are those of csrc/flow_attention/cpu/{noncausal,causal}.cpp.
 //
 // Non-causal: every sum over i or j is a total, taken as per-chunk partial sums (kReduceChunk rows)

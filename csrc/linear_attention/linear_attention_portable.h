@@ -1,6 +1,6 @@
 // Linear attention as portable item kernels (kernels/common/chunk_items.h) and small ATen ops on per-row
 // scalars, for any executor: the CUDA backend runs it with CudaExecutor, the CPU test mode with
-// HostExecutor. Math: spec/linear_attention.md; q, k are the features phi(query), phi(key).
+// EmulatedExecutor. Math: spec/linear_attention.md; q, k are the features phi(query), phi(key).
 //
 // Causal, chunked (kScanChunk rows): the state at each chunk start is the initial state plus an
 // exclusive scan of per-chunk sums of k v^T (and of k); inside a chunk, q_t^T S_t adds the chunk's

@@ -1,10 +1,17 @@
-// The one CUDA kernel of the portable item code (portable.h): thread i of the grid runs item i.
-// Launched by CudaExecutor (csrc/common/cuda_executor.cuh).
+// The one kernel of the portable item code (portable.h): thread i of the grid runs item i, 256 threads to
+// a block. Both builds (kernels/simt): nvcc runs it on the GPU (CudaExecutor, csrc/common/cuda_executor.cuh),
+// the SIMT emulator on the host (EmulatedExecutor, csrc/common/emulated_executor.h: the test mode
+// FLOWFORMER_EMULATE_CUDA=1), so the CPU test suite runs the item kernels as the GPU runs them.
 #pragma once
 
-#include <cstdint>
+#include "simt/simt.h"
 
-namespace flowformer::portable {
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+namespace flowformer::portable::FF_SIMT_BUILD {
 
 constexpr int kItemsPerBlock = 256;
 
@@ -16,4 +23,17 @@ __global__ void __launch_bounds__(kItemsPerBlock) run_items(int64_t items, Item 
   }
 }
 
-}  // namespace flowformer::portable
+template <typename Item>
+void launch_items(int64_t items, const Item& item, simt::Stream stream) {
+  if (items == 0) {
+    return;
+  }
+  const int64_t blocks = (items + kItemsPerBlock - 1) / kItemsPerBlock;
+  if (blocks > std::numeric_limits<int32_t>::max()) {
+    throw std::length_error("flowformer: " + std::to_string(items) + " items exceed one CUDA launch");
+  }
+  simt::launch("run_items", run_items<Item>, {simt::Dim3(unsigned(blocks)), simt::Dim3(kItemsPerBlock), 0, stream},
+               items, item);
+}
+
+}  // namespace flowformer::portable::FF_SIMT_BUILD

@@ -358,7 +358,12 @@ std::string hazards_text(const std::vector<Hazard>& hazards) {
 }
 }  // namespace
 
-HazardError::HazardError(std::vector<Hazard> found) : std::runtime_error(hazards_text(found)), hazards(std::move(found)) {}
+HazardError::HazardError(std::vector<Hazard> found)
+    : std::runtime_error(hazards_text(found)), hazards(std::move(found)) {}
+
+const char* fiber_implementation() {
+  return Fiber::implementation();
+}
 
 std::size_t shared_memory_limit(int arch) {
   return arch >= 90 ? 227u * 1024u : 163u * 1024u;
@@ -432,7 +437,8 @@ void collective(const char* op, Site site, unsigned mask, const void* in, void* 
     fail(std::string(op) + " at " + detail::site_text(site) + ": mask " + hex(mask) + " names lanes beyond the " +
          std::to_string(w.lanes) + " threads of the warp");
   }
-  auto found = std::find_if(w.waiting.begin(), w.waiting.end(), [&](const Collective& c) { return (c.mask & mask) != 0; });
+  auto found =
+      std::find_if(w.waiting.begin(), w.waiting.end(), [&](const Collective& c) { return (c.mask & mask) != 0; });
   if (found != w.waiting.end() &&
       (found->mask != mask || std::strcmp(found->op, op) != 0 || !detail::same_site(found->site, site))) {
     fail("divergent warp collective: " + std::string(op) + " at " + detail::site_text(site) + " with mask " +

@@ -82,6 +82,9 @@ struct LaunchStats {
   std::vector<Hazard> hazards;
 };
 
+// How the emulated threads switch: "x86-64 assembly" or "ucontext" (FLOWFORMER_SIMT_UCONTEXT, or not x86-64).
+const char* fiber_implementation();
+
 // Bytes of shared memory one block may use (static and dynamic together) on sm_80 or sm_90.
 std::size_t shared_memory_limit(int arch);
 

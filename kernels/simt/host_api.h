@@ -170,7 +170,9 @@ class SharedPtr {
                         i.site);
   }
   SharedRef<T> operator*() const { return (*this)[0]; }
-  SharedPtr operator+(int64_t n) const { return {region_, begin_, end_, offset_ + std::size_t(n * int64_t(sizeof(T)))}; }
+  SharedPtr operator+(int64_t n) const {
+    return {region_, begin_, end_, offset_ + std::size_t(n * int64_t(sizeof(T)))};
+  }
   SharedPtr operator-(int64_t n) const { return *this + (-n); }
   SharedPtr& operator+=(int64_t n) { return *this = *this + n; }
   // The same bytes as another type (reinterpret_cast of a shared pointer).

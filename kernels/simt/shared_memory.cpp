@@ -60,12 +60,21 @@ std::string hazard_text(const Block& b, const Thread& t, const char* kind_text, 
 class AccessReport {
  public:
   AccessReport(Block& b, Thread& t, const Region& region, Site site) : b_(b), t_(t), region_(region), site_(site) {}
-  void operator()(Hazard::Kind kind, const char* relation, std::size_t byte, unsigned other, Site other_site) {
-    if (done_) {
-      return;
+  void conflict(Hazard::Kind kind, const char* relation, std::size_t byte, unsigned other, Site other_site) {
+    if (!done_) {
+      record_hazard(b_, kind, hazard_text(b_, t_, relation, byte, region_, site_, other, other_site), site_,
+                    other_site);
     }
     done_ = true;
-    record_hazard(b_, kind, hazard_text(b_, t_, relation, byte, region_, site_, other, other_site), site_, other_site);
+  }
+  void uninitialised(std::size_t byte) {
+    if (!done_) {
+      record_hazard(b_, Hazard::Kind::UninitializedRead,
+                    b_.where(t_) + " at " + at(site_) + " reads byte " + std::to_string(byte) + " of " +
+                        region_.name + " shared memory, never written in this block",
+                    site_, Site{});
+    }
+    done_ = true;
   }
 
  private:
@@ -82,13 +91,13 @@ void note_read(Block& b, Thread& t, Region& region, std::size_t offset, std::siz
   for (std::size_t i = offset; i < offset + bytes; ++i) {
     Shadow& s = region.shadow[i];
     if (s.async_pending) {
-      report(Hazard::Kind::AsyncCopyInFlight, "reads a byte that a cp.async (not yet waited for) by", i, s.writer,
-             s.write_site);
+      report.conflict(Hazard::Kind::AsyncCopyInFlight, "reads a byte that a cp.async (not yet waited for) by", i,
+                      s.writer, s.write_site);
     } else if (s.write_epoch == 0) {
-      report(Hazard::Kind::UninitializedRead, "reads, never written in this block (uninitialised), a byte of",
-             i, t.tid, site);
+      report.uninitialised(i);
     } else if (s.writer != t.tid && !ordered(b, s.write_epoch, s.writer, s.write_warp_epoch, t)) {
-      report(Hazard::Kind::ReadAfterWrite, "reads with no barrier since the write by", i, s.writer, s.write_site);
+      report.conflict(Hazard::Kind::ReadAfterWrite, "reads with no barrier since the write by", i, s.writer,
+                      s.write_site);
     }
     if (s.read_epoch != epoch) {
       s.has_previous_reader = false;
@@ -113,10 +122,11 @@ void note_write(Block& b, Thread& t, Region& region, std::size_t offset, std::si
   for (std::size_t i = offset; i < offset + bytes; ++i) {
     Shadow& s = region.shadow[i];
     if (s.async_pending) {
-      report(Hazard::Kind::AsyncCopyInFlight, "writes a byte that a cp.async (not yet waited for) by", i, s.writer,
-             s.write_site);
+      report.conflict(Hazard::Kind::AsyncCopyInFlight, "writes a byte that a cp.async (not yet waited for) by", i,
+                      s.writer, s.write_site);
     } else if (s.write_epoch != 0 && s.writer != t.tid && !ordered(b, s.write_epoch, s.writer, s.write_warp_epoch, t)) {
-      report(Hazard::Kind::WriteAfterWrite, "writes with no barrier since the write by", i, s.writer, s.write_site);
+      report.conflict(Hazard::Kind::WriteAfterWrite, "writes with no barrier since the write by", i, s.writer,
+                      s.write_site);
     }
     // The last two distinct readers of this interval are tracked, and whether its readers span two warps.
     if (s.read_epoch == epoch) {
@@ -124,8 +134,8 @@ void note_write(Block& b, Thread& t, Region& region, std::size_t offset, std::si
       const bool previous_unordered = s.has_previous_reader && s.previous_reader != t.tid &&
                                       !ordered(b, epoch, s.previous_reader, s.previous_read_warp_epoch, t);
       if (last_unordered || previous_unordered || s.readers_in_two_warps) {
-        report(Hazard::Kind::WriteAfterRead, "writes with no barrier since the read by", i,
-               s.reader != t.tid ? s.reader : s.previous_reader, s.read_site);
+        report.conflict(Hazard::Kind::WriteAfterRead, "writes with no barrier since the read by", i,
+                        s.reader != t.tid ? s.reader : s.previous_reader, s.read_site);
       }
     }
     s.write_epoch = epoch;
@@ -243,7 +253,8 @@ void cp_async_issue(Site site, SharedPtr<unsigned char> destination, const void*
                  " is not 16-byte aligned at " + detail::at(site));
   }
   detail::note_write(b, t, *destination.region(), destination.offset(), 16, site, true);
-  t.async_open.push_back(detail::AsyncCopy{destination.region(), destination.offset(), fill ? source : nullptr, 16, site});
+  t.async_open.push_back(
+      detail::AsyncCopy{destination.region(), destination.offset(), fill ? source : nullptr, 16, site});
 }
 
 void cp_async_wait_groups(std::size_t pending_groups) {

@@ -30,21 +30,18 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
                                              const float (&c)[4]) {
   static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, half>, "mma.m16n8k16 takes bf16 or half");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FF_SIMT_MMA_M16N8K16(type)                                                                            \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." type "." type                                     \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"                 \
+               : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), \
+                 "f"(c[2]), "f"(c[3]))
   if constexpr (std::is_same_v<T, bf16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %11, %12, %13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
+    FF_SIMT_MMA_M16N8K16("bf16");
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %11, %12, %13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
+    FF_SIMT_MMA_M16N8K16("f16");
   }
+#undef FF_SIMT_MMA_M16N8K16
 #else
   __trap();  // tensor cores of this kind need sm_80 or later
 #endif
@@ -154,7 +151,7 @@ void ldmatrix(uint32_t (&r)[N], SharedPtr<T> row, std::source_location at = std:
   const Site site = detail::site_of(at);
   const In in{row.template as<unsigned char>(), thread_rank()};
   const char* op = Trans ? "ldmatrix.sync.m8n8.trans" : "ldmatrix.sync.m8n8";
-  const Out out = warp_collective<In, Out>(op, site, 0xffffffffu, in, [site](unsigned, const In* const* ins, Out* const* outs) {
+  const auto gather = [site](unsigned, const In* const* ins, Out* const* outs) {
     uint16_t m[N][8][8];
     for (int j = 0; j < N; ++j) {
       for (int i = 0; i < 8; ++i) {
@@ -171,7 +168,8 @@ void ldmatrix(uint32_t (&r)[N], SharedPtr<T> row, std::source_location at = std:
         outs[lane]->r[j] = uint32_t(lo) | (uint32_t(hi) << 16);
       }
     }
-  });
+  };
+  const Out out = warp_collective<In, Out>(op, site, 0xffffffffu, in, gather);
   for (int j = 0; j < N; ++j) {
     r[j] = out.r[j];
   }

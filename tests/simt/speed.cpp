@@ -1,7 +1,6 @@
 // The emulator's speed, without sanitizers: thread switches per second on a barrier-bound kernel, and the
 // time of the mma GEMM sample. Prints one line each; the numbers go into the README.
 #include "samples/mma_gemm.cuh"
-#include "simt/fiber.h"
 #include "simt/simt.h"
 
 #include <chrono>
@@ -34,7 +33,7 @@ int main() {
   const auto stats = simt::launch("barrier_loop", barrier_loop, {simt::Dim3(16), simt::Dim3(256)}, 2000, out.data());
   const double elapsed = seconds_since(start);
   std::printf("simt speed: %.1f million thread switches per second (%s context switch, %llu switches in %.3f s)\n",
-              double(stats.switches) / elapsed / 1e6, simt::Fiber::implementation(),
+              double(stats.switches) / elapsed / 1e6, simt::fiber_implementation(),
               static_cast<unsigned long long>(stats.switches), elapsed);
 
   const int m = 256, n = 256, k = 256;

@@ -29,6 +29,7 @@ from pathlib import Path
 
 ARCH = "sm_90"
 ROOT = Path(__file__).resolve().parents[2]
+INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")  # offset, predicate, mnemonic
 COUNTED = {  # column -> SASS mnemonics (before the first '.')
     "HMMA": {"HMMA"},
     "LDSM": {"LDSM"},
@@ -88,7 +89,7 @@ def kernel_facts(cuobjdump, binary):
             arch = m.group(1)
         elif m := re.match(r"\s*Function : (\S+)", line):
             name = m.group(1)
-        elif arch == ARCH and name in facts and (m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)):
+        elif arch == ARCH and name in facts and (m := INSTRUCTION.match(line)):
             for column, mnemonics in COUNTED.items():
                 if m.group(1) in mnemonics:
                     facts[name][column] += 1
@@ -137,7 +138,8 @@ def main():
         for mangled, readable in names.items():
             hits = [i for i, e in enumerate(entries) if e["name"] in readable]
             if len(hits) != 1:
-                problems.append(f"{readable}: {'no' if not hits else len(hits)} matching entries in {args.expectations}")
+                count = len(hits) if hits else "no"
+                problems.append(f"{readable}: {count} matching entries in {args.expectations}")
                 expected = {}
             else:
                 matched.add(hits[0])

@@ -2,6 +2,8 @@
 #include "aft/aft_backend.h"
 #include "common/host_executor.h"
 
+#include "common/emulated_executor.h"  // last: simt.h defines CUDA names as macros
+
 namespace flowformer::aft_cpu {
 namespace {
 
@@ -12,7 +14,7 @@ struct NoGuard {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowformer, CPU, m) {
-  aft_portable::Backend<portable::HostExecutor, NoGuard>::register_to(m);
+  aft_portable::Backend<portable::HostExecutor, NoGuard, portable::EmulatedExecutor>::register_to(m);
 }
 
 }  // namespace flowformer::aft_cpu

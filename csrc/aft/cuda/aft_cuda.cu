@@ -8,7 +8,7 @@
 namespace flowformer::aft_cuda {
 
 TORCH_LIBRARY_IMPL(flowformer, CUDA, m) {
-  aft_portable::Backend<portable::CudaExecutor, c10::cuda::CUDAGuard>::register_to(m);
+  aft_portable::Backend<portable::CudaExecutor, c10::cuda::CUDAGuard, void>::register_to(m);
 }
 
 }  // namespace flowformer::aft_cuda

@@ -1,7 +1,8 @@
 #include "flow_attention/cpu/emulate_cuda.h"
 
-#include "common/host_executor.h"
 #include "flow_attention/flow_attention_portable.h"
+
+#include "common/emulated_executor.h"  // last: simt.h defines CUDA names as macros
 
 namespace flowformer::flow_attention_cpu {
 
@@ -11,7 +12,7 @@ at::Tensor emulated_forward(const char* op, const at::Tensor& query, const at::T
                             const flow_attention_ops::Mask& key_padding_mask) {
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
-  return flow_attention_portable::forward(portable::HostExecutor{}, problem);
+  return flow_attention_portable::forward(portable::EmulatedExecutor{}, problem);
 }
 
 flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& query,
@@ -21,7 +22,7 @@ flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& gr
                                             const flow_attention_ops::Mask& key_padding_mask) {
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
-  return flow_attention_portable::backward(portable::HostExecutor{}, problem, grad_out);
+  return flow_attention_portable::backward(portable::EmulatedExecutor{}, problem, grad_out);
 }
 
 std::tuple<at::Tensor, at::Tensor> emulated_forward_with_state(
@@ -30,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> emulated_forward_with_state(
     const flow_attention_ops::Mask& query_padding_mask, const flow_attention_ops::Mask& key_padding_mask) {
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, true, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
-  auto [out, final_state] = flow_attention_portable::forward_with_state(portable::HostExecutor{}, problem,
+  auto [out, final_state] = flow_attention_portable::forward_with_state(portable::EmulatedExecutor{}, problem,
                                                                        state.value_or(at::Tensor()));
   return {out, final_state};
 }

@@ -6,12 +6,13 @@
 
 #include "common/checks.h"
 #include "common/emulate_cuda.h"
-#include "common/host_executor.h"
 #include "linear_attention/linear_attention_ops.h"
 #include "linear_attention/linear_attention_portable.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "common/emulated_executor.h"  // last: simt.h defines CUDA names as macros
 
 namespace flowformer::linear_attention_cpu {
 namespace {
@@ -45,7 +46,7 @@ ops::CausalResult causal_cpu(const at::Tensor& query, const at::Tensor& key, con
   const char* op = ops::kCausal;
   ops::check_causal_args(op, query, key, value, feature_map, eps, initial_kv, initial_z);
   if (emulate_cuda_requested()) {
-    return emulated::causal(portable::HostExecutor{}, query, key, value, feature_map, normalize, eps, initial_kv,
+    return emulated::causal(portable::EmulatedExecutor{}, query, key, value, feature_map, normalize, eps, initial_kv,
                             initial_z, op);
   }
   const Inputs in = convert(op, query, key, value, feature_map, eps);
@@ -65,7 +66,7 @@ ops::CausalGrads causal_backward_cpu(const at::Tensor& grad_out, const Optional&
   ops::check_causal_args(op, query, key, value, feature_map, eps, initial_kv, initial_z);
   ops::check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value);
   if (emulate_cuda_requested()) {
-    return emulated::causal_backward(portable::HostExecutor{}, grad_out, grad_final_kv, grad_final_z, query, key,
+    return emulated::causal_backward(portable::EmulatedExecutor{}, grad_out, grad_final_kv, grad_final_z, query, key,
                                      value, feature_map, normalize, eps, initial_kv, initial_z, op);
   }
   const Inputs in = convert(op, query, key, value, feature_map, eps);
@@ -107,7 +108,7 @@ at::Tensor noncausal_cpu(const at::Tensor& query, const at::Tensor& key, const a
   const char* op = ops::kNoncausal;
   ops::check_noncausal_args(op, query, key, value, feature_map, eps, key_padding_mask);
   if (emulate_cuda_requested()) {
-    return emulated::noncausal(portable::HostExecutor{}, query, key, value, feature_map, eps, key_padding_mask, op);
+    return emulated::noncausal(portable::EmulatedExecutor{}, query, key, value, feature_map, eps, key_padding_mask, op);
   }
   return noncausal_forward(convert_noncausal(op, query, key, value, feature_map, eps, key_padding_mask))
       .to(query.scalar_type());
@@ -120,7 +121,7 @@ ops::Grads noncausal_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
   ops::check_noncausal_args(op, query, key, value, feature_map, eps, key_padding_mask);
   ops::check_noncausal_grad(grad_out, query, value);
   if (emulate_cuda_requested()) {
-    return emulated::noncausal_backward(portable::HostExecutor{}, grad_out, query, key, value, feature_map, eps,
+    return emulated::noncausal_backward(portable::EmulatedExecutor{}, grad_out, query, key, value, feature_map, eps,
                                         key_padding_mask, op);
   }
   const NoncausalInputs in = convert_noncausal(op, query, key, value, feature_map, eps, key_padding_mask);

@@ -106,7 +106,8 @@ __global__ void __launch_bounds__(GemmTile::kThreads) mma_gemm(GemmParams<T> p) 
 
 template <typename T, bool kSwapFragments = false>
 auto run_mma_gemm(const GemmParams<T>& p, simt::Stream stream = {}) {
-  const simt::Dim3 grid(unsigned((p.n + GemmTile::kN - 1) / GemmTile::kN), unsigned((p.m + GemmTile::kM - 1) / GemmTile::kM));
+  const simt::Dim3 grid(unsigned((p.n + GemmTile::kN - 1) / GemmTile::kN),
+                        unsigned((p.m + GemmTile::kM - 1) / GemmTile::kM));
   return simt::launch("mma_gemm", mma_gemm<T, kSwapFragments>, {grid, simt::Dim3(GemmTile::kThreads), 0, stream}, p);
 }
 
