@@ -20,7 +20,7 @@ step() {  # step NAME LOG COMMAND...: run, log, record pass/fail
   tail -n 5 "$OUT/$log"
 }
 
-step "build" build.log "$PYTHON" setup.py build_ext --inplace
+step "build" build.log env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" "$PYTHON" setup.py build_ext --inplace
 step "cuda kernels compiled" build_info.log "$PYTHON" -c \
   "import flowformer, torch; i = flowformer.build_info(); print(i, torch.cuda.get_device_name()); assert i['cuda']"
 step "tests (CPU and CUDA)" pytest.log "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -rs
