@@ -55,8 +55,8 @@ test-simt: deps catch2
 test-python:
 	$(PY) -m pytest tests/python -q -p no:cacheprovider
 
-# The op tests again, with the CPU backends running the CUDA backends' algorithms (their item functions
-# on host threads): the CUDA kernels' logic is tested on machines without a GPU.
+# The op tests again, with the CPU backends running the CUDA backends' algorithms: their CUDA item kernel
+# (kernels/common/item_kernel.cuh) in the SIMT emulator, so the CUDA code is tested without a GPU.
 test-emulated:
 	FLOWFORMER_EMULATE_CUDA=1 $(PY) -m pytest tests/python -q -p no:cacheprovider -k "flow_attention or linear_attention or aft"
 
@@ -74,8 +74,8 @@ bench: setup
 	$(PY) benchmarks/bench_aft.py --device cpu --batch 2 --heads 8 --dim 64 --lengths 256,512,1024 \
 		--out benchmarks/results/cpu
 
-# On a CUDA machine (no network needed): build in place with its own torch, CUDA tests,
-# compute-sanitizer, benchmarks; results and a summary go to $(OUT).
+# On a CUDA machine (no network needed), in about 8 minutes: build for that GPU, the SIMT layout probe, the
+# CUDA tests, compute-sanitizer (four tools), benchmarks at two lengths; results and a summary in $(OUT).
 gpu-check:
 	bash benchmarks/gpu_check.sh $(OUT)
 
