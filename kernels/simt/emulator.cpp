@@ -23,10 +23,6 @@ bool same_site(Site a, Site b) {
   return a.line == b.line && (a.file == b.file || std::strcmp(a.file, b.file) == 0);
 }
 
-std::string site_text(Site s) {
-  return std::string(s.file) + ":" + std::to_string(s.line);
-}
-
 std::string dim_text(unsigned x, unsigned y, unsigned z) {
   return "(" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) + ")";
 }
@@ -80,8 +76,8 @@ void thread_main(void* arg) {
     const Warp& w = b.warps[t.warp];
     for (const Collective& c : w.waiting) {
       if (c.mask >> t.lane & 1u) {
-        fail("exited while lanes of its warp wait for it at " + std::string(c.op) + " (mask 0x" +
-             [&] { std::ostringstream s; s << std::hex << c.mask; return s.str(); }() + ") at " + site_text(c.site));
+        fail("exited while lanes of its warp wait for it at " + std::string(c.op) + " (mask " +
+             mask_text(c.mask) + ") at " + site_text(c.site));
       }
     }
   } catch (...) {
@@ -102,8 +98,8 @@ std::string describe_deadlock(const Block& b) {
   }
   for (std::size_t w = 0; w < b.warps.size(); ++w) {
     for (const Collective& c : b.warps[w].waiting) {
-      s << " warp " << w << ": " << c.op << " at " << site_text(c.site) << " reached by lanes 0x" << std::hex
-        << c.arrived << " of mask 0x" << c.mask << std::dec << ";";
+      s << " warp " << w << ": " << c.op << " at " << site_text(c.site) << " reached by lanes "
+        << mask_text(c.arrived) << " of mask " << mask_text(c.mask) << ";";
     }
   }
   return s.str();
@@ -255,6 +251,16 @@ void check_launch(const char* kernel, Dim3 grid, Dim3 block, std::size_t dynamic
 }
 
 }  // namespace
+
+std::string site_text(Site s) {
+  return std::string(s.file) + ":" + std::to_string(s.line);
+}
+
+std::string mask_text(unsigned mask) {
+  std::ostringstream s;
+  s << "0x" << std::hex << mask;
+  return s.str();
+}
 
 std::string Block::where(const Thread& t) const {
   return std::string("kernel ") + kernel + ", block " + dim_text(block_idx.x, block_idx.y, block_idx.z) +
@@ -423,18 +429,13 @@ void collective(const char* op, Site site, unsigned mask, const void* in, void* 
   Thread& t = current();
   Block& b = *t.block;
   detail::Warp& w = b.warps[t.warp];
-  auto hex = [](unsigned m) {
-    std::ostringstream s;
-    s << "0x" << std::hex << m;
-    return s.str();
-  };
   if (!(mask >> t.lane & 1u)) {
     fail(std::string(op) + " at " + detail::site_text(site) + ": the calling lane " + std::to_string(t.lane) +
-         " is not in its mask " + hex(mask));
+         " is not in its mask " + detail::mask_text(mask));
   }
   const unsigned existing = w.lanes == 32 ? 0xffffffffu : (1u << w.lanes) - 1u;
   if (mask & ~existing) {
-    fail(std::string(op) + " at " + detail::site_text(site) + ": mask " + hex(mask) + " names lanes beyond the " +
+    fail(std::string(op) + " at " + detail::site_text(site) + ": mask " + detail::mask_text(mask) + " names lanes beyond the " +
          std::to_string(w.lanes) + " threads of the warp");
   }
   auto found =
@@ -442,8 +443,8 @@ void collective(const char* op, Site site, unsigned mask, const void* in, void* 
   if (found != w.waiting.end() &&
       (found->mask != mask || std::strcmp(found->op, op) != 0 || !detail::same_site(found->site, site))) {
     fail("divergent warp collective: " + std::string(op) + " at " + detail::site_text(site) + " with mask " +
-         hex(mask) + " while lanes " + hex(found->arrived) + " wait at " + found->op + " at " +
-         detail::site_text(found->site) + " with mask " + hex(found->mask));
+         detail::mask_text(mask) + " while lanes " + detail::mask_text(found->arrived) + " wait at " + found->op + " at " +
+         detail::site_text(found->site) + " with mask " + detail::mask_text(found->mask));
   }
   for (unsigned lane = 0; lane < 32; ++lane) {
     if ((mask >> lane & 1u) && b.threads[t.warp * 32 + lane]->status == Status::Exited) {

@@ -19,10 +19,6 @@ namespace {
 constexpr std::size_t kStaticLimit = 48 * 1024;  // static __shared__ per block, as nvcc enforces
 constexpr unsigned char kPoison = 0xff;           // NaN as a float, -1 as an integer
 
-std::string at(Site s) {
-  return std::string(s.file) + ":" + std::to_string(s.line);
-}
-
 // Accesses by threads a and b are ordered when a barrier separates them, or when both are in one warp and
 // a __syncwarp separates them.
 bool ordered(const Block& b, uint32_t epoch, unsigned other, uint32_t other_warp_epoch, const Thread& t) {
@@ -32,28 +28,27 @@ bool ordered(const Block& b, uint32_t epoch, unsigned other, uint32_t other_warp
   return other / 32 == t.warp && other_warp_epoch != b.warps[t.warp].sync_epoch;
 }
 
-void check_access(const Block& b, const Region* region, std::size_t begin, std::size_t end, std::size_t offset,
+void check_access(const Region* region, std::size_t begin, std::size_t end, std::size_t offset,
                   std::size_t bytes, std::size_t align, Site site, const char* what) {
   if (region == nullptr) {
-    fail(std::string(what) + " through a null shared-memory pointer at " + at(site));
+    fail(std::string(what) + " through a null shared-memory pointer at " + site_text(site));
   }
   if (offset < begin || offset + bytes > end || offset + bytes > region->used) {
     fail(std::string("out-of-bounds ") + what + " of " + std::to_string(bytes) + " bytes at offset " +
          std::to_string(offset) + " of " + region->name + " shared memory (the allocation is [" +
-         std::to_string(begin) + ", " + std::to_string(end) + ")) at " + at(site));
+         std::to_string(begin) + ", " + std::to_string(end) + ")) at " + site_text(site));
   }
   if (offset % align != 0) {
     fail(std::string("misaligned ") + what + " of " + std::to_string(bytes) + " bytes at offset " +
          std::to_string(offset) + " of " + region->name + " shared memory (needs " + std::to_string(align) +
-         "-byte alignment) at " + at(site));
+         "-byte alignment) at " + site_text(site));
   }
-  (void)b;
 }
 
 std::string hazard_text(const Block& b, const Thread& t, const char* kind_text, std::size_t offset,
                         const Region& region, Site site, unsigned other, Site other_site) {
-  return b.where(t) + " at " + at(site) + ", " + kind_text + " thread " + std::to_string(other) + " at " +
-         at(other_site) + ", byte " + std::to_string(offset) + " of " + region.name + " shared memory";
+  return b.where(t) + " at " + site_text(site) + ", " + kind_text + " thread " + std::to_string(other) + " at " +
+         site_text(other_site) + ", byte " + std::to_string(offset) + " of " + region.name + " shared memory";
 }
 
 // Each access reports at most one hazard (at its first byte with one), as a sanitizer reports an access.
@@ -70,7 +65,7 @@ class AccessReport {
   void uninitialised(std::size_t byte) {
     if (!done_) {
       record_hazard(b_, Hazard::Kind::UninitializedRead,
-                    b_.where(t_) + " at " + at(site_) + " reads byte " + std::to_string(byte) + " of " +
+                    b_.where(t_) + " at " + site_text(site_) + " reads byte " + std::to_string(byte) + " of " +
                         region_.name + " shared memory, never written in this block",
                     site_, Site{});
     }
@@ -172,11 +167,11 @@ Region* static_shared(Site site, std::size_t bytes, std::size_t type_id, std::si
     const std::size_t start = (b.static_shared.used + 15) / 16 * 16;  // __align__(16), as simt.h declares them
     const std::size_t used = start + bytes;
     if (used > kStaticLimit) {
-      fail("static shared memory at " + at(site) + " brings the block to " + std::to_string(used) +
+      fail("static shared memory at " + site_text(site) + " brings the block to " + std::to_string(used) +
            " bytes; at most 48 KiB is static (use dynamic shared memory beyond)");
     }
     if (used + b.dynamic_shared.used > shared_memory_limit(b.options->arch)) {
-      fail("shared memory at " + at(site) + " brings the block to " + std::to_string(used + b.dynamic_shared.used) +
+      fail("shared memory at " + site_text(site) + " brings the block to " + std::to_string(used + b.dynamic_shared.used) +
            " bytes; sm_" + std::to_string(b.options->arch) + " allows " +
            std::to_string(shared_memory_limit(b.options->arch)));
     }
@@ -202,7 +197,7 @@ void shared_read(Region* region, std::size_t begin, std::size_t end, std::size_t
   maybe_yield();
   Thread& self = current();
   Block& b = *self.block;
-  check_access(b, region, begin, end, offset, bytes, align, site, "shared-memory read");
+  check_access(region, begin, end, offset, bytes, align, site, "shared-memory read");
   Thread& t = as_thread < 0 ? self : *b.threads[unsigned(as_thread)];
   note_read(b, t, *region, offset, bytes, site);
   std::memcpy(destination, region->bytes.data() + offset, bytes);
@@ -213,7 +208,7 @@ void shared_write(Region* region, std::size_t begin, std::size_t end, std::size_
   maybe_yield();
   Thread& t = current();
   Block& b = *t.block;
-  check_access(b, region, begin, end, offset, bytes, align, site, "shared-memory write");
+  check_access(region, begin, end, offset, bytes, align, site, "shared-memory write");
   note_write(b, t, *region, offset, bytes, site, false);
   std::memcpy(region->bytes.data() + offset, source, bytes);
 }
@@ -246,11 +241,11 @@ namespace detail {
 void cp_async_issue(Site site, SharedPtr<unsigned char> destination, const void* source, bool fill) {
   Thread& t = detail::current();
   Block& b = *t.block;
-  detail::check_access(b, destination.region(), destination.begin(), destination.end(), destination.offset(), 16, 16,
+  detail::check_access(destination.region(), destination.begin(), destination.end(), destination.offset(), 16, 16,
                        site, "cp.async destination");
   if (fill && reinterpret_cast<uintptr_t>(source) % 16 != 0) {
     detail::fail("cp.async source " + std::to_string(reinterpret_cast<uintptr_t>(source)) +
-                 " is not 16-byte aligned at " + detail::at(site));
+                 " is not 16-byte aligned at " + detail::site_text(site));
   }
   detail::note_write(b, t, *destination.region(), destination.offset(), 16, site, true);
   t.async_open.push_back(

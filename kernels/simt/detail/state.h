@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -101,6 +102,9 @@ struct Block {
 
   std::string where(const Thread& t) const;  // "kernel K, block (x, y, z), thread (x, y, z)"
 };
+
+std::string site_text(Site site);  // "file:line"
+std::string mask_text(unsigned mask);  // "0x..."
 
 Thread& current();
 void maybe_yield();  // a random suspension point (Schedule::Random)
