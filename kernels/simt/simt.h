@@ -16,6 +16,7 @@
 
 #define FF_SIMT_BUILD cuda
 #define FF_DEVICE __device__ __forceinline__
+#define FF_UNROLL _Pragma("unroll")
 #define FF_SHARED(T, name, count)                    \
   __shared__ __align__(16) T name##_storage_[count]; \
   ::flowformer::simt::shared_ptr<T> name = name##_storage_
@@ -29,6 +30,7 @@
 
 #define FF_SIMT_BUILD emulated
 #define FF_DEVICE inline
+#define FF_UNROLL _Pragma("GCC unroll 64")
 #define FF_SHARED(T, name, count) \
   ::flowformer::simt::shared_ptr<T> name = ::flowformer::simt::static_shared<T>(FF_SIMT_SITE, count)
 #define FF_DYNAMIC_SHARED(T, name) ::flowformer::simt::shared_ptr<T> name = ::flowformer::simt::dynamic_shared<T>()

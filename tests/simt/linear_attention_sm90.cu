@@ -1,0 +1,11 @@
+// The fused linear-attention kernels' CUDA build for the static checks (tests/static/linear_attention.toml):
+// every head dim, as the library instantiates them.
+#include "linear_attention/causal_forward.cuh"
+
+namespace flowformer::linear_attention_kernels::cuda {
+template struct CausalForward<16>;
+template struct CausalForward<32>;
+template struct CausalForward<64>;
+template struct CausalForward<128>;
+template struct CausalForward<256>;
+}  // namespace flowformer::linear_attention_kernels::cuda
