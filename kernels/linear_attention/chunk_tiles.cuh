@@ -1,0 +1,374 @@
+// Tiles of the fused chunked linear-attention kernels (causal_forward.cuh, causal_backward.cuh), as types:
+// a block of 4 warps walks a sequence in chunks of 64 rows; warp w owns the chunk rows 16 w .. 16 w + 15.
+//   ChunkTile<T, W>   64 rows x W columns of 16-bit values in shared memory, loaded by cp.async
+//   RowTile<N>        a warp's 16 rows x N columns of float accumulators (m16n8 tiles)
+//   StateTile<T, R, C> an R x C float matrix in registers spread over the warps (16 x 16 units), that adds
+//                     x^T y over a chunk and publishes itself as hi + lo 16-bit parts for the next products
+// Products are mma.m16n8k16 with float accumulators; B operands come by ldmatrix from shared memory.
+#pragma once
+
+#include "common/portable.h"
+#include "linear_attention/causal_forward.h"
+#include "simt/simt.h"
+
+#include <cmath>
+#include <type_traits>
+
+namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
+
+constexpr int kWarps = kForwardThreads / 32;
+static_assert(kChunkRows == 16 * kWarps, "one m16 row tile per warp");
+
+// Lane addresses of ldmatrix.x4 (lane 8 j + i gives row i of matrix j):
+//   a-order: matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15): an A fragment from
+//            row-major m x k storage, or with .trans two B fragments (n tiles 0, 1) from k x n storage
+//   b-order: matrices (0-7, 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15): two B fragments (n tiles 0, 1)
+//            from n x k storage, or with .trans an A fragment from k x m storage
+struct Lane {
+  int warp, lane, g, t;  // g = lane / 4 (fragment row), t = lane % 4 (fragment column pair)
+  int a_row, a_col, b_row, b_col;
+
+  FF_DEVICE static Lane of(int thread) {
+    const int lane = thread % 32;
+    return {thread / 32, lane, lane / 4, lane % 4, lane % 8 + (lane / 8) % 2 * 8, lane / 16 * 8,
+            lane % 8 + lane / 16 * 8, (lane / 8) % 2 * 8};
+  }
+  FF_DEVICE int row(int e) const { return warp * 16 + g + e / 2 * 8; }  // chunk row of accumulator element e
+  FF_DEVICE int col(int e) const { return 2 * t + e % 2; }               // column within its n tile
+};
+
+template <typename T>
+FF_DEVICE void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
+  const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+  simt::mma_m16n8k16<T>(d0, a, b0, d0);
+  simt::mma_m16n8k16<T>(d1, a, b1, d1);
+}
+
+// A matrix of 16-bit values in shared memory with rows padded by 8 elements (16 bytes: aligned rows that
+// ldmatrix reads without bank conflicts).
+template <typename T, int Rows, int Width>
+struct SharedMatrix {
+  static constexpr int kLd = Width + 8, kSize = Rows * kLd;
+  simt::shared_ptr<T> data;
+
+  FF_DEVICE simt::shared_ptr<T> at(int r, int c) const { return data + r * kLd + c; }
+  FF_DEVICE float get(int r, int c) const {
+    const T x = data[r * kLd + c];
+    return float(x);
+  }
+  FF_DEVICE void set(int r, int c, float x) const { data[r * kLd + c] = T(x); }
+
+  // Two B fragments (n tiles n0, n0 + 8; k rows k0 .. k0 + 15) of this matrix read as k x n (.trans), or
+  // as its transpose (this matrix n x k).
+  template <bool KByN>
+  FF_DEVICE void b_fragments(uint32_t (&b)[4], const Lane& l, int k0, int n0) const {
+    if constexpr (KByN) {
+      simt::ldmatrix<4, true>(b, at(k0 + l.a_row, n0 + l.a_col));
+    } else {
+      simt::ldmatrix<4, false>(b, at(n0 + l.b_row, k0 + l.b_col));
+    }
+  }
+  // The A fragment of rows m0 .. m0 + 15 and columns k0 .. k0 + 15 (this matrix m x k), or of the transpose
+  // (this matrix k x m: rows k0.., columns m0..).
+  template <bool MByK>
+  FF_DEVICE void a_fragment(uint32_t (&a)[4], const Lane& l, int m0, int k0) const {
+    if constexpr (MByK) {
+      simt::ldmatrix<4, false>(a, at(m0 + l.a_row, k0 + l.a_col));
+    } else {
+      simt::ldmatrix<4, true>(a, at(k0 + l.b_row, m0 + l.b_col));
+    }
+  }
+};
+
+template <typename T, int Width>
+using ChunkTile = SharedMatrix<T, kChunkRows, Width>;
+
+// cp.async of the rows [first, first + 64) of a (length, Width) run of global rows into `tile`; rows past
+// `length` are zero-filled.
+template <typename T, int Width>
+FF_DEVICE void load_rows(const ChunkTile<T, Width>& tile, const T* rows, int64_t row_stride, int64_t first,
+                         int64_t length) {
+  for (int piece = int(threadIdx.x); piece < kChunkRows * Width / 8; piece += kForwardThreads) {
+    const int r = piece / (Width / 8), c = piece % (Width / 8) * 8;
+    const bool inside = first + r < length;
+    simt::cp_async_16(tile.at(r, c), inside ? rows + (first + r) * row_stride + c : rows, inside);
+  }
+}
+
+// feature = phi(raw) for the chunk's rows; rows at or past `valid` become 0 (padding contributes nothing).
+template <typename T, int Width>
+FF_DEVICE void apply_feature_map(FeatureMap f, const ChunkTile<T, Width>& raw, const ChunkTile<T, Width>& feature,
+                                 int64_t valid) {
+  for (int e = int(threadIdx.x); e < kChunkRows * Width; e += kForwardThreads) {
+    const int r = e / Width, c = e % Width;
+    const float x = raw.get(r, c);
+    feature.set(r, c, r < valid ? portable::feature(f, x) : 0.f);
+  }
+}
+
+// A warp's 16 rows x N columns of float accumulators: acc[n tile][element] (rows g, g + 8; cols 2t, 2t + 1).
+template <int N>
+struct RowTile {
+  float acc[N / 8][4];
+
+  FF_DEVICE void zero() {
+    FF_UNROLL
+    for (int n = 0; n < N / 8; ++n) {
+      FF_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        acc[n][e] = 0.f;
+      }
+    }
+  }
+
+  // += X Y over K, X the warp's rows of an m x k matrix, Y the k x N (KByN) or N x k matrix y.
+  template <typename T, int K, bool KByN, typename XMatrix, typename YMatrix>
+  FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y) {
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      uint32_t a[4];
+      x.template a_fragment<true>(a, l, l.warp * 16, k0);
+      FF_UNROLL
+      for (int np = 0; np < N / 16; ++np) {
+        uint32_t b[4];
+        y.template b_fragments<KByN>(b, l, k0, np * 16);
+        mma_pair<T>(acc[2 * np], acc[2 * np + 1], a, b);
+      }
+    }
+  }
+
+  // The row sums of the warp's rows g (sum[0]) and g + 8 (sum[1]) of columns [0, N), in every lane.
+  FF_DEVICE void row_sums(float (&sum)[2]) const {
+    FF_UNROLL
+    for (int n = 0; n < N / 8; ++n) {
+      FF_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        sum[e / 2] += acc[n][e];
+      }
+    }
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {  // the four lanes of a row hold its columns 2t, 2t + 1 of each n tile
+      sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 1);
+      sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 2);
+    }
+  }
+};
+
+// The chunk's 64 x 64 score matrix seen by one warp: its rows against the keys of the 16-wide key tiles on
+// one side of the diagonal (Lower: keys j <= row, tiles up to the warp's; upper: j >= row, from the warp's).
+template <bool Lower>
+struct Scores {
+  RowTile<kChunkRows> s;
+
+  FF_DEVICE static bool tile_used(int np, int warp) { return Lower ? np <= warp : np >= warp; }
+  FF_DEVICE static bool kept(int row, int key) { return Lower ? key <= row : key >= row; }
+
+  // s = X Y^T over K for the used key tiles, X (this warp's rows) and Y (keys) both 64 x K in shared memory.
+  template <typename T, int K, typename XMatrix, typename YMatrix>
+  FF_DEVICE void compute(const Lane& l, const XMatrix& x, const YMatrix& y) {
+    s.zero();
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      uint32_t a[4];
+      x.template a_fragment<true>(a, l, l.warp * 16, k0);
+      FF_UNROLL
+      for (int np = 0; np < 4; ++np) {
+        if (tile_used(np, l.warp)) {
+          uint32_t b[4];
+          y.template b_fragments<false>(b, l, k0, np * 16);
+          mma_pair<T>(s.acc[2 * np], s.acc[2 * np + 1], a, b);
+        }
+      }
+    }
+  }
+
+  // s[row][key] + key_add(key) on this side of the diagonal, 0 on the other.
+  template <typename KeyAdd>
+  FF_DEVICE void mask(const Lane& l, const KeyAdd& key_add) {
+    FF_UNROLL
+    for (int n = 0; n < kChunkRows / 8; ++n) {
+      FF_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int row = l.row(e), key = n * 8 + l.col(e);
+        s.acc[n][e] = kept(row, key) ? s.acc[n][e] + key_add(key) : 0.f;
+      }
+    }
+  }
+
+  // out += scale (masked scores) Y, Y 64 x N (keys x columns) in shared memory; the scaled scores are
+  // rounded to T as A fragments.
+  template <typename T, int N, typename YMatrix>
+  FF_DEVICE void times(const Lane& l, const YMatrix& y, float scale, RowTile<N>& out) const {
+    FF_UNROLL
+    for (int np = 0; np < 4; ++np) {
+      if (tile_used(np, l.warp)) {
+        uint32_t a[4];
+        FF_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const float(&c)[4] = s.acc[2 * np + half];
+          a[2 * half] = simt::pack2(T(c[0] * scale), T(c[1] * scale));
+          a[2 * half + 1] = simt::pack2(T(c[2] * scale), T(c[3] * scale));
+        }
+        FF_UNROLL
+        for (int vp = 0; vp < N / 16; ++vp) {
+          uint32_t b[4];
+          y.template b_fragments<true>(b, l, np * 16, vp * 16);
+          mma_pair<T>(out.acc[2 * vp], out.acc[2 * vp + 1], a, b);
+        }
+      }
+    }
+  }
+};
+
+// An R x C float matrix in registers: its 16 x 16 units dealt to the warps in turn, two m16n8 accumulators
+// a unit. It adds x^T y over a chunk (x 64 x R, y 64 x C in shared memory) and publishes itself as
+// hi + lo = M 2^-e, 16-bit parts in shared memory, for products with it (half: e > 0 only once |M| reaches
+// 2^14, so that the parts cannot overflow; bf16: e = 0).
+template <typename T, int R, int C>
+struct StateTile {
+  static constexpr int kUnits = (R / 16) * (C / 16);
+  static constexpr int kUnitsPerWarp = (kUnits + kWarps - 1) / kWarps;
+  static constexpr bool kScaled = std::is_same_v<T, simt::half>;
+  static_assert(R % 16 == 0 && C % 16 == 0, "units of 16 x 16");
+
+  float acc[kUnitsPerWarp][2][4];
+  int exponent;
+
+  FF_DEVICE static int unit(const Lane& l, int i) { return l.warp + i * kWarps; }
+  FF_DEVICE static int row(const Lane& l, int u, int e) { return u / (C / 16) * 16 + l.g + e / 2 * 8; }
+  FF_DEVICE static int col(const Lane& l, int u, int half, int e) {
+    return u % (C / 16) * 16 + half * 8 + l.col(e);
+  }
+  FF_DEVICE float scale() const { return kScaled ? ldexpf(1.f, -exponent) : 1.f; }    // of the 16-bit parts
+  FF_DEVICE float unscale() const { return kScaled ? ldexpf(1.f, exponent) : 1.f; }
+
+  // fn(element, row, col) for each of this thread's elements.
+  template <typename Fn>
+  FF_DEVICE void for_each(const Lane& l, const Fn& fn) {
+    FF_UNROLL
+    for (int i = 0; i < kUnitsPerWarp; ++i) {
+      const int u = unit(l, i);
+      FF_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        FF_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          if (u < kUnits) {
+            fn(acc[i][half][e], row(l, u, e), col(l, u, half, e));
+          }
+        }
+      }
+    }
+  }
+
+  // From global memory (rows of `stride` floats), or zeros where src is null.
+  FF_DEVICE void load(const Lane& l, const float* src, int64_t stride) {
+    exponent = 0;
+    FF_UNROLL
+    for (int i = 0; i < kUnitsPerWarp; ++i) {
+      FF_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        FF_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          acc[i][half][e] = 0.f;
+        }
+      }
+    }
+    if (src != nullptr) {
+      for_each(l, [&](float& x, int r, int c) { x = src[r * stride + c]; });
+    }
+  }
+  FF_DEVICE void store(const Lane& l, float* dst, int64_t stride) {
+    for_each(l, [&](float& x, int r, int c) { dst[r * stride + c] = x; });
+  }
+
+  // += x^T y over the chunk's 64 rows (rows past a sequence are zero in x).
+  template <typename XMatrix, typename YMatrix>
+  FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y) {
+    FF_UNROLL
+    for (int i = 0; i < kUnitsPerWarp; ++i) {
+      const int u = unit(l, i);
+      if (u < kUnits) {
+        const int r0 = u / (C / 16) * 16, c0 = u % (C / 16) * 16;
+        for (int k0 = 0; k0 < kChunkRows; k0 += 16) {
+          uint32_t a[4], b[4];
+          x.template a_fragment<false>(a, l, r0, k0);
+          y.template b_fragments<true>(b, l, k0, c0);
+          mma_pair<T>(acc[i][0], acc[i][1], a, b);
+        }
+      }
+    }
+  }
+
+  // hi + lo = this 2^-e; largest_s: kWarps floats of shared memory. Half: a block barrier.
+  FF_DEVICE void publish(const Lane& l, const SharedMatrix<T, R, C>& hi, const SharedMatrix<T, R, C>& lo,
+                         simt::shared_ptr<float> largest_s) {
+    if constexpr (kScaled) {
+      float largest = 0;
+      for_each(l, [&](float& x, int, int) { largest = fmaxf(largest, fabsf(x)); });
+      FF_UNROLL
+      for (int offset = 16; offset > 0; offset /= 2) {
+        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+      }
+      if (l.lane == 0) {
+        largest_s[l.warp] = largest;
+      }
+      __syncthreads();
+      FF_UNROLL
+      for (int w = 0; w < kWarps; ++w) {
+        const float m = largest_s[w];
+        largest = fmaxf(largest, m);
+      }
+      exponent = 0;
+      if (largest >= 16384.f && largest <= 3.0e38f) {  // then |M 2^-e| < 2^14
+        frexpf(largest, &exponent);
+        exponent -= 14;
+      }
+    }
+    const float s = scale();
+    for_each(l, [&](float& x, int r, int c) {
+      const float scaled = x * s;
+      const T high = T(scaled);
+      hi.data[r * hi.kLd + c] = high;
+      lo.data[r * lo.kLd + c] = T(scaled - float(high));
+    });
+  }
+
+  // out += X M (KByN: X 64 x R, out C wide) or X M^T (X 64 x C, out R wide), X the warp's rows, with
+  // M 2^-e = hi + lo: out holds sums scaled by 2^-e; the caller multiplies by unscale() when done.
+  template <bool KByN, typename XMatrix, int N>
+  FF_DEVICE static void rows_times(const Lane& l, const XMatrix& x, const SharedMatrix<T, R, C>& hi,
+                                   const SharedMatrix<T, R, C>& lo, RowTile<N>& out) {
+    static_assert(N == (KByN ? C : R), "the product's width");
+    out.template add_product<T, KByN ? R : C, KByN>(l, x, hi);
+    out.template add_product<T, KByN ? R : C, KByN>(l, x, lo);
+  }
+};
+
+// sum[c] += sum over the chunk's rows r of w(r) x[r][c], one thread a column, rows in order.
+template <typename T, int Width, typename Weight>
+FF_DEVICE void add_column_sums(const ChunkTile<T, Width>& x, const Weight& w, simt::shared_ptr<float> sum) {
+  for (int c = int(threadIdx.x); c < Width; c += kForwardThreads) {
+    float s = 0;
+    for (int r = 0; r < kChunkRows; ++r) {
+      s += w(r) * x.get(r, c);
+    }
+    const float before = sum[c];
+    sum[c] = before + s;
+  }
+}
+
+// dots[r] = <x_r, v> for the chunk's rows, two threads a row (v: Width floats of shared memory).
+template <typename T, int Width>
+FF_DEVICE void row_dots(const ChunkTile<T, Width>& x, simt::shared_ptr<float> v, simt::shared_ptr<float> dots) {
+  static_assert(kForwardThreads == 2 * kChunkRows, "two threads a row");
+  const int r = int(threadIdx.x) / 2, part = int(threadIdx.x) % 2;
+  float sum = 0;
+  for (int c = part * (Width / 2); c < (part + 1) * (Width / 2); ++c) {
+    const float vc = v[c];
+    sum += x.get(r, c) * vc;
+  }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  if (part == 0) {
+    dots[r] = sum;
+  }
+}
+
+}  // namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD
