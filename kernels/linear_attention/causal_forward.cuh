@@ -20,24 +20,6 @@
 
 namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
-// Where one block's sequence lies: batch, first row and length, from cu_seqlens or the batch index.
-struct SequenceSpan {
-  int64_t batch, first, length;
-
-  FF_DEVICE static SequenceSpan of(const int64_t* cu_seqlens, int n, int64_t L) {
-    if (cu_seqlens == nullptr) {
-      return {n, 0, L};
-    }
-    return {0, cu_seqlens[n], cu_seqlens[n + 1] - cu_seqlens[n]};
-  }
-  // The first row of this sequence in a (B, H, L, .) input with (batch, head, row) strides.
-  template <typename T>
-  FF_DEVICE const T* rows(const void* x, const int64_t (&stride)[3], int head) const {
-    return static_cast<const T*>(x) + batch * stride[0] + head * stride[1] + first * stride[2];
-  }
-  FF_DEVICE int64_t chunks() const { return (length + kChunkRows - 1) / kChunkRows; }
-};
-
 template <typename T, int D, int BM>
 struct CausalForwardBlock {
   using Q = ChunkTile<T, D>;
@@ -185,22 +167,16 @@ void launch_causal_forward(const CausalForwardParams& p, simt::Stream stream) {
 
 template <int D>
 void CausalForward<D>::run(const CausalForwardParams& p, void* stream) {
-#if defined(__CUDACC__)
-  const simt::Stream s = static_cast<cudaStream_t>(stream);
-#else
-  const simt::Stream s{};
-  (void)stream;
-#endif
   const auto with_tile = [&](auto type) {
     using T = decltype(type);
     switch (value_tile(D, p.M)) {
       case 16:
-        return launch_causal_forward<T, D, 16>(p, s);
+        return launch_causal_forward<T, D, 16>(p, stream_of(stream));
       case 32:
-        return launch_causal_forward<T, D, 32>(p, s);
+        return launch_causal_forward<T, D, 32>(p, stream_of(stream));
       default:
         if constexpr (value_tile(D, 256) == 64) {
-          return launch_causal_forward<T, D, 64>(p, s);
+          return launch_causal_forward<T, D, 64>(p, stream_of(stream));
         }
     }
     throw std::invalid_argument("flowformer: no fused causal forward for D = " + std::to_string(D) +

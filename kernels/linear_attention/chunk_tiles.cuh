@@ -8,7 +8,7 @@
 #pragma once
 
 #include "common/portable.h"
-#include "linear_attention/causal_forward.h"
+#include "linear_attention/causal.h"
 #include "simt/simt.h"
 
 #include <cmath>
@@ -18,6 +18,31 @@ namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
 constexpr int kWarps = kForwardThreads / 32;
 static_assert(kChunkRows == 16 * kWarps, "one m16 row tile per warp");
+
+#if defined(__CUDACC__)
+inline simt::Stream stream_of(void* stream) { return static_cast<cudaStream_t>(stream); }
+#else
+inline simt::Stream stream_of(void*) { return {}; }  // emulated launches are synchronous
+#endif
+
+// Where one block's sequence lies: batch, first row and length, from cu_seqlens or the batch index.
+struct SequenceSpan {
+  int64_t batch, first, length;
+
+  FF_DEVICE static SequenceSpan of(const int64_t* cu_seqlens, int n, int64_t L) {
+    if (cu_seqlens == nullptr) {
+      return {n, 0, L};
+    }
+    return {0, cu_seqlens[n], cu_seqlens[n + 1] - cu_seqlens[n]};
+  }
+  // The first row of this sequence in a (B, H, L, .) input with (batch, head, row) strides.
+  template <typename T>
+  FF_DEVICE const T* rows(const void* x, const int64_t (&stride)[3], int head) const {
+    return static_cast<const T*>(x) + batch * stride[0] + head * stride[1] + first * stride[2];
+  }
+  FF_DEVICE int64_t chunks() const { return (length + kChunkRows - 1) / kChunkRows; }
+};
+
 
 // Lane addresses of ldmatrix.x4 (lane 8 j + i gives row i of matrix j):
 //   a-order: matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15): an A fragment from
@@ -121,16 +146,17 @@ struct RowTile {
     }
   }
 
-  // += X Y over K, X the warp's rows of an m x k matrix, Y the k x N (KByN) or N x k matrix y.
+  // += X Y over K, X the warp's rows of an m x k matrix, Y the columns n0 .. n0 + N - 1 of the k x n (KByN)
+  // or n x k matrix y.
   template <typename T, int K, bool KByN, typename XMatrix, typename YMatrix>
-  FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y) {
+  FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y, int n0 = 0) {
     for (int k0 = 0; k0 < K; k0 += 16) {
       uint32_t a[4];
       x.template a_fragment<true>(a, l, l.warp * 16, k0);
       FF_UNROLL
       for (int np = 0; np < N / 16; ++np) {
         uint32_t b[4];
-        y.template b_fragments<KByN>(b, l, k0, np * 16);
+        y.template b_fragments<KByN>(b, l, k0, n0 + np * 16);
         mma_pair<T>(acc[2 * np], acc[2 * np + 1], a, b);
       }
     }
@@ -193,10 +219,10 @@ struct Scores {
     }
   }
 
-  // out += scale (masked scores) Y, Y 64 x N (keys x columns) in shared memory; the scaled scores are
-  // rounded to T as A fragments.
+  // out += scale (masked scores) Y, Y the columns n0 .. n0 + N - 1 of a 64 x n matrix (keys x columns) in
+  // shared memory; the scaled scores are rounded to T as A fragments.
   template <typename T, int N, typename YMatrix>
-  FF_DEVICE void times(const Lane& l, const YMatrix& y, float scale, RowTile<N>& out) const {
+  FF_DEVICE void times(const Lane& l, const YMatrix& y, float scale, RowTile<N>& out, int n0 = 0) const {
     FF_UNROLL
     for (int np = 0; np < 4; ++np) {
       if (tile_used(np, l.warp)) {
@@ -210,7 +236,7 @@ struct Scores {
         FF_UNROLL
         for (int vp = 0; vp < N / 16; ++vp) {
           uint32_t b[4];
-          y.template b_fragments<true>(b, l, np * 16, vp * 16);
+          y.template b_fragments<true>(b, l, np * 16, n0 + vp * 16);
           mma_pair<T>(out.acc[2 * vp], out.acc[2 * vp + 1], a, b);
         }
       }
@@ -331,14 +357,14 @@ struct StateTile {
     });
   }
 
-  // out += X M (KByN: X 64 x R, out C wide) or X M^T (X 64 x C, out R wide), X the warp's rows, with
-  // M 2^-e = hi + lo: out holds sums scaled by 2^-e; the caller multiplies by unscale() when done.
+  // out += the columns n0 .. n0 + N - 1 of X M (KByN: X 64 x R) or X M^T (X 64 x C), X the warp's rows,
+  // with M 2^-e = hi + lo: out holds sums scaled by 2^-e; the caller multiplies by unscale() when done.
   template <bool KByN, typename XMatrix, int N>
   FF_DEVICE static void rows_times(const Lane& l, const XMatrix& x, const SharedMatrix<T, R, C>& hi,
-                                   const SharedMatrix<T, R, C>& lo, RowTile<N>& out) {
-    static_assert(N == (KByN ? C : R), "the product's width");
-    out.template add_product<T, KByN ? R : C, KByN>(l, x, hi);
-    out.template add_product<T, KByN ? R : C, KByN>(l, x, lo);
+                                   const SharedMatrix<T, R, C>& lo, RowTile<N>& out, int n0 = 0) {
+    static_assert(N <= (KByN ? C : R), "the product's width");
+    out.template add_product<T, KByN ? R : C, KByN>(l, x, hi, n0);
+    out.template add_product<T, KByN ? R : C, KByN>(l, x, lo, n0);
   }
 };
 

@@ -1,5 +1,6 @@
 // The fused linear-attention kernels' CUDA build for the static checks (tests/static/linear_attention.toml):
 // every head dim, as the library instantiates them.
+#include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
 
 namespace flowformer::linear_attention_kernels::cuda {
@@ -8,4 +9,8 @@ template struct CausalForward<32>;
 template struct CausalForward<64>;
 template struct CausalForward<128>;
 template struct CausalForward<256>;
+template struct CausalBackward<16>;
+template struct CausalBackward<32>;
+template struct CausalBackward<64>;
+template struct CausalBackward<128>;
 }  // namespace flowformer::linear_attention_kernels::cuda

@@ -1,0 +1,117 @@
+// The fused causal kernels of linear attention (causal_forward.cuh, causal_backward.cuh): their parameters
+// and entry points, shared by the kernels' two builds (nvcc: cuda::, the SIMT emulator: emulated::) and the
+// torch glue (csrc/linear_attention/fused_causal.h). Torch-free.
+#pragma once
+
+#include "common/feature_map_kind.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace flowformer::linear_attention_kernels {
+
+// The inputs of one call: N sequences of H heads, 16-bit floats (bf16 or half) whose rows (the last axis)
+// have a unit stride and start on 16 bytes; strides in elements, per batch, head and row.
+struct CausalInputs {
+  const void *q, *k, *v;
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  const int64_t* cu_seqlens;  // (N + 1) row offsets into batch 0, or nullptr: sequence n is batch n
+  int64_t L;                  // rows per batch
+  int N, H, D, M;
+  FeatureMap feature_map;
+  bool normalize;
+  float eps;
+  bool half;                  // half (true) or bf16 inputs
+};
+
+struct CausalForwardParams : CausalInputs {
+  void* out;        // (B, H, L, M) contiguous, the inputs' dtype
+  const float* kv0; // (N, H, D, M) initial state, or nullptr (zeros)
+  const float* z0;  // (N, H, D), or nullptr
+  float* kv_final;  // (N, H, D, M)
+  float* z_final;   // (N, H, D)
+};
+
+struct CausalBackwardParams : CausalInputs {
+  const void* dout;            // (B, H, L, M), rows as the inputs'
+  int64_t dout_stride[3];
+  const float *kv0, *z0;       // the initial state, or nullptr (zeros)
+  const float *dkv_final, *dz_final;  // gradients of the final state, or nullptr (zeros)
+  void *dq, *dk, *dv;          // (B, H, L, D), (B, H, L, D), (B, H, L, M) contiguous, the inputs' dtype
+  float *dkv0, *dz0;           // (N, H, D, M), (N, H, D)
+  float *inv_den, *dden;       // (B, H, L) work space: 1 / den_t and dden_t = -<dout_t, out_t> / den_t
+};
+
+constexpr int kChunkRows = 64;  // rows per chunk: one m16 tile per warp
+constexpr int kForwardThreads = 128;
+
+// Head dims of the fused forward: D and M in {16, 32, 64, 128, 256}.
+constexpr bool fused_head_dim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 128 || d == 256; }
+// Columns of the state (value tile) one block carries: D x BM float accumulators spread over 4 warps.
+constexpr int value_tile(int D, int M) {
+  const int cap = D <= 64 ? 64 : 32;
+  return M < cap ? M : cap;
+}
+// Dynamic shared memory of a forward block: q and k tiles (2 stages), v tiles (2 stages), the state's hi and
+// lo 16-bit parts; rows padded by 8 elements (16 bytes) against bank conflicts.
+constexpr std::size_t causal_forward_shared_bytes(int D, int BM) {
+  return std::size_t(2) * (4 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
+}
+// The backward carries the whole state (the contractions over M of dq and dk stay in one block): it takes
+// D <= 128 and M = value_tile(D, M). Dynamic shared memory of either of its passes: q, k, v, dout tiles
+// (2 stages), one feature tile, the state's two parts.
+constexpr bool fused_backward_dims(int64_t D, int64_t M) {
+  return fused_head_dim(D) && fused_head_dim(M) && D <= 128 && M == value_tile(int(D), int(M));
+}
+constexpr std::size_t causal_backward_shared_bytes(int D, int M) {
+  return std::size_t(2) * (5 * kChunkRows * (D + 8) + 4 * kChunkRows * (M + 8) + 2 * D * (M + 8));
+}
+// All of a backward block's shared memory: the dynamic part and the static float arrays (the first pass's
+// z_t rows, vectors of D and 64 floats).
+constexpr std::size_t causal_backward_block_bytes(int D, int M) {
+  return causal_backward_shared_bytes(D, M) + std::size_t(4) * (kChunkRows * (D + 8) + D + kChunkRows + 4);
+}
+
+// The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/linear_attention/
+// cuda/causal_d*.cu for nvcc, cpu/emulated_causal_d*.cpp for the emulator). `stream` is a cudaStream_t
+// (ignored by the emulator, which runs synchronously); a failed launch throws.
+#define FF_CAUSAL_KERNELS                                           \
+  template <int D>                                                  \
+  struct CausalForward {                                            \
+    static void run(const CausalForwardParams& p, void* stream);    \
+  };                                                                \
+  template <int D>                                                  \
+  struct CausalBackward {                                           \
+    static void run(const CausalBackwardParams& p, void* stream);   \
+  };
+namespace cuda {
+FF_CAUSAL_KERNELS
+}  // namespace cuda
+namespace emulated {
+FF_CAUSAL_KERNELS
+}  // namespace emulated
+#undef FF_CAUSAL_KERNELS
+
+// Kernel<p.D>::run(p, stream), Kernel one of the above.
+template <template <int> class Kernel, typename Params>
+void run_for_head_dim(const Params& p, void* stream) {
+  switch (p.D) {
+    case 16:
+      return Kernel<16>::run(p, stream);
+    case 32:
+      return Kernel<32>::run(p, stream);
+    case 64:
+      return Kernel<64>::run(p, stream);
+    case 128:
+      return Kernel<128>::run(p, stream);
+    case 256:
+      return Kernel<256>::run(p, stream);
+    default:
+      throw std::invalid_argument("flowformer: no fused causal linear attention for head dim " +
+                                  std::to_string(p.D));
+  }
+}
+
+}  // namespace flowformer::linear_attention_kernels

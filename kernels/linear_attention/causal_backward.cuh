@@ -1,0 +1,339 @@
+// Causal linear attention, backward, fused on tensor cores (bf16 or half inputs, float32 states and sums):
+// two passes over each (sequence, head), one block of 4 warps each, the whole state in one block (M is the
+// contracted axis of dq and dk). q, k = phi(query), phi(key); per chunk of 64 rows t, with the chunk's
+// masked score matrices and the state at the chunk's start:
+// 1. Forward order, state (S, z) as in the forward:
+//      z_t = z + sum_{j<=t} k_j (prefix sums, float)      den_t = <q_t, z_t> + eps (1 without normalisation)
+//      P_t = S_t dout_t = S dout_t + sum_{j<=t} k_j <v_j, dout_t>                   mma
+//      dden_t = -<q_t, P_t> / den_t^2 (0 without normalisation)      dq_t = P_t / den_t + dden_t z_t
+//      then S += k^T v, z += sum k. 1 / den_t and dden_t go to a work space for pass 2.
+// 2. Reverse order, state R = dS_L + sum_{t' > chunk} q_t' dnum_t'^T, r = dz_L + sum dden_t' q_t', with
+//    dnum_t = dout_t / den_t:
+//      dk_t = R v_t + r + sum_{t'>=t} q_t' (<v_t, dnum_t'> + dden_t')                mma
+//      dv_t = R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>                               mma
+//      then R += q^T dnum, r += sum dden_t q_t. At the start of the sequence: dS_0 = R, dz_0 = r.
+// dq and dk are multiplied by phi'(query), phi'(key). Deterministic: no atomics, sums in a fixed order.
+#pragma once
+
+#include "linear_attention/chunk_tiles.cuh"
+
+#include <stdexcept>
+#include <string>
+
+namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
+
+// What both passes share: the block's sequence, its tiles in shared memory (q, k, v, dout in two stages, a
+// feature tile, the state's parts), cp.async of a chunk.
+template <typename T, int D, int M>
+struct BackwardBlockBase {
+  using Q = ChunkTile<T, D>;
+  using V = ChunkTile<T, M>;
+  using State = StateTile<T, D, M>;
+  using StateParts = SharedMatrix<T, D, M>;
+  static constexpr std::size_t kSharedElements = 5 * Q::kSize + 4 * V::kSize + 2 * StateParts::kSize;
+  static_assert(kSharedElements * sizeof(T) == causal_backward_shared_bytes(D, M), "the layout the host sizes");
+
+  const CausalBackwardParams p;  // a copy: a kernel parameter's address would put it in local memory
+  SequenceSpan span;
+  int head;
+  int64_t rows_at;   // offset of the sequence's first row in (B, H, L) row arrays
+  int64_t state_at;  // offset of this (sequence, head) in the (N, H, D, M) states
+  Lane l;
+  simt::shared_ptr<T> tiles;
+  simt::shared_ptr<float> largest_s;
+  State S;
+
+  FF_DEVICE Q q_tile(int stage) const { return {tiles + stage * Q::kSize}; }
+  FF_DEVICE Q k_tile(int stage) const { return {tiles + (2 + stage) * Q::kSize}; }
+  FF_DEVICE Q feature_tile() const { return {tiles + 4 * Q::kSize}; }
+  FF_DEVICE V v_tile(int stage) const { return {tiles + 5 * Q::kSize + stage * V::kSize}; }
+  FF_DEVICE V dout_tile(int stage) const { return {tiles + 5 * Q::kSize + (2 + stage) * V::kSize}; }
+  FF_DEVICE StateParts s_hi() const { return {tiles + 5 * Q::kSize + 4 * V::kSize}; }
+  FF_DEVICE StateParts s_lo() const { return {tiles + 5 * Q::kSize + 4 * V::kSize + StateParts::kSize}; }
+
+  FF_DEVICE void load_chunk(int64_t c, int stage) const {
+    const int64_t first = c * kChunkRows;
+    load_rows(q_tile(stage), span.rows<T>(p.q, p.q_stride, head), p.q_stride[2], first, span.length);
+    load_rows(k_tile(stage), span.rows<T>(p.k, p.k_stride, head), p.k_stride[2], first, span.length);
+    load_rows(v_tile(stage), span.rows<T>(p.v, p.v_stride, head), p.v_stride[2], first, span.length);
+    load_rows(dout_tile(stage), span.rows<T>(p.dout, p.dout_stride, head), p.dout_stride[2], first, span.length);
+  }
+
+  // body(c, stage) for the chunks in order (or reversed), each chunk's tiles landed and visible; the next
+  // chunk's tiles load meanwhile. body ends with a barrier after its last read of the stage.
+  template <typename Body>
+  FF_DEVICE void walk(bool reverse, const Body& body) const {
+    const int64_t chunks = span.chunks();
+    const auto chunk = [&](int64_t i) { return reverse ? chunks - 1 - i : i; };
+    if (chunks > 0) {
+      load_chunk(chunk(0), 0);
+      simt::cp_async_commit();
+    }
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int stage = int(i % 2);
+      if (i + 1 < chunks) {
+        load_chunk(chunk(i + 1), 1 - stage);
+      }
+      simt::cp_async_commit();
+      simt::cp_async_wait<1>();
+      __syncthreads();
+      body(chunk(i), stage);
+    }
+  }
+
+  // The gradient of a feature row element: grad * phi'(x) for the raw input x.
+  FF_DEVICE float chain(float grad, float x) const {
+    return grad * portable::feature_derivative(p.feature_map, x, portable::feature(p.feature_map, x));
+  }
+
+  // Writes the columns n0 .. n0 + N - 1 of the warp's rows of a chunk's gradient (rows of Width):
+  // value(n tile, element), as T pairs.
+  template <int Width, int N, typename Value>
+  FF_DEVICE void write_rows(void* grad, int64_t c, int n0, const Value& value) const {
+    const int64_t left = span.length - c * kChunkRows;
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int row = l.row(2 * i);
+      if (row < left) {
+        T* g = static_cast<T*>(grad) + (rows_at + c * kChunkRows + row) * Width + n0;
+        FF_UNROLL
+        for (int n = 0; n < N / 8; ++n) {
+          *reinterpret_cast<uint32_t*>(g + n * 8 + 2 * l.t) =
+              simt::pack2(T(value(n, 2 * i)), T(value(n, 2 * i + 1)));
+        }
+      }
+    }
+  }
+};
+
+// Pass 1: dq, and 1 / den_t, dden_t for pass 2.
+template <typename T, int D, int M>
+struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
+  using Base = BackwardBlockBase<T, D, M>;
+  using Base::l, Base::p, Base::S, Base::span;
+  ChunkTile<float, D> z_rows;  // z_t of the chunk's rows (float, in shared memory)
+  simt::shared_ptr<float> z_s, den_s;
+
+  FF_DEVICE void chunk(int64_t c, int stage) {
+    const auto q = this->feature_tile(), k = this->k_tile(stage), query = this->q_tile(stage);
+    const auto v = this->v_tile(stage), dout = this->dout_tile(stage);
+    const int64_t left = span.length - c * kChunkRows;
+    apply_feature_map(p.feature_map, query, q, left);
+    apply_feature_map(p.feature_map, k, k, left);
+    __syncthreads();
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {  // z_t, one thread a column
+      float running = z_s[d];
+      for (int r = 0; r < kChunkRows; ++r) {
+        running += k.get(r, d);
+        z_rows.data[r * z_rows.kLd + d] = running;
+      }
+      z_s[d] = running;
+    }
+    __syncthreads();
+    {
+      const int r = int(threadIdx.x) / 2, part = int(threadIdx.x) % 2;  // den_t, two threads a row
+      float sum = 0;
+      for (int d = part * (D / 2); d < (part + 1) * (D / 2); ++d) {
+        const float zt = z_rows.data[r * z_rows.kLd + d];
+        sum += q.get(r, d) * zt;
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      if (part == 0) {
+        den_s[r] = p.normalize ? sum + p.eps : 1.f;
+      }
+    }
+    RowTile<D> P;  // 2^-e S_t dout_t
+    P.zero();
+    Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P);
+    Scores<true> G;  // <dout_t, v_j>, j <= t
+    G.template compute<T, M>(l, dout, v);
+    G.mask(l, [](int) { return 0.f; });
+    G.template times<T>(l, k, S.scale(), P);
+    __syncthreads();  // den_s written; the state's parts read
+    float inv_den[2], dden[2] = {0.f, 0.f};
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const float den = den_s[l.row(2 * i)];
+      inv_den[i] = 1.f / den;
+      FF_UNROLL
+      for (int n = 0; n < D / 8; ++n) {
+        FF_UNROLL
+        for (int e = 2 * i; e < 2 * i + 2; ++e) {
+          P.acc[n][e] *= S.unscale();
+          dden[i] += q.get(l.row(e), n * 8 + l.col(e)) * P.acc[n][e];
+        }
+      }
+      dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 1);
+      dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 2);
+      dden[i] = p.normalize ? -dden[i] * inv_den[i] * inv_den[i] : 0.f;
+      const int row = l.row(2 * i);
+      if (l.t == 0 && row < left) {
+        p.inv_den[this->rows_at + c * kChunkRows + row] = inv_den[i];
+        p.dden[this->rows_at + c * kChunkRows + row] = dden[i];
+      }
+    }
+    this->template write_rows<D, D>(p.dq, c, 0, [&](int n, int e) {
+      const int row = l.row(e), col = n * 8 + l.col(e);
+      const float zt = z_rows.data[row * z_rows.kLd + col];
+      return this->chain(P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * zt, query.get(row, col));
+    });
+    S.add_product(l, k, v);
+    S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
+    __syncthreads();  // the stage may be loaded again; z_rows, den_s and the state's parts rewritten
+  }
+
+  FF_DEVICE void run() {
+    S.load(l, p.kv0 != nullptr ? p.kv0 + this->state_at : nullptr, M);
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      z_s[d] = p.z0 != nullptr ? p.z0[this->state_at / M + d] : 0.f;
+    }
+    S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
+    this->walk(false, [&](int64_t c, int stage) { chunk(c, stage); });
+  }
+};
+
+// Pass 2: dk, dv and the initial state's gradients, from the end of the sequence.
+template <typename T, int D, int M>
+struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
+  using Base = BackwardBlockBase<T, D, M>;
+  using Base::l, Base::p, Base::S, Base::span;  // S is R here
+  static constexpr int kKeyColumns = D < 64 ? D : 64;
+  simt::shared_ptr<float> r_s, dden_s;
+
+  FF_DEVICE void chunk(int64_t c, int stage) {
+    const auto q = this->q_tile(stage), key = this->k_tile(stage), k = this->feature_tile();
+    const auto v = this->v_tile(stage), dnum = this->dout_tile(stage);
+    const int64_t left = span.length - c * kChunkRows, rows = this->rows_at + c * kChunkRows;
+    apply_feature_map(p.feature_map, q, q, left);
+    apply_feature_map(p.feature_map, key, k, left);
+    for (int e = int(threadIdx.x); e < kChunkRows * M; e += kForwardThreads) {  // dnum = dout / den in place
+      const int r = e / M, m = e % M;
+      dnum.set(r, m, r < left ? dnum.get(r, m) * p.inv_den[rows + r] : 0.f);
+    }
+    for (int r = int(threadIdx.x); r < kChunkRows; r += kForwardThreads) {
+      dden_s[r] = r < left ? p.dden[rows + r] : 0.f;
+    }
+    __syncthreads();
+    Scores<false> W;
+    W.template compute<T, M>(l, v, dnum);
+    W.mask(l, [&](int key_row) { return float(dden_s[key_row]); });
+    for (int d0 = 0; d0 < D; d0 += kKeyColumns) {  // a part of dk at a time: fewer registers
+      RowTile<kKeyColumns> dk;  // 2^-e (R v_t + sum_{t'>=t} q_t' (<v_t, dnum_t'> + dden_t'))
+      dk.zero();
+      Base::State::template rows_times<false>(l, v, this->s_hi(), this->s_lo(), dk, d0);
+      W.template times<T>(l, q, S.scale(), dk, d0);
+      this->template write_rows<D, kKeyColumns>(p.dk, c, d0, [&](int n, int e) {
+        const int col = d0 + n * 8 + l.col(e);
+        const float r = r_s[col];
+        return this->chain(dk.acc[n][e] * S.unscale() + r, key.get(l.row(e), col));
+      });
+    }
+    RowTile<M> dv;  // 2^-e (R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>)
+    dv.zero();
+    Base::State::template rows_times<true>(l, k, this->s_hi(), this->s_lo(), dv);
+    Scores<false> G;
+    G.template compute<T, D>(l, k, q);
+    G.mask(l, [](int) { return 0.f; });
+    G.template times<T>(l, dnum, S.scale(), dv);
+    this->template write_rows<M, M>(p.dv, c, 0, [&](int n, int e) { return dv.acc[n][e] * S.unscale(); });
+    __syncthreads();  // r_s and the state's parts read
+    S.add_product(l, q, dnum);
+    add_column_sums(q, [&](int r) { return float(dden_s[r]); }, r_s);
+    S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
+    __syncthreads();  // the stage may be loaded again; r_s, dden_s and the state's parts rewritten
+  }
+
+  FF_DEVICE void run() {
+    S.load(l, p.dkv_final != nullptr ? p.dkv_final + this->state_at : nullptr, M);
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      r_s[d] = p.dz_final != nullptr ? p.dz_final[this->state_at / M + d] : 0.f;
+    }
+    S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
+    this->walk(true, [&](int64_t c, int stage) { chunk(c, stage); });
+    S.store(l, p.dkv0 + this->state_at, M);
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      p.dz0[this->state_at / M + d] = r_s[d];
+    }
+  }
+};
+
+template <typename T, int D, int M>
+FF_DEVICE BackwardBlockBase<T, D, M> backward_base(const CausalBackwardParams& p, simt::shared_ptr<T> tiles,
+                                                   simt::shared_ptr<float> largest_s) {
+  const int n = int(blockIdx.x), head = int(blockIdx.y);
+  const SequenceSpan span = SequenceSpan::of(p.cu_seqlens, n, p.L);
+  return {p,
+          span,
+          head,
+          (span.batch * p.H + head) * p.L + span.first,
+          (int64_t(n) * p.H + head) * D * M,
+          Lane::of(int(threadIdx.x)),
+          tiles,
+          largest_s,
+          {}};
+}
+
+template <typename T, int D, int M>
+__global__ void __launch_bounds__(kForwardThreads, 1) causal_backward_query_kernel(CausalBackwardParams p) {
+  FF_DYNAMIC_SHARED(T, tiles);
+  FF_SHARED(float, largest_s, kWarps);
+  using ZRows = ChunkTile<float, D>;
+  FF_SHARED(float, z_rows, ZRows::kSize);
+  FF_SHARED(float, z_s, D);
+  FF_SHARED(float, den_s, kChunkRows);
+  BackwardQueryBlock<T, D, M> block{backward_base<T, D, M>(p, tiles, largest_s), {z_rows}, z_s, den_s};
+  block.run();
+}
+
+template <typename T, int D, int M>
+__global__ void __launch_bounds__(kForwardThreads, 1) causal_backward_key_kernel(CausalBackwardParams p) {
+  FF_DYNAMIC_SHARED(T, tiles);
+  FF_SHARED(float, largest_s, kWarps);
+  FF_SHARED(float, r_s, D);
+  FF_SHARED(float, dden_s, kChunkRows);
+  BackwardKeyBlock<T, D, M> block{backward_base<T, D, M>(p, tiles, largest_s), r_s, dden_s};
+  block.run();
+}
+
+template <typename T, int D, int M>
+void launch_causal_backward(const CausalBackwardParams& p, simt::Stream stream) {
+  if (p.H > 65535) {
+    throw std::length_error("flowformer::causal_linear_attention_backward: " + std::to_string(p.H) +
+                            " heads exceed one CUDA launch");
+  }
+  if (p.N == 0 || p.H == 0) {
+    return;
+  }
+  const simt::LaunchConfig config{simt::Dim3(unsigned(p.N), unsigned(p.H)), simt::Dim3(kForwardThreads),
+                                  causal_backward_shared_bytes(D, M), stream};
+  simt::launch("causal_backward_query", causal_backward_query_kernel<T, D, M>, config, p);
+  simt::launch("causal_backward_key", causal_backward_key_kernel<T, D, M>, config, p);
+}
+
+template <int D>
+void CausalBackward<D>::run(const CausalBackwardParams& p, void* stream) {
+  const auto with_width = [&](auto type) {
+    using T = decltype(type);
+    if constexpr (D <= 128) {
+      switch (p.M) {
+        case 16:
+          return launch_causal_backward<T, D, 16>(p, stream_of(stream));
+        case 32:
+          return launch_causal_backward<T, D, 32>(p, stream_of(stream));
+        case 64:
+          if constexpr (value_tile(D, 64) == 64) {
+            return launch_causal_backward<T, D, 64>(p, stream_of(stream));
+          }
+      }
+    }
+    throw std::invalid_argument("flowformer: no fused causal backward for D = " + std::to_string(D) +
+                                ", M = " + std::to_string(p.M));
+  };
+  if (p.half) {
+    with_width(simt::half{});
+  } else {
+    with_width(simt::bf16{});
+  }
+}
+
+}  // namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD

@@ -1,0 +1,358 @@
+// The fused causal kernels of linear attention (kernels/linear_attention/causal_forward.cuh and
+// causal_backward.cuh) in the emulator, against a float64 reference on the same 16-bit inputs: packed
+// sequences (empty ones, lengths across chunks), several value tiles, strided rows, initial states and
+// final-state gradients, both normalisations, every feature map, half states past the half range; every
+// output poisoned first, no hazard (a hazard throws), and the same bits under every schedule.
+#include "helpers.h"
+#include "linear_attention/causal_backward.cuh"
+#include "linear_attention/causal_forward.cuh"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace kernels = flowformer::linear_attention_kernels;
+namespace simt = flowformer::simt;
+using flowformer::FeatureMap;
+using flowformer::simt_tests::all_schedules;
+using flowformer::simt_tests::NamedSchedule;
+using flowformer::simt_tests::random_floats;
+
+namespace {
+
+double phi(FeatureMap f, double x) {
+  switch (f) {
+    case FeatureMap::Sigmoid:
+      return 1 / (1 + std::exp(-x));
+    case FeatureMap::Elu1:
+      return x > 0 ? x + 1 : std::exp(x);
+    case FeatureMap::Relu:
+      return x > 0 ? x : 0;
+    case FeatureMap::Identity:
+      break;
+  }
+  return x;
+}
+
+double phi_derivative(FeatureMap f, double x) {
+  switch (f) {
+    case FeatureMap::Sigmoid:
+      return phi(f, x) * (1 - phi(f, x));
+    case FeatureMap::Elu1:
+      return x > 0 ? 1 : std::exp(x);
+    case FeatureMap::Relu:
+      return x > 0 ? 1 : 0;
+    case FeatureMap::Identity:
+      break;
+  }
+  return 1;
+}
+
+struct Case {
+  std::vector<int64_t> lengths;  // packed sequences (cu_seqlens) when `packed`, else B sequences of lengths[0]
+  bool packed;
+  int H, D, M;
+  FeatureMap feature_map = FeatureMap::Elu1;
+  bool normalize = true;
+  bool initial_state = true;
+  float value_lo = -1, value_hi = 3;  // a mean of 1: outputs far from 0, so that the dden terms matter
+  float dout_hi = 2;                  // dout in [0, dout_hi]: correlated with the outputs, large dden terms
+};
+
+using Outputs = std::map<std::string, std::vector<double>>;  // name -> values (read back from T or float)
+
+// Inputs laid out (B, L, H, width): rows strided by H * width, as a (B, H, L, width) view of them.
+template <typename T>
+struct Problem {
+  Case c;
+  int64_t B, L, N;
+  std::vector<int64_t> cu;
+  std::vector<T> q, k, v, dout;
+  std::vector<float> kv0, z0, dkv, dz;
+
+  explicit Problem(const Case& c_) : c(c_) {
+    N = int64_t(c.lengths.size());
+    cu.assign(1, 0);
+    for (int64_t len : c.lengths) {
+      cu.push_back(cu.back() + len);
+    }
+    B = c.packed ? 1 : N;
+    L = c.packed ? cu.back() : c.lengths[0];
+    const auto fill = [&](std::vector<T>& x, int width, uint64_t seed, float lo, float hi) {
+      const auto f = random_floats(std::size_t(B * L * c.H * width), seed, lo, hi);
+      x.assign(f.begin(), f.end());
+    };
+    fill(q, c.D, 11, -2, 2);
+    fill(k, c.D, 12, -2, 2);
+    fill(v, c.M, 13, c.value_lo, c.value_hi);
+    fill(dout, c.M, 16, 0, c.dout_hi);
+    kv0 = random_floats(std::size_t(N * c.H * c.D * c.M), 14);
+    z0 = random_floats(std::size_t(N * c.H * c.D), 15, 0.5f, 1.5f);
+    dkv = random_floats(kv0.size(), 17);
+    dz = random_floats(z0.size(), 18);
+  }
+
+  template <typename Params>
+  void inputs(Params& p) const {
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    for (int i = 0; i < 3; ++i) {  // (B, H, L) strides of a (B, L, H, width) layout
+      const int64_t per_row[3] = {L * c.H, 1, c.H};
+      p.q_stride[i] = p.k_stride[i] = per_row[i] * c.D;
+      p.v_stride[i] = per_row[i] * c.M;
+    }
+    p.cu_seqlens = c.packed ? cu.data() : nullptr;
+    p.L = L;
+    p.N = int(N);
+    p.H = c.H;
+    p.D = c.D;
+    p.M = c.M;
+    p.feature_map = c.feature_map;
+    p.normalize = c.normalize;
+    p.eps = 1e-6f;
+    p.half = std::is_same_v<T, simt::half>;
+  }
+
+  // The kernels' results, every output poisoned with NaN first.
+  Outputs forward() const {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<T> out(std::size_t(B * c.H * L * c.M), T(nan));
+    std::vector<float> kv(kv0.size(), nan), z(z0.size(), nan);
+    kernels::CausalForwardParams p{};
+    inputs(p);
+    p.out = out.data();
+    p.kv0 = c.initial_state ? kv0.data() : nullptr;
+    p.z0 = c.initial_state ? z0.data() : nullptr;
+    p.kv_final = kv.data();
+    p.z_final = z.data();
+    kernels::run_for_head_dim<kernels::emulated::CausalForward>(p, nullptr);
+    return {{"out", widen(out)}, {"kv", widen(kv)}, {"z", widen(z)}};
+  }
+
+  Outputs backward() const {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<T> dq(q.size(), T(nan)), dk(k.size(), T(nan)), dv(v.size(), T(nan));
+    std::vector<float> dkv0(kv0.size(), nan), dz0(z0.size(), nan), inv_den(B * c.H * L), dden(B * c.H * L);
+    kernels::CausalBackwardParams p{};
+    inputs(p);
+    p.dout = dout.data();
+    std::copy(p.v_stride, p.v_stride + 3, p.dout_stride);
+    p.kv0 = c.initial_state ? kv0.data() : nullptr;
+    p.z0 = c.initial_state ? z0.data() : nullptr;
+    p.dkv_final = c.initial_state ? dkv.data() : nullptr;
+    p.dz_final = c.initial_state ? dz.data() : nullptr;
+    p.dq = dq.data();
+    p.dk = dk.data();
+    p.dv = dv.data();
+    p.dkv0 = dkv0.data();
+    p.dz0 = dz0.data();
+    p.inv_den = inv_den.data();
+    p.dden = dden.data();
+    kernels::run_for_head_dim<kernels::emulated::CausalBackward>(p, nullptr);
+    // dq, dk, dv come (B, H, L, .) contiguous: back to the inputs' (B, L, H, .) order
+    return {{"dq", reorder(widen(dq), c.D)}, {"dk", reorder(widen(dk), c.D)}, {"dv", reorder(widen(dv), c.M)},
+            {"dkv0", widen(dkv0)}, {"dz0", widen(dz0)}};
+  }
+
+  template <typename X>
+  static std::vector<double> widen(const std::vector<X>& x) {
+    std::vector<double> y(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      y[i] = double(float(x[i]));
+    }
+    return y;
+  }
+  std::vector<double> reorder(const std::vector<double>& x, int width) const {
+    std::vector<double> y(x.size());
+    for (int64_t b = 0; b < B; ++b) {
+      for (int h = 0; h < c.H; ++h) {
+        for (int64_t t = 0; t < L; ++t) {
+          for (int i = 0; i < width; ++i) {
+            y[((b * L + t) * c.H + h) * width + i] = x[((b * c.H + h) * L + t) * width + i];
+          }
+        }
+      }
+    }
+    return y;
+  }
+
+  // float64: the forward recurrences, then the backward of spec/linear_attention.md by its two scans.
+  Outputs reference() const {
+    const int H = c.H, D = c.D, M = c.M;
+    Outputs r{{"out", std::vector<double>(B * H * L * M)}, {"kv", std::vector<double>(kv0.size())},
+              {"z", std::vector<double>(z0.size())}, {"dq", std::vector<double>(q.size())},
+              {"dk", std::vector<double>(k.size())}, {"dv", std::vector<double>(v.size())},
+              {"dkv0", std::vector<double>(kv0.size())}, {"dz0", std::vector<double>(z0.size())}};
+    for (int64_t s = 0; s < N; ++s) {
+      const int64_t b = c.packed ? 0 : s, first = c.packed ? cu[s] : 0, len = c.packed ? cu[s + 1] - cu[s] : L;
+      for (int h = 0; h < H; ++h) {
+        const int64_t state = s * H + h;
+        std::vector<double> S(D * M), z(D), den(len), dden(len);
+        for (int i = 0; i < D * M; ++i) {
+          S[i] = c.initial_state ? kv0[state * D * M + i] : 0;
+        }
+        for (int d = 0; d < D; ++d) {
+          z[d] = c.initial_state ? z0[state * D + d] : 0;
+        }
+        const auto row = [&](int64_t t) { return (b * L + first + t) * H + h; };
+        const auto feat = [&](const std::vector<T>& x, int64_t t, int d) { return phi(c.feature_map, float(x[row(t) * D + d])); };
+        for (int64_t t = 0; t < len; ++t) {
+          std::vector<double> out(M);
+          for (int d = 0; d < D; ++d) {
+            z[d] += feat(k, t, d);
+            for (int m = 0; m < M; ++m) {
+              S[d * M + m] += feat(k, t, d) * float(v[row(t) * M + m]);
+            }
+          }
+          den[t] = 1e-6;
+          for (int d = 0; d < D; ++d) {
+            den[t] += feat(q, t, d) * z[d];
+          }
+          den[t] = c.normalize ? den[t] : 1;
+          double dot = 0;  // <dout_t, out_t>
+          for (int m = 0; m < M; ++m) {
+            for (int d = 0; d < D; ++d) {
+              out[m] += feat(q, t, d) * S[d * M + m];
+            }
+            out[m] /= den[t];
+            r["out"][((b * H + h) * L + first + t) * M + m] = out[m];
+            dot += float(dout[row(t) * M + m]) * out[m];
+          }
+          dden[t] = c.normalize ? -dot / den[t] : 0;
+          for (int d = 0; d < D; ++d) {  // dq_t = S_t dout_t / den_t + dden_t z_t
+            double g = dden[t] * z[d];
+            for (int m = 0; m < M; ++m) {
+              g += S[d * M + m] * float(dout[row(t) * M + m]) / den[t];
+            }
+            r["dq"][row(t) * D + d] = g * phi_derivative(c.feature_map, float(q[row(t) * D + d]));
+          }
+        }
+        for (int i = 0; i < D * M; ++i) {
+          r["kv"][state * D * M + i] = S[i];
+          S[i] = c.initial_state ? dkv[state * D * M + i] : 0;  // now R
+        }
+        for (int d = 0; d < D; ++d) {
+          r["z"][state * D + d] = z[d];
+          z[d] = c.initial_state ? dz[state * D + d] : 0;  // now r
+        }
+        for (int64_t t = len - 1; t >= 0; --t) {
+          for (int d = 0; d < D; ++d) {
+            z[d] += dden[t] * feat(q, t, d);
+            for (int m = 0; m < M; ++m) {
+              S[d * M + m] += feat(q, t, d) * float(dout[row(t) * M + m]) / den[t];
+            }
+          }
+          for (int d = 0; d < D; ++d) {  // dk_t = R_t v_t + r_t
+            double g = z[d];
+            for (int m = 0; m < M; ++m) {
+              g += S[d * M + m] * float(v[row(t) * M + m]);
+            }
+            r["dk"][row(t) * D + d] = g * phi_derivative(c.feature_map, float(k[row(t) * D + d]));
+          }
+          for (int m = 0; m < M; ++m) {  // dv_t = R_t^T k_t
+            double g = 0;
+            for (int d = 0; d < D; ++d) {
+              g += S[d * M + m] * feat(k, t, d);
+            }
+            r["dv"][row(t) * M + m] = g;
+          }
+        }
+        std::copy(S.begin(), S.end(), r["dkv0"].begin() + state * D * M);
+        std::copy(z.begin(), z.end(), r["dz0"].begin() + state * D);
+      }
+    }
+    return r;
+  }
+};
+
+double relative_error(const std::vector<double>& actual, const std::vector<double>& expected) {
+  double e = 0, n = 0;
+  for (std::size_t i = 0; i < actual.size(); ++i) {
+    REQUIRE(std::isfinite(actual[i]));  // also: every element was written (poisoned with NaN)
+    e += (actual[i] - expected[i]) * (actual[i] - expected[i]);
+    n += expected[i] * expected[i];
+  }
+  return n > 0 ? std::sqrt(e / n) : std::sqrt(e);  // all-zero expectations (dz0 without states): absolute
+}
+
+enum class Pass { Forward, Backward, Both };
+
+// Each output within the spec's tolerance of its dtype (gradients: twice the forward's), and bitwise the same
+// under every schedule.
+template <typename T>
+void check(const Case& c, const std::vector<NamedSchedule>& schedules, Pass pass = Pass::Both) {
+  const Problem<T> problem(c);
+  const Outputs expected = problem.reference();
+  const double tol = std::is_same_v<T, simt::half> ? 5e-3 : 2e-2;
+  Outputs first;
+  for (const auto& schedule : schedules) {
+    INFO("schedule " << schedule.name << ", D " << c.D << " M " << c.M << " H " << c.H);
+    simt::OptionsScope scope(schedule.options);
+    Outputs results;
+    if (pass != Pass::Backward) {
+      results.merge(problem.forward());
+    }
+    if (pass != Pass::Forward) {
+      results.merge(problem.backward());
+    }
+    for (const auto& [name, values] : results) {
+      INFO(name);
+      CHECK(relative_error(values, expected.at(name)) < (name[0] == 'd' ? 2 * tol : tol));
+    }
+    if (first.empty()) {
+      first = results;
+    } else {  // no atomics, fixed order: the same bits whatever the schedule
+      CHECK(first == results);
+    }
+  }
+}
+
+std::vector<NamedSchedule> two_schedules() {
+  const auto all = all_schedules();
+  return {all.front(), all.back()};
+}
+
+}  // namespace
+
+TEST_CASE("fused causal kernels: packed sequences across chunks, under every schedule") {
+  const Case c{{1, 0, 70, 130, 5, 0}, true, 2, 16, 16};
+  check<simt::bf16>(c, all_schedules());
+  check<simt::half>(c, two_schedules());
+}
+
+TEST_CASE("fused causal forward: head dims and value tiles") {
+  for (const auto& [D, M] : {std::pair{64, 32}, std::pair{16, 128}, std::pair{128, 64}}) {
+    check<simt::bf16>(Case{{75, 75}, false, 1, D, M}, two_schedules(), Pass::Forward);
+  }
+}
+
+TEST_CASE("fused causal kernels: head dims, batches of equal lengths") {
+  for (const auto& [D, M] : {std::pair{32, 64}, std::pair{64, 64}, std::pair{128, 32}}) {
+    check<simt::bf16>(Case{{75, 75}, false, 1, D, M}, two_schedules());
+  }
+  check<simt::half>(Case{{129}, false, 2, 32, 32}, two_schedules());
+}
+
+TEST_CASE("fused causal kernels: feature maps, normalisation off, no initial state") {
+  for (const FeatureMap f : {FeatureMap::Sigmoid, FeatureMap::Relu, FeatureMap::Identity}) {
+    Case c{{3, 66}, true, 1, 16, 32};
+    c.feature_map = f;
+    c.normalize = false;  // identity and relu can make phi(q)^T z + eps near 0: the numerators are compared
+    c.initial_state = f != FeatureMap::Sigmoid;
+    check<simt::bf16>(c, two_schedules());
+  }
+}
+
+TEST_CASE("fused causal kernels: half states beyond the half range are scaled, not overflowed") {
+  Case c{{200}, false, 1, 16, 16};
+  c.value_lo = 1000;  // |S| reaches about 200 * 1.5 * 2500: far past 65504
+  c.value_hi = 4000;
+  c.dout_hi = 1e-3f;  // gradients within the half range too
+  check<simt::half>(c, two_schedules());
+}
