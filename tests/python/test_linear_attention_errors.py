@@ -75,7 +75,7 @@ def test_backward_op_errors():
     with pytest.raises(RuntimeError, match=r"causal_linear_attention_backward: grad_final_kv must have shape"):
         torch.ops.flowformer.causal_linear_attention_backward(
             torch.randn(2, 3, 5, 7), torch.zeros(2, 3, 7, 6), None, q, k, v, feature_map="elu1", normalize=True,
-            eps=1e-6, initial_kv=None, initial_z=None)
+            eps=1e-6, initial_kv=None, initial_z=None, cu_seqlens=None)
     with pytest.raises(RuntimeError, match=r"linear_attention_backward: grad_out must have value size M = 7"):
         torch.ops.flowformer.linear_attention_backward(torch.randn(2, 3, 5, 6), q, k, v, feature_map="elu1",
                                                        eps=1e-6, key_padding_mask=None)
