@@ -16,18 +16,18 @@ static auto typed_op(const char* name) {
 
 CausalResult causal(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                     c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                    const Optional& initial_z) {
+                    const Optional& initial_z, const Optional& cu_seqlens) {
   static auto op = typed_op<decltype(causal)>(kCausal);
-  return op.call(query, key, value, feature_map, normalize, eps, initial_kv, initial_z);
+  return op.call(query, key, value, feature_map, normalize, eps, initial_kv, initial_z, cu_seqlens);
 }
 
 CausalGrads causal_backward(const at::Tensor& grad_out, const Optional& grad_final_kv, const Optional& grad_final_z,
                             const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                            const Optional& initial_z) {
+                            const Optional& initial_z, const Optional& cu_seqlens) {
   static auto op = typed_op<decltype(causal_backward)>(kCausalBackward);
   return op.call(grad_out, grad_final_kv, grad_final_z, query, key, value, feature_map, normalize, eps, initial_kv,
-                 initial_z);
+                 initial_z, cu_seqlens);
 }
 
 at::Tensor noncausal(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -50,7 +50,7 @@ CausalLinearAttentionResult causal_linear_attention(const at::Tensor& query, con
                                                     const CausalLinearAttentionOptions& options) {
   auto [out, final_kv, final_z] = linear_attention_ops::causal(query, key, value, options.feature_map,
                                                                options.normalize, options.eps, options.initial_kv,
-                                                               options.initial_z);
+                                                               options.initial_z, options.cu_seqlens);
   return {out, final_kv, final_z};
 }
 
@@ -63,13 +63,13 @@ at::Tensor linear_attention(const at::Tensor& query, const at::Tensor& key, cons
 TORCH_LIBRARY_FRAGMENT(flowformer, m) {
   m.def(
       "causal_linear_attention(Tensor query, Tensor key, Tensor value, *, str feature_map=\"elu1\", "
-      "bool normalize=True, float eps=1e-06, Tensor? initial_kv=None, Tensor? initial_z=None) "
-      "-> (Tensor, Tensor, Tensor)",
+      "bool normalize=True, float eps=1e-06, Tensor? initial_kv=None, Tensor? initial_z=None, "
+      "Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "causal_linear_attention_backward(Tensor grad_out, Tensor? grad_final_kv, Tensor? grad_final_z, "
       "Tensor query, Tensor key, Tensor value, *, str feature_map, bool normalize, float eps, "
-      "Tensor? initial_kv, Tensor? initial_z) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "Tensor? initial_kv, Tensor? initial_z, Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "linear_attention(Tensor query, Tensor key, Tensor value, *, str feature_map=\"elu1\", float eps=1e-06, "

@@ -1,6 +1,6 @@
 // Autograd for the linear-attention ops, registered in C++ so that C++ programs get gradients too.
 // Only the inputs are saved; the backward ops recompute what they need. Gradients flow to query, key,
-// value and the initial states, and from the output and the final states. Differentiating a backward
+// value and the initial states, and from the output and the final states (cu_seqlens: none). Differentiating a backward
 // op again (double backward) raises a clear error.
 #include "linear_attention/linear_attention_ops.h"
 
@@ -31,13 +31,15 @@ class CausalFunction : public torch::autograd::Function<CausalFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const std::string& feature_map, bool normalize, double eps,
-                               const Optional& initial_kv, const Optional& initial_z) {
+                               const Optional& initial_kv, const Optional& initial_z,
+                               const Optional& cu_seqlens) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({query, key, value, initial_kv.value_or(at::Tensor()), initial_z.value_or(at::Tensor())});
     ctx->saved_data["feature_map"] = feature_map;
     ctx->saved_data["normalize"] = normalize;
     ctx->saved_data["eps"] = eps;
-    auto [out, kv, z] = causal(query, key, value, feature_map, normalize, eps, initial_kv, initial_z);
+    ctx->saved_data["cu_seqlens"] = cu_seqlens;  // integers: no gradient
+    auto [out, kv, z] = causal(query, key, value, feature_map, normalize, eps, initial_kv, initial_z, cu_seqlens);
     return {out, kv, z};
   }
 
@@ -48,10 +50,11 @@ class CausalFunction : public torch::autograd::Function<CausalFunction> {
     auto [dq, dk, dv, dkv, dz] = causal_backward(
         grad_out, defined_or_none(grads[1]), defined_or_none(grads[2]), saved[0], saved[1], saved[2],
         ctx->saved_data["feature_map"].toStringRef(), ctx->saved_data["normalize"].toBool(),
-        ctx->saved_data["eps"].toDouble(), defined_or_none(saved[3]), defined_or_none(saved[4]));
+        ctx->saved_data["eps"].toDouble(), defined_or_none(saved[3]), defined_or_none(saved[4]),
+        ctx->saved_data["cu_seqlens"].toOptional<at::Tensor>());
     // One entry per forward argument; the states get a gradient only where they were given.
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), saved[3].defined() ? dkv : at::Tensor(),
-            saved[4].defined() ? dz : at::Tensor()};
+            saved[4].defined() ? dz : at::Tensor(), at::Tensor()};
   }
 };
 
@@ -60,10 +63,11 @@ class CausalBackwardFunction : public torch::autograd::Function<CausalBackwardFu
   static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const Optional& grad_final_kv,
                                const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const std::string& feature_map, bool normalize, double eps,
-                               const Optional& initial_kv, const Optional& initial_z) {
+                               const Optional& initial_kv, const Optional& initial_z,
+                               const Optional& cu_seqlens) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv, dkv, dz] = causal_backward(grad_out, grad_final_kv, grad_final_z, query, key, value,
-                                                 feature_map, normalize, eps, initial_kv, initial_z);
+                                                 feature_map, normalize, eps, initial_kv, initial_z, cu_seqlens);
     return {dq, dk, dv, dkv, dz};
   }
   static variable_list backward(AutogradContext*, variable_list) { no_double_backward(kCausalBackward); }
@@ -106,17 +110,19 @@ class NoncausalBackwardFunction : public torch::autograd::Function<NoncausalBack
 
 CausalResult causal_autograd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                              c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                             const Optional& initial_z) {
-  const auto r = CausalFunction::apply(query, key, value, str(feature_map), normalize, eps, initial_kv, initial_z);
+                             const Optional& initial_z, const Optional& cu_seqlens) {
+  const auto r = CausalFunction::apply(query, key, value, str(feature_map), normalize, eps, initial_kv, initial_z,
+                                       cu_seqlens);
   return {r[0], r[1], r[2]};
 }
 
 CausalGrads causal_backward_autograd(const at::Tensor& grad_out, const Optional& grad_final_kv,
                                      const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                                      const at::Tensor& value, c10::string_view feature_map, bool normalize,
-                                     double eps, const Optional& initial_kv, const Optional& initial_z) {
+                                     double eps, const Optional& initial_kv, const Optional& initial_z,
+                                     const Optional& cu_seqlens) {
   const auto r = CausalBackwardFunction::apply(grad_out, grad_final_kv, grad_final_z, query, key, value,
-                                               str(feature_map), normalize, eps, initial_kv, initial_z);
+                                               str(feature_map), normalize, eps, initial_kv, initial_z, cu_seqlens);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 

@@ -46,6 +46,23 @@ void check_state(const char* op, const char* arg, const Optional& state, const a
               s.sym_sizes());
 }
 
+// Packed sequences: cu_seqlens int32 or int64, (N + 1,) with N >= 0, on the device of query or on the CPU
+// (a CPU cu_seqlens spares the CUDA backend a device-to-host copy); query must then have B == 1.
+void check_cu_seqlens(const char* op, const Optional& cu_seqlens, const at::Tensor& query) {
+  if (!cu_seqlens.has_value()) {
+    return;
+  }
+  const at::Tensor& cu = *cu_seqlens;
+  TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, op,
+              ": cu_seqlens must be int32 or int64, got ", cu.scalar_type());
+  check_rank(op, "cu_seqlens", cu, 1, "(N + 1,)");
+  TORCH_CHECK(cu.sym_size(0) >= 1, op, ": cu_seqlens must have N + 1 >= 1 elements (offsets of N sequences, ",
+              "starting with 0), got shape ", cu.sym_sizes());
+  TORCH_CHECK(cu.device() == query.device() || cu.device().is_cpu(), op,
+              ": cu_seqlens must be on the device of query (", query.device(), ") or on the CPU, got ", cu.device());
+  check_size(op, "query", query, 0, 1, "batch size B", "packed sequences: cu_seqlens given");
+}
+
 }  // namespace
 
 at::ScalarType state_type(const at::Tensor& query) {
@@ -54,22 +71,50 @@ at::ScalarType state_type(const at::Tensor& query) {
 
 void check_causal_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                        c10::string_view feature_map, double eps, const Optional& initial_kv,
-                       const Optional& initial_z) {
+                       const Optional& initial_z, const Optional& cu_seqlens) {
   check_qkv(op, query, key, value, /*same_length=*/true);
   parse_feature_map(op, feature_map);
   check_non_negative(op, "eps", eps);
-  const auto B = query.sym_size(0), H = query.sym_size(1), D = query.sym_size(3), M = value.sym_size(3);
-  check_state(op, "initial_kv", initial_kv, query, {B, H, D, M}, "(B, H, D, M)");
-  check_state(op, "initial_z", initial_z, query, {B, H, D}, "(B, H, D)");
+  check_cu_seqlens(op, cu_seqlens, query);
+  const auto N = sequence_count(query, cu_seqlens), H = query.sym_size(1), D = query.sym_size(3),
+             M = value.sym_size(3);
+  const bool packed = cu_seqlens.has_value();
+  check_state(op, "initial_kv", initial_kv, query, {N, H, D, M}, packed ? "(N, H, D, M)" : "(B, H, D, M)");
+  check_state(op, "initial_z", initial_z, query, {N, H, D}, packed ? "(N, H, D)" : "(B, H, D)");
 }
 
 void check_causal_grads(const at::Tensor& grad_out, const Optional& grad_final_kv, const Optional& grad_final_z,
-                        const at::Tensor& query, const at::Tensor& value) {
+                        const at::Tensor& query, const at::Tensor& value, const Optional& cu_seqlens) {
   const char* op = kCausalBackward;
   check_grad_out(op, grad_out, query, value);
-  const auto B = query.sym_size(0), H = query.sym_size(1), D = query.sym_size(3), M = value.sym_size(3);
-  check_state(op, "grad_final_kv", grad_final_kv, query, {B, H, D, M}, "(B, H, D, M)");
-  check_state(op, "grad_final_z", grad_final_z, query, {B, H, D}, "(B, H, D)");
+  const auto N = sequence_count(query, cu_seqlens), H = query.sym_size(1), D = query.sym_size(3),
+             M = value.sym_size(3);
+  const bool packed = cu_seqlens.has_value();
+  check_state(op, "grad_final_kv", grad_final_kv, query, {N, H, D, M}, packed ? "(N, H, D, M)" : "(B, H, D, M)");
+  check_state(op, "grad_final_z", grad_final_z, query, {N, H, D}, packed ? "(N, H, D)" : "(B, H, D)");
+}
+
+c10::SymInt sequence_count(const at::Tensor& query, const Optional& cu_seqlens) {
+  return cu_seqlens.has_value() ? cu_seqlens->sym_size(0) - 1 : query.sym_size(0);
+}
+
+std::vector<int64_t> cu_seqlens_values(const char* op, const Optional& cu_seqlens, int64_t L) {
+  if (!cu_seqlens.has_value()) {
+    return {};
+  }
+  // The one device-to-host copy of a CUDA cu_seqlens (N + 1 integers); it waits for the stream.
+  const at::Tensor host = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
+  const int64_t* cu = host.const_data_ptr<int64_t>();
+  std::vector<int64_t> values(cu, cu + host.numel());
+  TORCH_CHECK(values.front() == 0, op, ": cu_seqlens must start with 0, got cu_seqlens[0] = ", values.front());
+  for (size_t n = 1; n < values.size(); ++n) {
+    TORCH_CHECK(values[n] >= values[n - 1], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", n,
+                "] = ", values[n], " < cu_seqlens[", n - 1, "] = ", values[n - 1]);
+  }
+  const size_t N = values.size() - 1;
+  TORCH_CHECK(values.back() == L, op, ": cu_seqlens must end with the total length L = ", L,
+              " (the length of query), got cu_seqlens[", N, "] = ", values.back());
+  return values;
 }
 
 void check_noncausal_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

@@ -1,4 +1,5 @@
-// Shapes only (Meta): what torch.compile, torch.export and FakeTensor see. Same checks as the kernels.
+// Shapes only (Meta): what torch.compile, torch.export and FakeTensor see. Same checks as the kernels,
+// except those of the values of cu_seqlens (they need the data).
 #include "linear_attention/linear_attention_ops.h"
 
 #include "common/checks.h"
@@ -8,17 +9,20 @@
 namespace flowformer::linear_attention_ops {
 namespace {
 
-std::pair<at::Tensor, at::Tensor> new_states(const at::Tensor& query, const at::Tensor& value) {
+// The states (N, H, D, M) and (N, H, D): N = B, or the number of packed sequences.
+std::pair<at::Tensor, at::Tensor> new_states(const at::Tensor& query, const at::Tensor& value,
+                                             const Optional& cu_seqlens) {
   const auto options = query.options().dtype(state_type(query));
-  const auto B = query.sym_size(0), H = query.sym_size(1), D = query.sym_size(3), M = value.sym_size(3);
-  return {new_output({B, H, D, M}, options), new_output({B, H, D}, options)};
+  const auto N = sequence_count(query, cu_seqlens), H = query.sym_size(1), D = query.sym_size(3),
+             M = value.sym_size(3);
+  return {new_output({N, H, D, M}, options), new_output({N, H, D}, options)};
 }
 
 CausalResult causal_meta(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                          c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                         const Optional& initial_z) {
-  check_causal_args(kCausal, query, key, value, feature_map, eps, initial_kv, initial_z);
-  auto [kv, z] = new_states(query, value);
+                         const Optional& initial_z, const Optional& cu_seqlens) {
+  check_causal_args(kCausal, query, key, value, feature_map, eps, initial_kv, initial_z, cu_seqlens);
+  auto [kv, z] = new_states(query, value, cu_seqlens);
   return {new_output({query.sym_size(0), query.sym_size(1), query.sym_size(2), value.sym_size(3)}, query.options()),
           kv, z};
 }
@@ -26,10 +30,11 @@ CausalResult causal_meta(const at::Tensor& query, const at::Tensor& key, const a
 CausalGrads causal_backward_meta(const at::Tensor& grad_out, const Optional& grad_final_kv,
                                  const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, c10::string_view feature_map, bool normalize, double eps,
-                                 const Optional& initial_kv, const Optional& initial_z) {
-  check_causal_args(kCausalBackward, query, key, value, feature_map, eps, initial_kv, initial_z);
-  check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value);
-  auto [kv, z] = new_states(query, value);
+                                 const Optional& initial_kv, const Optional& initial_z,
+                                 const Optional& cu_seqlens) {
+  check_causal_args(kCausalBackward, query, key, value, feature_map, eps, initial_kv, initial_z, cu_seqlens);
+  check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value, cu_seqlens);
+  auto [kv, z] = new_states(query, value, cu_seqlens);
   return {new_output(query.sym_sizes(), query.options()), new_output(key.sym_sizes(), key.options()),
           new_output(value.sym_sizes(), value.options()), kv, z};
 }

@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace flowformer::linear_attention_ops {
 
@@ -22,17 +23,17 @@ using CausalResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // out, fi
 using CausalGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// causal_linear_attention(query, key, value, *, feature_map, normalize, eps, initial_kv, initial_z)
+// causal_linear_attention(query, key, value, *, feature_map, normalize, eps, initial_kv, initial_z, cu_seqlens)
 CausalResult causal(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                     c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                    const Optional& initial_z);
+                    const Optional& initial_z, const Optional& cu_seqlens);
 
 // causal_linear_attention_backward(grad_out, grad_final_kv, grad_final_z, query, key, value, *, ...):
 // recomputes the forward from the inputs (nothing else is saved); undefined final-state gradients are 0.
 CausalGrads causal_backward(const at::Tensor& grad_out, const Optional& grad_final_kv, const Optional& grad_final_z,
                             const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                            const Optional& initial_z);
+                            const Optional& initial_z, const Optional& cu_seqlens);
 
 // linear_attention(query, key, value, *, feature_map, eps, key_padding_mask)
 at::Tensor noncausal(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -42,12 +43,23 @@ Grads noncausal_backward(const at::Tensor& grad_out, const at::Tensor& query, co
                          const at::Tensor& value, c10::string_view feature_map, double eps,
                          const Optional& key_padding_mask);
 
-// Argument checks shared by every backend and the Meta kernels.
+// Argument checks shared by every backend and the Meta kernels (shapes and dtypes only: the values of
+// cu_seqlens are checked by cu_seqlens_values, in the backends).
 void check_causal_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                        c10::string_view feature_map, double eps, const Optional& initial_kv,
-                       const Optional& initial_z);
+                       const Optional& initial_z, const Optional& cu_seqlens);
 void check_causal_grads(const at::Tensor& grad_out, const Optional& grad_final_kv, const Optional& grad_final_z,
-                        const at::Tensor& query, const at::Tensor& value);
+                        const at::Tensor& query, const at::Tensor& value, const Optional& cu_seqlens);
+
+// The number of independent sequences, each with its own state: N = cu_seqlens.size(0) - 1 (packed
+// sequences, B == 1), else the batch size B.
+c10::SymInt sequence_count(const at::Tensor& query, const Optional& cu_seqlens);
+
+// Packed sequences: cu_seqlens (already checked by check_causal_args) on the host as int64, after checking
+// its values against the length L: cu_seqlens[0] == 0, non-decreasing, cu_seqlens[N] == L. Empty when not
+// given (a given one has N + 1 >= 1 elements). Reads the data: the backends call it, not the Meta kernels;
+// a CUDA cu_seqlens costs one small device-to-host copy (it waits for the stream).
+std::vector<int64_t> cu_seqlens_values(const char* op, const Optional& cu_seqlens, int64_t L);
 void check_noncausal_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           c10::string_view feature_map, double eps, const Optional& key_padding_mask);
 void check_noncausal_grad(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value);

@@ -8,10 +8,12 @@
 // R_t = dS_L + sum_{t' >= t} q_t' dnum_t'^T and r_t = dz_L + sum_{t' >= t} dden_t' q_t', with
 // dnum_t = dout_t / den_t and dden_t = -<dout_t, out_t> / den_t:
 //   dq_t = S_t dnum_t + dden_t z_t    dk_t = R_t v_t + r_t    dv_t = R_t^T k_t    dS_0 = R_1, dz_0 = r_1.
-// A call with L = 1 (a decoding step) is one launch of DecodeStep. Non-causal: the same with totals
-// (partial sums of kReduceChunk rows added in a fixed order) over the valid keys.
+// A call with L = 1 (a decoding step) is one launch of DecodeStep. Packed sequences (cu_seqlens), for now:
+// each sequence alone (per_sequence). Non-causal: the same with totals (partial sums of kReduceChunk rows
+// added in a fixed order) over the valid keys.
 #pragma once
 
+#include "common/checks.h"
 #include "common/chunk_launcher.h"
 #include "common/feature_map.h"
 #include "linear_attention/decode_step.h"
@@ -19,6 +21,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 namespace flowformer::linear_attention_portable {
 
@@ -236,10 +239,53 @@ auto dispatch(const Exec& exec, const Problem& p, const Fn& fn) {
 // The ops on already checked arguments, for any executor.
 using Optional = std::optional<at::Tensor>;
 
+// Packed sequences (cu_seqlens, its checked values `cu` on the host), interim: the fused CUDA kernels being
+// written will take cu_seqlens directly. Each non-empty sequence n runs alone, run(n, start, length) on its
+// (1, H, length, .) rows, and what that returns is copied into `rows` ((1, H, L, .), at the sequence's
+// positions) and then `states` ((N, ...), at n). The states come in holding what an empty sequence returns:
+// its initial state (forward) or the gradient of its final state (backward).
+template <typename Fn>
+void per_sequence(const std::vector<int64_t>& cu, const std::vector<at::Tensor>& rows,
+                  const std::vector<at::Tensor>& states, const Fn& run) {
+  for (size_t n = 0; n + 1 < cu.size(); ++n) {
+    const int64_t start = cu[n], length = cu[n + 1] - cu[n];
+    if (length == 0) {
+      continue;
+    }
+    const std::vector<at::Tensor> results = run(static_cast<int64_t>(n), start, length);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      rows[i].narrow(2, start, length).copy_(results[i]);
+    }
+    for (size_t i = 0; i < states.size(); ++i) {
+      states[i].narrow(0, static_cast<int64_t>(n), 1).copy_(results[rows.size() + i]);
+    }
+  }
+}
+
+// A copy of the (N, ...) states `given` to update, or zeros in the state dtype of query.
+inline at::Tensor states_or_zeros(const Optional& given, at::IntArrayRef sizes, const at::Tensor& query) {
+  return given.has_value() ? given->clone(at::MemoryFormat::Contiguous)
+                           : at::zeros(sizes, query.options().dtype(accumulate_type(query.scalar_type())));
+}
+
+// cu: the checked values of cu_seqlens, or empty (not packed).
 template <typename Exec>
 CausalResult causal(const Exec& exec, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                     c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                    const Optional& initial_z, const char* op) {
+                    const Optional& initial_z, const std::vector<int64_t>& cu, const char* op) {
+  if (!cu.empty()) {
+    const int64_t N = static_cast<int64_t>(cu.size()) - 1, H = query.size(1), D = query.size(3), M = value.size(3);
+    at::Tensor out = new_output(c10::fromIntArrayRefSlow({1, H, query.size(2), M}), query.options());
+    at::Tensor kv = states_or_zeros(initial_kv, {N, H, D, M}, query);
+    at::Tensor z = states_or_zeros(initial_z, {N, H, D}, query);
+    per_sequence(cu, {out}, {kv, z}, [&](int64_t n, int64_t start, int64_t length) {
+      auto [o, kv_n, z_n] = causal(exec, query.narrow(2, start, length), key.narrow(2, start, length),
+                                   value.narrow(2, start, length), feature_map, normalize, eps, kv.narrow(0, n, 1),
+                                   z.narrow(0, n, 1), {}, op);
+      return std::vector<at::Tensor>{o, kv_n, z_n};
+    });
+    return {out, kv, z};
+  }
   const Problem p{portable::unit_row_stride(query), portable::unit_row_stride(key),
                   portable::unit_row_stride(value), {}, contiguous_or_undefined(initial_kv),
                   contiguous_or_undefined(initial_z), parse_feature_map(op, feature_map), eps, normalize};
@@ -250,7 +296,25 @@ template <typename Exec>
 CausalGrads causal_backward(const Exec& exec, const at::Tensor& grad_out, const Optional& grad_final_kv,
                             const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, c10::string_view feature_map, bool normalize, double eps,
-                            const Optional& initial_kv, const Optional& initial_z, const char* op) {
+                            const Optional& initial_kv, const Optional& initial_z, const std::vector<int64_t>& cu,
+                            const char* op) {
+  if (!cu.empty()) {
+    const int64_t N = static_cast<int64_t>(cu.size()) - 1, H = query.size(1), D = query.size(3), M = value.size(3);
+    at::Tensor dq = new_output(query.sym_sizes(), query.options());
+    at::Tensor dk = new_output(key.sym_sizes(), key.options());
+    at::Tensor dv = new_output(value.sym_sizes(), value.options());
+    at::Tensor dkv = states_or_zeros(grad_final_kv, {N, H, D, M}, query);
+    at::Tensor dz = states_or_zeros(grad_final_z, {N, H, D}, query);
+    per_sequence(cu, {dq, dk, dv}, {dkv, dz}, [&](int64_t n, int64_t start, int64_t length) {
+      const auto rows = [&](const at::Tensor& t) { return t.narrow(2, start, length); };
+      const auto state = [&](const Optional& s) { return s.has_value() ? Optional(s->narrow(0, n, 1)) : s; };
+      auto [gq, gk, gv, gkv, gz] = causal_backward(exec, rows(grad_out), dkv.narrow(0, n, 1), dz.narrow(0, n, 1),
+                                                   rows(query), rows(key), rows(value), feature_map, normalize,
+                                                   eps, state(initial_kv), state(initial_z), {}, op);
+      return std::vector<at::Tensor>{gq, gk, gv, gkv, gz};
+    });
+    return {dq, dk, dv, dkv, dz};
+  }
   const Problem p{portable::unit_row_stride(query), portable::unit_row_stride(key),
                   portable::unit_row_stride(value), {}, contiguous_or_undefined(initial_kv),
                   contiguous_or_undefined(initial_z), parse_feature_map(op, feature_map), eps, normalize};

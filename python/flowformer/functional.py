@@ -96,6 +96,7 @@ def causal_linear_attention(
     eps: float = 1e-6,
     initial_kv: Optional[Tensor] = None,
     initial_z: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Causal linear attention (Katharopoulos et al., "Transformers are RNNs", ICML 2020) with its
     recurrent state in and out: S_t = S_0 + sum_{j<=t} phi(k_j) v_j^T, z_t = z_0 + sum_{j<=t} phi(k_j),
@@ -109,18 +110,26 @@ def causal_linear_attention(
         eps: added to the normaliser.
         initial_kv: (B, H, D, M) state S_0, float32 (float64 for float64 inputs); None means zeros.
         initial_z: (B, H, D) state z_0; None means zeros.
+        cu_seqlens: packed sequences (the FlashAttention convention): int32 or int64 (N + 1,) offsets
+            0 = cu_seqlens[0] <= ... <= cu_seqlens[N] = L, on the device of ``query`` or on the CPU (a
+            CPU one spares the CUDA backend a device-to-host copy). Then B must be 1 and sequence n is
+            positions [cu_seqlens[n], cu_seqlens[n + 1]) of the length axis, an independent causal run
+            from its own state: initial_kv, initial_z, final_kv and final_z are (N, H, D, M) and
+            (N, H, D). Empty sequences are allowed (they return their initial state). The results,
+            gradients included, equal running each sequence alone. Not differentiable.
 
     Passing ``final_kv, final_z`` of one call as ``initial_kv, initial_z`` of the next continues the
     sequence exactly (gradients included); a call with L = 1 is one decoding step, O(D M) per head.
     Any strides are accepted; dtypes float32, float16, bfloat16 and float64, with float32 accumulation.
 
     Returns:
-        (out (B, H, L, M) in the dtype of ``query``, final_kv (B, H, D, M), final_z (B, H, D)).
-        Differentiable in query, key, value and the initial states.
+        (out (B, H, L, M) in the dtype of ``query``, final_kv (B, H, D, M), final_z (B, H, D)), with N
+        in place of B in the states when ``cu_seqlens`` is given. Differentiable in query, key, value
+        and the initial states.
     """
     return torch.ops.flowformer.causal_linear_attention(
         query, key, value, feature_map=feature_map, normalize=normalize, eps=eps, initial_kv=initial_kv,
-        initial_z=initial_z)
+        initial_z=initial_z, cu_seqlens=cu_seqlens)
 
 
 def linear_attention(

@@ -106,6 +106,36 @@ TEST_CASE("linear attention gradients reach the inputs and the initial state fro
   CHECK(out.sizes() == torch::IntArrayRef({1, 1, 6, 2}));
 }
 
+TEST_CASE("causal_linear_attention runs packed sequences (cu_seqlens) as separate runs", "[linear_attention]") {
+  torch::manual_seed(6);
+  const std::vector<int64_t> cu = {0, 3, 3, 73, 74};  // lengths 3, 0, 70 (two 64-row chunks), 1
+  const int64_t N = 4, H = 2, L = 74, D = 3, M = 4;
+  const auto q = torch::randn({1, H, L, D}, torch::kDouble), k = torch::randn({1, H, L, D}, torch::kDouble);
+  const auto v = torch::randn({1, H, L, M}, torch::kDouble);
+  const auto kv0 = torch::randn({N, H, D, M}, torch::dtype(torch::kDouble).requires_grad(true));
+  flowformer::CausalLinearAttentionOptions options;
+  options.initial_kv = kv0;
+  options.cu_seqlens = torch::tensor(cu, torch::kInt);
+  const auto packed = flowformer::causal_linear_attention(q, k, v, options);
+  REQUIRE(packed.out.sizes() == torch::IntArrayRef({1, H, L, M}));
+  REQUIRE(packed.final_kv.sizes() == torch::IntArrayRef({N, H, D, M}));
+  REQUIRE(packed.final_z.sizes() == torch::IntArrayRef({N, H, D}));
+  for (int64_t n = 0; n < N; ++n) {
+    flowformer::CausalLinearAttentionOptions alone;
+    alone.initial_kv = kv0.narrow(0, n, 1);
+    const int64_t start = cu[n], length = cu[n + 1] - cu[n];
+    const auto expected = flowformer::causal_linear_attention(q.narrow(2, start, length), k.narrow(2, start, length),
+                                                              v.narrow(2, start, length), alone);
+    CHECK(torch::allclose(packed.out.narrow(2, start, length), expected.out, 1e-12, 1e-14));
+    CHECK(torch::allclose(packed.final_kv.narrow(0, n, 1), expected.final_kv, 1e-12, 1e-14));
+    CHECK(torch::allclose(packed.final_z.narrow(0, n, 1), expected.final_z, 1e-12, 1e-14));
+  }
+  // The empty sequence returns its initial state, and its initial state's gradient is its final state's.
+  CHECK(torch::equal(packed.final_kv[1], kv0[1]));
+  packed.final_kv.sum().backward();
+  CHECK(torch::equal(kv0.grad()[1], torch::ones({H, D, M}, torch::kDouble)));
+}
+
 TEST_CASE("linear attention errors name the op and the argument", "[linear_attention]") {
   const auto q = torch::randn({2, 3, 5, 4}), k = torch::randn({2, 3, 5, 4}), v = torch::randn({2, 3, 5, 6});
   flowformer::CausalLinearAttentionOptions options;
@@ -116,4 +146,13 @@ TEST_CASE("linear attention errors name the op and the argument", "[linear_atten
   noncausal.key_padding_mask = torch::zeros({2, 4}, torch::kBool);
   CHECK_THROWS_WITH(flowformer::linear_attention(q, k, v, noncausal),
                     Catch::Contains("flowformer::linear_attention: key_padding_mask must have shape (B, S)"));
+  flowformer::CausalLinearAttentionOptions packed;
+  packed.cu_seqlens = torch::tensor({0, 3, 2, 5}, torch::kLong);
+  const auto q1 = q.narrow(0, 0, 1), k1 = k.narrow(0, 0, 1), v1 = v.narrow(0, 0, 1);
+  CHECK_THROWS_WITH(flowformer::causal_linear_attention(q1, k1, v1, packed),
+                    Catch::Contains("flowformer::causal_linear_attention: cu_seqlens must be non-decreasing, got "
+                                    "cu_seqlens[2] = 2 < cu_seqlens[1] = 3"));
+  packed.cu_seqlens = torch::tensor({0, 5});
+  CHECK_THROWS_WITH(flowformer::causal_linear_attention(q, k, v, packed),
+                    Catch::Contains("flowformer::causal_linear_attention: query must have batch size B = 1"));
 }

@@ -58,7 +58,8 @@ def opcheck_cases(gen, device):
     g = randn(gen, 2, 3, 9, 5, dtype=torch.float64, device=device)
     q, k, v = qkv(gen, 2, 3, 9, 9, 4, 5, device, requires_grad=False)
     cases.append((torch.ops.flowformer.causal_linear_attention_backward.default, (g, None, None, q, k, v),
-                  {"feature_map": "elu1", "normalize": True, "eps": 1e-6, "initial_kv": None, "initial_z": None}))
+                  {"feature_map": "elu1", "normalize": True, "eps": 1e-6, "initial_kv": None, "initial_z": None,
+                   "cu_seqlens": None}))
     q, k, v = qkv(gen, 2, 3, 9, 4, 4, 5, device, requires_grad=False)
     cases.append((torch.ops.flowformer.linear_attention_backward.default, (g, q, k, v),
                   {"feature_map": "elu1", "eps": 1e-6, "key_padding_mask": None}))

@@ -16,12 +16,16 @@ struct CausalLinearAttentionOptions {
   double eps = 1e-6;
   std::optional<at::Tensor> initial_kv;   // (B, H, D, M) state, float32 (float64 for float64 inputs); none: 0
   std::optional<at::Tensor> initial_z;    // (B, H, D) state; none: 0
+  // Packed sequences: int32 or int64 (N + 1,) offsets along L (0, ..., L; non-decreasing), on the device of
+  // query or on the CPU; then B == 1, sequence n is positions [cu_seqlens[n], cu_seqlens[n + 1]), each an
+  // independent run, and the states (initial and final) are (N, H, D, M) and (N, H, D).
+  std::optional<at::Tensor> cu_seqlens;
 };
 
 struct CausalLinearAttentionResult {
   at::Tensor out;       // (B, H, L, M), dtype of query
-  at::Tensor final_kv;  // (B, H, D, M): pass as initial_kv to continue the sequence
-  at::Tensor final_z;   // (B, H, D)
+  at::Tensor final_kv;  // (B, H, D, M) ((N, H, D, M) with cu_seqlens): pass as initial_kv to continue
+  at::Tensor final_z;   // (B, H, D) ((N, H, D) with cu_seqlens)
 };
 
 // query, key (B, H, L, D), value (B, H, L, M). A call with L = 1 is one decoding step, O(D M) per (b, h).

@@ -1,4 +1,5 @@
-// Causal linear attention on one (batch, head), q and k the features:
+// Causal linear attention on one sequence (a batch element, or one of the packed sequences) in one head,
+// from its own state, q and k the features; parallel over the (sequence, head) pairs:
 //   S_t = S_0 + sum_{j<=t} k_j v_j^T     z_t = z_0 + sum_{j<=t} k_j
 //   out_t = q_t^T S_t / (q_t^T z_t + eps)   (or q_t^T S_t without normalisation)
 // Forward: one scan with the D x M state. Backward: a forward scan gives dq_t = S_t dnum_t + dden_t z_t
@@ -24,12 +25,13 @@ struct Slice {
   int64_t L, D, M;
 };
 
+// The rows [row, row + L) of the inputs: one sequence in one head.
 template <typename T>
-Slice<T> slice(const Inputs& in, int64_t bh) {
-  const int64_t L = in.q.size(2), D = in.q.size(3), M = in.v.size(3);
-  return {in.q.const_data_ptr<T>() + bh * L * D, in.k.const_data_ptr<T>() + bh * L * D,
-          in.v.const_data_ptr<T>() + bh * L * M, in.query.const_data_ptr<T>() + bh * L * D,
-          in.key.const_data_ptr<T>() + bh * L * D, L, D, M};
+Slice<T> slice(const Inputs& in, int64_t row, int64_t L) {
+  const int64_t D = in.q.size(3), M = in.v.size(3);
+  return {in.q.const_data_ptr<T>() + row * D, in.k.const_data_ptr<T>() + row * D,
+          in.v.const_data_ptr<T>() + row * M, in.query.const_data_ptr<T>() + row * D,
+          in.key.const_data_ptr<T>() + row * D, L, D, M};
 }
 
 template <typename T>
@@ -99,25 +101,28 @@ FLOWFORMER_CPU_CLONES void backward_slice(const Slice<T>& in, bool normalize, T 
 
 }  // namespace
 
-void causal_forward(const Inputs& in, bool normalize, at::Tensor& out, at::Tensor& kv, at::Tensor& z) {
-  const int64_t BH = in.q.size(0) * in.q.size(1), L = in.q.size(2), D = in.q.size(3), M = in.v.size(3);
+void causal_forward(const Inputs& in, const Sequences& seqs, bool normalize, at::Tensor& out, at::Tensor& kv,
+                    at::Tensor& z) {
+  const int64_t H = seqs.heads, D = in.q.size(3), M = in.v.size(3);
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "causal_linear_attention_forward", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     scalar_t* S = kv.mutable_data_ptr<scalar_t>();
     scalar_t* zs = z.mutable_data_ptr<scalar_t>();
     const auto eps = static_cast<scalar_t>(in.eps);
-    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        forward_slice(slice<scalar_t>(in, bh), normalize, eps, S + bh * D * M, zs + bh * D, o + bh * L * M);
+    at::parallel_for(0, seqs.count * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nh = begin; nh < end; ++nh) {  // sequence n = nh / H, head h = nh % H: the state's index
+        const int64_t row = seqs.first_row(nh / H, nh % H);
+        forward_slice(slice<scalar_t>(in, row, seqs.size(nh / H)), normalize, eps, S + nh * D * M, zs + nh * D,
+                      o + row * M);
       }
     });
   });
 }
 
-void causal_backward(const Inputs& in, bool normalize, const at::Tensor& kv0, const at::Tensor& z0,
-                     const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
-                     at::Tensor& grad_kv, at::Tensor& grad_z) {
-  const int64_t BH = in.q.size(0) * in.q.size(1), L = in.q.size(2), D = in.q.size(3), M = in.v.size(3);
+void causal_backward(const Inputs& in, const Sequences& seqs, bool normalize, const at::Tensor& kv0,
+                     const at::Tensor& z0, const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k,
+                     at::Tensor& grad_v, at::Tensor& grad_kv, at::Tensor& grad_z) {
+  const int64_t H = seqs.heads, D = in.q.size(3), M = in.v.size(3);
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "causal_linear_attention_backward", [&] {
     const auto eps = static_cast<scalar_t>(in.eps);
     const scalar_t* S0 = kv0.const_data_ptr<scalar_t>();
@@ -128,12 +133,13 @@ void causal_backward(const Inputs& in, bool normalize, const at::Tensor& kv0, co
     scalar_t* gv = grad_v.mutable_data_ptr<scalar_t>();
     scalar_t* R = grad_kv.mutable_data_ptr<scalar_t>();
     scalar_t* r = grad_z.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, seqs.count * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch;
-      for (int64_t bh = begin; bh < end; ++bh) {
-        backward_slice(slice<scalar_t>(in, bh), normalize, eps, in.feature_map, S0 + bh * D * M, zs0 + bh * D,
-                       g + bh * L * M, gq + bh * L * D, gk + bh * L * D, gv + bh * L * M, R + bh * D * M,
-                       r + bh * D, scratch);
+      for (int64_t nh = begin; nh < end; ++nh) {
+        const int64_t row = seqs.first_row(nh / H, nh % H);
+        backward_slice(slice<scalar_t>(in, row, seqs.size(nh / H)), normalize, eps, in.feature_map,
+                       S0 + nh * D * M, zs0 + nh * D, g + row * M, gq + row * D, gk + row * D, gv + row * M,
+                       R + nh * D * M, r + nh * D, scratch);
       }
     });
   });

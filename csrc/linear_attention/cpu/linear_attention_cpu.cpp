@@ -1,6 +1,7 @@
 // CPU backend of the linear-attention ops: checks the arguments, converts the inputs to contiguous
 // tensors in the accumulation type (float32, or float64 for float64) with the feature map applied,
-// allocates the outputs and states, and hands the rest to causal.cpp or noncausal.cpp. With
+// allocates the outputs and states (one per sequence: per batch element, or per packed sequence of
+// cu_seqlens), and hands the rest to causal.cpp or noncausal.cpp. With
 // FLOWFORMER_EMULATE_CUDA=1 it runs the CUDA backend's algorithm instead (common/emulate_cuda.h).
 #include "linear_attention/cpu/linear_attention_cpu.h"
 
@@ -40,47 +41,59 @@ at::Tensor state(const Optional& given, at::IntArrayRef sizes, const at::TensorO
   return given.has_value() ? given->clone(at::MemoryFormat::Contiguous) : at::zeros(sizes, options);
 }
 
+// The sequences of a causal call: the B batch elements, or the packed ones of cu_seqlens (values checked).
+Sequences sequences(const char* op, const at::Tensor& query, const Optional& cu_seqlens) {
+  const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
+  std::vector<int64_t> cu = ops::cu_seqlens_values(op, cu_seqlens, L);
+  const int64_t N = cu.empty() ? B : static_cast<int64_t>(cu.size()) - 1;
+  return {N, H, L, std::move(cu)};
+}
+
 ops::CausalResult causal_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                              c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                             const Optional& initial_z) {
+                             const Optional& initial_z, const Optional& cu_seqlens) {
   const char* op = ops::kCausal;
-  ops::check_causal_args(op, query, key, value, feature_map, eps, initial_kv, initial_z);
+  ops::check_causal_args(op, query, key, value, feature_map, eps, initial_kv, initial_z, cu_seqlens);
+  const Sequences seqs = sequences(op, query, cu_seqlens);
   if (emulate_cuda_requested()) {
     return emulated::causal(portable::EmulatedExecutor{}, query, key, value, feature_map, normalize, eps, initial_kv,
-                            initial_z, op);
+                            initial_z, seqs.cu, op);
   }
   const Inputs in = convert(op, query, key, value, feature_map, eps);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
+  const int64_t N = seqs.count;
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), in.v.options());
-  at::Tensor kv = state(initial_kv, {B, H, D, M}, in.v.options());
-  at::Tensor z = state(initial_z, {B, H, D}, in.v.options());
-  causal_forward(in, normalize, out, kv, z);
+  at::Tensor kv = state(initial_kv, {N, H, D, M}, in.v.options());
+  at::Tensor z = state(initial_z, {N, H, D}, in.v.options());
+  causal_forward(in, seqs, normalize, out, kv, z);
   return {out.to(query.scalar_type()), kv, z};
 }
 
 ops::CausalGrads causal_backward_cpu(const at::Tensor& grad_out, const Optional& grad_final_kv,
                                      const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                                      const at::Tensor& value, c10::string_view feature_map, bool normalize,
-                                     double eps, const Optional& initial_kv, const Optional& initial_z) {
+                                     double eps, const Optional& initial_kv, const Optional& initial_z,
+                                     const Optional& cu_seqlens) {
   const char* op = ops::kCausalBackward;
-  ops::check_causal_args(op, query, key, value, feature_map, eps, initial_kv, initial_z);
-  ops::check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value);
+  ops::check_causal_args(op, query, key, value, feature_map, eps, initial_kv, initial_z, cu_seqlens);
+  ops::check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value, cu_seqlens);
+  const Sequences seqs = sequences(op, query, cu_seqlens);
   if (emulate_cuda_requested()) {
     return emulated::causal_backward(portable::EmulatedExecutor{}, grad_out, grad_final_kv, grad_final_z, query, key,
-                                     value, feature_map, normalize, eps, initial_kv, initial_z, op);
+                                     value, feature_map, normalize, eps, initial_kv, initial_z, seqs.cu, op);
   }
   const Inputs in = convert(op, query, key, value, feature_map, eps);
-  const int64_t B = query.size(0), H = query.size(1), D = query.size(3), M = value.size(3);
+  const int64_t N = seqs.count, H = query.size(1), D = query.size(3), M = value.size(3);
   const auto options = in.v.options();
-  const at::Tensor kv0 = state(initial_kv, {B, H, D, M}, options);
-  const at::Tensor z0 = state(initial_z, {B, H, D}, options);
-  at::Tensor grad_kv = state(grad_final_kv, {B, H, D, M}, options);
-  at::Tensor grad_z = state(grad_final_z, {B, H, D}, options);
+  const at::Tensor kv0 = state(initial_kv, {N, H, D, M}, options);
+  const at::Tensor z0 = state(initial_z, {N, H, D}, options);
+  at::Tensor grad_kv = state(grad_final_kv, {N, H, D, M}, options);
+  at::Tensor grad_z = state(grad_final_z, {N, H, D}, options);
   const at::Tensor dout = grad_out.to(options.dtype()).contiguous();
   at::Tensor dq = new_output(in.q.sym_sizes(), options);
   at::Tensor dk = new_output(in.k.sym_sizes(), options);
   at::Tensor dv = new_output(in.v.sym_sizes(), options);
-  causal_backward(in, normalize, kv0, z0, dout, dq, dk, dv, grad_kv, grad_z);
+  causal_backward(in, seqs, normalize, kv0, z0, dout, dq, dk, dv, grad_kv, grad_z);
   return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dv.to(value.scalar_type()), grad_kv, grad_z};
 }
 

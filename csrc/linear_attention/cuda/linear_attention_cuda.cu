@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace flowformer::linear_attention_cuda {
 namespace {
 
@@ -15,25 +17,31 @@ namespace ops = linear_attention_ops;
 namespace portable_ops = linear_attention_portable;
 using ops::Optional;
 
+// Packed sequences: the values of cu_seqlens are checked, and the sequences split, on the host: a CUDA
+// cu_seqlens costs one small device-to-host copy (N + 1 integers, waiting for the stream) per call, until
+// the fused kernels take it directly.
 ops::CausalResult causal_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                               c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                              const Optional& initial_z) {
-  ops::check_causal_args(ops::kCausal, query, key, value, feature_map, eps, initial_kv, initial_z);
+                              const Optional& initial_z, const Optional& cu_seqlens) {
+  ops::check_causal_args(ops::kCausal, query, key, value, feature_map, eps, initial_kv, initial_z, cu_seqlens);
   const c10::cuda::CUDAGuard guard(query.device());
+  const std::vector<int64_t> cu = ops::cu_seqlens_values(ops::kCausal, cu_seqlens, query.size(2));
   return portable_ops::causal(portable::CudaExecutor{}, query, key, value, feature_map, normalize, eps, initial_kv,
-                              initial_z, ops::kCausal);
+                              initial_z, cu, ops::kCausal);
 }
 
 ops::CausalGrads causal_backward_cuda(const at::Tensor& grad_out, const Optional& grad_final_kv,
                                       const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                                       const at::Tensor& value, c10::string_view feature_map, bool normalize,
-                                      double eps, const Optional& initial_kv, const Optional& initial_z) {
-  ops::check_causal_args(ops::kCausalBackward, query, key, value, feature_map, eps, initial_kv, initial_z);
-  ops::check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value);
+                                      double eps, const Optional& initial_kv, const Optional& initial_z,
+                                      const Optional& cu_seqlens) {
+  const char* op = ops::kCausalBackward;
+  ops::check_causal_args(op, query, key, value, feature_map, eps, initial_kv, initial_z, cu_seqlens);
+  ops::check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value, cu_seqlens);
   const c10::cuda::CUDAGuard guard(query.device());
+  const std::vector<int64_t> cu = ops::cu_seqlens_values(op, cu_seqlens, query.size(2));
   return portable_ops::causal_backward(portable::CudaExecutor{}, grad_out, grad_final_kv, grad_final_z, query, key,
-                                       value, feature_map, normalize, eps, initial_kv, initial_z,
-                                       ops::kCausalBackward);
+                                       value, feature_map, normalize, eps, initial_kv, initial_z, cu, op);
 }
 
 at::Tensor noncausal_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
