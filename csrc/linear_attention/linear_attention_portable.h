@@ -1,6 +1,8 @@
-// Linear attention as portable item kernels (kernels/common/chunk_items.h) and small ATen ops on per-row
-// scalars, for any executor: the CUDA backend runs it with CudaExecutor, the CPU test mode with
-// EmulatedExecutor. Math: spec/linear_attention.md; q, k are the features phi(query), phi(key).
+// Linear attention as the CUDA backend runs it (with CudaExecutor; the CPU test mode with EmulatedExecutor):
+// causal calls in bf16 and half on the fast path's head dims go to the fused tensor-core kernels
+// (fused_causal.h, kernels/linear_attention); the rest (float32, float64, other head dims, decoding steps,
+// the non-causal op) run as portable item kernels (kernels/common/chunk_items.h) and small ATen ops on
+// per-row scalars. Math: spec/linear_attention.md; q, k are the features phi(query), phi(key).
 //
 // Causal, chunked (kScanChunk rows): the state at each chunk start is the initial state plus an
 // exclusive scan of per-chunk sums of k v^T (and of k); inside a chunk, q_t^T S_t adds the chunk's
@@ -8,8 +10,8 @@
 // R_t = dS_L + sum_{t' >= t} q_t' dnum_t'^T and r_t = dz_L + sum_{t' >= t} dden_t' q_t', with
 // dnum_t = dout_t / den_t and dden_t = -<dout_t, out_t> / den_t:
 //   dq_t = S_t dnum_t + dden_t z_t    dk_t = R_t v_t + r_t    dv_t = R_t^T k_t    dS_0 = R_1, dz_0 = r_1.
-// A call with L = 1 (a decoding step) is one launch of DecodeStep. Packed sequences (cu_seqlens), for now:
-// each sequence alone (per_sequence). Non-causal: the same with totals (partial sums of kReduceChunk rows
+// A call with L = 1 (a decoding step) is one launch of DecodeStep. Packed sequences (cu_seqlens) that the
+// fused kernels do not take: each sequence alone (per_sequence). Non-causal: the same with totals (partial sums of kReduceChunk rows
 // added in a fixed order) over the valid keys.
 #pragma once
 
@@ -17,6 +19,7 @@
 #include "common/chunk_launcher.h"
 #include "common/feature_map.h"
 #include "linear_attention/decode_step.h"
+#include "linear_attention/fused_causal.h"
 
 #include <ATen/ATen.h>
 
@@ -239,8 +242,7 @@ auto dispatch(const Exec& exec, const Problem& p, const Fn& fn) {
 // The ops on already checked arguments, for any executor.
 using Optional = std::optional<at::Tensor>;
 
-// Packed sequences (cu_seqlens, its checked values `cu` on the host), interim: the fused CUDA kernels being
-// written will take cu_seqlens directly. Each non-empty sequence n runs alone, run(n, start, length) on its
+// Packed sequences (cu_seqlens, its checked values `cu` on the host) off the fused path. Each non-empty sequence n runs alone, run(n, start, length) on its
 // (1, H, length, .) rows, and what that returns is copied into `rows` ((1, H, L, .), at the sequence's
 // positions) and then `states` ((N, ...), at n). The states come in holding what an empty sequence returns:
 // its initial state (forward) or the gradient of its final state (backward).
@@ -268,11 +270,16 @@ inline at::Tensor states_or_zeros(const Optional& given, at::IntArrayRef sizes, 
                            : at::zeros(sizes, query.options().dtype(accumulate_type(query.scalar_type())));
 }
 
-// cu: the checked values of cu_seqlens, or empty (not packed).
+// cu: the checked values of cu_seqlens, or empty (not packed). The fused kernels of `fused` take what they can.
 template <typename Exec>
 CausalResult causal(const Exec& exec, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                     c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
-                    const Optional& initial_z, const std::vector<int64_t>& cu, const char* op) {
+                    const Optional& initial_z, const std::vector<int64_t>& cu, const linear_attention_fused::Build& fused,
+                    const char* op) {
+  if (linear_attention_fused::takes_forward(query, value, cu, fused)) {
+    return linear_attention_fused::causal_forward(fused, query, key, value, parse_feature_map(op, feature_map),
+                                                  normalize, eps, initial_kv, initial_z, cu);
+  }
   if (!cu.empty()) {
     const int64_t N = static_cast<int64_t>(cu.size()) - 1, H = query.size(1), D = query.size(3), M = value.size(3);
     at::Tensor out = new_output(c10::fromIntArrayRefSlow({1, H, query.size(2), M}), query.options());
@@ -281,7 +288,7 @@ CausalResult causal(const Exec& exec, const at::Tensor& query, const at::Tensor&
     per_sequence(cu, {out}, {kv, z}, [&](int64_t n, int64_t start, int64_t length) {
       auto [o, kv_n, z_n] = causal(exec, query.narrow(2, start, length), key.narrow(2, start, length),
                                    value.narrow(2, start, length), feature_map, normalize, eps, kv.narrow(0, n, 1),
-                                   z.narrow(0, n, 1), {}, op);
+                                   z.narrow(0, n, 1), {}, fused, op);
       return std::vector<at::Tensor>{o, kv_n, z_n};
     });
     return {out, kv, z};
@@ -297,7 +304,12 @@ CausalGrads causal_backward(const Exec& exec, const at::Tensor& grad_out, const 
                             const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, c10::string_view feature_map, bool normalize, double eps,
                             const Optional& initial_kv, const Optional& initial_z, const std::vector<int64_t>& cu,
-                            const char* op) {
+                            const linear_attention_fused::Build& fused, const char* op) {
+  if (linear_attention_fused::takes_backward(query, value, cu, fused)) {
+    return linear_attention_fused::causal_backward(fused, grad_out, grad_final_kv, grad_final_z, query, key, value,
+                                                   parse_feature_map(op, feature_map), normalize, eps, initial_kv,
+                                                   initial_z, cu);
+  }
   if (!cu.empty()) {
     const int64_t N = static_cast<int64_t>(cu.size()) - 1, H = query.size(1), D = query.size(3), M = value.size(3);
     at::Tensor dq = new_output(query.sym_sizes(), query.options());
@@ -310,7 +322,7 @@ CausalGrads causal_backward(const Exec& exec, const at::Tensor& grad_out, const 
       const auto state = [&](const Optional& s) { return s.has_value() ? Optional(s->narrow(0, n, 1)) : s; };
       auto [gq, gk, gv, gkv, gz] = causal_backward(exec, rows(grad_out), dkv.narrow(0, n, 1), dz.narrow(0, n, 1),
                                                    rows(query), rows(key), rows(value), feature_map, normalize,
-                                                   eps, state(initial_kv), state(initial_z), {}, op);
+                                                   eps, state(initial_kv), state(initial_z), {}, fused, op);
       return std::vector<at::Tensor>{gq, gk, gv, gkv, gz};
     });
     return {dq, dk, dv, dkv, dz};

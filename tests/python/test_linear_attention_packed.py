@@ -90,8 +90,9 @@ def assert_runs_close(packed, separate, dtype):
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("lengths", LENGTHS)
-def test_packed_linear_attention_equals_separate_runs(gen, lengths, normalize, feature_map, dtype, device):
-    inputs, grad_outputs = problem(gen, lengths, 2, 4, 3, dtype, device, feature_map)
+@pytest.mark.parametrize("D,M", [(4, 3), (16, 32)])  # (16, 32): the fused CUDA kernels' head dims
+def test_packed_linear_attention_equals_separate_runs(gen, D, M, lengths, normalize, feature_map, dtype, device):
+    inputs, grad_outputs = problem(gen, lengths, 2, D, M, dtype, device, feature_map)
     options = dict(feature_map=feature_map, normalize=normalize)
     packed = packed_run(inputs, grad_outputs, cu_seqlens(lengths, device=device), **options)
     assert_runs_close(packed, separate_run(inputs, grad_outputs, lengths, **options), dtype)

@@ -20,7 +20,19 @@ namespace {
 
 namespace ops = linear_attention_ops;
 namespace emulated = linear_attention_portable;
+namespace kernels = linear_attention_kernels;
 using ops::Optional;
+
+// The fused kernels' emulator build, with the shared memory of the emulated architecture.
+linear_attention_fused::Build emulated_fused_build() {
+  return {[](const kernels::CausalForwardParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::CausalForward>(p, nullptr);
+          },
+          [](const kernels::CausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::CausalBackward>(p, nullptr);
+          },
+          simt::shared_memory_limit(simt::current_options().arch)};
+}
 
 Inputs convert(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                c10::string_view feature_map, double eps) {
@@ -57,7 +69,7 @@ ops::CausalResult causal_cpu(const at::Tensor& query, const at::Tensor& key, con
   const Sequences seqs = sequences(op, query, cu_seqlens);
   if (emulate_cuda_requested()) {
     return emulated::causal(portable::EmulatedExecutor{}, query, key, value, feature_map, normalize, eps, initial_kv,
-                            initial_z, seqs.cu, op);
+                            initial_z, seqs.cu, emulated_fused_build(), op);
   }
   const Inputs in = convert(op, query, key, value, feature_map, eps);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
@@ -80,7 +92,8 @@ ops::CausalGrads causal_backward_cpu(const at::Tensor& grad_out, const Optional&
   const Sequences seqs = sequences(op, query, cu_seqlens);
   if (emulate_cuda_requested()) {
     return emulated::causal_backward(portable::EmulatedExecutor{}, grad_out, grad_final_kv, grad_final_z, query, key,
-                                     value, feature_map, normalize, eps, initial_kv, initial_z, seqs.cu, op);
+                                     value, feature_map, normalize, eps, initial_kv, initial_z, seqs.cu,
+                                     emulated_fused_build(), op);
   }
   const Inputs in = convert(op, query, key, value, feature_map, eps);
   const int64_t N = seqs.count, H = query.size(1), D = query.size(3), M = value.size(3);

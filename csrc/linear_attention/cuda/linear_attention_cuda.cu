@@ -1,11 +1,13 @@
-// CUDA backend of the linear-attention ops: the portable kernels of
-// linear_attention/linear_attention_portable.h, one CUDA thread per item, on the current stream of the
-// inputs' device.
+// CUDA backend of the linear-attention ops: linear_attention/linear_attention_portable.h (the fused
+// tensor-core kernels where they apply, else the portable item kernels, one CUDA thread per item), on the
+// current stream of the inputs' device.
 #include "common/cuda_executor.cuh"
 #include "linear_attention/linear_attention_ops.h"
 #include "linear_attention/linear_attention_portable.h"
 
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -17,9 +19,24 @@ namespace ops = linear_attention_ops;
 namespace portable_ops = linear_attention_portable;
 using ops::Optional;
 
-// Packed sequences: the values of cu_seqlens are checked, and the sequences split, on the host: a CUDA
-// cu_seqlens costs one small device-to-host copy (N + 1 integers, waiting for the stream) per call, until
-// the fused kernels take it directly.
+namespace kernels = linear_attention_kernels;
+
+// The fused kernels' CUDA build, on the current stream of the current device (the caller holds its guard).
+linear_attention_fused::Build fused_build() {
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int shared_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return {[](const kernels::CausalForwardParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::CausalForward>(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
+          [](const kernels::CausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::CausalBackward>(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
+          std::size_t(shared_limit)};
+}
+
+// Packed sequences: the values of cu_seqlens are checked on the host: a CUDA cu_seqlens costs one small
+// device-to-host copy (N + 1 integers, waiting for the stream) per call (a CPU one does not).
 ops::CausalResult causal_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                               c10::string_view feature_map, bool normalize, double eps, const Optional& initial_kv,
                               const Optional& initial_z, const Optional& cu_seqlens) {
@@ -27,7 +44,7 @@ ops::CausalResult causal_cuda(const at::Tensor& query, const at::Tensor& key, co
   const c10::cuda::CUDAGuard guard(query.device());
   const std::vector<int64_t> cu = ops::cu_seqlens_values(ops::kCausal, cu_seqlens, query.size(2));
   return portable_ops::causal(portable::CudaExecutor{}, query, key, value, feature_map, normalize, eps, initial_kv,
-                              initial_z, cu, ops::kCausal);
+                              initial_z, cu, fused_build(), ops::kCausal);
 }
 
 ops::CausalGrads causal_backward_cuda(const at::Tensor& grad_out, const Optional& grad_final_kv,
@@ -41,7 +58,8 @@ ops::CausalGrads causal_backward_cuda(const at::Tensor& grad_out, const Optional
   const c10::cuda::CUDAGuard guard(query.device());
   const std::vector<int64_t> cu = ops::cu_seqlens_values(op, cu_seqlens, query.size(2));
   return portable_ops::causal_backward(portable::CudaExecutor{}, grad_out, grad_final_kv, grad_final_z, query, key,
-                                       value, feature_map, normalize, eps, initial_kv, initial_z, cu, op);
+                                       value, feature_map, normalize, eps, initial_kv, initial_z, cu, fused_build(),
+                                       op);
 }
 
 at::Tensor noncausal_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

@@ -1,0 +1,96 @@
+"""causal_linear_attention at the head dims of the fused CUDA kernels (bf16 and half; kernels/linear_attention,
+run in the SIMT emulator by `make test-emulated`): strided and misaligned inputs, continuation of pieces with
+states, determinism. Parity with the float64 reference at these shapes is in test_linear_attention_parity.py
+and test_linear_attention_packed.py."""
+
+import pytest
+import torch
+
+from flowformer import functional as F
+from flowformer import reference as R
+from helpers import FORWARD_TOL, assert_close, devices, grad_tol, randn
+
+OP = "flowformer::causal_linear_attention"
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def gradients(q, k, v, grad_out, **options):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, kv, z = F.causal_linear_attention(*leaves, **options)
+    return (out, kv, z), torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("layout", ["transposed", "misaligned"])
+def test_fused_linear_attention_strided_inputs(gen, layout, dtype, device):
+    # (B, L, H, D) projections viewed as (B, H, L, D): rows strided by H * D (read in place); or rows that
+    # start one element past 16 bytes (copied first).
+    B, L, H, D = 2, 100, 2, 32
+    if layout == "transposed":
+        q, k, v = (randn(gen, B, L, H, D, dtype=dtype, device=device).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (randn(gen, B, H, L, D + 1, dtype=dtype, device=device)[..., 1:] for _ in range(3))
+    grad_out = randn(gen, B, H, L, D, dtype=dtype, device=device)
+    (out, kv, z), grads = gradients(q, k, v, grad_out)
+    (ref, ref_kv, ref_z), ref_grads = gradients(*(t.double().cpu() for t in (q, k, v)), grad_out.double().cpu())
+    assert_close(out, ref, FORWARD_TOL[dtype], "out")
+    assert_close(kv, ref_kv, FORWARD_TOL[dtype], "final_kv")
+    for name, a, b in zip(("query", "key", "value"), grads, ref_grads):
+        assert_close(a, b, grad_tol(dtype), f"grad {name}")
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_fused_linear_attention_continuation(gen, dtype, device):
+    # Pieces of 70, 64 and 1 rows carrying the state equal one run, forward and gradients (within the
+    # dtype's tolerance: the chunks fall at other rows).
+    B, H, L, D, M = 1, 2, 150, 16, 32
+    q, k = (randn(gen, B, H, L, D, dtype=dtype, device=device) for _ in range(2))
+    v = randn(gen, B, H, L, M, dtype=dtype, device=device)
+    grad_out = randn(gen, B, H, L, M, dtype=dtype, device=device)
+
+    def run(cuts):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        outs, kv, z, start = [], None, None, 0
+        for end in (*cuts, L):
+            out, kv, z = F.causal_linear_attention(*(t[:, :, start:end] for t in leaves), initial_kv=kv,
+                                                   initial_z=z)
+            outs.append(out)
+            start = end
+        out = torch.cat(outs, 2)
+        return (out, kv, z), torch.autograd.grad((out * grad_out).sum() + kv.sum() + z.sum(), leaves)
+
+    whole, whole_grads = run(())
+    pieces, piece_grads = run((70, 134, 135))
+    for name, a, b in zip(("out", "final_kv", "final_z"), pieces, whole):
+        assert_close(a, b, FORWARD_TOL[dtype], name)
+    for name, a, b in zip(("query", "key", "value"), piece_grads, whole_grads):
+        assert_close(a, b, grad_tol(dtype), f"grad {name}")
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_fused_linear_attention_is_deterministic(gen, dtype, device):
+    # No atomics, fixed summation orders: two runs give the same bits, forward and backward.
+    q, k = (randn(gen, 2, 2, 130, 64, dtype=dtype, device=device) for _ in range(2))
+    v = randn(gen, 2, 2, 130, 64, dtype=dtype, device=device)
+    grad_out = randn(gen, 2, 2, 130, 64, dtype=dtype, device=device)
+    first, first_grads = gradients(q, k, v, grad_out)
+    second, second_grads = gradients(q, k, v, grad_out)
+    for a, b in zip((*first, *first_grads), (*second, *second_grads)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_fused_linear_attention_half_state_beyond_half_range(gen, device):
+    # sum_j phi(k_j) v_j reaches about 10^6: the kernels keep the state in float32 and scale its half parts.
+    B, H, L, D = 1, 1, 300, 16
+    q, k = (randn(gen, B, H, L, D, dtype=torch.float16, device=device).abs() + 1 for _ in range(2))
+    v = randn(gen, B, H, L, D, dtype=torch.float16, device=device) * 100 + 2000
+    out, kv, z = F.causal_linear_attention(q, k, v, feature_map="identity")
+    ref_out, ref_kv, ref_z = R.causal_linear_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                                       feature_map="identity")
+    assert ref_kv.abs().max() > 65504 * 4
+    assert_close(out, ref_out, FORWARD_TOL[torch.float16], "out")
+    assert_close(kv, ref_kv, FORWARD_TOL[torch.float16], "final_kv")
