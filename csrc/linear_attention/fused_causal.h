@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -23,11 +24,13 @@ using linear_attention_ops::CausalResult;
 using linear_attention_ops::Optional;
 
 // One build of the kernels: run_for_head_dim<cuda::CausalForward> on the current stream, or the emulated
-// ones; and how much shared memory a block may have there.
+// ones; how much shared memory a block may have there, and how many multiprocessors run blocks (for the
+// split schedule of the forward).
 struct Build {
   void (*forward)(const kernels::CausalForwardParams&);
   void (*backward)(const kernels::CausalBackwardParams&);
   std::size_t shared_limit;
+  int64_t multiprocessors;
 };
 
 // bf16 or half inputs, sequences and heads that fit a grid. cu: the checked values of cu_seqlens, or empty.
@@ -101,6 +104,19 @@ struct Inputs {
   int64_t N() const { return params.N; }
 };
 
+// The incoming state of each segment ((N, G, ...) sums, in place) from the initial states (N, ...) or zeros:
+// an exclusive scan over the segments in order. Returns the final states.
+inline at::Tensor scan_segments(at::Tensor& sums, const at::Tensor& initial) {
+  at::Tensor running = initial.defined() ? initial.clone() : at::zeros_like(sums.select(1, 0));
+  for (int64_t g = 0; g < sums.size(1); ++g) {
+    at::Tensor segment = sums.select(1, g);
+    const at::Tensor incoming = running.clone();
+    running.add_(segment);
+    segment.copy_(incoming);
+  }
+  return running;
+}
+
 inline CausalResult causal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,
                                    const at::Tensor& value, FeatureMap feature_map, bool normalize, double eps,
                                    const Optional& initial_kv, const Optional& initial_z,
@@ -109,15 +125,43 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
   const at::Tensor kv0 = contiguous_or_undefined(initial_kv), z0 = contiguous_or_undefined(initial_z);
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), query.options());
-  at::Tensor kv = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
-  at::Tensor z = new_output(c10::fromIntArrayRefSlow({in.N(), H, D}), in.state_options());
   kernels::CausalForwardParams p{};
   static_cast<kernels::CausalInputs&>(p) = in.params;
   p.out = out.mutable_data_ptr();
-  p.kv0 = data_or_null(kv0);
-  p.z0 = data_or_null(z0);
-  p.kv_final = kv.mutable_data_ptr<float>();
-  p.z_final = z.mutable_data_ptr<float>();
+  int64_t longest = L;
+  if (!cu.empty()) {
+    longest = 0;
+    for (size_t n = 0; n + 1 < cu.size(); ++n) {
+      longest = std::max(longest, cu[n + 1] - cu[n]);
+    }
+  }
+  const int64_t tiles = M / kernels::value_tile(int(D), int(M));
+  const kernels::SegmentPlan plan = kernels::plan_segments(in.N() * H * tiles, longest, build.multiprocessors);
+  p.segments = int(plan.segments);
+  p.segment_rows = plan.rows;
+  if (plan.segments == 1) {
+    at::Tensor kv = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
+    at::Tensor z = new_output(c10::fromIntArrayRefSlow({in.N(), H, D}), in.state_options());
+    p.kv0 = data_or_null(kv0);
+    p.z0 = data_or_null(z0);
+    p.kv_final = kv.mutable_data_ptr<float>();
+    p.z_final = z.mutable_data_ptr<float>();
+    build.forward(p);
+    return {out, kv, z};
+  }
+  // The split schedule: the segments' sums, their incoming states, then every segment from its own.
+  at::Tensor kv_in = at::empty({in.N(), plan.segments, H, D, M}, in.state_options());
+  at::Tensor z_in = at::empty({in.N(), plan.segments, H, D}, in.state_options());
+  p.state_only = true;
+  p.kv_final = kv_in.mutable_data_ptr<float>();
+  p.z_final = z_in.mutable_data_ptr<float>();
+  build.forward(p);
+  at::Tensor kv = scan_segments(kv_in, kv0), z = scan_segments(z_in, z0);
+  p.state_only = false;
+  p.kv0 = kv_in.const_data_ptr<float>();
+  p.z0 = z_in.const_data_ptr<float>();
+  p.kv_final = nullptr;  // the scan gave the final states
+  p.z_final = nullptr;
   build.forward(p);
   return {out, kv, z};
 }

@@ -26,12 +26,18 @@ struct CausalInputs {
   bool half;                  // half (true) or bf16 inputs
 };
 
+// With segments = G > 1 each sequence runs as G segments of segment_rows rows (the last ones shorter or
+// empty), each a block of its own (the split schedule, for few long sequences); the states are then per
+// segment, (N G, H, ...), segment g of sequence n at n G + g.
 struct CausalForwardParams : CausalInputs {
-  void* out;        // (B, H, L, M) contiguous, the inputs' dtype
-  const float* kv0; // (N, H, D, M) initial state, or nullptr (zeros)
-  const float* z0;  // (N, H, D), or nullptr
-  float* kv_final;  // (N, H, D, M)
-  float* z_final;   // (N, H, D)
+  void* out;          // (B, H, L, M) contiguous, the inputs' dtype
+  const float* kv0;   // (N G, H, D, M) initial states, or nullptr (zeros)
+  const float* z0;    // (N G, H, D), or nullptr
+  float* kv_final;    // (N G, H, D, M), or nullptr (not wanted)
+  float* z_final;     // (N G, H, D)
+  int segments;       // G >= 1
+  int64_t segment_rows;  // a multiple of kChunkRows, or 0 (G = 1: whole sequences)
+  bool state_only;    // only the final states (from zero initial states: the segments' sums); no output
 };
 
 struct CausalBackwardParams : CausalInputs {
@@ -59,6 +65,26 @@ constexpr int value_tile(int D, int M) {
 constexpr std::size_t causal_forward_shared_bytes(int D, int BM) {
   return std::size_t(2) * (4 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
+// The split schedule: one block a (sequence, head, value tile) walks the whole sequence, reading q, k, v
+// once, but `blocks` of them may leave most of the `multiprocessors` idle. Then each sequence is cut into
+// segments (at least kMinSegmentRows rows) for about two blocks a multiprocessor: a pass computes each
+// segment's sums, a scan over the segments in order gives each its incoming state, and the fused pass runs
+// every segment from it. {1, 0}: no split.
+constexpr int64_t kMinSegmentRows = 256;
+struct SegmentPlan {
+  int64_t segments, rows;
+};
+constexpr SegmentPlan plan_segments(int64_t blocks, int64_t longest, int64_t multiprocessors) {
+  if (blocks <= 0 || blocks >= multiprocessors || longest < 2 * kMinSegmentRows) {
+    return {1, 0};
+  }
+  const int64_t wanted = (2 * multiprocessors + blocks - 1) / blocks;
+  const int64_t rows = ((longest + wanted - 1) / wanted + kChunkRows - 1) / kChunkRows * kChunkRows;
+  const int64_t segment_rows = rows > kMinSegmentRows ? rows : kMinSegmentRows;
+  const int64_t segments = (longest + segment_rows - 1) / segment_rows;
+  return segments > 1 ? SegmentPlan{segments, segment_rows} : SegmentPlan{1, 0};
+}
+
 // The backward carries the whole state (the contractions over M of dq and dk stay in one block): it takes
 // D <= 128 and M = value_tile(D, M). Dynamic shared memory of either of its passes: q, k, v, dout tiles
 // (2 stages), one feature tile, the state's two parts.

@@ -9,8 +9,10 @@
 // Warp w owns the chunk rows 16 w .. 16 w + 15 (so only the key tiles up to its diagonal are multiplied)
 // and a quarter of the state's 16 x 16 units. The q, k, v tiles of chunk c + 1 are loaded by cp.async while
 // chunk c is computed; the feature map is applied in shared memory (rows past the sequence get phi(k) = 0).
-// For half inputs the state's 16-bit parts are scaled by 2^-e (e > 0 only once |S| reaches 2^14) so that
-// they cannot overflow; the chunk's G is scaled alike and num is multiplied back by 2^e.
+// With segments (the split schedule, causal.h) a block walks one segment from its incoming state; a
+// state_only pass skips the rows' outputs. For half inputs the state's 16-bit parts are scaled by 2^-e
+// (e > 0 only once |S| reaches 2^14) so that they cannot overflow; the chunk's G is scaled alike and num
+// is multiplied back by 2^e.
 #pragma once
 
 #include "linear_attention/chunk_tiles.cuh"
@@ -102,15 +104,22 @@ struct CausalForwardBlock {
       simt::cp_async_wait<1>();
       __syncthreads();
       const int64_t left = span.length - c * kChunkRows;
-      apply_feature_map(p.feature_map, q_tile(stage), q_tile(stage), left);
       apply_feature_map(p.feature_map, k_tile(stage), k_tile(stage), left);
-      __syncthreads();
-      row_dots(q_tile(stage), z_s, qz_s);
-      chunk_rows(c, stage);  // ends with a barrier
+      if (!p.state_only) {
+        apply_feature_map(p.feature_map, q_tile(stage), q_tile(stage), left);
+        __syncthreads();
+        row_dots(q_tile(stage), z_s, qz_s);
+        chunk_rows(c, stage);  // ends with a barrier
+      } else {
+        __syncthreads();
+      }
       S.add_product(l, k_tile(stage), v_tile(stage));
       add_column_sums(k_tile(stage), [](int) { return 1.f; }, z_s);
       S.publish(l, s_hi(), s_lo(), largest_s);
       __syncthreads();  // the stage may be loaded again; the state's parts, z_s and qz_s may be rewritten
+    }
+    if (p.kv_final == nullptr) {
+      return;
     }
     S.store(l, p.kv_final + state_at + value_col, p.M);
     if (value_col == 0) {
@@ -129,9 +138,10 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_forward_kernel(Caus
   FF_SHARED(float, qz_s, kChunkRows);
   FF_SHARED(float, largest_s, kWarps);
   const int tiles_per_head = p.M / BM;
-  const int n = int(blockIdx.x) / tiles_per_head, head = int(blockIdx.y);
+  const int unit = int(blockIdx.x) / tiles_per_head, head = int(blockIdx.y);  // unit: segment n G + g
   const int value_col = int(blockIdx.x) % tiles_per_head * BM;
-  const SequenceSpan span = SequenceSpan::of(p.cu_seqlens, n, p.L);
+  const SequenceSpan span =
+      SequenceSpan::of(p.cu_seqlens, unit / p.segments, p.L).segment(unit % p.segments, p.segment_rows);
   Block block{p,
               span,
               span.rows<T>(p.q, p.q_stride, head),
@@ -139,7 +149,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_forward_kernel(Caus
               span.rows<T>(p.v, p.v_stride, head) + value_col,
               static_cast<T*>(p.out) + ((span.batch * p.H + head) * p.L + span.first) * p.M + value_col,
               value_col,
-              (int64_t(n) * p.H + head) * D * p.M,
+              (int64_t(unit) * p.H + head) * D * p.M,
               Lane::of(int(threadIdx.x)),
               tiles,
               z_s,
@@ -151,7 +161,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_forward_kernel(Caus
 
 template <typename T, int D, int BM>
 void launch_causal_forward(const CausalForwardParams& p, simt::Stream stream) {
-  const int64_t blocks = int64_t(p.N) * (p.M / BM);
+  const int64_t blocks = int64_t(p.N) * p.segments * (p.M / BM);
   if (blocks > 0x7fffffff || p.H > 65535) {
     throw std::length_error("flowformer::causal_linear_attention: " + std::to_string(p.N) + " sequences x " +
                             std::to_string(p.H) + " heads exceed one CUDA launch");

@@ -41,6 +41,14 @@ struct SequenceSpan {
     return static_cast<const T*>(x) + batch * stride[0] + head * stride[1] + first * stride[2];
   }
   FF_DEVICE int64_t chunks() const { return (length + kChunkRows - 1) / kChunkRows; }
+  // Segment g of `rows` rows (rows = 0: the whole span); past the end it is empty.
+  FF_DEVICE SequenceSpan segment(int g, int64_t rows) const {
+    if (rows == 0) {
+      return *this;
+    }
+    const int64_t start = g * rows < length ? g * rows : length;
+    return {batch, first + start, length - start < rows ? length - start : rows};
+  }
 };
 
 

@@ -94,3 +94,56 @@ def test_fused_linear_attention_half_state_beyond_half_range(gen, device):
     assert ref_kv.abs().max() > 65504 * 4
     assert_close(out, ref_out, FORWARD_TOL[torch.float16], "out")
     assert_close(kv, ref_kv, FORWARD_TOL[torch.float16], "final_kv")
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("lengths", [None, (600, 0, 300, 5)])
+def test_fused_linear_attention_split_schedule(gen, lengths, normalize, dtype, device):
+    # Few long sequences (here 1 or 4 blocks for the 132 multiprocessors of an H200, which the emulated build
+    # assumes too): each sequence runs as segments of 256 rows from the states a scan over the segments
+    # gives them (kernels/linear_attention/causal.h, plan_segments). Against float64, states in and out.
+    H, D, M = 1, 16, 16
+    L = 600 if lengths is None else sum(lengths)
+    N = 1 if lengths is None else len(lengths)
+    q, k = (randn(gen, 1, H, L, D, dtype=dtype, device=device) for _ in range(2))
+    v = randn(gen, 1, H, L, M, dtype=dtype, device=device)
+    kv0 = randn(gen, N, H, D, M, device=device)
+    z0 = (torch.rand(N, H, D, generator=gen) + 1).to(device)
+    grad_out = randn(gen, 1, H, L, M, dtype=dtype, device=device)
+    cu = None if lengths is None else torch.tensor([0, 600, 600, 900, 905], device=device)
+
+    def run(q_, k_, v_, kv_, z_, fn, cu_):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q_, k_, v_, kv_, z_)]
+        out, kv, z = fn(*leaves[:3], initial_kv=leaves[3], initial_z=leaves[4], normalize=normalize,
+                        **({} if cu_ is None else dict(cu_seqlens=cu_)))
+        loss = (out * grad_out.to(out.dtype).to(out.device)).sum() + kv.sum() + z.sum()
+        return (out, kv, z), torch.autograd.grad(loss, leaves)
+
+    results, grads = run(q, k, v, kv0, z0, F.causal_linear_attention, cu)
+    if lengths is None:
+        expected, expected_grads = run(*(t.double().cpu() for t in (q, k, v, kv0, z0)), R.causal_linear_attention,
+                                       None)
+    else:  # the reference takes one sequence a call
+        expected = [[], [], []]
+        expected_grads = [[] for _ in range(5)]
+        starts = [0, 600, 600, 900, 905]
+        for n in range(N):
+            rows = slice(starts[n], starts[n + 1])
+            sequence = [t.double().cpu() for t in (q[:, :, rows], k[:, :, rows], v[:, :, rows], kv0[n:n + 1],
+                                                     z0[n:n + 1])]
+            leaves = [t.requires_grad_(True) for t in sequence]
+            out, kv, z = R.causal_linear_attention(*leaves[:3], initial_kv=leaves[3], initial_z=leaves[4],
+                                                   normalize=normalize)
+            loss = (out * grad_out[:, :, rows].double().cpu()).sum() + kv.sum() + z.sum()
+            for i, g in enumerate(torch.autograd.grad(loss, leaves)):
+                expected_grads[i].append(g)
+            for i, r in enumerate((out, kv, z)):
+                expected[i].append(r.detach())
+        expected = [torch.cat(expected[0], 2), torch.cat(expected[1]), torch.cat(expected[2])]
+        expected_grads = [torch.cat(g, 2 if i < 3 else 0) for i, g in enumerate(expected_grads)]
+    for name, a, b in zip(("out", "final_kv", "final_z"), results, expected):
+        assert_close(a, b, FORWARD_TOL[dtype], name)
+    for name, a, b in zip(("query", "key", "value", "initial_kv", "initial_z"), grads, expected_grads):
+        assert_close(a, b, grad_tol(dtype), f"grad {name}")

@@ -131,6 +131,7 @@ struct Problem {
     p.z0 = c.initial_state ? z0.data() : nullptr;
     p.kv_final = kv.data();
     p.z_final = z.data();
+    p.segments = 1;
     kernels::run_for_head_dim<kernels::emulated::CausalForward>(p, nullptr);
     return {{"out", widen(out)}, {"kv", widen(kv)}, {"z", widen(z)}};
   }
@@ -355,4 +356,15 @@ TEST_CASE("fused causal kernels: half states beyond the half range are scaled, n
   c.value_hi = 4000;
   c.dout_hi = 1e-3f;  // gradients within the half range too
   check<simt::half>(c, two_schedules());
+}
+
+TEST_CASE("split schedule: segments for few long sequences, none where the blocks fill the device") {
+  using kernels::plan_segments;
+  CHECK(plan_segments(1, 600, 132).segments == 3);  // 264 wanted: segments of the minimum 256 rows
+  CHECK(plan_segments(1, 600, 132).rows == 256);
+  CHECK(plan_segments(8, 8192, 132).segments == 32);  // 33 wanted: 256 rows each
+  CHECK(plan_segments(4, 65536, 132).rows == 1024);   // 66 wanted: 993 rows, rounded up to chunks
+  CHECK(plan_segments(4, 65536, 132).segments == 64);
+  CHECK(plan_segments(132, 1 << 20, 132).segments == 1);  // enough blocks
+  CHECK(plan_segments(1, 511, 132).segments == 1);        // too short to split
 }

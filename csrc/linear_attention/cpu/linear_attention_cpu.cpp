@@ -23,7 +23,8 @@ namespace emulated = linear_attention_portable;
 namespace kernels = linear_attention_kernels;
 using ops::Optional;
 
-// The fused kernels' emulator build, with the shared memory of the emulated architecture.
+// The fused kernels' emulator build, with the shared memory of the emulated architecture and an H200's 132
+// multiprocessors (so that the tests take the split schedule where a GPU would).
 linear_attention_fused::Build emulated_fused_build() {
   return {[](const kernels::CausalForwardParams& p) {
             kernels::run_for_head_dim<kernels::emulated::CausalForward>(p, nullptr);
@@ -31,7 +32,7 @@ linear_attention_fused::Build emulated_fused_build() {
           [](const kernels::CausalBackwardParams& p) {
             kernels::run_for_head_dim<kernels::emulated::CausalBackward>(p, nullptr);
           },
-          simt::shared_memory_limit(simt::current_options().arch)};
+          simt::shared_memory_limit(simt::current_options().arch), 132};
 }
 
 Inputs convert(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

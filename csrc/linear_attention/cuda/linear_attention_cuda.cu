@@ -24,15 +24,16 @@ namespace kernels = linear_attention_kernels;
 // The fused kernels' CUDA build, on the current stream of the current device (the caller holds its guard).
 linear_attention_fused::Build fused_build() {
   const c10::DeviceIndex device = c10::cuda::current_device();
-  int shared_limit = 0;
+  int shared_limit = 0, multiprocessors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   return {[](const kernels::CausalForwardParams& p) {
             kernels::run_for_head_dim<kernels::cuda::CausalForward>(p, c10::cuda::getCurrentCUDAStream().stream());
           },
           [](const kernels::CausalBackwardParams& p) {
             kernels::run_for_head_dim<kernels::cuda::CausalBackward>(p, c10::cuda::getCurrentCUDAStream().stream());
           },
-          std::size_t(shared_limit)};
+          std::size_t(shared_limit), multiprocessors};
 }
 
 // Packed sequences: the values of cu_seqlens are checked on the host: a CUDA cu_seqlens costs one small
