@@ -59,6 +59,16 @@ struct BackwardBlockBase {
     load_rows(dout_tile(stage), span.rows<T>(p.dout, p.dout_stride, head), p.dout_stride[2], first, span.length);
   }
 
+  // The state from the (N, H, D, M) `matrices` and its vector (into vector_s) from the (N, H, D) `vectors`
+  // (zeros where null), its parts published.
+  FF_DEVICE void start(const float* matrices, const float* vectors, simt::shared_ptr<float> vector_s) {
+    S.load(l, matrices != nullptr ? matrices + state_at : nullptr, M);
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      vector_s[d] = vectors != nullptr ? vectors[state_at / M + d] : 0.f;
+    }
+    S.publish(l, s_hi(), s_lo(), largest_s);
+  }
+
   // body(c, stage) for the chunks in order (or reversed), each chunk's tiles landed and visible; the next
   // chunk's tiles load meanwhile. body ends with a barrier after its last read of the stage.
   template <typename Body>
@@ -183,11 +193,7 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
   }
 
   FF_DEVICE void run() {
-    S.load(l, p.kv0 != nullptr ? p.kv0 + this->state_at : nullptr, M);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      z_s[d] = p.z0 != nullptr ? p.z0[this->state_at / M + d] : 0.f;
-    }
-    S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
+    this->start(p.kv0, p.z0, z_s);
     this->walk(false, [&](int64_t c, int stage) { chunk(c, stage); });
   }
 };
@@ -244,11 +250,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
   }
 
   FF_DEVICE void run() {
-    S.load(l, p.dkv_final != nullptr ? p.dkv_final + this->state_at : nullptr, M);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      r_s[d] = p.dz_final != nullptr ? p.dz_final[this->state_at / M + d] : 0.f;
-    }
-    S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
+    this->start(p.dkv_final, p.dz_final, r_s);
     this->walk(true, [&](int64_t c, int stage) { chunk(c, stage); });
     S.store(l, p.dkv0 + this->state_at, M);
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {

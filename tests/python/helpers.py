@@ -60,3 +60,14 @@ def grads(fn, inputs, grad_out):
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
     return out.detach(), torch.autograd.grad(out, leaves, grad_out)
+
+
+def features_input(gen, shape, feature_map, dtype=torch.float32, device="cpu"):
+    """Inputs for the feature map: non-negative for identity; for relu, every row keeps a positive
+    feature (a row of zero features makes the normaliser eps and its gradient O(1 / eps))."""
+    x = randn(gen, *shape)
+    if feature_map == "identity":
+        x = x.abs()
+    elif feature_map == "relu":
+        x[..., 0] = x[..., 0].abs() + 0.1
+    return x.to(dtype=dtype, device=device)

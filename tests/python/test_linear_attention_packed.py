@@ -10,7 +10,7 @@ import torch
 
 from flowformer import functional as F
 from flowformer import reference as R
-from helpers import DTYPES, FORWARD_TOL, assert_close, devices, grad_tol, randn
+from helpers import DTYPES, FORWARD_TOL, assert_close, devices, features_input, grad_tol, randn
 
 OP = "flowformer::causal_linear_attention"
 FEATURE_MAPS = ["elu1", "relu", "sigmoid", "identity"]
@@ -25,17 +25,6 @@ def cu_seqlens(lengths, dtype=torch.int64, device="cpu"):
 
 def state_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def features_input(gen, shape, feature_map, dtype, device):
-    """Non-negative for identity; for relu every row keeps a positive feature (a row of zero features
-    makes the normaliser eps)."""
-    x = randn(gen, *shape)
-    if feature_map == "identity":
-        x = x.abs()
-    elif feature_map == "relu":
-        x[..., 0] = x[..., 0].abs() + 0.1
-    return x.to(dtype=dtype, device=device)
 
 
 def problem(gen, lengths, H, D, M, dtype, device, feature_map="elu1"):

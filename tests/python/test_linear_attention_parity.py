@@ -6,7 +6,7 @@ import torch
 
 from flowformer import functional as F
 from flowformer import reference as R
-from helpers import DTYPES, FORWARD_TOL, assert_close, conditioned_grad_tol, devices, grad_tol, randn
+from helpers import DTYPES, FORWARD_TOL, assert_close, conditioned_grad_tol, devices, features_input, grad_tol, randn
 
 CAUSAL = "flowformer::causal_linear_attention"
 NONCAUSAL = "flowformer::linear_attention"
@@ -16,17 +16,6 @@ FEATURE_MAPS = ["elu1", "relu", "sigmoid", "identity"]
 # tiles in the forward (D 32, M 128: the backward takes the portable path there).
 SHAPES = [(2, 3, 17, 5, 6), (1, 2, 1, 4, 4), (2, 2, 11, 1, 3), (1, 3, 33, 7, 2), (1, 2, 200, 4, 3),
           (1, 2, 150, 16, 32), (1, 1, 70, 64, 64), (1, 1, 65, 128, 32), (2, 1, 40, 32, 128)]
-
-
-def features_input(gen, shape, feature_map, dtype, device):
-    """Inputs for the feature map: non-negative for identity; for relu, every row keeps a positive
-    feature (a row of zero features makes the normaliser eps and its gradient O(1 / eps))."""
-    x = randn(gen, *shape)
-    if feature_map == "identity":
-        x = x.abs()
-    elif feature_map == "relu":
-        x[..., 0] = x[..., 0].abs() + 0.1
-    return x.to(dtype=dtype, device=device)
 
 
 def states(gen, B, H, D, M, dtype, device):
