@@ -69,7 +69,8 @@ inline at::Tensor aligned_rows(const at::Tensor& x) {
 inline const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 inline at::Tensor contiguous_or_undefined(const Optional& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
 
-// The inputs' part of the parameters; the tensors it points into are kept in `keep`.
+// The inputs' part of the parameters, and the tensors it points into (aligned copies where needed, the
+// offsets of cu_seqlens on the device).
 struct Inputs {
   at::Tensor q, k, v, offsets;
   kernels::CausalInputs params;

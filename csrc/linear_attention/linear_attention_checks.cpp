@@ -63,6 +63,17 @@ void check_cu_seqlens(const char* op, const Optional& cu_seqlens, const at::Tens
   check_size(op, "query", query, 0, 1, "batch size B", "packed sequences: cu_seqlens given");
 }
 
+// A recurrent state (or its gradient): kv (N, H, D, M) and z (N, H, D), N the batch size or, packed, the
+// number of sequences; `names` are the two arguments' names.
+void check_states(const char* op, std::pair<const char*, const char*> names, const Optional& kv,
+                  const Optional& z, const at::Tensor& query, const at::Tensor& value, const Optional& cu_seqlens) {
+  const auto N = sequence_count(query, cu_seqlens), H = query.sym_size(1), D = query.sym_size(3),
+             M = value.sym_size(3);
+  const bool packed = cu_seqlens.has_value();
+  check_state(op, names.first, kv, query, {N, H, D, M}, packed ? "(N, H, D, M)" : "(B, H, D, M)");
+  check_state(op, names.second, z, query, {N, H, D}, packed ? "(N, H, D)" : "(B, H, D)");
+}
+
 }  // namespace
 
 at::ScalarType state_type(const at::Tensor& query) {
@@ -76,22 +87,14 @@ void check_causal_args(const char* op, const at::Tensor& query, const at::Tensor
   parse_feature_map(op, feature_map);
   check_non_negative(op, "eps", eps);
   check_cu_seqlens(op, cu_seqlens, query);
-  const auto N = sequence_count(query, cu_seqlens), H = query.sym_size(1), D = query.sym_size(3),
-             M = value.sym_size(3);
-  const bool packed = cu_seqlens.has_value();
-  check_state(op, "initial_kv", initial_kv, query, {N, H, D, M}, packed ? "(N, H, D, M)" : "(B, H, D, M)");
-  check_state(op, "initial_z", initial_z, query, {N, H, D}, packed ? "(N, H, D)" : "(B, H, D)");
+  check_states(op, {"initial_kv", "initial_z"}, initial_kv, initial_z, query, value, cu_seqlens);
 }
 
 void check_causal_grads(const at::Tensor& grad_out, const Optional& grad_final_kv, const Optional& grad_final_z,
                         const at::Tensor& query, const at::Tensor& value, const Optional& cu_seqlens) {
   const char* op = kCausalBackward;
   check_grad_out(op, grad_out, query, value);
-  const auto N = sequence_count(query, cu_seqlens), H = query.sym_size(1), D = query.sym_size(3),
-             M = value.sym_size(3);
-  const bool packed = cu_seqlens.has_value();
-  check_state(op, "grad_final_kv", grad_final_kv, query, {N, H, D, M}, packed ? "(N, H, D, M)" : "(B, H, D, M)");
-  check_state(op, "grad_final_z", grad_final_z, query, {N, H, D}, packed ? "(N, H, D)" : "(B, H, D)");
+  check_states(op, {"grad_final_kv", "grad_final_z"}, grad_final_kv, grad_final_z, query, value, cu_seqlens);
 }
 
 c10::SymInt sequence_count(const at::Tensor& query, const Optional& cu_seqlens) {

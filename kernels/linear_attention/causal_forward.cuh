@@ -50,7 +50,9 @@ struct CausalForwardBlock {
 
   FF_DEVICE void load_chunk(int64_t c, int stage) const {
     const int64_t first = c * kChunkRows;
-    load_rows(q_tile(stage), q, p.q_stride[2], first, span.length);
+    if (!p.state_only) {  // the segments' sums need k and v only
+      load_rows(q_tile(stage), q, p.q_stride[2], first, span.length);
+    }
     load_rows(k_tile(stage), k, p.k_stride[2], first, span.length);
     load_rows(v_tile(stage), v, p.v_stride[2], first, span.length);
   }
