@@ -1,8 +1,8 @@
 // Linear attention as the CUDA backend runs it (with CudaExecutor; the CPU test mode with EmulatedExecutor):
-// causal calls in bf16 and half on the fast path's head dims go to the fused tensor-core kernels
-// (fused_causal.h, kernels/linear_attention); the rest (float32, float64, other head dims, decoding steps,
-// the non-causal op) run as portable item kernels (kernels/common/chunk_items.h) and small ATen ops on
-// per-row scalars. Math: spec/linear_attention.md; q, k are the features phi(query), phi(key).
+// calls in bf16 and half on the fast path's head dims go to the fused tensor-core kernels (fused.h,
+// kernels/linear_attention: causal forward and backward, the non-causal forward); the rest (float32,
+// float64, other head dims, decoding steps, the non-causal backward) run as portable item kernels
+// (kernels/common/chunk_items.h) and small ATen ops on per-row scalars. Math: spec/linear_attention.md; q, k are the features phi(query), phi(key).
 //
 // Causal, chunked (kScanChunk rows): the state at each chunk start is the initial state plus an
 // exclusive scan of per-chunk sums of k v^T (and of k); inside a chunk, q_t^T S_t adds the chunk's
@@ -19,7 +19,7 @@
 #include "common/chunk_launcher.h"
 #include "common/feature_map.h"
 #include "linear_attention/decode_step.h"
-#include "linear_attention/fused_causal.h"
+#include "linear_attention/fused.h"
 
 #include <ATen/ATen.h>
 
@@ -337,7 +337,12 @@ CausalGrads causal_backward(const Exec& exec, const at::Tensor& grad_out, const 
 
 template <typename Exec>
 at::Tensor noncausal(const Exec& exec, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                     c10::string_view feature_map, double eps, const Optional& key_padding_mask, const char* op) {
+                     c10::string_view feature_map, double eps, const Optional& key_padding_mask,
+                     const linear_attention_fused::Build& fused, const char* op) {
+  if (linear_attention_fused::takes_noncausal(query, value, fused)) {
+    return linear_attention_fused::noncausal_forward(fused, query, key, value, parse_feature_map(op, feature_map), eps,
+                                                     key_padding_mask);
+  }
   const Problem p{portable::unit_row_stride(query), portable::unit_row_stride(key),
                   portable::unit_row_stride(value), contiguous_or_undefined(key_padding_mask), {}, {},
                   parse_feature_map(op, feature_map), eps, true};

@@ -69,26 +69,10 @@ struct BackwardBlockBase {
     S.publish(l, s_hi(), s_lo(), largest_s);
   }
 
-  // body(c, stage) for the chunks in order (or reversed), each chunk's tiles landed and visible; the next
-  // chunk's tiles load meanwhile. body ends with a barrier after its last read of the stage.
+  // body(c, stage) for the chunks in order (or reversed), as walk_chunks.
   template <typename Body>
   FF_DEVICE void walk(bool reverse, const Body& body) const {
-    const int64_t chunks = span.chunks();
-    const auto chunk = [&](int64_t i) { return reverse ? chunks - 1 - i : i; };
-    if (chunks > 0) {
-      load_chunk(chunk(0), 0);
-      simt::cp_async_commit();
-    }
-    for (int64_t i = 0; i < chunks; ++i) {
-      const int stage = int(i % 2);
-      if (i + 1 < chunks) {
-        load_chunk(chunk(i + 1), 1 - stage);
-      }
-      simt::cp_async_commit();
-      simt::cp_async_wait<1>();
-      __syncthreads();
-      body(chunk(i), stage);
-    }
+    walk_chunks(span.chunks(), reverse, [&](int64_t c, int stage) { load_chunk(c, stage); }, body);
   }
 
   // The gradient of a feature row element: grad * phi'(x) for the raw input x.
@@ -97,22 +81,11 @@ struct BackwardBlockBase {
   }
 
   // Writes the columns n0 .. n0 + N - 1 of the warp's rows of a chunk's gradient (rows of Width):
-  // value(n tile, element), as T pairs.
+  // value(n tile, element).
   template <int Width, int N, typename Value>
   FF_DEVICE void write_rows(void* grad, int64_t c, int n0, const Value& value) const {
-    const int64_t left = span.length - c * kChunkRows;
-    FF_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      const int row = l.row(2 * i);
-      if (row < left) {
-        T* g = static_cast<T*>(grad) + (rows_at + c * kChunkRows + row) * Width + n0;
-        FF_UNROLL
-        for (int n = 0; n < N / 8; ++n) {
-          *reinterpret_cast<uint32_t*>(g + n * 8 + 2 * l.t) =
-              simt::pack2(T(value(n, 2 * i)), T(value(n, 2 * i + 1)));
-        }
-      }
-    }
+    store_rows<T, N>(l, static_cast<T*>(grad) + (rows_at + c * kChunkRows) * Width + n0, Width,
+                     span.length - c * kChunkRows, value);
   }
 };
 

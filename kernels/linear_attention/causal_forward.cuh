@@ -9,8 +9,8 @@
 // Warp w owns the chunk rows 16 w .. 16 w + 15 (so only the key tiles up to its diagonal are multiplied)
 // and a quarter of the state's 16 x 16 units. The q, k, v tiles of chunk c + 1 are loaded by cp.async while
 // chunk c is computed; the feature map is applied in shared memory (rows past the sequence get phi(k) = 0).
-// With segments (the split schedule, causal.h) a block walks one segment from its incoming state; a
-// state_only pass skips the rows' outputs. For half inputs the state's 16-bit parts are scaled by 2^-e
+// With segments (the split schedule, fused_kernels.h) a block walks one segment from its incoming state (the
+// segments' sums come from segment_sums.cuh). For half inputs the state's 16-bit parts are scaled by 2^-e
 // (e > 0 only once |S| reaches 2^14) so that they cannot overflow; the chunk's G is scaled alike and num
 // is multiplied back by 2^e.
 #pragma once
@@ -50,9 +50,7 @@ struct CausalForwardBlock {
 
   FF_DEVICE void load_chunk(int64_t c, int stage) const {
     const int64_t first = c * kChunkRows;
-    if (!p.state_only) {  // the segments' sums need k and v only
-      load_rows(q_tile(stage), q, p.q_stride[2], first, span.length);
-    }
+    load_rows(q_tile(stage), q, p.q_stride[2], first, span.length);
     load_rows(k_tile(stage), k, p.k_stride[2], first, span.length);
     load_rows(v_tile(stage), v, p.v_stride[2], first, span.length);
   }
@@ -70,20 +68,14 @@ struct CausalForwardBlock {
     G.template times<T>(l, v_tile(stage), S.scale(), num);
     __syncthreads();  // qz_s written; the state's parts and z_s read
     const int64_t left = span.length - c * kChunkRows;
+    float scale[2];
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
-      const int row = l.row(2 * i);
-      const float qz = qz_s[row];
-      const float scale = S.unscale() / (p.normalize ? qz + score_sum[i] + p.eps : 1.f);
-      if (row < left) {
-        T* o = out + (c * kChunkRows + row) * p.M;
-        FF_UNROLL
-        for (int n = 0; n < BM / 8; ++n) {
-          const float x0 = num.acc[n][2 * i] * scale, x1 = num.acc[n][2 * i + 1] * scale;
-          *reinterpret_cast<uint32_t*>(o + n * 8 + 2 * l.t) = simt::pack2(T(x0), T(x1));
-        }
-      }
+      const float qz = qz_s[l.row(2 * i)];
+      scale[i] = S.unscale() / (p.normalize ? qz + score_sum[i] + p.eps : 1.f);
     }
+    store_rows<T, BM>(l, out + c * kChunkRows * p.M, p.M, left,
+                      [&](int n, int e) { return num.acc[n][e] * scale[e / 2]; });
   }
 
   FF_DEVICE void run() {
@@ -92,34 +84,19 @@ struct CausalForwardBlock {
       z_s[d] = p.z0 != nullptr ? p.z0[state_at / p.M + d] : 0.f;
     }
     S.publish(l, s_hi(), s_lo(), largest_s);
-    const int64_t chunks = span.chunks();
-    if (chunks > 0) {
-      load_chunk(0, 0);
-      simt::cp_async_commit();
-    }
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int stage = int(c % 2);
-      if (c + 1 < chunks) {
-        load_chunk(c + 1, 1 - stage);  // that stage's last readers passed the barrier that ended chunk c - 1
-      }
-      simt::cp_async_commit();
-      simt::cp_async_wait<1>();
-      __syncthreads();
-      const int64_t left = span.length - c * kChunkRows;
-      apply_feature_map(p.feature_map, k_tile(stage), k_tile(stage), left);
-      if (!p.state_only) {
-        apply_feature_map(p.feature_map, q_tile(stage), q_tile(stage), left);
-        __syncthreads();
-        row_dots(q_tile(stage), z_s, qz_s);
-        chunk_rows(c, stage);  // ends with a barrier
-      } else {
-        __syncthreads();
-      }
-      S.add_product(l, k_tile(stage), v_tile(stage));
-      add_column_sums(k_tile(stage), [](int) { return 1.f; }, z_s);
-      S.publish(l, s_hi(), s_lo(), largest_s);
-      __syncthreads();  // the stage may be loaded again; the state's parts, z_s and qz_s may be rewritten
-    }
+    walk_chunks(span.chunks(), false, [&](int64_t c, int stage) { load_chunk(c, stage); },
+                [&](int64_t c, int stage) {
+                  const int64_t left = span.length - c * kChunkRows;
+                  apply_feature_map(p.feature_map, k_tile(stage), k_tile(stage), left);
+                  apply_feature_map(p.feature_map, q_tile(stage), q_tile(stage), left);
+                  __syncthreads();
+                  row_dots(q_tile(stage), z_s, qz_s);
+                  chunk_rows(c, stage);  // ends with a barrier
+                  S.add_product(l, k_tile(stage), v_tile(stage));
+                  add_column_sums(k_tile(stage), [](int) { return 1.f; }, z_s);
+                  S.publish(l, s_hi(), s_lo(), largest_s);
+                  __syncthreads();  // the stage may be loaded again; the state's parts, z_s, qz_s rewritten
+                });
     if (p.kv_final == nullptr) {
       return;
     }
@@ -139,19 +116,15 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_forward_kernel(Caus
   FF_SHARED(float, z_s, D);
   FF_SHARED(float, qz_s, kChunkRows);
   FF_SHARED(float, largest_s, kWarps);
-  const int tiles_per_head = p.M / BM;
-  const int unit = int(blockIdx.x) / tiles_per_head, head = int(blockIdx.y);  // unit: segment n G + g
-  const int value_col = int(blockIdx.x) % tiles_per_head * BM;
-  const SequenceSpan span =
-      SequenceSpan::of(p.cu_seqlens, unit / p.segments, p.L).segment(unit % p.segments, p.segment_rows);
+  const BlockPlace at = BlockPlace::of<BM>(p, p);
   Block block{p,
-              span,
-              span.rows<T>(p.q, p.q_stride, head),
-              span.rows<T>(p.k, p.k_stride, head),
-              span.rows<T>(p.v, p.v_stride, head) + value_col,
-              static_cast<T*>(p.out) + ((span.batch * p.H + head) * p.L + span.first) * p.M + value_col,
-              value_col,
-              (int64_t(unit) * p.H + head) * D * p.M,
+              at.span,
+              at.span.rows<T>(p.q, p.q_stride, at.head),
+              at.span.rows<T>(p.k, p.k_stride, at.head),
+              at.span.rows<T>(p.v, p.v_stride, at.head) + at.value_col,
+              at.output_rows<T>(p, p.out),
+              at.value_col,
+              at.state_at(p, at.unit),
               Lane::of(int(threadIdx.x)),
               tiles,
               z_s,
@@ -161,44 +134,13 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_forward_kernel(Caus
   block.run();
 }
 
-template <typename T, int D, int BM>
-void launch_causal_forward(const CausalForwardParams& p, simt::Stream stream) {
-  const int64_t blocks = int64_t(p.N) * p.segments * (p.M / BM);
-  if (blocks > 0x7fffffff || p.H > 65535) {
-    throw std::length_error("flowformer::causal_linear_attention: " + std::to_string(p.N) + " sequences x " +
-                            std::to_string(p.H) + " heads exceed one CUDA launch");
-  }
-  if (blocks == 0 || p.H == 0) {
-    return;
-  }
-  simt::launch("causal_forward", causal_forward_kernel<T, D, BM>,
-               {simt::Dim3(unsigned(blocks), unsigned(p.H)), simt::Dim3(kForwardThreads),
-                CausalForwardBlock<T, D, BM>::kSharedElements * sizeof(T), stream},
-               p);
-}
-
 template <int D>
 void CausalForward<D>::run(const CausalForwardParams& p, void* stream) {
-  const auto with_tile = [&](auto type) {
-    using T = decltype(type);
-    switch (value_tile(D, p.M)) {
-      case 16:
-        return launch_causal_forward<T, D, 16>(p, stream_of(stream));
-      case 32:
-        return launch_causal_forward<T, D, 32>(p, stream_of(stream));
-      default:
-        if constexpr (value_tile(D, 256) == 64) {
-          return launch_causal_forward<T, D, 64>(p, stream_of(stream));
-        }
-    }
-    throw std::invalid_argument("flowformer: no fused causal forward for D = " + std::to_string(D) +
-                                ", M = " + std::to_string(p.M));
-  };
-  if (p.half) {
-    with_tile(simt::half{});
-  } else {
-    with_tile(simt::bf16{});
-  }
+  launch_forward_like<D>(p, "causal_forward", "causal_linear_attention", stream, [](auto type, auto tile) {
+    using Block = CausalForwardBlock<decltype(type), D, decltype(tile)::value>;
+    return std::pair{&causal_forward_kernel<decltype(type), D, decltype(tile)::value>,
+                     Block::kSharedElements * sizeof(decltype(type))};
+  });
 }
 
 }  // namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD

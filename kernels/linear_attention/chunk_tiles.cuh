@@ -1,4 +1,5 @@
-// Tiles of the fused chunked linear-attention kernels (causal_forward.cuh, causal_backward.cuh), as types:
+// Tiles of the fused chunked linear-attention kernels (causal_forward.cuh, causal_backward.cuh,
+// segment_sums.cuh, state_output.cuh), as types:
 // a block of 4 warps walks a sequence in chunks of 64 rows; warp w owns the chunk rows 16 w .. 16 w + 15.
 //   ChunkTile<T, W>   64 rows x W columns of 16-bit values in shared memory, loaded by cp.async
 //   RowTile<N>        a warp's 16 rows x N columns of float accumulators (m16n8 tiles)
@@ -8,11 +9,14 @@
 #pragma once
 
 #include "common/portable.h"
-#include "linear_attention/causal.h"
+#include "linear_attention/fused_kernels.h"
 #include "simt/simt.h"
 
 #include <cmath>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
@@ -128,14 +132,55 @@ FF_DEVICE void load_rows(const ChunkTile<T, Width>& tile, const T* rows, int64_t
   }
 }
 
-// feature = phi(raw) for the chunk's rows; rows at or past `valid` become 0 (padding contributes nothing).
+// feature = phi(raw) for the chunk's rows; rows at or past `valid`, and rows r where pad[r] (pad: the chunk's
+// padding flags, or null) become 0 (padding contributes nothing).
 template <typename T, int Width>
 FF_DEVICE void apply_feature_map(FeatureMap f, const ChunkTile<T, Width>& raw, const ChunkTile<T, Width>& feature,
-                                 int64_t valid) {
+                                 int64_t valid, const bool* pad = nullptr) {
   for (int e = int(threadIdx.x); e < kChunkRows * Width; e += kForwardThreads) {
     const int r = e / Width, c = e % Width;
     const float x = raw.get(r, c);
-    feature.set(r, c, r < valid ? portable::feature(f, x) : 0.f);
+    const bool kept = r < valid && (pad == nullptr || !pad[r]);
+    feature.set(r, c, kept ? portable::feature(f, x) : 0.f);
+  }
+}
+
+// Walks `chunks` chunks in order (or reversed): load(c, stage) issues the cp.async of chunk c into a stage,
+// body(c, stage) runs once its tiles landed and are visible, while the next chunk's load. body ends with a
+// barrier after its last read of the stage.
+template <typename Load, typename Body>
+FF_DEVICE void walk_chunks(int64_t chunks, bool reverse, const Load& load, const Body& body) {
+  const auto chunk = [&](int64_t i) { return reverse ? chunks - 1 - i : i; };
+  if (chunks > 0) {
+    load(chunk(0), 0);
+    simt::cp_async_commit();
+  }
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int stage = int(i % 2);
+    if (i + 1 < chunks) {
+      load(chunk(i + 1), 1 - stage);  // that stage's last readers passed the barrier that ended chunk i - 1
+    }
+    simt::cp_async_commit();
+    simt::cp_async_wait<1>();
+    __syncthreads();
+    body(chunk(i), stage);
+  }
+}
+
+// Writes the columns [0, N) of the warp's rows of a chunk as T pairs: row r (r < left) at rows + r row_stride,
+// element e of n tile n = value(n, e).
+template <typename T, int N, typename Value>
+FF_DEVICE void store_rows(const Lane& l, T* rows, int64_t row_stride, int64_t left, const Value& value) {
+  FF_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    const int row = l.row(2 * i);
+    if (row < left) {
+      T* r = rows + row * row_stride;
+      FF_UNROLL
+      for (int n = 0; n < N / 8; ++n) {
+        *reinterpret_cast<uint32_t*>(r + n * 8 + 2 * l.t) = simt::pack2(T(value(n, 2 * i)), T(value(n, 2 * i + 1)));
+      }
+    }
   }
 }
 
@@ -402,6 +447,68 @@ FF_DEVICE void row_dots(const ChunkTile<T, Width>& x, simt::shared_ptr<float> v,
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   if (part == 0) {
     dots[r] = sum;
+  }
+}
+
+// Where a block of a forward-like grid (x: N G units of M / BM value tiles, y: H heads) works: unit n G + g is
+// segment g of sequence n; the block takes the value columns value_col .. value_col + BM - 1 of one head.
+struct BlockPlace {
+  int unit, sequence, head, value_col;
+  SequenceSpan span;
+
+  template <int BM>
+  FF_DEVICE static BlockPlace of(const Inputs& p, const Segments& s) {
+    const int tiles_per_head = p.M / BM;
+    const int unit = int(blockIdx.x) / tiles_per_head, n = unit / s.segments;
+    return {unit, n, int(blockIdx.y), int(blockIdx.x) % tiles_per_head * BM,
+            SequenceSpan::of(p.cu_seqlens, n, p.L).segment(unit % s.segments, s.segment_rows)};
+  }
+  // Offset of the (index, head) state in (., H, D, M) states.
+  FF_DEVICE int64_t state_at(const Inputs& p, int index) const { return (int64_t(index) * p.H + head) * p.D * p.M; }
+  // The block's first output row of a (B, H, L, M) contiguous output, at its value columns.
+  template <typename T>
+  FF_DEVICE T* output_rows(const Inputs& p, void* out) const {
+    return static_cast<T*>(out) + ((span.batch * p.H + head) * p.L + span.first) * p.M + value_col;
+  }
+};
+
+// Launches a forward-like grid (BlockPlace) of the kernel that kernel_of(T{}, std::integral_constant<int, BM>{})
+// returns with its dynamic shared bytes, {kernel, bytes}, for the inputs' 16-bit type T and the value tile BM
+// of head dim D (value_tile). `name` names the kernel, `op` the op in the errors.
+template <int D, typename Params, typename KernelOf>
+void launch_forward_like(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
+  const auto with_tile = [&](auto type, auto tile) {
+    const int64_t blocks = int64_t(p.N) * p.segments * (p.M / decltype(tile)::value);
+    if (blocks > 0x7fffffff || p.H > 65535) {
+      throw std::length_error(std::string("flowformer::") + op + ": " + std::to_string(p.N) + " sequences x " +
+                              std::to_string(p.H) + " heads exceed one CUDA launch");
+    }
+    if (blocks > 0 && p.H > 0) {
+      const auto [kernel, shared_bytes] = kernel_of(type, tile);
+      simt::launch(name, kernel,
+                   {simt::Dim3(unsigned(blocks), unsigned(p.H)), simt::Dim3(kForwardThreads), shared_bytes,
+                    stream_of(stream)},
+                   p);
+    }
+  };
+  const auto with_type = [&](auto type) {
+    switch (value_tile(D, p.M)) {
+      case 16:
+        return with_tile(type, std::integral_constant<int, 16>{});
+      case 32:
+        return with_tile(type, std::integral_constant<int, 32>{});
+      default:
+        if constexpr (value_tile(D, 256) == 64) {
+          return with_tile(type, std::integral_constant<int, 64>{});
+        }
+    }
+    throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D) +
+                                ", M = " + std::to_string(p.M));
+  };
+  if (p.half) {
+    with_type(simt::half{});
+  } else {
+    with_type(simt::bf16{});
   }
 }
 

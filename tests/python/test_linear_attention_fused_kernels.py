@@ -1,7 +1,7 @@
-"""causal_linear_attention at the head dims of the fused CUDA kernels (bf16 and half; kernels/linear_attention,
-run in the SIMT emulator by `make test-emulated`): strided and misaligned inputs, continuation of pieces with
-states, determinism. Parity with the float64 reference at these shapes is in test_linear_attention_parity.py
-and test_linear_attention_packed.py."""
+"""causal_linear_attention and linear_attention at the head dims of the fused CUDA kernels (bf16 and half;
+kernels/linear_attention, run in the SIMT emulator by `make test-emulated`): strided and misaligned inputs,
+continuation of pieces with states, determinism, the split schedules. Parity with the float64 reference at
+these shapes is in test_linear_attention_parity.py and test_linear_attention_packed.py."""
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from flowformer import reference as R
 from helpers import FORWARD_TOL, assert_close, devices, grad_tol, randn
 
 OP = "flowformer::causal_linear_attention"
+NONCAUSAL = "flowformer::linear_attention"
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 
@@ -103,7 +104,7 @@ def test_fused_linear_attention_half_state_beyond_half_range(gen, device):
 def test_fused_linear_attention_split_schedule(gen, lengths, normalize, dtype, device):
     # Few long sequences (here 1 or 4 blocks for the 132 multiprocessors of an H200, which the emulated build
     # assumes too): each sequence runs as segments of 256 rows from the states a scan over the segments
-    # gives them (kernels/linear_attention/causal.h, plan_segments). Against float64, states in and out.
+    # gives them (kernels/linear_attention/fused_kernels.h, plan_segments). Against float64, states in and out.
     H, D, M = 1, 16, 16
     L = 600 if lengths is None else sum(lengths)
     N = 1 if lengths is None else len(lengths)
@@ -147,3 +148,54 @@ def test_fused_linear_attention_split_schedule(gen, lengths, normalize, dtype, d
         assert_close(a, b, FORWARD_TOL[dtype], name)
     for name, a, b in zip(("query", "key", "value", "initial_kv", "initial_z"), grads, expected_grads):
         assert_close(a, b, grad_tol(dtype), f"grad {name}")
+
+
+def noncausal_case(gen, B, H, L, S, D, M, dtype, device, padded_batch=None):
+    q = randn(gen, B, H, L, D, dtype=dtype, device=device)
+    k = randn(gen, B, H, S, D, dtype=dtype, device=device)
+    v = randn(gen, B, H, S, M, dtype=dtype, device=device)
+    mask = torch.rand(B, S, generator=gen) < 0.3
+    if padded_batch is not None:
+        mask[padded_batch] = True  # every key padded: out = 0 / (0 + eps) = 0
+    return q, k, v, mask.to(device)
+
+
+def noncausal_expected(q, k, v, mask):
+    return R.linear_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), key_padding_mask=mask.cpu())
+
+
+@pytest.mark.parametrize("device", devices(NONCAUSAL))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("layout", ["transposed", "misaligned"])
+def test_fused_noncausal_strided_inputs(gen, layout, dtype, device):
+    # Queries and keys of other lengths, padded keys, rows strided in place or copied (as the causal test).
+    B, L, S, H, D = 2, 90, 140, 2, 32
+    if layout == "transposed":
+        q = randn(gen, B, L, H, D, dtype=dtype, device=device).transpose(1, 2)
+        k, v = (randn(gen, B, S, H, D, dtype=dtype, device=device).transpose(1, 2) for _ in range(2))
+    else:
+        q = randn(gen, B, H, L, D + 1, dtype=dtype, device=device)[..., 1:]
+        k, v = (randn(gen, B, H, S, D + 1, dtype=dtype, device=device)[..., 1:] for _ in range(2))
+    mask = (torch.rand(B, S, generator=gen) < 0.3).to(device)
+    out = F.linear_attention(q, k, v, key_padding_mask=mask)
+    assert_close(out, noncausal_expected(q, k, v, mask), FORWARD_TOL[dtype], "out")
+
+
+@pytest.mark.parametrize("device", devices(NONCAUSAL))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("L,S", [(600, 700), (70, 1200), (1300, 3)])
+def test_fused_noncausal_split_schedule(gen, L, S, dtype, device):
+    # Few long sequences: the keys' sums by segments of at least 256 rows, added in segment order, and the
+    # outputs by segments too (fused_kernels.h, plan_segments); batch 1 has every key padded.
+    q, k, v, mask = noncausal_case(gen, 2, 1, L, S, 16, 16, dtype, device, padded_batch=1)
+    out = F.linear_attention(q, k, v, key_padding_mask=mask)
+    assert_close(out, noncausal_expected(q, k, v, mask), FORWARD_TOL[dtype], "out")
+    assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("device", devices(NONCAUSAL))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_fused_noncausal_is_deterministic(gen, dtype, device):
+    q, k, v, mask = noncausal_case(gen, 1, 2, 700, 900, 64, 64, dtype, device)
+    first = F.linear_attention(q, k, v, key_padding_mask=mask)
+    assert torch.equal(first, F.linear_attention(q, k, v, key_padding_mask=mask))

@@ -91,8 +91,9 @@ def test_causal_parity(gen, shape, with_state, normalize, feature_map, dtype, de
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("L,S", [(17, 13), (1, 9), (9, 1), (300, 270)])
-def test_noncausal_parity(gen, L, S, masked, feature_map, dtype, device):
-    B, H, D, M = 2, 3, 5, 4
+@pytest.mark.parametrize("D,M", [(5, 4), (16, 32)])  # off and on the fused kernels' head dims
+def test_noncausal_parity(gen, D, M, L, S, masked, feature_map, dtype, device):
+    B, H = 2, 3
     q = features_input(gen, (B, H, L, D), feature_map, dtype, device)
     k = features_input(gen, (B, H, S, D), feature_map, dtype, device)
     v = randn(gen, B, H, S, M, dtype=dtype, device=device)

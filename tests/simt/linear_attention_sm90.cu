@@ -2,6 +2,8 @@
 // every head dim, as the library instantiates them.
 #include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
+#include "linear_attention/segment_sums.cuh"
+#include "linear_attention/state_output.cuh"
 
 namespace flowformer::linear_attention_kernels::cuda {
 template struct CausalForward<16>;
@@ -13,4 +15,14 @@ template struct CausalBackward<16>;
 template struct CausalBackward<32>;
 template struct CausalBackward<64>;
 template struct CausalBackward<128>;
+template struct SegmentSums<16>;
+template struct SegmentSums<32>;
+template struct SegmentSums<64>;
+template struct SegmentSums<128>;
+template struct SegmentSums<256>;
+template struct StateOutput<16>;
+template struct StateOutput<32>;
+template struct StateOutput<64>;
+template struct StateOutput<128>;
+template struct StateOutput<256>;
 }  // namespace flowformer::linear_attention_kernels::cuda

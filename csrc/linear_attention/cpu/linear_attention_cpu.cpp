@@ -32,6 +32,8 @@ linear_attention_fused::Build emulated_fused_build() {
           [](const kernels::CausalBackwardParams& p) {
             kernels::run_for_head_dim<kernels::emulated::CausalBackward>(p, nullptr);
           },
+          [](const kernels::SegmentSumsParams& p) { kernels::run_for_head_dim<kernels::emulated::SegmentSums>(p, nullptr); },
+          [](const kernels::StateOutputParams& p) { kernels::run_for_head_dim<kernels::emulated::StateOutput>(p, nullptr); },
           simt::shared_memory_limit(simt::current_options().arch), 132};
 }
 
@@ -135,7 +137,8 @@ at::Tensor noncausal_cpu(const at::Tensor& query, const at::Tensor& key, const a
   const char* op = ops::kNoncausal;
   ops::check_noncausal_args(op, query, key, value, feature_map, eps, key_padding_mask);
   if (emulate_cuda_requested()) {
-    return emulated::noncausal(portable::EmulatedExecutor{}, query, key, value, feature_map, eps, key_padding_mask, op);
+    return emulated::noncausal(portable::EmulatedExecutor{}, query, key, value, feature_map, eps, key_padding_mask,
+                              emulated_fused_build(), op);
   }
   return noncausal_forward(convert_noncausal(op, query, key, value, feature_map, eps, key_padding_mask))
       .to(query.scalar_type());

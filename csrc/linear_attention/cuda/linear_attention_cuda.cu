@@ -21,6 +21,8 @@ using ops::Optional;
 
 namespace kernels = linear_attention_kernels;
 
+void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
 // The fused kernels' CUDA build, on the current stream of the current device (the caller holds its guard).
 linear_attention_fused::Build fused_build() {
   const c10::DeviceIndex device = c10::cuda::current_device();
@@ -28,11 +30,13 @@ linear_attention_fused::Build fused_build() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   return {[](const kernels::CausalForwardParams& p) {
-            kernels::run_for_head_dim<kernels::cuda::CausalForward>(p, c10::cuda::getCurrentCUDAStream().stream());
+            kernels::run_for_head_dim<kernels::cuda::CausalForward>(p, stream());
           },
           [](const kernels::CausalBackwardParams& p) {
-            kernels::run_for_head_dim<kernels::cuda::CausalBackward>(p, c10::cuda::getCurrentCUDAStream().stream());
+            kernels::run_for_head_dim<kernels::cuda::CausalBackward>(p, stream());
           },
+          [](const kernels::SegmentSumsParams& p) { kernels::run_for_head_dim<kernels::cuda::SegmentSums>(p, stream()); },
+          [](const kernels::StateOutputParams& p) { kernels::run_for_head_dim<kernels::cuda::StateOutput>(p, stream()); },
           std::size_t(shared_limit), multiprocessors};
 }
 
@@ -68,7 +72,7 @@ at::Tensor noncausal_cuda(const at::Tensor& query, const at::Tensor& key, const 
   ops::check_noncausal_args(ops::kNoncausal, query, key, value, feature_map, eps, key_padding_mask);
   const c10::cuda::CUDAGuard guard(query.device());
   return portable_ops::noncausal(portable::CudaExecutor{}, query, key, value, feature_map, eps, key_padding_mask,
-                                 ops::kNoncausal);
+                                 fused_build(), ops::kNoncausal);
 }
 
 ops::Grads noncausal_backward_cuda(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,

@@ -1,6 +1,6 @@
-// The fused causal kernels of linear attention (causal_forward.cuh, causal_backward.cuh): their parameters
-// and entry points, shared by the kernels' two builds (nvcc: cuda::, the SIMT emulator: emulated::) and the
-// torch glue (csrc/linear_attention/fused_causal.h). Torch-free.
+// The fused kernels of linear attention (causal_forward.cuh, causal_backward.cuh, segment_sums.cuh,
+// state_output.cuh): their parameters and entry points, shared by the kernels' two builds (nvcc: cuda::, the
+// SIMT emulator: emulated::) and the torch glue (csrc/linear_attention/fused.h). Torch-free.
 #pragma once
 
 #include "common/feature_map_kind.h"
@@ -13,8 +13,9 @@
 namespace flowformer::linear_attention_kernels {
 
 // The inputs of one call: N sequences of H heads, 16-bit floats (bf16 or half) whose rows (the last axis)
-// have a unit stride and start on 16 bytes; strides in elements, per batch, head and row.
-struct CausalInputs {
+// have a unit stride and start on 16 bytes; strides in elements, per batch, head and row. A kernel that
+// reads only some of q, k, v ignores the others.
+struct Inputs {
   const void *q, *k, *v;
   int64_t q_stride[3], k_stride[3], v_stride[3];
   const int64_t* cu_seqlens;  // (N + 1) row offsets into batch 0, or nullptr: sequence n is batch n
@@ -27,20 +28,38 @@ struct CausalInputs {
 };
 
 // With segments = G > 1 each sequence runs as G segments of segment_rows rows (the last ones shorter or
-// empty), each a block of its own (the split schedule, for few long sequences); the states are then per
-// segment, (N G, H, ...), segment g of sequence n at n G + g.
-struct CausalForwardParams : CausalInputs {
+// empty), each a block of its own (the split schedule, for few long sequences or for more blocks).
+struct Segments {
+  int segments;          // G >= 1
+  int64_t segment_rows;  // a multiple of kChunkRows, or 0 (G = 1: whole sequences)
+};
+
+// The causal forward; with G > 1 the states are per segment, (N G, H, ...), segment g of sequence n at n G + g.
+struct CausalForwardParams : Inputs, Segments {
   void* out;          // (B, H, L, M) contiguous, the inputs' dtype
   const float* kv0;   // (N G, H, D, M) initial states, or nullptr (zeros)
   const float* z0;    // (N G, H, D), or nullptr
   float* kv_final;    // (N G, H, D, M), or nullptr (not wanted)
   float* z_final;     // (N G, H, D)
-  int segments;       // G >= 1
-  int64_t segment_rows;  // a multiple of kChunkRows, or 0 (G = 1: whole sequences)
-  bool state_only;    // only the final states (from zero initial states: the segments' sums); no output
 };
 
-struct CausalBackwardParams : CausalInputs {
+// The sums of each segment's keys and values: kv = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j) over its rows j
+// that are not padded (the state pass of the causal split schedule, the reduction of the non-causal op).
+struct SegmentSumsParams : Inputs, Segments {
+  const bool* key_pad;  // (B, L) contiguous, true where a key is padding, or nullptr (none)
+  float* kv;            // (N G, H, D, M)
+  float* z;             // (N G, H, D)
+};
+
+// The output of every row from one state per sequence (the non-causal op): out_t = phi(q_t)^T S /
+// (phi(q_t)^T z + eps) (no denominator without normalisation); segments only spread the rows over blocks.
+struct StateOutputParams : Inputs, Segments {
+  void* out;          // (B, H, L, M) contiguous, the inputs' dtype
+  const float* kv;    // (N, H, D, M)
+  const float* z;     // (N, H, D)
+};
+
+struct CausalBackwardParams : Inputs {
   const void* dout;            // (B, H, L, M), rows as the inputs'
   int64_t dout_stride[3];
   const float *kv0, *z0;       // the initial state, or nullptr (zeros)
@@ -69,7 +88,8 @@ constexpr std::size_t causal_forward_shared_bytes(int D, int BM) {
 // once, but `blocks` of them may leave most of the `multiprocessors` idle. Then each sequence is cut into
 // segments (at least kMinSegmentRows rows) for about two blocks a multiprocessor: a pass computes each
 // segment's sums, a scan over the segments in order gives each its incoming state, and the fused pass runs
-// every segment from it. {1, 0}: no split.
+// every segment from it (the non-causal op: the sums are added in order; its output pass splits alike).
+// {1, 0}: no split.
 constexpr int64_t kMinSegmentRows = 256;
 struct SegmentPlan {
   int64_t segments, rows;
@@ -83,6 +103,15 @@ constexpr SegmentPlan plan_segments(int64_t blocks, int64_t longest, int64_t mul
   const int64_t segment_rows = rows > kMinSegmentRows ? rows : kMinSegmentRows;
   const int64_t segments = (longest + segment_rows - 1) / segment_rows;
   return segments > 1 ? SegmentPlan{segments, segment_rows} : SegmentPlan{1, 0};
+}
+
+// Dynamic shared memory of a segment-sums block (k and v tiles, 2 stages) and of a state-output block (q tiles,
+// 2 stages, the state's two parts).
+constexpr std::size_t segment_sums_shared_bytes(int D, int BM) {
+  return std::size_t(2) * (2 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8));
+}
+constexpr std::size_t state_output_shared_bytes(int D, int BM) {
+  return std::size_t(2) * (2 * kChunkRows * (D + 8) + 2 * D * (BM + 8));
 }
 
 // The backward carries the whole state (the contractions over M of dq and dk stay in one block): it takes
@@ -101,24 +130,26 @@ constexpr std::size_t causal_backward_block_bytes(int D, int M) {
 }
 
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/linear_attention/
-// cuda/causal_d*.cu for nvcc, cpu/emulated_causal_d*.cpp for the emulator). `stream` is a cudaStream_t
+// cuda/fused_d*.cu for nvcc, cpu/emulated_fused_d*.cpp for the emulator). `stream` is a cudaStream_t
 // (ignored by the emulator, which runs synchronously); a failed launch throws.
-#define FF_CAUSAL_KERNELS                                           \
-  template <int D>                                                  \
-  struct CausalForward {                                            \
-    static void run(const CausalForwardParams& p, void* stream);    \
-  };                                                                \
-  template <int D>                                                  \
-  struct CausalBackward {                                           \
-    static void run(const CausalBackwardParams& p, void* stream);   \
+#define FF_FUSED_KERNEL(Name, Params)                       \
+  template <int D>                                          \
+  struct Name {                                             \
+    static void run(const Params& p, void* stream);         \
   };
+#define FF_FUSED_KERNELS                                    \
+  FF_FUSED_KERNEL(CausalForward, CausalForwardParams)       \
+  FF_FUSED_KERNEL(CausalBackward, CausalBackwardParams)     \
+  FF_FUSED_KERNEL(SegmentSums, SegmentSumsParams)           \
+  FF_FUSED_KERNEL(StateOutput, StateOutputParams)
 namespace cuda {
-FF_CAUSAL_KERNELS
+FF_FUSED_KERNELS
 }  // namespace cuda
 namespace emulated {
-FF_CAUSAL_KERNELS
+FF_FUSED_KERNELS
 }  // namespace emulated
-#undef FF_CAUSAL_KERNELS
+#undef FF_FUSED_KERNELS
+#undef FF_FUSED_KERNEL
 
 // Kernel<p.D>::run(p, stream), Kernel one of the above.
 template <template <int> class Kernel, typename Params>
@@ -135,7 +166,7 @@ void run_for_head_dim(const Params& p, void* stream) {
     case 256:
       return Kernel<256>::run(p, stream);
     default:
-      throw std::invalid_argument("flowformer: no fused causal linear attention for head dim " +
+      throw std::invalid_argument("flowformer: no fused linear attention kernel for head dim " +
                                   std::to_string(p.D));
   }
 }

@@ -1,11 +1,11 @@
-// The fused causal kernels of linear attention (kernels/linear_attention/causal_forward.cuh and
-// causal_backward.cuh) on tensors: which calls they take, and their launches from checked arguments. The CUDA
+// The fused kernels of linear attention (kernels/linear_attention: causal forward and backward, segment sums,
+// state output) on tensors: which calls they take, and their launches from checked arguments. The CUDA
 // backend runs them on the GPU, the test mode FLOWFORMER_EMULATE_CUDA=1 in the SIMT emulator; the calls they
 // do not take go the portable way (linear_attention_portable.h).
 #pragma once
 
 #include "common/checks.h"
-#include "linear_attention/causal.h"
+#include "linear_attention/fused_kernels.h"
 #include "linear_attention/linear_attention_ops.h"
 
 #include <ATen/ATen.h>
@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace flowformer::linear_attention_fused {
@@ -23,12 +24,14 @@ using linear_attention_ops::CausalGrads;
 using linear_attention_ops::CausalResult;
 using linear_attention_ops::Optional;
 
-// One build of the kernels: run_for_head_dim<cuda::CausalForward> on the current stream, or the emulated
-// ones; how much shared memory a block may have there, and how many multiprocessors run blocks (for the
-// split schedule of the forward).
+// One build of the kernels: run_for_head_dim<cuda::CausalForward> (...) on the current stream, or the
+// emulated ones; how much shared memory a block may have there, and how many multiprocessors run blocks (for
+// the split schedules).
 struct Build {
   void (*forward)(const kernels::CausalForwardParams&);
   void (*backward)(const kernels::CausalBackwardParams&);
+  void (*segment_sums)(const kernels::SegmentSumsParams&);
+  void (*state_output)(const kernels::StateOutputParams&);
   std::size_t shared_limit;
   int64_t multiprocessors;
 };
@@ -51,6 +54,17 @@ inline bool takes_forward(const at::Tensor& query, const at::Tensor& value, cons
          kernels::causal_forward_shared_bytes(int(D), kernels::value_tile(int(D), int(M))) <= build.shared_limit;
 }
 
+// The non-causal forward takes D, M in {16, 32, 64, 128, 256} within the shared memory.
+inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, const Build& build) {
+  const int64_t D = query.size(3), M = value.size(3);
+  if (!takes_inputs(query, {}) || !kernels::fused_head_dim(D) || !kernels::fused_head_dim(M)) {
+    return false;
+  }
+  const int BM = kernels::value_tile(int(D), int(M));
+  return std::max(kernels::segment_sums_shared_bytes(int(D), BM), kernels::state_output_shared_bytes(int(D), BM)) <=
+         build.shared_limit;
+}
+
 // The backward takes D <= 128 and M within one value tile (kernels::fused_backward_dims).
 inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu,
                            const Build& build) {
@@ -70,18 +84,19 @@ inline const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.c
 inline at::Tensor contiguous_or_undefined(const Optional& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
 
 // The inputs' part of the parameters, and the tensors it points into (aligned copies where needed, the
-// offsets of cu_seqlens on the device).
-struct Inputs {
+// offsets of cu_seqlens on the device). params.L is the length of query (a non-causal call sets the keys'
+// for its key pass).
+struct InputTensors {
   at::Tensor q, k, v, offsets;
-  kernels::CausalInputs params;
+  kernels::Inputs params;
 
-  Inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, FeatureMap feature_map,
+  InputTensors(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, FeatureMap feature_map,
          bool normalize, double eps, const std::vector<int64_t>& cu)
       : q(aligned_rows(query)), k(aligned_rows(key)), v(aligned_rows(value)) {
     if (!cu.empty()) {
       offsets = at::tensor(cu, at::TensorOptions().dtype(at::kLong)).to(query.device());
     }
-    kernels::CausalInputs& p = params;
+    kernels::Inputs& p = params;
     p.q = q.const_data_ptr();
     p.k = k.const_data_ptr();
     p.v = v.const_data_ptr();
@@ -103,7 +118,30 @@ struct Inputs {
   }
   at::TensorOptions state_options() const { return q.options().dtype(at::kFloat); }
   int64_t N() const { return params.N; }
+  // The segments of forward-like blocks (sequence, head, value tile) over sequences of at most `longest` rows.
+  kernels::Segments plan(int64_t longest, const Build& build) const {
+    const int64_t tiles = params.M / kernels::value_tile(params.D, params.M);
+    const kernels::SegmentPlan p = kernels::plan_segments(N() * params.H * tiles, longest, build.multiprocessors);
+    return {int(p.segments), p.rows};
+  }
 };
+
+// The sums of k v^T and of k over each segment of the keys (rows params.L; pad: (B, L) bool, or undefined):
+// (N, G, H, D, M) and (N, G, H, D) floats.
+inline std::pair<at::Tensor, at::Tensor> segment_sums(const Build& build, const InputTensors& in,
+                                                      const kernels::Segments& plan, const at::Tensor& pad) {
+  const int64_t H = in.params.H, D = in.params.D, M = in.params.M;
+  at::Tensor kv = at::empty({in.N(), plan.segments, H, D, M}, in.state_options());
+  at::Tensor z = at::empty({in.N(), plan.segments, H, D}, in.state_options());
+  kernels::SegmentSumsParams p{};
+  static_cast<kernels::Inputs&>(p) = in.params;
+  static_cast<kernels::Segments&>(p) = plan;
+  p.key_pad = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
+  p.kv = kv.mutable_data_ptr<float>();
+  p.z = z.mutable_data_ptr<float>();
+  build.segment_sums(p);
+  return {kv, z};
+}
 
 // The incoming state of each segment ((N, G, ...) sums, in place) from the initial states (N, ...) or zeros:
 // an exclusive scan over the segments in order. Returns the final states.
@@ -122,12 +160,12 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
                                    const at::Tensor& value, FeatureMap feature_map, bool normalize, double eps,
                                    const Optional& initial_kv, const Optional& initial_z,
                                    const std::vector<int64_t>& cu) {
-  const Inputs in(query, key, value, feature_map, normalize, eps, cu);
+  const InputTensors in(query, key, value, feature_map, normalize, eps, cu);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
   const at::Tensor kv0 = contiguous_or_undefined(initial_kv), z0 = contiguous_or_undefined(initial_z);
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), query.options());
   kernels::CausalForwardParams p{};
-  static_cast<kernels::CausalInputs&>(p) = in.params;
+  static_cast<kernels::Inputs&>(p) = in.params;
   p.out = out.mutable_data_ptr();
   int64_t longest = L;
   if (!cu.empty()) {
@@ -136,10 +174,8 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
       longest = std::max(longest, cu[n + 1] - cu[n]);
     }
   }
-  const int64_t tiles = M / kernels::value_tile(int(D), int(M));
-  const kernels::SegmentPlan plan = kernels::plan_segments(in.N() * H * tiles, longest, build.multiprocessors);
-  p.segments = int(plan.segments);
-  p.segment_rows = plan.rows;
+  const kernels::Segments plan = in.plan(longest, build);
+  static_cast<kernels::Segments&>(p) = plan;
   if (plan.segments == 1) {
     at::Tensor kv = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
     at::Tensor z = new_output(c10::fromIntArrayRefSlow({in.N(), H, D}), in.state_options());
@@ -151,14 +187,8 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
     return {out, kv, z};
   }
   // The split schedule: the segments' sums, their incoming states, then every segment from its own.
-  at::Tensor kv_in = at::empty({in.N(), plan.segments, H, D, M}, in.state_options());
-  at::Tensor z_in = at::empty({in.N(), plan.segments, H, D}, in.state_options());
-  p.state_only = true;
-  p.kv_final = kv_in.mutable_data_ptr<float>();
-  p.z_final = z_in.mutable_data_ptr<float>();
-  build.forward(p);
+  auto [kv_in, z_in] = segment_sums(build, in, plan, {});
   at::Tensor kv = scan_segments(kv_in, kv0), z = scan_segments(z_in, z0);
-  p.state_only = false;
   p.kv0 = kv_in.const_data_ptr<float>();
   p.z0 = z_in.const_data_ptr<float>();
   p.kv_final = nullptr;  // the scan gave the final states
@@ -167,12 +197,36 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
   return {out, kv, z};
 }
 
+// out_i = phi(q_i)^T S / (phi(q_i)^T z + eps), S and z the sums over the valid keys: the keys' segments sums
+// (segment_sums), added in segment order, then every row's output (state_output), both split for the device.
+inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,
+                                    const at::Tensor& value, FeatureMap feature_map, double eps,
+                                    const Optional& key_padding_mask) {
+  InputTensors in(query, key, value, feature_map, /*normalize=*/true, eps, {});
+  const int64_t B = query.size(0), H = query.size(1), L = query.size(2), M = value.size(3);
+  const at::Tensor pad = contiguous_or_undefined(key_padding_mask);
+  in.params.L = key.size(2);
+  auto [kv_parts, z_parts] = segment_sums(build, in, in.plan(key.size(2), build), pad);
+  const at::Tensor kv = kv_parts.size(1) == 1 ? kv_parts.select(1, 0) : kv_parts.sum(1);
+  const at::Tensor z = z_parts.size(1) == 1 ? z_parts.select(1, 0) : z_parts.sum(1);
+  at::Tensor out = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), query.options());
+  kernels::StateOutputParams p{};
+  static_cast<kernels::Inputs&>(p) = in.params;
+  p.L = L;
+  static_cast<kernels::Segments&>(p) = in.plan(L, build);
+  p.out = out.mutable_data_ptr();
+  p.kv = kv.const_data_ptr<float>();
+  p.z = z.const_data_ptr<float>();
+  build.state_output(p);
+  return out;
+}
+
 inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_out, const Optional& grad_final_kv,
                                    const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                                    const at::Tensor& value, FeatureMap feature_map, bool normalize, double eps,
                                    const Optional& initial_kv, const Optional& initial_z,
                                    const std::vector<int64_t>& cu) {
-  const Inputs in(query, key, value, feature_map, normalize, eps, cu);
+  const InputTensors in(query, key, value, feature_map, normalize, eps, cu);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
   const at::Tensor dout = aligned_rows(grad_out.to(query.scalar_type()));
   const at::Tensor kv0 = contiguous_or_undefined(initial_kv), z0 = contiguous_or_undefined(initial_z);
@@ -184,7 +238,7 @@ inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_ou
   at::Tensor dz0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D}), in.state_options());
   at::Tensor rows = at::empty({2, B, H, L}, in.state_options());  // 1 / den_t and dden_t, between the passes
   kernels::CausalBackwardParams p{};
-  static_cast<kernels::CausalInputs&>(p) = in.params;
+  static_cast<kernels::Inputs&>(p) = in.params;
   p.dout = dout.const_data_ptr();
   for (int i = 0; i < 3; ++i) {
     p.dout_stride[i] = dout.stride(i);

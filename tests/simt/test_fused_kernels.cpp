@@ -1,11 +1,14 @@
-// The fused causal kernels of linear attention (kernels/linear_attention/causal_forward.cuh and
-// causal_backward.cuh) in the emulator, against a float64 reference on the same 16-bit inputs: packed
-// sequences (empty ones, lengths across chunks), several value tiles, strided rows, initial states and
-// final-state gradients, both normalisations, every feature map, half states past the half range; every
-// output poisoned first, no hazard (a hazard throws), and the same bits under every schedule.
+// The fused kernels of linear attention (kernels/linear_attention) in the emulator, against a float64
+// reference on the same 16-bit inputs. Causal forward and backward: packed sequences (empty ones, lengths
+// across chunks), several value tiles, strided rows, initial states and final-state gradients, both
+// normalisations, every feature map, half states past the half range. Non-causal (segment sums, then the
+// state output): padded keys holding NaN, segments of both passes. Every output poisoned first, no hazard (a
+// hazard throws), and the same bits under every schedule.
 #include "helpers.h"
 #include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
+#include "linear_attention/segment_sums.cuh"
+#include "linear_attention/state_output.cuh"
 
 #include <catch2/catch.hpp>
 
@@ -13,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -319,6 +323,139 @@ std::vector<NamedSchedule> two_schedules() {
   return {all.front(), all.back()};
 }
 
+// Non-causal: out_t = phi(q_t)^T S / (phi(q_t)^T z + eps) with S, z the sums over the keys that are not padded
+// (key_pad (B, L) of a batch of equal lengths); the keys' sums by `sums` segments (added in segment order, as
+// the host does), the outputs by `rows` segments.
+struct Noncausal {
+  std::unique_ptr<bool[]> key_pad;
+  kernels::Segments sums, rows;
+};
+
+template <typename T>
+Outputs run_noncausal(const Problem<T>& problem, const Noncausal& n) {
+  const Case& c = problem.c;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int64_t N = problem.N, G = n.sums.segments, state = c.H * c.D * c.M;
+  std::vector<float> kv_parts(N * G * state, nan), z_parts(N * G * c.H * c.D, nan);
+  kernels::SegmentSumsParams s{};
+  problem.inputs(s);
+  static_cast<kernels::Segments&>(s) = n.sums;
+  s.key_pad = n.key_pad.get();
+  s.kv = kv_parts.data();
+  s.z = z_parts.data();
+  kernels::run_for_head_dim<kernels::emulated::SegmentSums>(s, nullptr);
+  std::vector<float> kv(N * state, 0.f), z(N * c.H * c.D, 0.f);
+  for (int64_t b = 0; b < N; ++b) {
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t i = 0; i < state; ++i) {
+        kv[b * state + i] += kv_parts[(b * G + g) * state + i];
+      }
+      for (int64_t i = 0; i < c.H * c.D; ++i) {
+        z[b * c.H * c.D + i] += z_parts[(b * G + g) * c.H * c.D + i];
+      }
+    }
+  }
+  std::vector<T> out(std::size_t(problem.B * c.H * problem.L * c.M), T(nan));
+  kernels::StateOutputParams o{};
+  problem.inputs(o);
+  static_cast<kernels::Segments&>(o) = n.rows;
+  o.out = out.data();
+  o.kv = kv.data();
+  o.z = z.data();
+  kernels::run_for_head_dim<kernels::emulated::StateOutput>(o, nullptr);
+  return {{"out", Problem<T>::widen(out)}, {"kv", Problem<T>::widen(kv)}, {"z", Problem<T>::widen(z)}};
+}
+
+template <typename T>
+Outputs noncausal_reference(const Problem<T>& problem, const bool* key_pad) {
+  const Case& c = problem.c;
+  const int64_t B = problem.B, L = problem.L, H = c.H, D = c.D, M = c.M;
+  Outputs r{{"out", std::vector<double>(B * H * L * M)}, {"kv", std::vector<double>(B * H * D * M)},
+            {"z", std::vector<double>(B * H * D)}};
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const auto row = [&](int64_t t) { return (b * L + t) * H + h; };
+      double* S = &r["kv"][(b * H + h) * D * M];
+      double* z = &r["z"][(b * H + h) * D];
+      for (int64_t j = 0; j < L; ++j) {
+        if (key_pad[b * L + j]) {
+          continue;
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const double k = phi(c.feature_map, float(problem.k[row(j) * D + d]));
+          z[d] += k;
+          for (int64_t m = 0; m < M; ++m) {
+            S[d * M + m] += k * float(problem.v[row(j) * M + m]);
+          }
+        }
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        double den = 1e-6;
+        std::vector<double> num(M);
+        for (int64_t d = 0; d < D; ++d) {
+          const double q = phi(c.feature_map, float(problem.q[row(t) * D + d]));
+          den += q * z[d];
+          for (int64_t m = 0; m < M; ++m) {
+            num[m] += q * S[d * M + m];
+          }
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          r["out"][((b * H + h) * L + t) * M + m] = num[m] / den;
+        }
+      }
+    }
+  }
+  return r;
+}
+
+// Keys padded every `period` rows (and the whole last `tail` rows of batch 0), those keys and values NaN:
+// padding must contribute nothing, whatever it holds.
+template <typename T>
+std::unique_ptr<bool[]> pad_keys(Problem<T>& problem, int64_t period, int64_t tail) {
+  const Case& c = problem.c;
+  auto pad = std::make_unique<bool[]>(std::size_t(problem.B * problem.L));
+  for (int64_t b = 0; b < problem.B; ++b) {
+    for (int64_t j = 0; j < problem.L; ++j) {
+      const bool padded = j % period == period - 1 || (b == 0 && j >= problem.L - tail);
+      pad[b * problem.L + j] = padded;
+      for (int h = 0; padded && h < c.H; ++h) {
+        const int64_t row = (b * problem.L + j) * c.H + h;
+        std::fill_n(problem.k.begin() + row * c.D, c.D, T(std::numeric_limits<float>::quiet_NaN()));
+        std::fill_n(problem.v.begin() + row * c.M, c.M, T(std::numeric_limits<float>::quiet_NaN()));
+      }
+    }
+  }
+  return pad;
+}
+
+// Within the forward's tolerance for every segmentation, and bitwise the same under every schedule.
+template <typename T>
+void check_noncausal(const Case& c, const std::vector<kernels::Segments>& segmentations,
+                     const std::vector<NamedSchedule>& schedules) {
+  Problem<T> problem(c);
+  Noncausal n{pad_keys(problem, 7, 70), {}, {}};
+  const Outputs expected = noncausal_reference(problem, n.key_pad.get());
+  const double tol = std::is_same_v<T, simt::half> ? 5e-3 : 2e-2;
+  for (const kernels::Segments& segments : segmentations) {
+    n.sums = n.rows = segments;
+    Outputs first;
+    for (const auto& schedule : schedules) {
+      INFO("schedule " << schedule.name << ", D " << c.D << " M " << c.M << ", segments " << segments.segments);
+      simt::OptionsScope scope(schedule.options);
+      const Outputs results = run_noncausal(problem, n);
+      for (const auto& [name, values] : results) {
+        INFO(name);
+        CHECK(relative_error(values, expected.at(name)) < tol);
+      }
+      if (first.empty()) {
+        first = results;
+      } else {
+        CHECK(first == results);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("fused causal kernels: packed sequences across chunks, under every schedule") {
@@ -367,4 +504,21 @@ TEST_CASE("split schedule: segments for few long sequences, none where the block
   CHECK(plan_segments(4, 65536, 132).segments == 64);
   CHECK(plan_segments(132, 1 << 20, 132).segments == 1);  // enough blocks
   CHECK(plan_segments(1, 511, 132).segments == 1);        // too short to split
+}
+
+TEST_CASE("fused non-causal kernels: padded keys, segments of both passes, head dims and value tiles") {
+  const std::vector<kernels::Segments> whole_and_split{{1, 0}, {3, 64}};  // split: 64 + 64 + 22 rows
+  check_noncausal<simt::bf16>(Case{{150, 150}, false, 2, 16, 32}, whole_and_split, all_schedules());
+  check_noncausal<simt::half>(Case{{150}, false, 1, 32, 16}, whole_and_split, two_schedules());
+  for (const auto& [D, M] : {std::pair{64, 128}, std::pair{128, 32}, std::pair{256, 16}}) {
+    check_noncausal<simt::bf16>(Case{{80}, false, 1, D, M}, {{2, 64}}, two_schedules());
+  }
+}
+
+TEST_CASE("fused non-causal kernels: feature maps") {
+  for (const FeatureMap f : {FeatureMap::Sigmoid, FeatureMap::Relu}) {
+    Case c{{100}, false, 1, 16, 16};
+    c.feature_map = f;
+    check_noncausal<simt::bf16>(c, {{1, 0}}, two_schedules());
+  }
 }

@@ -1,6 +1,0 @@
-// The fused causal kernels of linear attention for head dim 256, SIMT emulator build (kernels/linear_attention).
-#include "linear_attention/causal_backward.cuh"
-#include "linear_attention/causal_forward.cuh"
-
-template struct flowformer::linear_attention_kernels::emulated::CausalForward<256>;
-template struct flowformer::linear_attention_kernels::emulated::CausalBackward<256>;

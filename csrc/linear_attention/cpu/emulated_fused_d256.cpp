@@ -1,0 +1,10 @@
+// The fused kernels of linear attention for head dim 256, SIMT emulator build (kernels/linear_attention).
+#include "linear_attention/causal_backward.cuh"
+#include "linear_attention/causal_forward.cuh"
+#include "linear_attention/segment_sums.cuh"
+#include "linear_attention/state_output.cuh"
+
+template struct flowformer::linear_attention_kernels::emulated::CausalForward<256>;
+template struct flowformer::linear_attention_kernels::emulated::CausalBackward<256>;
+template struct flowformer::linear_attention_kernels::emulated::SegmentSums<256>;
+template struct flowformer::linear_attention_kernels::emulated::StateOutput<256>;
