@@ -22,6 +22,7 @@ namespace flowformer::linear_attention_fused {
 namespace kernels = linear_attention_kernels;
 using linear_attention_ops::CausalGrads;
 using linear_attention_ops::CausalResult;
+using linear_attention_ops::Grads;
 using linear_attention_ops::Optional;
 
 // One build of the kernels: run_for_head_dim<cuda::CausalForward> (...) on the current stream, or the
@@ -32,6 +33,8 @@ struct Build {
   void (*backward)(const kernels::CausalBackwardParams&);
   void (*segment_sums)(const kernels::SegmentSumsParams&);
   void (*state_output)(const kernels::StateOutputParams&);
+  void (*noncausal_query_grads)(const kernels::NoncausalBackwardParams&);
+  void (*noncausal_key_grads)(const kernels::NoncausalBackwardParams&);
   std::size_t shared_limit;
   int64_t multiprocessors;
 };
@@ -65,7 +68,15 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
          build.shared_limit;
 }
 
-// The backward takes D <= 128 and M within one value tile (kernels::fused_backward_dims).
+// The non-causal backward takes what the causal one does (the whole state in a block).
+inline bool takes_noncausal_backward(const at::Tensor& query, const at::Tensor& value, const Build& build) {
+  const int64_t D = query.size(3), M = value.size(3);
+  const std::size_t static_bytes = std::size_t(4) * (2 * D + 3 * kernels::kChunkRows + 4);  // float vectors
+  return takes_noncausal(query, value, build) && kernels::fused_backward_dims(D, M) &&
+         kernels::noncausal_backward_shared_bytes(int(D), int(M)) + static_bytes <= build.shared_limit;
+}
+
+// The causal backward takes D <= 128 and M within one value tile (kernels::fused_backward_dims).
 inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu,
                            const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
@@ -91,7 +102,7 @@ struct InputTensors {
   kernels::Inputs params;
 
   InputTensors(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, FeatureMap feature_map,
-         bool normalize, double eps, const std::vector<int64_t>& cu)
+               bool normalize, double eps, const std::vector<int64_t>& cu)
       : q(aligned_rows(query)), k(aligned_rows(key)), v(aligned_rows(value)) {
     if (!cu.empty()) {
       offsets = at::tensor(cu, at::TensorOptions().dtype(at::kLong)).to(query.device());
@@ -121,8 +132,7 @@ struct InputTensors {
   // The segments of forward-like blocks (sequence, head, value tile) over sequences of at most `longest` rows.
   kernels::Segments plan(int64_t longest, const Build& build) const {
     const int64_t tiles = params.M / kernels::value_tile(params.D, params.M);
-    const kernels::SegmentPlan p = kernels::plan_segments(N() * params.H * tiles, longest, build.multiprocessors);
-    return {int(p.segments), p.rows};
+    return kernels::plan_segments(N() * params.H * tiles, longest, build.multiprocessors);
   }
 };
 
@@ -197,6 +207,9 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
   return {out, kv, z};
 }
 
+// The sums over the segments of (N, G, ...) sums, added in segment order.
+inline at::Tensor add_segments(const at::Tensor& sums) { return sums.size(1) == 1 ? sums.select(1, 0) : sums.sum(1); }
+
 // out_i = phi(q_i)^T S / (phi(q_i)^T z + eps), S and z the sums over the valid keys: the keys' segments sums
 // (segment_sums), added in segment order, then every row's output (state_output), both split for the device.
 inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,
@@ -207,8 +220,7 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
   const at::Tensor pad = contiguous_or_undefined(key_padding_mask);
   in.params.L = key.size(2);
   auto [kv_parts, z_parts] = segment_sums(build, in, in.plan(key.size(2), build), pad);
-  const at::Tensor kv = kv_parts.size(1) == 1 ? kv_parts.select(1, 0) : kv_parts.sum(1);
-  const at::Tensor z = z_parts.size(1) == 1 ? z_parts.select(1, 0) : z_parts.sum(1);
+  const at::Tensor kv = add_segments(kv_parts), z = add_segments(z_parts);
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), query.options());
   kernels::StateOutputParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
@@ -219,6 +231,51 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
   p.z = z.const_data_ptr<float>();
   build.state_output(p);
   return out;
+}
+
+// The gradients of non-causal linear attention (noncausal_backward.cuh): the forward's sums again
+// (segment_sums), the queries' pass (dq and the segments' sums of dS, dz), then the keys' (dk, dv).
+inline Grads noncausal_backward(const Build& build, const at::Tensor& grad_out, const at::Tensor& query,
+                                const at::Tensor& key, const at::Tensor& value, FeatureMap feature_map, double eps,
+                                const Optional& key_padding_mask) {
+  InputTensors in(query, key, value, feature_map, /*normalize=*/true, eps, {});
+  const int64_t B = query.size(0), H = query.size(1), L = query.size(2), S = key.size(2);
+  const int64_t D = query.size(3), M = value.size(3);
+  const at::Tensor pad = contiguous_or_undefined(key_padding_mask);
+  const at::Tensor dout = aligned_rows(grad_out.to(query.scalar_type()));
+  in.params.L = S;
+  const kernels::Segments key_plan = in.plan(S, build), query_plan = in.plan(L, build);
+  auto [kv_parts, z_parts] = segment_sums(build, in, key_plan, pad);
+  const at::Tensor kv = add_segments(kv_parts), z = add_segments(z_parts);
+  at::Tensor dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
+  at::Tensor dk = new_output(c10::fromIntArrayRefSlow({B, H, S, D}), query.options());
+  at::Tensor dv = new_output(c10::fromIntArrayRefSlow({B, H, S, M}), query.options());
+  at::Tensor dkv_parts = at::empty({B, query_plan.segments, H, D, M}, in.state_options());
+  at::Tensor dz_parts = at::empty({B, query_plan.segments, H, D}, in.state_options());
+  kernels::NoncausalBackwardParams p{};
+  static_cast<kernels::Inputs&>(p) = in.params;
+  p.L = L;
+  static_cast<kernels::Segments&>(p) = query_plan;
+  p.dout = dout.const_data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    p.dout_stride[i] = dout.stride(i);
+  }
+  p.kv = kv.const_data_ptr<float>();
+  p.z = z.const_data_ptr<float>();
+  p.dq = dq.mutable_data_ptr();
+  p.dkv = dkv_parts.mutable_data_ptr<float>();
+  p.dz = dz_parts.mutable_data_ptr<float>();
+  build.noncausal_query_grads(p);
+  const at::Tensor dkv = add_segments(dkv_parts), dz = add_segments(dz_parts);
+  p.L = S;
+  static_cast<kernels::Segments&>(p) = key_plan;
+  p.key_pad = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
+  p.kv = dkv.const_data_ptr<float>();
+  p.z = dz.const_data_ptr<float>();
+  p.dk = dk.mutable_data_ptr();
+  p.dv = dv.mutable_data_ptr();
+  build.noncausal_key_grads(p);
+  return {dq, dk, dv};
 }
 
 inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_out, const Optional& grad_final_kv,

@@ -1,7 +1,7 @@
 // Linear attention as the CUDA backend runs it (with CudaExecutor; the CPU test mode with EmulatedExecutor):
 // calls in bf16 and half on the fast path's head dims go to the fused tensor-core kernels (fused.h,
-// kernels/linear_attention: causal forward and backward, the non-causal forward); the rest (float32,
-// float64, other head dims, decoding steps, the non-causal backward) run as portable item kernels
+// kernels/linear_attention: forward and backward, causal and not); the rest (float32, float64, other head
+// dims, backward shapes wider than one block's state, decoding steps) run as portable item kernels
 // (kernels/common/chunk_items.h) and small ATen ops on per-row scalars. Math: spec/linear_attention.md; q, k are the features phi(query), phi(key).
 //
 // Causal, chunked (kScanChunk rows): the state at each chunk start is the initial state plus an
@@ -352,7 +352,12 @@ at::Tensor noncausal(const Exec& exec, const at::Tensor& query, const at::Tensor
 template <typename Exec>
 Grads noncausal_backward(const Exec& exec, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
                          const at::Tensor& value, c10::string_view feature_map, double eps,
-                         const Optional& key_padding_mask, const char* op) {
+                         const Optional& key_padding_mask, const linear_attention_fused::Build& fused,
+                         const char* op) {
+  if (linear_attention_fused::takes_noncausal_backward(query, value, fused)) {
+    return linear_attention_fused::noncausal_backward(fused, grad_out, query, key, value,
+                                                      parse_feature_map(op, feature_map), eps, key_padding_mask);
+  }
   const Problem p{portable::unit_row_stride(query), portable::unit_row_stride(key),
                   portable::unit_row_stride(value), contiguous_or_undefined(key_padding_mask), {}, {},
                   parse_feature_map(op, feature_map), eps, true};

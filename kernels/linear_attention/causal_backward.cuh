@@ -75,11 +75,6 @@ struct BackwardBlockBase {
     walk_chunks(span.chunks(), reverse, [&](int64_t c, int stage) { load_chunk(c, stage); }, body);
   }
 
-  // The gradient of a feature row element: grad * phi'(x) for the raw input x.
-  FF_DEVICE float chain(float grad, float x) const {
-    return grad * portable::feature_derivative(p.feature_map, x, portable::feature(p.feature_map, x));
-  }
-
   // Writes the columns n0 .. n0 + N - 1 of the warp's rows of a chunk's gradient (rows of Width):
   // value(n tile, element).
   template <int Width, int N, typename Value>
@@ -158,7 +153,7 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
     this->template write_rows<D, D>(p.dq, c, 0, [&](int n, int e) {
       const int row = l.row(e), col = n * 8 + l.col(e);
       const float zt = z_rows.data[row * z_rows.kLd + col];
-      return this->chain(P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * zt, query.get(row, col));
+      return feature_gradient(p.feature_map, P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * zt, query.get(row, col));
     });
     S.add_product(l, k, v);
     S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
@@ -204,7 +199,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
       this->template write_rows<D, kKeyColumns>(p.dk, c, d0, [&](int n, int e) {
         const int col = d0 + n * 8 + l.col(e);
         const float r = r_s[col];
-        return this->chain(dk.acc[n][e] * S.unscale() + r, key.get(l.row(e), col));
+        return feature_gradient(p.feature_map, dk.acc[n][e] * S.unscale() + r, key.get(l.row(e), col));
       });
     }
     RowTile<M> dv;  // 2^-e (R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>)

@@ -145,6 +145,23 @@ FF_DEVICE void apply_feature_map(FeatureMap f, const ChunkTile<T, Width>& raw, c
   }
 }
 
+// Rows r of `tile` where pad[r] (the chunk's padding flags) become 0, for rows before `valid`: padded values
+// count for nothing whatever they hold (NaN times a zero feature would not).
+template <typename T, int Width>
+FF_DEVICE void zero_padded_rows(const ChunkTile<T, Width>& tile, const bool* pad, int64_t valid) {
+  for (int e = int(threadIdx.x); e < kChunkRows * Width; e += kForwardThreads) {
+    const int r = e / Width;
+    if (r < valid && pad[r]) {
+      tile.set(r, e % Width, 0.f);
+    }
+  }
+}
+
+// The gradient of a raw input x from that of its feature phi(x): grad phi'(x).
+FF_DEVICE float feature_gradient(FeatureMap f, float grad, float x) {
+  return grad * portable::feature_derivative(f, x, portable::feature(f, x));
+}
+
 // Walks `chunks` chunks in order (or reversed): load(c, stage) issues the cp.async of chunk c into a stage,
 // body(c, stage) runs once its tiles landed and are visible, while the next chunk's load. body ends with a
 // barrier after its last read of the stage.

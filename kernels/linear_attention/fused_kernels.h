@@ -1,5 +1,5 @@
 // The fused kernels of linear attention (causal_forward.cuh, causal_backward.cuh, segment_sums.cuh,
-// state_output.cuh): their parameters and entry points, shared by the kernels' two builds (nvcc: cuda::, the
+// state_output.cuh, noncausal_backward.cuh): their parameters and entry points, shared by the kernels' two builds (nvcc: cuda::, the
 // SIMT emulator: emulated::) and the torch glue (csrc/linear_attention/fused.h). Torch-free.
 #pragma once
 
@@ -59,6 +59,24 @@ struct StateOutputParams : Inputs, Segments {
   const float* z;     // (N, H, D)
 };
 
+// The non-causal backward, in two passes over segments (M = value_tile(D, M): the whole state in a block; the
+// forward's sums S, z recomputed by segment_sums). With q, k = phi(query), phi(key):
+// - queries (rows of q and dout, L = the queries' length; kv, z = S, z): den_t = <q_t, z> + eps,
+//   P_t = S dout_t, dden_t = -<q_t, P_t> / den_t^2, dq_t = phi'(query_t) (P_t / den_t + dden_t z), and each
+//   segment's sums dkv = sum_t q_t dout_t^T / den_t, dz = sum_t dden_t q_t (the gradients of S and z);
+// - keys (rows of k and v, L = the keys' length; kv, z = the sums of those, dS and dz):
+//   dk_j = phi'(key_j) (dS v_j + dz), dv_j = dS^T k_j, both 0 for padded keys.
+struct NoncausalBackwardParams : Inputs, Segments {
+  const void* dout;      // (B, H, L, M), rows as the inputs' (queries)
+  int64_t dout_stride[3];
+  const bool* key_pad;   // (B, L) contiguous, or nullptr (keys)
+  const float* kv;       // (N, H, D, M)
+  const float* z;        // (N, H, D)
+  void *dq, *dk, *dv;    // (B, H, L, D), (B, H, L, D), (B, H, L, M) contiguous, the inputs' dtype
+  float* dkv;            // (N G, H, D, M) (queries)
+  float* dz;             // (N G, H, D)
+};
+
 struct CausalBackwardParams : Inputs {
   const void* dout;            // (B, H, L, M), rows as the inputs'
   int64_t dout_stride[3];
@@ -91,10 +109,7 @@ constexpr std::size_t causal_forward_shared_bytes(int D, int BM) {
 // every segment from it (the non-causal op: the sums are added in order; its output pass splits alike).
 // {1, 0}: no split.
 constexpr int64_t kMinSegmentRows = 256;
-struct SegmentPlan {
-  int64_t segments, rows;
-};
-constexpr SegmentPlan plan_segments(int64_t blocks, int64_t longest, int64_t multiprocessors) {
+constexpr Segments plan_segments(int64_t blocks, int64_t longest, int64_t multiprocessors) {
   if (blocks <= 0 || blocks >= multiprocessors || longest < 2 * kMinSegmentRows) {
     return {1, 0};
   }
@@ -102,7 +117,7 @@ constexpr SegmentPlan plan_segments(int64_t blocks, int64_t longest, int64_t mul
   const int64_t rows = ((longest + wanted - 1) / wanted + kChunkRows - 1) / kChunkRows * kChunkRows;
   const int64_t segment_rows = rows > kMinSegmentRows ? rows : kMinSegmentRows;
   const int64_t segments = (longest + segment_rows - 1) / segment_rows;
-  return segments > 1 ? SegmentPlan{segments, segment_rows} : SegmentPlan{1, 0};
+  return segments > 1 ? Segments{int(segments), segment_rows} : Segments{1, 0};  // segments <= 2 multiprocessors
 }
 
 // Dynamic shared memory of a segment-sums block (k and v tiles, 2 stages) and of a state-output block (q tiles,
@@ -112,6 +127,12 @@ constexpr std::size_t segment_sums_shared_bytes(int D, int BM) {
 }
 constexpr std::size_t state_output_shared_bytes(int D, int BM) {
   return std::size_t(2) * (2 * kChunkRows * (D + 8) + 2 * D * (BM + 8));
+}
+
+// Dynamic shared memory of a non-causal backward block: two input tiles of width D and two of width M
+// (2 stages each), a feature tile, the state's two parts.
+constexpr std::size_t noncausal_backward_shared_bytes(int D, int M) {
+  return std::size_t(2) * (3 * kChunkRows * (D + 8) + 2 * kChunkRows * (M + 8) + 2 * D * (M + 8));
 }
 
 // The backward carries the whole state (the contractions over M of dq and dk stay in one block): it takes
@@ -132,16 +153,18 @@ constexpr std::size_t causal_backward_block_bytes(int D, int M) {
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/linear_attention/
 // cuda/fused_d*.cu for nvcc, cpu/emulated_fused_d*.cpp for the emulator). `stream` is a cudaStream_t
 // (ignored by the emulator, which runs synchronously); a failed launch throws.
-#define FF_FUSED_KERNEL(Name, Params)                       \
-  template <int D>                                          \
-  struct Name {                                             \
-    static void run(const Params& p, void* stream);         \
+#define FF_FUSED_KERNEL(Name, Params)                   \
+  template <int D>                                      \
+  struct Name {                                         \
+    static void run(const Params& p, void* stream);     \
   };
-#define FF_FUSED_KERNELS                                    \
-  FF_FUSED_KERNEL(CausalForward, CausalForwardParams)       \
-  FF_FUSED_KERNEL(CausalBackward, CausalBackwardParams)     \
-  FF_FUSED_KERNEL(SegmentSums, SegmentSumsParams)           \
-  FF_FUSED_KERNEL(StateOutput, StateOutputParams)
+#define FF_FUSED_KERNELS                                          \
+  FF_FUSED_KERNEL(CausalForward, CausalForwardParams)             \
+  FF_FUSED_KERNEL(CausalBackward, CausalBackwardParams)           \
+  FF_FUSED_KERNEL(SegmentSums, SegmentSumsParams)                 \
+  FF_FUSED_KERNEL(StateOutput, StateOutputParams)                 \
+  FF_FUSED_KERNEL(NoncausalQueryGrads, NoncausalBackwardParams)   \
+  FF_FUSED_KERNEL(NoncausalKeyGrads, NoncausalBackwardParams)
 namespace cuda {
 FF_FUSED_KERNELS
 }  // namespace cuda

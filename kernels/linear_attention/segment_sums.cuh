@@ -40,13 +40,7 @@ struct SegmentSumsBlock {
     const bool* chunk_pad = pad != nullptr ? pad + c * kChunkRows : nullptr;
     apply_feature_map(p.feature_map, k_tile(stage), k_tile(stage), span.length - c * kChunkRows, chunk_pad);
     if (chunk_pad != nullptr) {
-      const V values = v_tile(stage);
-      for (int e = int(threadIdx.x); e < kChunkRows * BM; e += kForwardThreads) {
-        const int r = e / BM;
-        if (c * kChunkRows + r < span.length && chunk_pad[r]) {
-          values.set(r, e % BM, 0.f);
-        }
-      }
+      zero_padded_rows(v_tile(stage), chunk_pad, span.length - c * kChunkRows);
     }
     __syncthreads();
     S.add_product(l, k_tile(stage), v_tile(stage));

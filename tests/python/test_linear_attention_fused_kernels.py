@@ -155,13 +155,30 @@ def noncausal_case(gen, B, H, L, S, D, M, dtype, device, padded_batch=None):
     k = randn(gen, B, H, S, D, dtype=dtype, device=device)
     v = randn(gen, B, H, S, M, dtype=dtype, device=device)
     mask = torch.rand(B, S, generator=gen) < 0.3
+    mask[:, :2] = False  # one valid key alone gives out = v: O(eps) query and key gradients, all rounding
     if padded_batch is not None:
-        mask[padded_batch] = True  # every key padded: out = 0 / (0 + eps) = 0
-    return q, k, v, mask.to(device)
+        mask[padded_batch] = True  # every key padded: out = 0 / (0 + eps) = 0, no gradient
+    grad_out = randn(gen, B, H, L, M, dtype=dtype, device=device)
+    return q, k, v, mask.to(device), grad_out
 
 
-def noncausal_expected(q, k, v, mask):
-    return R.linear_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), key_padding_mask=mask.cpu())
+def noncausal_gradients(q, k, v, mask, grad_out, fn=F.linear_attention):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves, key_padding_mask=mask)
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+
+def assert_noncausal_close(q, k, v, mask, grad_out, dtype):
+    # Against float64, forward and gradients; padded keys get no gradient.
+    out, grads = noncausal_gradients(q, k, v, mask, grad_out)
+    ref, ref_grads = noncausal_gradients(*(t.double().cpu() for t in (q, k, v)), mask.cpu(), grad_out.double().cpu(),
+                                         R.linear_attention)
+    assert_close(out, ref, FORWARD_TOL[dtype], "out")
+    for name, a, b in zip(("query", "key", "value"), grads, ref_grads):
+        assert_close(a, b, grad_tol(dtype), f"grad {name}")
+    for grad in grads[1:]:
+        assert (grad.masked_select(mask[:, None, :, None]) == 0).all()
+    return out
 
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
@@ -173,29 +190,32 @@ def test_fused_noncausal_strided_inputs(gen, layout, dtype, device):
     if layout == "transposed":
         q = randn(gen, B, L, H, D, dtype=dtype, device=device).transpose(1, 2)
         k, v = (randn(gen, B, S, H, D, dtype=dtype, device=device).transpose(1, 2) for _ in range(2))
+        grad_out = randn(gen, B, L, H, D, dtype=dtype, device=device).transpose(1, 2)
     else:
         q = randn(gen, B, H, L, D + 1, dtype=dtype, device=device)[..., 1:]
         k, v = (randn(gen, B, H, S, D + 1, dtype=dtype, device=device)[..., 1:] for _ in range(2))
+        grad_out = randn(gen, B, H, L, D + 1, dtype=dtype, device=device)[..., 1:]
     mask = (torch.rand(B, S, generator=gen) < 0.3).to(device)
-    out = F.linear_attention(q, k, v, key_padding_mask=mask)
-    assert_close(out, noncausal_expected(q, k, v, mask), FORWARD_TOL[dtype], "out")
+    assert_noncausal_close(q, k, v, mask, grad_out, dtype)
 
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("L,S", [(600, 700), (70, 1200), (1300, 3)])
 def test_fused_noncausal_split_schedule(gen, L, S, dtype, device):
-    # Few long sequences: the keys' sums by segments of at least 256 rows, added in segment order, and the
-    # outputs by segments too (fused_kernels.h, plan_segments); batch 1 has every key padded.
-    q, k, v, mask = noncausal_case(gen, 2, 1, L, S, 16, 16, dtype, device, padded_batch=1)
-    out = F.linear_attention(q, k, v, key_padding_mask=mask)
-    assert_close(out, noncausal_expected(q, k, v, mask), FORWARD_TOL[dtype], "out")
+    # Few long sequences: the keys' sums and the queries' gradient sums by segments of at least 256 rows, added
+    # in segment order, the outputs and gradients by segments too (fused_kernels.h, plan_segments); batch 1
+    # has every key padded.
+    case = noncausal_case(gen, 2, 1, L, S, 16, 16, dtype, device, padded_batch=1)
+    out = assert_noncausal_close(*case, dtype)
     assert (out[1] == 0).all()
 
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_fused_noncausal_is_deterministic(gen, dtype, device):
-    q, k, v, mask = noncausal_case(gen, 1, 2, 700, 900, 64, 64, dtype, device)
-    first = F.linear_attention(q, k, v, key_padding_mask=mask)
-    assert torch.equal(first, F.linear_attention(q, k, v, key_padding_mask=mask))
+    q, k, v, mask, grad_out = noncausal_case(gen, 1, 2, 700, 900, 64, 64, dtype, device)
+    first, first_grads = noncausal_gradients(q, k, v, mask, grad_out)
+    second, second_grads = noncausal_gradients(q, k, v, mask, grad_out)
+    for a, b in zip((first, *first_grads), (second, *second_grads)):
+        assert torch.equal(a, b)

@@ -2,6 +2,7 @@
 // every head dim, as the library instantiates them.
 #include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
+#include "linear_attention/noncausal_backward.cuh"
 #include "linear_attention/segment_sums.cuh"
 #include "linear_attention/state_output.cuh"
 
@@ -25,4 +26,12 @@ template struct StateOutput<32>;
 template struct StateOutput<64>;
 template struct StateOutput<128>;
 template struct StateOutput<256>;
+template struct NoncausalQueryGrads<16>;
+template struct NoncausalQueryGrads<32>;
+template struct NoncausalQueryGrads<64>;
+template struct NoncausalQueryGrads<128>;
+template struct NoncausalKeyGrads<16>;
+template struct NoncausalKeyGrads<32>;
+template struct NoncausalKeyGrads<64>;
+template struct NoncausalKeyGrads<128>;
 }  // namespace flowformer::linear_attention_kernels::cuda

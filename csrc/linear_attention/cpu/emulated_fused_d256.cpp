@@ -1,6 +1,7 @@
 // The fused kernels of linear attention for head dim 256, SIMT emulator build (kernels/linear_attention).
 #include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
+#include "linear_attention/noncausal_backward.cuh"
 #include "linear_attention/segment_sums.cuh"
 #include "linear_attention/state_output.cuh"
 
@@ -8,3 +9,5 @@ template struct flowformer::linear_attention_kernels::emulated::CausalForward<25
 template struct flowformer::linear_attention_kernels::emulated::CausalBackward<256>;
 template struct flowformer::linear_attention_kernels::emulated::SegmentSums<256>;
 template struct flowformer::linear_attention_kernels::emulated::StateOutput<256>;
+template struct flowformer::linear_attention_kernels::emulated::NoncausalQueryGrads<256>;
+template struct flowformer::linear_attention_kernels::emulated::NoncausalKeyGrads<256>;

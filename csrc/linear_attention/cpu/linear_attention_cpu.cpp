@@ -34,6 +34,12 @@ linear_attention_fused::Build emulated_fused_build() {
           },
           [](const kernels::SegmentSumsParams& p) { kernels::run_for_head_dim<kernels::emulated::SegmentSums>(p, nullptr); },
           [](const kernels::StateOutputParams& p) { kernels::run_for_head_dim<kernels::emulated::StateOutput>(p, nullptr); },
+          [](const kernels::NoncausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::NoncausalQueryGrads>(p, nullptr);
+          },
+          [](const kernels::NoncausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::NoncausalKeyGrads>(p, nullptr);
+          },
           simt::shared_memory_limit(simt::current_options().arch), 132};
 }
 
@@ -152,7 +158,7 @@ ops::Grads noncausal_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
   ops::check_noncausal_grad(grad_out, query, value);
   if (emulate_cuda_requested()) {
     return emulated::noncausal_backward(portable::EmulatedExecutor{}, grad_out, query, key, value, feature_map, eps,
-                                        key_padding_mask, op);
+                                        key_padding_mask, emulated_fused_build(), op);
   }
   const NoncausalInputs in = convert_noncausal(op, query, key, value, feature_map, eps, key_padding_mask);
   auto [dq, dk, dv] = noncausal_backward(in, grad_out.to(in.v.scalar_type()));

@@ -1,6 +1,7 @@
 // The fused kernels of linear attention for head dim 32, nvcc build (kernels/linear_attention).
 #include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
+#include "linear_attention/noncausal_backward.cuh"
 #include "linear_attention/segment_sums.cuh"
 #include "linear_attention/state_output.cuh"
 
@@ -8,3 +9,5 @@ template struct flowformer::linear_attention_kernels::cuda::CausalForward<32>;
 template struct flowformer::linear_attention_kernels::cuda::CausalBackward<32>;
 template struct flowformer::linear_attention_kernels::cuda::SegmentSums<32>;
 template struct flowformer::linear_attention_kernels::cuda::StateOutput<32>;
+template struct flowformer::linear_attention_kernels::cuda::NoncausalQueryGrads<32>;
+template struct flowformer::linear_attention_kernels::cuda::NoncausalKeyGrads<32>;

@@ -37,6 +37,12 @@ linear_attention_fused::Build fused_build() {
           },
           [](const kernels::SegmentSumsParams& p) { kernels::run_for_head_dim<kernels::cuda::SegmentSums>(p, stream()); },
           [](const kernels::StateOutputParams& p) { kernels::run_for_head_dim<kernels::cuda::StateOutput>(p, stream()); },
+          [](const kernels::NoncausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::NoncausalQueryGrads>(p, stream());
+          },
+          [](const kernels::NoncausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::NoncausalKeyGrads>(p, stream());
+          },
           std::size_t(shared_limit), multiprocessors};
 }
 
@@ -82,7 +88,7 @@ ops::Grads noncausal_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
   ops::check_noncausal_grad(grad_out, query, value);
   const c10::cuda::CUDAGuard guard(query.device());
   return portable_ops::noncausal_backward(portable::CudaExecutor{}, grad_out, query, key, value, feature_map, eps,
-                                          key_padding_mask, ops::kNoncausalBackward);
+                                          key_padding_mask, fused_build(), ops::kNoncausalBackward);
 }
 
 }  // namespace

@@ -1,0 +1,290 @@
+// Non-causal linear attention, backward, fused on tensor cores (bf16 or half inputs, float32 sums): two
+// passes (fused_kernels.h, NoncausalBackwardParams), each a block of 4 warps a (segment, head) in chunks of
+// 64 rows, the whole D x M state in the block. q, k = phi(query), phi(key); S, z the forward's sums.
+// 1. Queries:  den_t = <q_t, z> + eps (1 without normalisation)      P_t = S dout_t   mma (S as hi + lo parts)
+//              dden_t = -<q_t, P_t> / den_t^2      dq_t = phi'(query_t) (P_t / den_t + dden_t z)
+//              the segment's dS += sum_t q_t dnum_t^T (mma, dnum_t = dout_t / den_t, as (q_t / den_t) dout_t^T,
+//              q_t / den_t in 16 bits scaled by 2^-e, 2^e the chunk's largest |q_t| / den_t rounded up), and
+//              dz += sum_t dden_t q_t (float)
+// 2. Keys, with dS, dz the segments' sums added in order by the host:
+//              dk_j = phi'(key_j) (dS v_j + dz)      dv_j = dS^T k_j      mma; 0 for padded keys
+// Deterministic: no atomics, sums in a fixed order.
+#pragma once
+
+#include "linear_attention/chunk_tiles.cuh"
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
+
+// What both passes share: the segment, its two inputs x (width D) and y (width M) in two stages, a feature
+// tile, the state's parts (S or dS), its vector (z or dz) in vector_s.
+template <typename T, int D, int M>
+struct NoncausalBlock {
+  using X = ChunkTile<T, D>;
+  using Y = ChunkTile<T, M>;
+  using State = StateTile<T, D, M>;
+  using StateParts = SharedMatrix<T, D, M>;
+  static constexpr std::size_t kSharedElements = 3 * X::kSize + 2 * Y::kSize + 2 * StateParts::kSize;
+  static_assert(kSharedElements * sizeof(T) == noncausal_backward_shared_bytes(D, M), "the layout the host sizes");
+
+  const NoncausalBackwardParams p;  // a copy: a kernel parameter's address would put it in local memory
+  SequenceSpan span;
+  const T *x, *y;         // the segment's first rows: (query, dout) or (key, value)
+  int64_t x_stride, y_stride;
+  int64_t rows_at;        // offset of the segment's first row in (B, H, L) row arrays
+  int64_t state_at;       // offset of the sequence's (N, H, D, M) state
+  Lane l;
+  simt::shared_ptr<T> tiles;
+  simt::shared_ptr<float> vector_s, largest_s;
+  float unscale;          // of the state's published parts
+
+  FF_DEVICE X x_tile(int stage) const { return {tiles + stage * X::kSize}; }
+  FF_DEVICE X feature_tile() const { return {tiles + 2 * X::kSize}; }
+  FF_DEVICE Y y_tile(int stage) const { return {tiles + 3 * X::kSize + stage * Y::kSize}; }
+  FF_DEVICE StateParts s_hi() const { return {tiles + 3 * X::kSize + 2 * Y::kSize}; }
+  FF_DEVICE StateParts s_lo() const { return {tiles + 3 * X::kSize + 2 * Y::kSize + StateParts::kSize}; }
+
+  // The state and its vector from p.kv, p.z, published; then body(c, stage) for every chunk (walk_chunks).
+  template <typename Body>
+  FF_DEVICE void run(const Body& body) {
+    State S;
+    S.load(l, p.kv + state_at, M);
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      vector_s[d] = p.z[state_at / M + d];
+    }
+    S.publish(l, s_hi(), s_lo(), largest_s);
+    unscale = S.unscale();
+    walk_chunks(span.chunks(), false,
+                [&](int64_t c, int stage) {
+                  load_rows(x_tile(stage), x, x_stride, c * kChunkRows, span.length);
+                  load_rows(y_tile(stage), y, y_stride, c * kChunkRows, span.length);
+                },
+                body);
+  }
+
+  // Writes the columns n0 .. n0 + N - 1 of the warp's rows of chunk c of a gradient (rows of Width).
+  template <int Width, int N, typename Value>
+  FF_DEVICE void write_rows(void* grad, int64_t c, int n0, const Value& value) const {
+    store_rows<T, N>(l, static_cast<T*>(grad) + (rows_at + c * kChunkRows) * Width + n0, Width,
+                     span.length - c * kChunkRows, value);
+  }
+};
+
+// Pass 1: dq, and the segment's sums of dS and dz.
+template <typename T, int D, int M>
+struct NoncausalQueryBlock : NoncausalBlock<T, D, M> {
+  using Base = NoncausalBlock<T, D, M>;
+  using Base::l, Base::p, Base::span;
+  simt::shared_ptr<float> den_s, inv_den_s, dden_s, dz_s;
+  int64_t sums_at;  // offset of the segment's (N G, H, D, M) sums
+  typename Base::State dS;
+
+  FF_DEVICE void chunk(int64_t c, int stage) {
+    const auto query = this->x_tile(stage), q = this->feature_tile();
+    const auto dout = this->y_tile(stage);
+    const int64_t left = span.length - c * kChunkRows;
+    apply_feature_map(p.feature_map, query, q, left);
+    __syncthreads();
+    row_dots(q, this->vector_s, den_s);
+    RowTile<D> P;  // 2^-e S dout_t
+    P.zero();
+    Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P);
+    __syncthreads();  // den_s written
+    float inv_den[2], dden[2] = {0.f, 0.f}, largest = 0.f;  // largest: of |q_t| / den_t over the warp's rows
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int row = l.row(2 * i);
+      const float qz = den_s[row];
+      inv_den[i] = 1.f / (p.normalize ? qz + p.eps : 1.f);
+      float q_max = 0.f;
+      FF_UNROLL
+      for (int n = 0; n < D / 8; ++n) {
+        FF_UNROLL
+        for (int e = 2 * i; e < 2 * i + 2; ++e) {
+          const float qe = q.get(l.row(e), n * 8 + l.col(e));
+          P.acc[n][e] *= this->unscale;
+          dden[i] += qe * P.acc[n][e];
+          q_max = fmaxf(q_max, fabsf(qe));
+        }
+      }
+      dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 1);
+      dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 2);
+      dden[i] = p.normalize ? -dden[i] * inv_den[i] * inv_den[i] : 0.f;
+      largest = fmaxf(largest, q_max * inv_den[i]);  // rows past the segment have q = 0
+      if (l.t == 0) {  // rows past the segment count for nothing in the sums
+        inv_den_s[row] = row < left ? inv_den[i] : 0.f;
+        dden_s[row] = row < left ? dden[i] : 0.f;
+      }
+    }
+    FF_UNROLL
+    for (int offset = 16; offset > 0; offset /= 2) {
+      largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+    }
+    if (l.lane == 0) {
+      this->largest_s[l.warp] = largest;
+    }
+    this->template write_rows<D, D>(p.dq, c, 0, [&](int n, int e) {
+      const int row = l.row(e), col = n * 8 + l.col(e);
+      const float z = this->vector_s[col];
+      return feature_gradient(p.feature_map, P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * z, query.get(row, col));
+    });
+    __syncthreads();  // inv_den_s, dden_s, largest_s written
+    add_column_sums(q, [&](int r) { return float(dden_s[r]); }, dz_s);
+    FF_UNROLL
+    for (int w = 0; w < kWarps; ++w) {
+      const float m = this->largest_s[w];
+      largest = fmaxf(largest, m);
+    }
+    int exponent = 0;  // |q_t / den_t| 2^-e <= 1: no 16-bit overflow, and no row's share lost to underflow
+    frexpf(largest, &exponent);
+    const float down = ldexpf(1.f, -exponent), up = ldexpf(1.f, exponent);  // powers of two: exact products
+    __syncthreads();  // q read by the column sums
+    for (int e = int(threadIdx.x); e < kChunkRows * D; e += kForwardThreads) {  // q / den 2^-e in place
+      const int r = e / D;
+      const float scale = inv_den_s[r] * down;
+      q.set(r, e % D, q.get(r, e % D) * scale);
+    }
+    __syncthreads();
+    dS.for_each(l, [&](float& x, int, int) { x *= down; });
+    dS.add_product(l, q, dout);  // += 2^-e sum_t (q_t / den_t) dout_t^T = 2^-e sum_t q_t dnum_t^T
+    dS.for_each(l, [&](float& x, int, int) { x *= up; });
+    __syncthreads();  // the stage may be loaded again; den_s, inv_den_s, dden_s, largest_s rewritten
+  }
+
+  FF_DEVICE void run() {
+    dS.load(l, nullptr, 0);
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {  // each column's thread, as in the sums
+      dz_s[d] = 0.f;
+    }
+    Base::run([&](int64_t c, int stage) { chunk(c, stage); });
+    dS.store(l, p.dkv + sums_at, M);
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      p.dz[sums_at / M + d] = dz_s[d];
+    }
+  }
+};
+
+// Pass 2: dk and dv from dS and dz (the state here).
+template <typename T, int D, int M>
+struct NoncausalKeyBlock : NoncausalBlock<T, D, M> {
+  using Base = NoncausalBlock<T, D, M>;
+  using Base::l, Base::p, Base::span;
+  static constexpr int kKeyColumns = D < 64 ? D : 64;
+  const bool* pad;  // the segment's first padding flag, or null
+
+  FF_DEVICE void chunk(int64_t c, int stage) const {
+    const auto key = this->x_tile(stage), k = this->feature_tile();
+    const auto v = this->y_tile(stage);
+    const int64_t left = span.length - c * kChunkRows;
+    const bool* chunk_pad = pad != nullptr ? pad + c * kChunkRows : nullptr;
+    apply_feature_map(p.feature_map, key, k, left, chunk_pad);
+    if (chunk_pad != nullptr) {
+      zero_padded_rows(v, chunk_pad, left);
+    }
+    __syncthreads();
+    for (int d0 = 0; d0 < D; d0 += kKeyColumns) {  // a part of dk at a time: fewer registers
+      RowTile<kKeyColumns> dk;  // 2^-e dS v_j
+      dk.zero();
+      Base::State::template rows_times<false>(l, v, this->s_hi(), this->s_lo(), dk, d0);
+      this->template write_rows<D, kKeyColumns>(p.dk, c, d0, [&](int n, int e) {
+        const int row = l.row(e), col = d0 + n * 8 + l.col(e);
+        const float dz = this->vector_s[col];
+        const bool padded = chunk_pad != nullptr && chunk_pad[row];
+        return padded ? 0.f : feature_gradient(p.feature_map, dk.acc[n][e] * this->unscale + dz, key.get(row, col));
+      });
+    }
+    RowTile<M> dv;  // 2^-e dS^T k_j (0 for padded keys: their features are 0)
+    dv.zero();
+    Base::State::template rows_times<true>(l, k, this->s_hi(), this->s_lo(), dv);
+    this->template write_rows<M, M>(p.dv, c, 0, [&](int n, int e) { return dv.acc[n][e] * this->unscale; });
+    __syncthreads();  // the stage may be loaded again
+  }
+
+  FF_DEVICE void run() {
+    Base::run([&](int64_t c, int stage) { chunk(c, stage); });
+  }
+};
+
+template <typename T, int D, int M>
+FF_DEVICE NoncausalBlock<T, D, M> noncausal_block(const NoncausalBackwardParams& p, const BlockPlace& at,
+                                                  const void* x, const int64_t (&x_stride)[3], const void* y,
+                                                  const int64_t (&y_stride)[3], simt::shared_ptr<T> tiles,
+                                                  simt::shared_ptr<float> vector_s, simt::shared_ptr<float> largest_s) {
+  return {p,
+          at.span,
+          at.span.rows<T>(x, x_stride, at.head),
+          at.span.rows<T>(y, y_stride, at.head),
+          x_stride[2],
+          y_stride[2],
+          (at.span.batch * p.H + at.head) * p.L + at.span.first,
+          at.state_at(p, at.sequence),
+          Lane::of(int(threadIdx.x)),
+          tiles,
+          vector_s,
+          largest_s,
+          1.f};
+}
+
+template <typename T, int D, int M>
+__global__ void __launch_bounds__(kForwardThreads, 1) noncausal_query_grads_kernel(NoncausalBackwardParams p) {
+  FF_DYNAMIC_SHARED(T, tiles);
+  FF_SHARED(float, z_s, D);
+  FF_SHARED(float, largest_s, kWarps);
+  FF_SHARED(float, den_s, kChunkRows);
+  FF_SHARED(float, inv_den_s, kChunkRows);
+  FF_SHARED(float, dden_s, kChunkRows);
+  FF_SHARED(float, dz_s, D);
+  const BlockPlace at = BlockPlace::of<M>(p, p);
+  NoncausalQueryBlock<T, D, M> block{
+      noncausal_block<T, D, M>(p, at, p.q, p.q_stride, p.dout, p.dout_stride, tiles, z_s, largest_s),
+      den_s, inv_den_s, dden_s, dz_s, at.state_at(p, at.unit), {}};
+  block.run();
+}
+
+template <typename T, int D, int M>
+__global__ void __launch_bounds__(kForwardThreads, 1) noncausal_key_grads_kernel(NoncausalBackwardParams p) {
+  FF_DYNAMIC_SHARED(T, tiles);
+  FF_SHARED(float, dz_s, D);
+  FF_SHARED(float, largest_s, kWarps);
+  const BlockPlace at = BlockPlace::of<M>(p, p);
+  NoncausalKeyBlock<T, D, M> block{
+      noncausal_block<T, D, M>(p, at, p.k, p.k_stride, p.v, p.v_stride, tiles, dz_s, largest_s),
+      p.key_pad != nullptr ? p.key_pad + at.span.batch * p.L + at.span.first : nullptr};
+  block.run();
+}
+
+// Either pass over its forward-like grid: D <= 128 and M within one value tile (the whole state in a block).
+template <int D, typename KernelOf>
+void launch_noncausal_backward(const NoncausalBackwardParams& p, const char* name, void* stream,
+                               const KernelOf& kernel_of) {
+  if constexpr (D <= 128) {
+    if (value_tile(D, p.M) == p.M) {
+      return launch_forward_like<D>(p, name, "linear_attention_backward", stream, kernel_of);
+    }
+  }
+  throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D) +
+                              ", M = " + std::to_string(p.M));
+}
+
+template <int D>
+void NoncausalQueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
+  launch_noncausal_backward<D>(p, "noncausal_query_grads", stream, [](auto type, auto tile) {
+    using T = decltype(type);
+    return std::pair{&noncausal_query_grads_kernel<T, D, decltype(tile)::value>,
+                     NoncausalBlock<T, D, decltype(tile)::value>::kSharedElements * sizeof(T)};
+  });
+}
+
+template <int D>
+void NoncausalKeyGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
+  launch_noncausal_backward<D>(p, "noncausal_key_grads", stream, [](auto type, auto tile) {
+    using T = decltype(type);
+    return std::pair{&noncausal_key_grads_kernel<T, D, decltype(tile)::value>,
+                     NoncausalBlock<T, D, decltype(tile)::value>::kSharedElements * sizeof(T)};
+  });
+}
+
+}  // namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD
