@@ -1,7 +1,6 @@
 """FlowformerEncoderLayer, the Flowformer classifier, the ListOps generator, and FlowformerLM (training and
 incremental decoding with each attention). The demo's tests are in test_demo.py."""
 
-import json
 import random
 
 import pytest
