@@ -89,8 +89,9 @@ class FlowformerLM(nn.Module):
                  dim_feedforward: int = 128, max_len: int = 4096, dropout: float = 0.0, attention: str = "flow",
                  **attention_options):
         super().__init__()
-        if attention not in ATTENTIONS:
-            raise ValueError(f"FlowformerLM: attention must be one of {sorted(ATTENTIONS)}, got {attention!r}")
+        if attention not in _CAUSAL_ATTENTIONS:
+            raise ValueError(f"FlowformerLM: attention must be one of {sorted(_CAUSAL_ATTENTIONS)}, "
+                             f"got {attention!r}")
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(max_len, d_model)
