@@ -17,7 +17,7 @@ setup: deps catch2 build
 deps: $(VENV)/.deps-$(TORCH_VERSION)
 $(VENV)/.deps-$(TORCH_VERSION): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision numpy pytest expecttest psutil matplotlib ninja \
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision numpy pytest expecttest psutil matplotlib tqdm ninja \
 		"cmake>=3.28" setuptools wheel
 	touch $@
 

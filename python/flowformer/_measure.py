@@ -1,5 +1,6 @@
 """Time and memory measurements shared by the demo, the benchmarks and the memory tests."""
 
+import ctypes
 import statistics
 import time
 from typing import Callable
@@ -54,12 +55,22 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def unmap_freed_blocks(threshold: int = 1 << 20) -> None:
+    """Has glibc serve every block of `threshold` bytes or more from a mapping of its own, returned to the
+    system when freed: what MALLOC_MMAP_THRESHOLD_ does at start-up, for a process already running. Does
+    nothing where the C library has no mallopt."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+
+
 def peak_rss_growth_mib(fn: Callable[[], object]) -> float:
     """How far fn() raises this process's resident memory above where it was (Linux), in MiB.
 
     The kernel's high-water mark is reset first (/proc/self/clear_refs), so earlier peaks (imports,
-    warm-up) do not hide the growth. Run with MALLOC_MMAP_THRESHOLD_ set so that freed blocks leave
-    the process and the figure counts what is live at once, not what the allocator kept.
+    warm-up) do not hide the growth. Run with MALLOC_MMAP_THRESHOLD_ set (or after unmap_freed_blocks())
+    so that freed blocks leave the process and the figure counts what is live at once, not what the
+    allocator kept.
     """
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")

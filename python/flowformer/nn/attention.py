@@ -136,6 +136,19 @@ class _LinearMultiheadAttention(nn.Module):
             return out.squeeze(1), None if weights is None else weights.squeeze(0)
         return (out.transpose(0, 1) if self.batch_first else out), weights
 
+    def _step_heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The projections of x (N, T, E) for a decoding step (self-attention), each (N, H, T, head_dim)."""
+        if not self._packed_in_proj or self.bias_k is not None or self.add_zero_attn:
+            raise RuntimeError(f"{type(self).__name__}.step: needs kdim = vdim = embed_dim, no add_bias_kv, "
+                               "no add_zero_attn")
+        N, T, _ = x.shape
+        return tuple(t.view(N, T, self.num_heads, self.head_dim).transpose(1, 2) for t in self._projections(x, x, x))
+
+    def _step_output(self, out: Tensor) -> Tensor:
+        """The output projection of a decoding step's attention output (N, H, T, head_dim): (N, T, E)."""
+        N, _, T, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(N, T, self.embed_dim))
+
 
 class FlowAttention(_LinearMultiheadAttention):
     """nn.MultiheadAttention with Flow-Attention (flowformer.functional.flow_attention) between the
@@ -160,12 +173,9 @@ class FlowAttention(_LinearMultiheadAttention):
         """Causal self-attention over new positions x (N, T, E) (batch first; T = 1 for one decoding step)
         after the positions summarised by `state` (None: none), in O(T D M) per head: returns the output
         (N, T, E) and the state after them (F.causal_flow_attention's layout). No gradient."""
-        if not self._packed_in_proj or self.bias_k is not None or self.add_zero_attn:
-            raise RuntimeError("FlowAttention.step: needs kdim = vdim = embed_dim, no add_bias_kv, no add_zero_attn")
-        N, T, _ = x.shape
-        q, k, v = (t.view(N, T, self.num_heads, self.head_dim).transpose(1, 2) for t in self._projections(x, x, x))
+        q, k, v = self._step_heads(x)
         out, state = F.causal_flow_attention(q, k, v, state=state, **self.options)
-        return self.out_proj(out.transpose(1, 2).reshape(N, T, self.embed_dim)), state
+        return self._step_output(out), state
 
 
 class LinearAttention(_LinearMultiheadAttention):
@@ -194,6 +204,18 @@ class LinearAttention(_LinearMultiheadAttention):
         # Causal: the op ran without the (right) padding, which only padded queries can see.
         return R.linear_attention_weights(q, k, causal=causal, key_padding_mask=None if causal else key_pad,
                                           **self.options)
+
+    @torch.no_grad()
+    def step(self, x: Tensor,
+             state: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """Causal self-attention over new positions x (N, T, E) (batch first; T = 1 for one decoding step)
+        after the positions summarised by `state` (None: none), in O(T D M) per head: returns the output
+        (N, T, E) and the state after them, (kv (N, H, D, M), z (N, H, D)) as F.causal_linear_attention
+        returns them. No gradient."""
+        q, k, v = self._step_heads(x)
+        kv, z = (None, None) if state is None else state
+        out, kv, z = F.causal_linear_attention(q, k, v, initial_kv=kv, initial_z=z, **self.options)
+        return self._step_output(out), (kv, z)
 
 
 def save_for_cpp(module: FlowAttention, path) -> None:

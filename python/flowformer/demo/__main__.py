@@ -1,0 +1,5 @@
+"""`python -m flowformer.demo`: see flowformer.demo."""
+
+from . import main
+
+main()
