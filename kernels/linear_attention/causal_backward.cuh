@@ -166,55 +166,74 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
   }
 };
 
-// Pass 2: dk, dv and the initial state's gradients, from the end of the sequence.
+// Pass 2: dk, dv and the initial state's gradients, from the end of the sequence. dnum_t = dout_t / den_t never
+// enters a 16-bit product (1 / den_t can be 1 / eps, e.g. a row of zero relu features): the products take
+// q~_t = q_t / den_t 2^-e instead (2^e the chunk's largest |q_t| / den_t rounded up, so q~ is within
+// [-1, 1]) with dout_t, and w_t = dden_t den_t = -<dout_t, out_t>, so that
+//   q_t' (<v_t, dnum_t'> + dden_t') = 2^e q~_t' (<v_t, dout_t'> + w_t')     dnum_t' <q_t', k_t> = 2^e dout_t' <q~_t', k_t>
+//   q_t dnum_t^T = 2^e q~_t dout_t^T                                          dden_t q_t = 2^e w_t q~_t.
+// The chunk's terms are rescaled from 2^-e to the state's 2^-e_R units in float before the state's are added;
+// for half, score matrices past 2^14 are scaled down by a power of two before they are rounded (Scores::fit).
 template <typename T, int D, int M>
 struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
   using Base = BackwardBlockBase<T, D, M>;
   using Base::l, Base::p, Base::S, Base::span;  // S is R here
   static constexpr int kKeyColumns = D < 64 ? D : 64;
-  simt::shared_ptr<float> r_s, dden_s;
+  simt::shared_ptr<float> r_s, weight_s, inv_den_s;
 
   FF_DEVICE void chunk(int64_t c, int stage) {
     const auto q = this->q_tile(stage), key = this->k_tile(stage), k = this->feature_tile();
-    const auto v = this->v_tile(stage), dnum = this->dout_tile(stage);
+    const auto v = this->v_tile(stage), dout = this->dout_tile(stage);
     const int64_t left = span.length - c * kChunkRows, rows = this->rows_at + c * kChunkRows;
     apply_feature_map(p.feature_map, q, q, left);
     apply_feature_map(p.feature_map, key, k, left);
-    for (int e = int(threadIdx.x); e < kChunkRows * M; e += kForwardThreads) {  // dnum = dout / den in place
-      const int r = e / M, m = e % M;
-      dnum.set(r, m, r < left ? dnum.get(r, m) * p.inv_den[rows + r] : 0.f);
-    }
     for (int r = int(threadIdx.x); r < kChunkRows; r += kForwardThreads) {
-      dden_s[r] = r < left ? p.dden[rows + r] : 0.f;
+      inv_den_s[r] = r < left ? p.inv_den[rows + r] : 0.f;
+      weight_s[r] = r < left ? p.dden[rows + r] / p.inv_den[rows + r] : 0.f;
     }
     __syncthreads();
-    Scores<false> W;
-    W.template compute<T, M>(l, v, dnum);
-    W.mask(l, [&](int key_row) { return float(dden_s[key_row]); });
+    const int e = chunk_exponent(q, [&](int r) { return float(inv_den_s[r]); }, this->largest_s);
+    const float down = ldexpf(1.f, -e), up = ldexpf(1.f, e);  // powers of two: exact products
+    const float to_state = up * S.scale();                   // from 2^-e to the state's units
+    for (int i = int(threadIdx.x); i < kChunkRows * D; i += kForwardThreads) {  // q~ in place
+      const int r = i / D;
+      const float scale = inv_den_s[r] * down;
+      q.set(r, i % D, q.get(r, i % D) * scale);
+    }
+    __syncthreads();
+    Scores<false> W;  // <v_t, dout_t'> + w_t', t' >= t
+    W.template compute<T, M>(l, v, dout);
+    W.mask(l, [&](int key_row) { return float(weight_s[key_row]); });
+    const float w_fit = W.template fit<T>();
     for (int d0 = 0; d0 < D; d0 += kKeyColumns) {  // a part of dk at a time: fewer registers
-      RowTile<kKeyColumns> dk;  // 2^-e (R v_t + sum_{t'>=t} q_t' (<v_t, dnum_t'> + dden_t'))
+      RowTile<kKeyColumns> dk;  // 2^-e_R (R v_t + sum_{t'>=t} q_t' (<v_t, dnum_t'> + dden_t'))
       dk.zero();
+      W.template times<T>(l, q, w_fit, dk, d0);
+      dk.scale(to_state / w_fit);
       Base::State::template rows_times<false>(l, v, this->s_hi(), this->s_lo(), dk, d0);
-      W.template times<T>(l, q, S.scale(), dk, d0);
-      this->template write_rows<D, kKeyColumns>(p.dk, c, d0, [&](int n, int e) {
-        const int col = d0 + n * 8 + l.col(e);
+      this->template write_rows<D, kKeyColumns>(p.dk, c, d0, [&](int n, int el) {
+        const int col = d0 + n * 8 + l.col(el);
         const float r = r_s[col];
-        return feature_gradient(p.feature_map, dk.acc[n][e] * S.unscale() + r, key.get(l.row(e), col));
+        return feature_gradient(p.feature_map, dk.acc[n][el] * S.unscale() + r, key.get(l.row(el), col));
       });
     }
-    RowTile<M> dv;  // 2^-e (R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>)
+    RowTile<M> dv;  // 2^-e_R (R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>)
     dv.zero();
-    Base::State::template rows_times<true>(l, k, this->s_hi(), this->s_lo(), dv);
     Scores<false> G;
     G.template compute<T, D>(l, k, q);
     G.mask(l, [](int) { return 0.f; });
-    G.template times<T>(l, dnum, S.scale(), dv);
-    this->template write_rows<M, M>(p.dv, c, 0, [&](int n, int e) { return dv.acc[n][e] * S.unscale(); });
+    const float g_fit = G.template fit<T>();
+    G.template times<T>(l, dout, g_fit, dv);
+    dv.scale(to_state / g_fit);
+    Base::State::template rows_times<true>(l, k, this->s_hi(), this->s_lo(), dv);
+    this->template write_rows<M, M>(p.dv, c, 0, [&](int n, int el) { return dv.acc[n][el] * S.unscale(); });
     __syncthreads();  // r_s and the state's parts read
-    S.add_product(l, q, dnum);
-    add_column_sums(q, [&](int r) { return float(dden_s[r]); }, r_s);
+    S.for_each(l, [&](float& x, int, int) { x *= down; });
+    S.add_product(l, q, dout);
+    S.for_each(l, [&](float& x, int, int) { x *= up; });
+    add_column_sums(q, [&](int r) { return float(weight_s[r]) * up; }, r_s);
     S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
-    __syncthreads();  // the stage may be loaded again; r_s, dden_s and the state's parts rewritten
+    __syncthreads();  // the stage may be loaded again; r_s, weight_s, inv_den_s and the state's parts rewritten
   }
 
   FF_DEVICE void run() {
@@ -260,8 +279,9 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_backward_key_kernel
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
   FF_SHARED(float, r_s, D);
-  FF_SHARED(float, dden_s, kChunkRows);
-  BackwardKeyBlock<T, D, M> block{backward_base<T, D, M>(p, tiles, largest_s), r_s, dden_s};
+  FF_SHARED(float, weight_s, kChunkRows);
+  FF_SHARED(float, inv_den_s, kChunkRows);
+  BackwardKeyBlock<T, D, M> block{backward_base<T, D, M>(p, tiles, largest_s), r_s, weight_s, inv_den_s};
   block.run();
 }
 

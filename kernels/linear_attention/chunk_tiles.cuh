@@ -157,6 +157,36 @@ FF_DEVICE void zero_padded_rows(const ChunkTile<T, Width>& tile, const bool* pad
   }
 }
 
+// e with 2^e at or above the largest |x[r][c]| scale(r) over the chunk, or 0 (all zero): the exponent of the
+// power of two that brings the rows x_r scale(r) within [-1, 1] for 16-bit products. Block-wide: a barrier;
+// largest_s: kWarps floats of shared memory.
+template <typename T, int Width, typename Scale>
+FF_DEVICE int chunk_exponent(const ChunkTile<T, Width>& x, const Scale& scale, simt::shared_ptr<float> largest_s) {
+  static_assert(kForwardThreads == 2 * kChunkRows, "two threads a row");
+  const int r = int(threadIdx.x) / 2, part = int(threadIdx.x) % 2;  // warp w: rows 16 w .. 16 w + 15
+  float largest = 0.f;
+  for (int c = part * (Width / 2); c < (part + 1) * (Width / 2); ++c) {
+    largest = fmaxf(largest, fabsf(x.get(r, c)));
+  }
+  largest *= scale(r);
+  FF_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) {
+    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+  }
+  if (threadIdx.x % 32 == 0) {
+    largest_s[threadIdx.x / 32] = largest;
+  }
+  __syncthreads();
+  FF_UNROLL
+  for (int w = 0; w < kWarps; ++w) {
+    const float m = largest_s[w];
+    largest = fmaxf(largest, m);
+  }
+  int exponent = 0;
+  frexpf(largest, &exponent);
+  return exponent;
+}
+
 // The gradient of a raw input x from that of its feature phi(x): grad phi'(x).
 FF_DEVICE float feature_gradient(FeatureMap f, float grad, float x) {
   return grad * portable::feature_derivative(f, x, portable::feature(f, x));
@@ -232,6 +262,16 @@ struct RowTile {
     }
   }
 
+  FF_DEVICE void scale(float factor) {
+    FF_UNROLL
+    for (int n = 0; n < N / 8; ++n) {
+      FF_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        acc[n][e] *= factor;
+      }
+    }
+  }
+
   // The row sums of the warp's rows g (sum[0]) and g + 8 (sum[1]) of columns [0, N), in every lane.
   FF_DEVICE void row_sums(float (&sum)[2]) const {
     FF_UNROLL
@@ -287,6 +327,32 @@ struct Scores {
         s.acc[n][e] = kept(row, key) ? s.acc[n][e] + key_add(key) : 0.f;
       }
     }
+  }
+
+  // A power of two that brings the warp's scores within T's range before times() rounds them: 1 for bf16
+  // (float's range); for half 2^(14 - e) once the largest |s| reaches 2^14 (< 2^e).
+  template <typename T>
+  FF_DEVICE float fit() const {
+    if constexpr (std::is_same_v<T, simt::half>) {
+      float largest = 0.f;
+      FF_UNROLL
+      for (int n = 0; n < kChunkRows / 8; ++n) {
+        FF_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          largest = fmaxf(largest, fabsf(s.acc[n][e]));
+        }
+      }
+      FF_UNROLL
+      for (int offset = 16; offset > 0; offset /= 2) {
+        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+      }
+      if (largest >= 16384.f && largest <= 3.0e38f) {
+        int exponent = 0;
+        frexpf(largest, &exponent);
+        return ldexpf(1.f, 14 - exponent);
+      }
+    }
+    return 1.f;
   }
 
   // out += scale (masked scores) Y, Y the columns n0 .. n0 + N - 1 of a 64 x n matrix (keys x columns) in

@@ -219,3 +219,30 @@ def test_fused_noncausal_is_deterministic(gen, dtype, device):
     second, second_grads = noncausal_gradients(q, k, v, mask, grad_out)
     for a, b in zip((first, *first_grads), (second, *second_grads)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_linear_attention_queries_without_features_in_half(gen, causal, device):
+    # relu makes every fifth query row all zero: den = eps, dout / den past the half range. The kernels never
+    # round dout / den to half (they use q / den, 0 here): finite gradients, within tolerance of float64.
+    dtype = torch.float16
+    B, H, L, D = 1, 2, 150, 16
+    q = randn(gen, B, H, L, D, dtype=dtype, device=device)
+    q[:, :, 4::5] = -q[:, :, 4::5].abs() - 0.1
+    k, v = (randn(gen, B, H, L, D, dtype=dtype, device=device) for _ in range(2))
+    grad_out = randn(gen, B, H, L, D, dtype=dtype, device=device)
+    options = dict(feature_map="relu")
+
+    def run(*inputs, module):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs[:3]]
+        out = (module.causal_linear_attention(*leaves, initial_z=inputs[3], **options)[0] if causal
+               else module.linear_attention(*leaves, **options))
+        return out, torch.autograd.grad(out, leaves, inputs[4].to(out.dtype))
+
+    z0 = (torch.rand(B, H, D, generator=gen) + 0.5).to(device)  # den = <q, z> + eps > 0 but for the zero rows
+    out, grads = run(q, k, v, z0, grad_out, module=F)
+    ref, ref_grads = run(*(t.double().cpu() for t in (q, k, v, z0, grad_out)), module=R)
+    assert_close(out, ref, FORWARD_TOL[dtype], "out")
+    for name, a, b in zip(("query", "key", "value"), grads, ref_grads):
+        assert_close(a, b, grad_tol(dtype), f"grad {name}")

@@ -67,6 +67,7 @@ struct Case {
   bool initial_state = true;
   float value_lo = -1, value_hi = 3;  // a mean of 1: outputs far from 0, so that the dden terms matter
   float dout_hi = 2;                  // dout in [0, dout_hi]: correlated with the outputs, large dden terms
+  int64_t negative_query_period = 0;  // > 0: the queries of every such row are all negative (zero relu features)
 };
 
 using Outputs = std::map<std::string, std::vector<double>>;  // name -> values (read back from T or float)
@@ -96,6 +97,13 @@ struct Problem {
     fill(k, c.D, 12, -2, 2);
     fill(v, c.M, 13, c.value_lo, c.value_hi);
     fill(dout, c.M, 16, 0, c.dout_hi);
+    for (int64_t row = 0; c.negative_query_period > 0 && row < B * L; ++row) {
+      if (row % L % c.negative_query_period == c.negative_query_period - 1) {
+        for (int64_t i = row * c.H * c.D; i < (row + 1) * c.H * c.D; ++i) {
+          q[i] = T(-std::fabs(float(q[i])) - 0.1f);
+        }
+      }
+    }
     kv0 = random_floats(std::size_t(N * c.H * c.D * c.M), 14);
     z0 = random_floats(std::size_t(N * c.H * c.D), 15, 0.5f, 1.5f);
     dkv = random_floats(kv0.size(), 17);
@@ -591,6 +599,15 @@ TEST_CASE("fused causal kernels: half states beyond the half range are scaled, n
   c.value_hi = 4000;
   c.dout_hi = 1e-3f;  // gradients within the half range too
   check<simt::half>(c, two_schedules());
+}
+
+TEST_CASE("fused causal backward: relu rows with no feature (1 / den = 1 / eps) stay finite in half") {
+  // dnum = dout / eps is far past the half range: the key pass multiplies by q / den (0 here) instead.
+  Case c{{150}, false, 2, 16, 16};
+  c.feature_map = FeatureMap::Relu;
+  c.negative_query_period = 5;
+  check<simt::half>(c, two_schedules());
+  check<simt::bf16>(c, two_schedules());
 }
 
 TEST_CASE("split schedule: segments for few long sequences, none where the blocks fill the device") {
