@@ -30,7 +30,8 @@ using linear_attention_ops::Optional;
 // the split schedules).
 struct Build {
   void (*forward)(const kernels::CausalForwardParams&);
-  void (*backward)(const kernels::CausalBackwardParams&);
+  void (*causal_query_grads)(const kernels::CausalBackwardParams&);
+  void (*causal_key_grads)(const kernels::CausalBackwardParams&);
   void (*segment_sums)(const kernels::SegmentSumsParams&);
   void (*state_output)(const kernels::StateOutputParams&);
   void (*noncausal_query_grads)(const kernels::NoncausalBackwardParams&);
@@ -154,16 +155,30 @@ inline std::pair<at::Tensor, at::Tensor> segment_sums(const Build& build, const 
 }
 
 // The incoming state of each segment ((N, G, ...) sums, in place) from the initial states (N, ...) or zeros:
-// an exclusive scan over the segments in order. Returns the final states.
-inline at::Tensor scan_segments(at::Tensor& sums, const at::Tensor& initial) {
+// an exclusive scan over the segments in order (reversed: from the last segment, for a backward). Returns the
+// final states.
+inline at::Tensor scan_segments(at::Tensor& sums, const at::Tensor& initial, bool reversed = false) {
   at::Tensor running = initial.defined() ? initial.clone() : at::zeros_like(sums.select(1, 0));
-  for (int64_t g = 0; g < sums.size(1); ++g) {
-    at::Tensor segment = sums.select(1, g);
+  const int64_t G = sums.size(1);
+  for (int64_t i = 0; i < G; ++i) {
+    at::Tensor segment = sums.select(1, reversed ? G - 1 - i : i);
     const at::Tensor incoming = running.clone();
     running.add_(segment);
     segment.copy_(incoming);
   }
   return running;
+}
+
+// The length of the longest sequence: L, or the longest of the packed ones.
+inline int64_t longest_sequence(int64_t L, const std::vector<int64_t>& cu) {
+  if (cu.empty()) {
+    return L;
+  }
+  int64_t longest = 0;
+  for (size_t n = 0; n + 1 < cu.size(); ++n) {
+    longest = std::max(longest, cu[n + 1] - cu[n]);
+  }
+  return longest;
 }
 
 inline CausalResult causal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,
@@ -177,14 +192,7 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
   kernels::CausalForwardParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
   p.out = out.mutable_data_ptr();
-  int64_t longest = L;
-  if (!cu.empty()) {
-    longest = 0;
-    for (size_t n = 0; n + 1 < cu.size(); ++n) {
-      longest = std::max(longest, cu[n + 1] - cu[n]);
-    }
-  }
-  const kernels::Segments plan = in.plan(longest, build);
+  const kernels::Segments plan = in.plan(longest_sequence(L, cu), build);
   static_cast<kernels::Segments&>(p) = plan;
   if (plan.segments == 1) {
     at::Tensor kv = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
@@ -278,6 +286,10 @@ inline Grads noncausal_backward(const Build& build, const at::Tensor& grad_out, 
   return {dq, dk, dv};
 }
 
+// The gradients of causal linear attention (causal_backward.cuh): the queries' pass, then the keys'. The split
+// schedule: the forward's segment sums scanned in order give each segment its incoming state; the queries' pass
+// also sums each segment's share of the reverse state, scanned from the end for the keys' pass (and the initial
+// state's gradients).
 inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_out, const Optional& grad_final_kv,
                                    const Optional& grad_final_z, const at::Tensor& query, const at::Tensor& key,
                                    const at::Tensor& value, FeatureMap feature_map, bool normalize, double eps,
@@ -291,8 +303,6 @@ inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_ou
   at::Tensor dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
   at::Tensor dk = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
   at::Tensor dv = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), query.options());
-  at::Tensor dkv0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
-  at::Tensor dz0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D}), in.state_options());
   at::Tensor rows = at::empty({2, B, H, L}, in.state_options());  // 1 / den_t and dden_t, between the passes
   kernels::CausalBackwardParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
@@ -300,18 +310,42 @@ inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_ou
   for (int i = 0; i < 3; ++i) {
     p.dout_stride[i] = dout.stride(i);
   }
-  p.kv0 = data_or_null(kv0);
-  p.z0 = data_or_null(z0);
-  p.dkv_final = data_or_null(dkv);
-  p.dz_final = data_or_null(dz);
   p.dq = dq.mutable_data_ptr();
   p.dk = dk.mutable_data_ptr();
   p.dv = dv.mutable_data_ptr();
-  p.dkv0 = dkv0.mutable_data_ptr<float>();
-  p.dz0 = dz0.mutable_data_ptr<float>();
   p.inv_den = rows[0].mutable_data_ptr<float>();
   p.dden = rows[1].mutable_data_ptr<float>();
-  build.backward(p);
+  const kernels::Segments plan = in.plan(longest_sequence(L, cu), build);
+  static_cast<kernels::Segments&>(p) = plan;
+  if (plan.segments == 1) {
+    at::Tensor dkv0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
+    at::Tensor dz0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D}), in.state_options());
+    p.kv0 = data_or_null(kv0);
+    p.z0 = data_or_null(z0);
+    p.dkv_final = data_or_null(dkv);
+    p.dz_final = data_or_null(dz);
+    p.dkv0 = dkv0.mutable_data_ptr<float>();
+    p.dz0 = dz0.mutable_data_ptr<float>();
+    build.causal_query_grads(p);
+    build.causal_key_grads(p);
+    return {dq, dk, dv, dkv0, dz0};
+  }
+  auto [kv_in, z_in] = segment_sums(build, in, plan, {});
+  scan_segments(kv_in, kv0);
+  scan_segments(z_in, z0);
+  at::Tensor dkv_in = at::empty_like(kv_in), dz_in = at::empty_like(z_in);
+  p.kv0 = kv_in.const_data_ptr<float>();
+  p.z0 = z_in.const_data_ptr<float>();
+  p.dkv_sums = dkv_in.mutable_data_ptr<float>();
+  p.dz_sums = dz_in.mutable_data_ptr<float>();
+  build.causal_query_grads(p);
+  const at::Tensor dkv0 = scan_segments(dkv_in, dkv, /*reversed=*/true);
+  const at::Tensor dz0 = scan_segments(dz_in, dz, /*reversed=*/true);
+  p.dkv_final = dkv_in.const_data_ptr<float>();
+  p.dz_final = dz_in.const_data_ptr<float>();
+  p.dkv_sums = nullptr;
+  p.dz_sums = nullptr;
+  build.causal_key_grads(p);  // p.dkv0 null: the scan gave the initial state's gradients
   return {dq, dk, dv, dkv0, dz0};
 }
 

@@ -13,12 +13,14 @@
 //      dv_t = R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>                               mma
 //      then R += q^T dnum, r += sum dden_t q_t. At the start of the sequence: dS_0 = R, dz_0 = r.
 // dq and dk are multiplied by phi'(query), phi'(key). Deterministic: no atomics, sums in a fixed order.
+// The split schedule (fused_kernels.h, plan_segments) runs each pass over segments: pass 1 from each segment's
+// incoming state (segment_sums, scanned in order by the host) also sums the segment's share of R and r
+// (add_query_gradient_sums); the host scans those from the end, and pass 2 runs each segment from its own.
 #pragma once
 
 #include "linear_attention/chunk_tiles.cuh"
 
-#include <stdexcept>
-#include <string>
+#include <utility>
 
 namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
@@ -34,10 +36,10 @@ struct BackwardBlockBase {
   static_assert(kSharedElements * sizeof(T) == causal_backward_shared_bytes(D, M), "the layout the host sizes");
 
   const CausalBackwardParams p;  // a copy: a kernel parameter's address would put it in local memory
-  SequenceSpan span;
+  SequenceSpan span;             // the sequence, or its segment
   int head;
-  int64_t rows_at;   // offset of the sequence's first row in (B, H, L) row arrays
-  int64_t state_at;  // offset of this (sequence, head) in the (N, H, D, M) states
+  int64_t rows_at;   // offset of the span's first row in (B, H, L) row arrays
+  int64_t state_at;  // offset of this (sequence or segment, head) in the (N G, H, D, M) states
   Lane l;
   simt::shared_ptr<T> tiles;
   simt::shared_ptr<float> largest_s;
@@ -84,13 +86,14 @@ struct BackwardBlockBase {
   }
 };
 
-// Pass 1: dq, and 1 / den_t, dden_t for pass 2.
+// Pass 1: dq, and 1 / den_t, dden_t for pass 2; with segments, the segment's sums of q_t dnum_t^T and dden_t q_t.
 template <typename T, int D, int M>
 struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
   using Base = BackwardBlockBase<T, D, M>;
   using Base::l, Base::p, Base::S, Base::span;
   ChunkTile<float, D> z_rows;  // z_t of the chunk's rows (float, in shared memory)
-  simt::shared_ptr<float> z_s, den_s;
+  simt::shared_ptr<float> z_s, den_s, inv_den_s, dden_s, dz_s;
+  typename Base::State dS;     // the segment's sums (split schedule)
 
   FF_DEVICE void chunk(int64_t c, int stage) {
     const auto q = this->feature_tile(), k = this->k_tile(stage), query = this->q_tile(stage);
@@ -149,20 +152,38 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
         p.inv_den[this->rows_at + c * kChunkRows + row] = inv_den[i];
         p.dden[this->rows_at + c * kChunkRows + row] = dden[i];
       }
+      if (l.t == 0) {  // rows past the span count for nothing in the sums
+        inv_den_s[row] = row < left ? inv_den[i] : 0.f;
+        dden_s[row] = row < left ? dden[i] : 0.f;
+      }
     }
     this->template write_rows<D, D>(p.dq, c, 0, [&](int n, int e) {
       const int row = l.row(e), col = n * 8 + l.col(e);
       const float zt = z_rows.data[row * z_rows.kLd + col];
       return feature_gradient(p.feature_map, P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * zt, query.get(row, col));
     });
+    if (p.dkv_sums != nullptr) {
+      __syncthreads();  // inv_den_s, dden_s written; q read
+      add_query_gradient_sums(l, q, dout, inv_den_s, dden_s, this->largest_s, dS, dz_s);
+    }
     S.add_product(l, k, v);
     S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
-    __syncthreads();  // the stage may be loaded again; z_rows, den_s and the state's parts rewritten
+    __syncthreads();  // the stage may be loaded again; z_rows, den_s, inv_den_s, dden_s, the state's parts rewritten
   }
 
   FF_DEVICE void run() {
     this->start(p.kv0, p.z0, z_s);
+    dS.load(l, nullptr, 0);
+    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {  // each column's thread, as in the sums
+      dz_s[d] = 0.f;
+    }
     this->walk(false, [&](int64_t c, int stage) { chunk(c, stage); });
+    if (p.dkv_sums != nullptr) {
+      dS.store(l, p.dkv_sums + this->state_at, M);
+      for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+        p.dz_sums[this->state_at / M + d] = dz_s[d];
+      }
+    }
   }
 };
 
@@ -192,15 +213,8 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
       weight_s[r] = r < left ? p.dden[rows + r] / p.inv_den[rows + r] : 0.f;
     }
     __syncthreads();
-    const int e = chunk_exponent(q, [&](int r) { return float(inv_den_s[r]); }, this->largest_s);
-    const float down = ldexpf(1.f, -e), up = ldexpf(1.f, e);  // powers of two: exact products
-    const float to_state = up * S.scale();                   // from 2^-e to the state's units
-    for (int i = int(threadIdx.x); i < kChunkRows * D; i += kForwardThreads) {  // q~ in place
-      const int r = i / D;
-      const float scale = inv_den_s[r] * down;
-      q.set(r, i % D, q.get(r, i % D) * scale);
-    }
-    __syncthreads();
+    const int e = scale_rows_into_unit(q, [&](int r) { return float(inv_den_s[r]); }, this->largest_s);  // q~
+    const float up = ldexpf(1.f, e), to_state = up * S.scale();  // from 2^-e to the state's units
     Scores<false> W;  // <v_t, dout_t'> + w_t', t' >= t
     W.template compute<T, M>(l, v, dout);
     W.mask(l, [&](int key_row) { return float(weight_s[key_row]); });
@@ -228,9 +242,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
     Base::State::template rows_times<true>(l, k, this->s_hi(), this->s_lo(), dv);
     this->template write_rows<M, M>(p.dv, c, 0, [&](int n, int el) { return dv.acc[n][el] * S.unscale(); });
     __syncthreads();  // r_s and the state's parts read
-    S.for_each(l, [&](float& x, int, int) { x *= down; });
-    S.add_product(l, q, dout);
-    S.for_each(l, [&](float& x, int, int) { x *= up; });
+    S.add_scaled_product(l, q, dout, e);
     add_column_sums(q, [&](int r) { return float(weight_s[r]) * up; }, r_s);
     S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
     __syncthreads();  // the stage may be loaded again; r_s, weight_s, inv_den_s and the state's parts rewritten
@@ -239,6 +251,9 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
   FF_DEVICE void run() {
     this->start(p.dkv_final, p.dz_final, r_s);
     this->walk(true, [&](int64_t c, int stage) { chunk(c, stage); });
+    if (p.dkv0 == nullptr) {  // segments: the host's scan gave them
+      return;
+    }
     S.store(l, p.dkv0 + this->state_at, M);
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
       p.dz0[this->state_at / M + d] = r_s[d];
@@ -249,13 +264,12 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
 template <typename T, int D, int M>
 FF_DEVICE BackwardBlockBase<T, D, M> backward_base(const CausalBackwardParams& p, simt::shared_ptr<T> tiles,
                                                    simt::shared_ptr<float> largest_s) {
-  const int n = int(blockIdx.x), head = int(blockIdx.y);
-  const SequenceSpan span = SequenceSpan::of(p.cu_seqlens, n, p.L);
+  const BlockPlace at = BlockPlace::of<M>(p, p);
   return {p,
-          span,
-          head,
-          (span.batch * p.H + head) * p.L + span.first,
-          (int64_t(n) * p.H + head) * D * M,
+          at.span,
+          at.head,
+          (at.span.batch * p.H + at.head) * p.L + at.span.first,
+          at.state_at(p, at.unit),
           Lane::of(int(threadIdx.x)),
           tiles,
           largest_s,
@@ -263,19 +277,23 @@ FF_DEVICE BackwardBlockBase<T, D, M> backward_base(const CausalBackwardParams& p
 }
 
 template <typename T, int D, int M>
-__global__ void __launch_bounds__(kForwardThreads, 1) causal_backward_query_kernel(CausalBackwardParams p) {
+__global__ void __launch_bounds__(kForwardThreads, 1) causal_query_grads_kernel(CausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
   using ZRows = ChunkTile<float, D>;
   FF_SHARED(float, z_rows, ZRows::kSize);
   FF_SHARED(float, z_s, D);
   FF_SHARED(float, den_s, kChunkRows);
-  BackwardQueryBlock<T, D, M> block{backward_base<T, D, M>(p, tiles, largest_s), {z_rows}, z_s, den_s};
+  FF_SHARED(float, inv_den_s, kChunkRows);
+  FF_SHARED(float, dden_s, kChunkRows);
+  FF_SHARED(float, dz_s, D);
+  BackwardQueryBlock<T, D, M> block{
+      backward_base<T, D, M>(p, tiles, largest_s), {z_rows}, z_s, den_s, inv_den_s, dden_s, dz_s, {}};
   block.run();
 }
 
 template <typename T, int D, int M>
-__global__ void __launch_bounds__(kForwardThreads, 1) causal_backward_key_kernel(CausalBackwardParams p) {
+__global__ void __launch_bounds__(kForwardThreads, 1) causal_key_grads_kernel(CausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
   FF_SHARED(float, r_s, D);
@@ -285,45 +303,22 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_backward_key_kernel
   block.run();
 }
 
-template <typename T, int D, int M>
-void launch_causal_backward(const CausalBackwardParams& p, simt::Stream stream) {
-  if (p.H > 65535) {
-    throw std::length_error("flowformer::causal_linear_attention_backward: " + std::to_string(p.H) +
-                            " heads exceed one CUDA launch");
-  }
-  if (p.N == 0 || p.H == 0) {
-    return;
-  }
-  const simt::LaunchConfig config{simt::Dim3(unsigned(p.N), unsigned(p.H)), simt::Dim3(kForwardThreads),
-                                  causal_backward_shared_bytes(D, M), stream};
-  simt::launch("causal_backward_query", causal_backward_query_kernel<T, D, M>, config, p);
-  simt::launch("causal_backward_key", causal_backward_key_kernel<T, D, M>, config, p);
+template <int D>
+void CausalQueryGrads<D>::run(const CausalBackwardParams& p, void* stream) {
+  launch_whole_state<D>(p, "causal_query_grads", "causal_linear_attention_backward", stream, [](auto type, auto tile) {
+    using T = decltype(type);
+    return std::pair{&causal_query_grads_kernel<T, D, decltype(tile)::value>,
+                     causal_backward_shared_bytes(D, decltype(tile)::value)};
+  });
 }
 
 template <int D>
-void CausalBackward<D>::run(const CausalBackwardParams& p, void* stream) {
-  const auto with_width = [&](auto type) {
+void CausalKeyGrads<D>::run(const CausalBackwardParams& p, void* stream) {
+  launch_whole_state<D>(p, "causal_key_grads", "causal_linear_attention_backward", stream, [](auto type, auto tile) {
     using T = decltype(type);
-    if constexpr (D <= 128) {
-      switch (p.M) {
-        case 16:
-          return launch_causal_backward<T, D, 16>(p, stream_of(stream));
-        case 32:
-          return launch_causal_backward<T, D, 32>(p, stream_of(stream));
-        case 64:
-          if constexpr (value_tile(D, 64) == 64) {
-            return launch_causal_backward<T, D, 64>(p, stream_of(stream));
-          }
-      }
-    }
-    throw std::invalid_argument("flowformer: no fused causal backward for D = " + std::to_string(D) +
-                                ", M = " + std::to_string(p.M));
-  };
-  if (p.half) {
-    with_width(simt::half{});
-  } else {
-    with_width(simt::bf16{});
-  }
+    return std::pair{&causal_key_grads_kernel<T, D, decltype(tile)::value>,
+                     causal_backward_shared_bytes(D, decltype(tile)::value)};
+  });
 }
 
 }  // namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD

@@ -187,6 +187,21 @@ FF_DEVICE int chunk_exponent(const ChunkTile<T, Width>& x, const Scale& scale, s
   return exponent;
 }
 
+// x_r scale(r) 2^-e in place, e = chunk_exponent(x, scale): rows within [-1, 1] for 16-bit products (no overflow,
+// no row's share lost to underflow). Returns e. Block-wide: ends with a barrier.
+template <typename T, int Width, typename Scale>
+FF_DEVICE int scale_rows_into_unit(const ChunkTile<T, Width>& x, const Scale& scale, simt::shared_ptr<float> largest_s) {
+  const int e = chunk_exponent(x, scale, largest_s);  // its barrier: every read of x done
+  const float down = ldexpf(1.f, -e);                 // a power of two: exact products
+  for (int i = int(threadIdx.x); i < kChunkRows * Width; i += kForwardThreads) {
+    const int r = i / Width;
+    const float s = scale(r) * down;
+    x.set(r, i % Width, x.get(r, i % Width) * s);
+  }
+  __syncthreads();
+  return e;
+}
+
 // The gradient of a raw input x from that of its feature phi(x): grad phi'(x).
 FF_DEVICE float feature_gradient(FeatureMap f, float grad, float x) {
   return grad * portable::feature_derivative(f, x, portable::feature(f, x));
@@ -459,6 +474,15 @@ struct StateTile {
     }
   }
 
+  // += 2^e x^T y, x scaled into [-1, 1] by 2^-e (scale_rows_into_unit): the accumulators stay in their units.
+  template <typename XMatrix, typename YMatrix>
+  FF_DEVICE void add_scaled_product(const Lane& l, const XMatrix& x, const YMatrix& y, int e) {
+    const float down = ldexpf(1.f, -e), up = ldexpf(1.f, e);  // powers of two: exact products
+    for_each(l, [&](float& a, int, int) { a *= down; });
+    add_product(l, x, y);
+    for_each(l, [&](float& a, int, int) { a *= up; });
+  }
+
   // hi + lo = this 2^-e; largest_s: kWarps floats of shared memory. Half: a block barrier.
   FF_DEVICE void publish(const Lane& l, const SharedMatrix<T, R, C>& hi, const SharedMatrix<T, R, C>& lo,
                          simt::shared_ptr<float> largest_s) {
@@ -515,6 +539,22 @@ FF_DEVICE void add_column_sums(const ChunkTile<T, Width>& x, const Weight& w, si
     const float before = sum[c];
     sum[c] = before + s;
   }
+}
+
+// A chunk's share of the gradients of the state S and of its vector z (the reverse-order state of a backward),
+// from its query rows: q their features (overwritten), dout their output gradients, 1 / den_t and dden_t in
+// inv_den_s, dden_s (0 for rows past the sequence):
+//   dS += sum_t q_t dout_t^T / den_t   (mma of q_t / den_t scaled into [-1, 1], scale_rows_into_unit)
+//   dz += sum_t dden_t q_t             (float, one thread a column)
+// Block-wide: after a barrier that published inv_den_s, dden_s; q and dout are read until the next barrier.
+template <typename T, int D, int M>
+FF_DEVICE void add_query_gradient_sums(const Lane& l, const ChunkTile<T, D>& q, const ChunkTile<T, M>& dout,
+                                       simt::shared_ptr<float> inv_den_s, simt::shared_ptr<float> dden_s,
+                                       simt::shared_ptr<float> largest_s, StateTile<T, D, M>& dS,
+                                       simt::shared_ptr<float> dz_s) {
+  add_column_sums(q, [&](int r) { return float(dden_s[r]); }, dz_s);
+  const int e = scale_rows_into_unit(q, [&](int r) { return float(inv_den_s[r]); }, largest_s);
+  dS.add_scaled_product(l, q, dout, e);
 }
 
 // dots[r] = <x_r, v> for the chunk's rows, two threads a row (v: Width floats of shared memory).
@@ -593,6 +633,19 @@ void launch_forward_like(const Params& p, const char* name, const char* op, void
   } else {
     with_type(simt::bf16{});
   }
+}
+
+// A pass of a backward over its forward-like grid: D <= 128 and M within one value tile (the whole state in a
+// block, fused_backward_dims).
+template <int D, typename Params, typename KernelOf>
+void launch_whole_state(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
+  if constexpr (D <= 128) {
+    if (value_tile(D, p.M) == p.M) {
+      return launch_forward_like<D>(p, name, op, stream, kernel_of);
+    }
+  }
+  throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D) +
+                              ", M = " + std::to_string(p.M));
 }
 
 }  // namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD

@@ -77,13 +77,18 @@ struct NoncausalBackwardParams : Inputs, Segments {
   float* dz;             // (N G, H, D)
 };
 
-struct CausalBackwardParams : Inputs {
+// The causal backward's two passes (causal_backward.cuh): queries (dq), then keys (dk, dv, the initial state's
+// gradients). With G > 1 (the split schedule) the states are per segment, (N G, H, ...) as in the forward: kv0, z0
+// each segment's incoming state, dkv_final, dz_final the gradient flowing into each segment from its end; the
+// query pass also writes each segment's sums of q_t dnum_t^T and dden_t q_t, and the host scans them.
+struct CausalBackwardParams : Inputs, Segments {
   const void* dout;            // (B, H, L, M), rows as the inputs'
   int64_t dout_stride[3];
   const float *kv0, *z0;       // the initial state, or nullptr (zeros)
   const float *dkv_final, *dz_final;  // gradients of the final state, or nullptr (zeros)
   void *dq, *dk, *dv;          // (B, H, L, D), (B, H, L, D), (B, H, L, M) contiguous, the inputs' dtype
-  float *dkv0, *dz0;           // (N, H, D, M), (N, H, D)
+  float *dkv0, *dz0;           // (N, H, D, M), (N, H, D), or nullptr (not wanted: segments)
+  float *dkv_sums, *dz_sums;   // (N G, H, D, M), (N G, H, D) (segments), or nullptr (G = 1)
   float *inv_den, *dden;       // (B, H, L) work space: 1 / den_t and dden_t = -<dout_t, out_t> / den_t
 };
 
@@ -145,9 +150,9 @@ constexpr std::size_t causal_backward_shared_bytes(int D, int M) {
   return std::size_t(2) * (5 * kChunkRows * (D + 8) + 4 * kChunkRows * (M + 8) + 2 * D * (M + 8));
 }
 // All of a backward block's shared memory: the dynamic part and the static float arrays (the first pass's
-// z_t rows, vectors of D and 64 floats).
+// z_t rows, two vectors of D floats and three of 64, the warps' maxima).
 constexpr std::size_t causal_backward_block_bytes(int D, int M) {
-  return causal_backward_shared_bytes(D, M) + std::size_t(4) * (kChunkRows * (D + 8) + D + kChunkRows + 4);
+  return causal_backward_shared_bytes(D, M) + std::size_t(4) * (kChunkRows * (D + 8) + 2 * D + 3 * kChunkRows + 4);
 }
 
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/linear_attention/
@@ -160,7 +165,8 @@ constexpr std::size_t causal_backward_block_bytes(int D, int M) {
   };
 #define FF_FUSED_KERNELS                                          \
   FF_FUSED_KERNEL(CausalForward, CausalForwardParams)             \
-  FF_FUSED_KERNEL(CausalBackward, CausalBackwardParams)           \
+  FF_FUSED_KERNEL(CausalQueryGrads, CausalBackwardParams)         \
+  FF_FUSED_KERNEL(CausalKeyGrads, CausalBackwardParams)           \
   FF_FUSED_KERNEL(SegmentSums, SegmentSumsParams)                 \
   FF_FUSED_KERNEL(StateOutput, StateOutputParams)                 \
   FF_FUSED_KERNEL(NoncausalQueryGrads, NoncausalBackwardParams)   \

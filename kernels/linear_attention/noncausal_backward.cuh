@@ -3,9 +3,8 @@
 // 64 rows, the whole D x M state in the block. q, k = phi(query), phi(key); S, z the forward's sums.
 // 1. Queries:  den_t = <q_t, z> + eps (1 without normalisation)      P_t = S dout_t   mma (S as hi + lo parts)
 //              dden_t = -<q_t, P_t> / den_t^2      dq_t = phi'(query_t) (P_t / den_t + dden_t z)
-//              the segment's dS += sum_t q_t dnum_t^T (mma, dnum_t = dout_t / den_t, as (q_t / den_t) dout_t^T,
-//              q_t / den_t in 16 bits scaled by 2^-e, 2^e the chunk's largest |q_t| / den_t rounded up), and
-//              dz += sum_t dden_t q_t (float)
+//              the segment's dS += sum_t q_t dnum_t^T, dnum_t = dout_t / den_t, and dz += sum_t dden_t q_t
+//              (add_query_gradient_sums: mma of (q_t / den_t) 2^-e, scaled into [-1, 1], with dout_t)
 // 2. Keys, with dS, dz the segments' sums added in order by the host:
 //              dk_j = phi'(key_j) (dS v_j + dz)      dv_j = dS^T k_j      mma; 0 for padded keys
 // Deterministic: no atomics, sums in a fixed order.
@@ -93,64 +92,35 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, M> {
     P.zero();
     Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P);
     __syncthreads();  // den_s written
-    float inv_den[2], dden[2] = {0.f, 0.f}, largest = 0.f;  // largest: of |q_t| / den_t over the warp's rows
+    float inv_den[2], dden[2] = {0.f, 0.f};
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
       const float qz = den_s[row];
       inv_den[i] = 1.f / (p.normalize ? qz + p.eps : 1.f);
-      float q_max = 0.f;
       FF_UNROLL
       for (int n = 0; n < D / 8; ++n) {
         FF_UNROLL
         for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          const float qe = q.get(l.row(e), n * 8 + l.col(e));
           P.acc[n][e] *= this->unscale;
-          dden[i] += qe * P.acc[n][e];
-          q_max = fmaxf(q_max, fabsf(qe));
+          dden[i] += q.get(l.row(e), n * 8 + l.col(e)) * P.acc[n][e];
         }
       }
       dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 1);
       dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 2);
       dden[i] = p.normalize ? -dden[i] * inv_den[i] * inv_den[i] : 0.f;
-      largest = fmaxf(largest, q_max * inv_den[i]);  // rows past the segment have q = 0
       if (l.t == 0) {  // rows past the segment count for nothing in the sums
         inv_den_s[row] = row < left ? inv_den[i] : 0.f;
         dden_s[row] = row < left ? dden[i] : 0.f;
       }
-    }
-    FF_UNROLL
-    for (int offset = 16; offset > 0; offset /= 2) {
-      largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
-    }
-    if (l.lane == 0) {
-      this->largest_s[l.warp] = largest;
     }
     this->template write_rows<D, D>(p.dq, c, 0, [&](int n, int e) {
       const int row = l.row(e), col = n * 8 + l.col(e);
       const float z = this->vector_s[col];
       return feature_gradient(p.feature_map, P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * z, query.get(row, col));
     });
-    __syncthreads();  // inv_den_s, dden_s, largest_s written
-    add_column_sums(q, [&](int r) { return float(dden_s[r]); }, dz_s);
-    FF_UNROLL
-    for (int w = 0; w < kWarps; ++w) {
-      const float m = this->largest_s[w];
-      largest = fmaxf(largest, m);
-    }
-    int exponent = 0;  // |q_t / den_t| 2^-e <= 1: no 16-bit overflow, and no row's share lost to underflow
-    frexpf(largest, &exponent);
-    const float down = ldexpf(1.f, -exponent), up = ldexpf(1.f, exponent);  // powers of two: exact products
-    __syncthreads();  // q read by the column sums
-    for (int e = int(threadIdx.x); e < kChunkRows * D; e += kForwardThreads) {  // q / den 2^-e in place
-      const int r = e / D;
-      const float scale = inv_den_s[r] * down;
-      q.set(r, e % D, q.get(r, e % D) * scale);
-    }
-    __syncthreads();
-    dS.for_each(l, [&](float& x, int, int) { x *= down; });
-    dS.add_product(l, q, dout);  // += 2^-e sum_t (q_t / den_t) dout_t^T = 2^-e sum_t q_t dnum_t^T
-    dS.for_each(l, [&](float& x, int, int) { x *= up; });
+    __syncthreads();  // inv_den_s, dden_s written
+    add_query_gradient_sums(l, q, dout, inv_den_s, dden_s, this->largest_s, dS, dz_s);
     __syncthreads();  // the stage may be loaded again; den_s, inv_den_s, dden_s, largest_s rewritten
   }
 
@@ -256,22 +226,9 @@ __global__ void __launch_bounds__(kForwardThreads, 1) noncausal_key_grads_kernel
   block.run();
 }
 
-// Either pass over its forward-like grid: D <= 128 and M within one value tile (the whole state in a block).
-template <int D, typename KernelOf>
-void launch_noncausal_backward(const NoncausalBackwardParams& p, const char* name, void* stream,
-                               const KernelOf& kernel_of) {
-  if constexpr (D <= 128) {
-    if (value_tile(D, p.M) == p.M) {
-      return launch_forward_like<D>(p, name, "linear_attention_backward", stream, kernel_of);
-    }
-  }
-  throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D) +
-                              ", M = " + std::to_string(p.M));
-}
-
 template <int D>
 void NoncausalQueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
-  launch_noncausal_backward<D>(p, "noncausal_query_grads", stream, [](auto type, auto tile) {
+  launch_whole_state<D>(p, "noncausal_query_grads", "linear_attention_backward", stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&noncausal_query_grads_kernel<T, D, decltype(tile)::value>,
                      NoncausalBlock<T, D, decltype(tile)::value>::kSharedElements * sizeof(T)};
@@ -280,7 +237,7 @@ void NoncausalQueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream)
 
 template <int D>
 void NoncausalKeyGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
-  launch_noncausal_backward<D>(p, "noncausal_key_grads", stream, [](auto type, auto tile) {
+  launch_whole_state<D>(p, "noncausal_key_grads", "linear_attention_backward", stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&noncausal_key_grads_kernel<T, D, decltype(tile)::value>,
                      NoncausalBlock<T, D, decltype(tile)::value>::kSharedElements * sizeof(T)};

@@ -72,11 +72,10 @@ def test_fused_linear_attention_continuation(gen, dtype, device):
 
 @pytest.mark.parametrize("device", devices(OP))
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_fused_linear_attention_is_deterministic(gen, dtype, device):
+@pytest.mark.parametrize("shape", [(2, 2, 130), (1, 1, 600)])  # (1, 1, 600): the split schedule
+def test_fused_linear_attention_is_deterministic(gen, shape, dtype, device):
     # No atomics, fixed summation orders: two runs give the same bits, forward and backward.
-    q, k = (randn(gen, 2, 2, 130, 64, dtype=dtype, device=device) for _ in range(2))
-    v = randn(gen, 2, 2, 130, 64, dtype=dtype, device=device)
-    grad_out = randn(gen, 2, 2, 130, 64, dtype=dtype, device=device)
+    q, k, v, grad_out = (randn(gen, *shape, 64, dtype=dtype, device=device) for _ in range(4))
     first, first_grads = gradients(q, k, v, grad_out)
     second, second_grads = gradients(q, k, v, grad_out)
     for a, b in zip((*first, *first_grads), (*second, *second_grads)):

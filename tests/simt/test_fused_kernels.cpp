@@ -68,6 +68,7 @@ struct Case {
   float value_lo = -1, value_hi = 3;  // a mean of 1: outputs far from 0, so that the dden terms matter
   float dout_hi = 2;                  // dout in [0, dout_hi]: correlated with the outputs, large dden terms
   int64_t negative_query_period = 0;  // > 0: the queries of every such row are all negative (zero relu features)
+  kernels::Segments backward_segments{1, 0};  // G > 1: the backward's split schedule, as the host runs it
 };
 
 using Outputs = std::map<std::string, std::vector<double>>;  // name -> values (read back from T or float)
@@ -149,12 +150,16 @@ struct Problem {
     return {{"out", widen(out)}, {"kv", widen(kv)}, {"z", widen(z)}};
   }
 
+  // The backward's passes; with segments as the host runs them (csrc/linear_attention/fused.h): the forward's
+  // segment sums scanned in order give each segment its incoming state, the query pass's segment sums scanned
+  // from the end give each segment its incoming gradient and the initial state's.
   Outputs backward() const {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     std::vector<T> dq(q.size(), T(nan)), dk(k.size(), T(nan)), dv(v.size(), T(nan));
     std::vector<float> dkv0(kv0.size(), nan), dz0(z0.size(), nan), inv_den(B * c.H * L), dden(B * c.H * L);
     kernels::CausalBackwardParams p{};
     inputs(p);
+    static_cast<kernels::Segments&>(p) = c.backward_segments;
     p.dout = dout.data();
     std::copy(p.v_stride, p.v_stride + 3, p.dout_stride);
     p.kv0 = c.initial_state ? kv0.data() : nullptr;
@@ -168,10 +173,57 @@ struct Problem {
     p.dz0 = dz0.data();
     p.inv_den = inv_den.data();
     p.dden = dden.data();
-    kernels::run_for_head_dim<kernels::emulated::CausalBackward>(p, nullptr);
+    const int64_t G = p.segments, matrix = c.H * c.D * c.M, vector = c.H * c.D;
+    std::vector<float> kv_in(N * G * matrix, nan), z_in(N * G * vector, nan);
+    std::vector<float> dkv_in(kv_in.size(), nan), dz_in(z_in.size(), nan);
+    if (G > 1) {
+      kernels::SegmentSumsParams s{};
+      inputs(s);
+      static_cast<kernels::Segments&>(s) = c.backward_segments;
+      s.kv = kv_in.data();
+      s.z = z_in.data();
+      kernels::run_for_head_dim<kernels::emulated::SegmentSums>(s, nullptr);
+      scan(kv_in, p.kv0, matrix, false);
+      scan(z_in, p.z0, vector, false);
+      p.kv0 = kv_in.data();
+      p.z0 = z_in.data();
+      p.dkv_sums = dkv_in.data();
+      p.dz_sums = dz_in.data();
+    }
+    kernels::run_for_head_dim<kernels::emulated::CausalQueryGrads>(p, nullptr);
+    if (G > 1) {
+      dkv0 = scan(dkv_in, p.dkv_final, matrix, true);
+      dz0 = scan(dz_in, p.dz_final, vector, true);
+      p.dkv_final = dkv_in.data();
+      p.dz_final = dz_in.data();
+      p.dkv0 = p.dz0 = nullptr;
+      p.dkv_sums = p.dz_sums = nullptr;
+    }
+    kernels::run_for_head_dim<kernels::emulated::CausalKeyGrads>(p, nullptr);
     // dq, dk, dv come (B, H, L, .) contiguous: back to the inputs' (B, L, H, .) order
     return {{"dq", reorder(widen(dq), c.D)}, {"dk", reorder(widen(dk), c.D)}, {"dv", reorder(widen(dv), c.M)},
             {"dkv0", widen(dkv0)}, {"dz0", widen(dz0)}};
+  }
+
+  // The exclusive scan of (N, G, size) segment sums over each sequence's segments (in order or reversed), in
+  // place, from the (N, size) `initial` (or zeros); returns the totals (N, size).
+  std::vector<float> scan(std::vector<float>& parts, const float* initial, int64_t size, bool reversed) const {
+    const int64_t G = c.backward_segments.segments;
+    std::vector<float> running(N * size, 0.f);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t i = 0; i < size; ++i) {
+        running[n * size + i] = initial != nullptr ? initial[n * size + i] : 0.f;
+      }
+      for (int64_t step = 0; step < G; ++step) {
+        float* part = parts.data() + (n * G + (reversed ? G - 1 - step : step)) * size;
+        for (int64_t i = 0; i < size; ++i) {
+          const float incoming = running[n * size + i];
+          running[n * size + i] += part[i];
+          part[i] = incoming;
+        }
+      }
+    }
+    return running;
   }
 
   template <typename X>
@@ -608,6 +660,21 @@ TEST_CASE("fused causal backward: relu rows with no feature (1 / den = 1 / eps) 
   c.negative_query_period = 5;
   check<simt::half>(c, two_schedules());
   check<simt::bf16>(c, two_schedules());
+}
+
+TEST_CASE("fused causal backward: the split schedule, segments from their incoming states of both scans") {
+  Case packed{{300, 0, 130, 5}, true, 2, 16, 32};  // segments of 128 rows: 128 + 128 + 44, 128 + 2, 5, empty
+  packed.backward_segments = {3, 128};
+  check<simt::bf16>(packed, two_schedules(), Pass::Backward);
+  Case batch{{150}, false, 2, 64, 64};
+  batch.backward_segments = {3, 64};  // 64 + 64 + 22 rows
+  batch.initial_state = false;
+  check<simt::bf16>(batch, two_schedules(), Pass::Backward);
+  Case relu{{150}, false, 1, 32, 16};
+  relu.backward_segments = {2, 128};
+  relu.feature_map = FeatureMap::Relu;
+  relu.negative_query_period = 5;
+  check<simt::half>(relu, two_schedules(), Pass::Backward);
 }
 
 TEST_CASE("split schedule: segments for few long sequences, none where the blocks fill the device") {

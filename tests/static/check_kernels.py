@@ -3,7 +3,7 @@
 checks every kernel against an expectations file (TOML):
 
     [[kernel]]
-    name = "mma_gemm<__nv_bfloat16, false>"  # a substring of the demangled name; one entry per kernel
+    name = "mma_gemm<__nv_bfloat16, false>"  # the kernel's unqualified name in the demangled one; one per kernel
     tensor_cores = true                       # has HMMA instructions
     shared_memory = true                      # uses shared memory (SHARED > 0, LDS/STS/LDSM)
     async_copy = true                         # has cp.async (LDGSTS)
@@ -96,6 +96,12 @@ def kernel_facts(cuobjdump, binary):
     return facts
 
 
+def names_kernel(name, readable):
+    """Whether `name` (with its template arguments) is the kernel's name in its demangled `readable` one:
+    preceded by a namespace or the return type, so that "causal_k<...>" does not name "noncausal_k<...>"."""
+    return re.search(r"(?:^|[\s:])" + re.escape(name), readable) is not None
+
+
 def problems_of(kernel, facts, expected):
     found = []
     if facts.get("LOCAL", 0) or facts["LDL/STL"]:
@@ -136,7 +142,7 @@ def main():
             problems.append(f"{binary}: no {ARCH} kernel found (built without sm_90?)")
         names = demangle(sorted(facts))
         for mangled, readable in names.items():
-            hits = [i for i, e in enumerate(entries) if e["name"] in readable]
+            hits = [i for i, e in enumerate(entries) if names_kernel(e["name"], readable)]
             if len(hits) != 1:
                 count = len(hits) if hits else "no"
                 problems.append(f"{readable}: {count} matching entries in {args.expectations}")

@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::emulated::CausalForward<128>;
-template struct flowformer::linear_attention_kernels::emulated::CausalBackward<128>;
+template struct flowformer::linear_attention_kernels::emulated::CausalQueryGrads<128>;
+template struct flowformer::linear_attention_kernels::emulated::CausalKeyGrads<128>;
 template struct flowformer::linear_attention_kernels::emulated::SegmentSums<128>;
 template struct flowformer::linear_attention_kernels::emulated::StateOutput<128>;
 template struct flowformer::linear_attention_kernels::emulated::NoncausalQueryGrads<128>;

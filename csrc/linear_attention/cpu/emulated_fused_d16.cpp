@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::emulated::CausalForward<16>;
-template struct flowformer::linear_attention_kernels::emulated::CausalBackward<16>;
+template struct flowformer::linear_attention_kernels::emulated::CausalQueryGrads<16>;
+template struct flowformer::linear_attention_kernels::emulated::CausalKeyGrads<16>;
 template struct flowformer::linear_attention_kernels::emulated::SegmentSums<16>;
 template struct flowformer::linear_attention_kernels::emulated::StateOutput<16>;
 template struct flowformer::linear_attention_kernels::emulated::NoncausalQueryGrads<16>;

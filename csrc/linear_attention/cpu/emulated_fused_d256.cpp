@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::emulated::CausalForward<256>;
-template struct flowformer::linear_attention_kernels::emulated::CausalBackward<256>;
+template struct flowformer::linear_attention_kernels::emulated::CausalQueryGrads<256>;
+template struct flowformer::linear_attention_kernels::emulated::CausalKeyGrads<256>;
 template struct flowformer::linear_attention_kernels::emulated::SegmentSums<256>;
 template struct flowformer::linear_attention_kernels::emulated::StateOutput<256>;
 template struct flowformer::linear_attention_kernels::emulated::NoncausalQueryGrads<256>;

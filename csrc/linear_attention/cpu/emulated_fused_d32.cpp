@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::emulated::CausalForward<32>;
-template struct flowformer::linear_attention_kernels::emulated::CausalBackward<32>;
+template struct flowformer::linear_attention_kernels::emulated::CausalQueryGrads<32>;
+template struct flowformer::linear_attention_kernels::emulated::CausalKeyGrads<32>;
 template struct flowformer::linear_attention_kernels::emulated::SegmentSums<32>;
 template struct flowformer::linear_attention_kernels::emulated::StateOutput<32>;
 template struct flowformer::linear_attention_kernels::emulated::NoncausalQueryGrads<32>;

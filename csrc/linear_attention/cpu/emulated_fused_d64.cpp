@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::emulated::CausalForward<64>;
-template struct flowformer::linear_attention_kernels::emulated::CausalBackward<64>;
+template struct flowformer::linear_attention_kernels::emulated::CausalQueryGrads<64>;
+template struct flowformer::linear_attention_kernels::emulated::CausalKeyGrads<64>;
 template struct flowformer::linear_attention_kernels::emulated::SegmentSums<64>;
 template struct flowformer::linear_attention_kernels::emulated::StateOutput<64>;
 template struct flowformer::linear_attention_kernels::emulated::NoncausalQueryGrads<64>;

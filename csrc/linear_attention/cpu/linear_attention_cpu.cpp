@@ -30,7 +30,10 @@ linear_attention_fused::Build emulated_fused_build() {
             kernels::run_for_head_dim<kernels::emulated::CausalForward>(p, nullptr);
           },
           [](const kernels::CausalBackwardParams& p) {
-            kernels::run_for_head_dim<kernels::emulated::CausalBackward>(p, nullptr);
+            kernels::run_for_head_dim<kernels::emulated::CausalQueryGrads>(p, nullptr);
+          },
+          [](const kernels::CausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::CausalKeyGrads>(p, nullptr);
           },
           [](const kernels::SegmentSumsParams& p) { kernels::run_for_head_dim<kernels::emulated::SegmentSums>(p, nullptr); },
           [](const kernels::StateOutputParams& p) { kernels::run_for_head_dim<kernels::emulated::StateOutput>(p, nullptr); },

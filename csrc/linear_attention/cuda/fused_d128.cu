@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::cuda::CausalForward<128>;
-template struct flowformer::linear_attention_kernels::cuda::CausalBackward<128>;
+template struct flowformer::linear_attention_kernels::cuda::CausalQueryGrads<128>;
+template struct flowformer::linear_attention_kernels::cuda::CausalKeyGrads<128>;
 template struct flowformer::linear_attention_kernels::cuda::SegmentSums<128>;
 template struct flowformer::linear_attention_kernels::cuda::StateOutput<128>;
 template struct flowformer::linear_attention_kernels::cuda::NoncausalQueryGrads<128>;

@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::cuda::CausalForward<16>;
-template struct flowformer::linear_attention_kernels::cuda::CausalBackward<16>;
+template struct flowformer::linear_attention_kernels::cuda::CausalQueryGrads<16>;
+template struct flowformer::linear_attention_kernels::cuda::CausalKeyGrads<16>;
 template struct flowformer::linear_attention_kernels::cuda::SegmentSums<16>;
 template struct flowformer::linear_attention_kernels::cuda::StateOutput<16>;
 template struct flowformer::linear_attention_kernels::cuda::NoncausalQueryGrads<16>;

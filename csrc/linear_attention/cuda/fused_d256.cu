@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::cuda::CausalForward<256>;
-template struct flowformer::linear_attention_kernels::cuda::CausalBackward<256>;
+template struct flowformer::linear_attention_kernels::cuda::CausalQueryGrads<256>;
+template struct flowformer::linear_attention_kernels::cuda::CausalKeyGrads<256>;
 template struct flowformer::linear_attention_kernels::cuda::SegmentSums<256>;
 template struct flowformer::linear_attention_kernels::cuda::StateOutput<256>;
 template struct flowformer::linear_attention_kernels::cuda::NoncausalQueryGrads<256>;

@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::cuda::CausalForward<32>;
-template struct flowformer::linear_attention_kernels::cuda::CausalBackward<32>;
+template struct flowformer::linear_attention_kernels::cuda::CausalQueryGrads<32>;
+template struct flowformer::linear_attention_kernels::cuda::CausalKeyGrads<32>;
 template struct flowformer::linear_attention_kernels::cuda::SegmentSums<32>;
 template struct flowformer::linear_attention_kernels::cuda::StateOutput<32>;
 template struct flowformer::linear_attention_kernels::cuda::NoncausalQueryGrads<32>;

@@ -6,7 +6,8 @@
 #include "linear_attention/state_output.cuh"
 
 template struct flowformer::linear_attention_kernels::cuda::CausalForward<64>;
-template struct flowformer::linear_attention_kernels::cuda::CausalBackward<64>;
+template struct flowformer::linear_attention_kernels::cuda::CausalQueryGrads<64>;
+template struct flowformer::linear_attention_kernels::cuda::CausalKeyGrads<64>;
 template struct flowformer::linear_attention_kernels::cuda::SegmentSums<64>;
 template struct flowformer::linear_attention_kernels::cuda::StateOutput<64>;
 template struct flowformer::linear_attention_kernels::cuda::NoncausalQueryGrads<64>;

@@ -33,7 +33,10 @@ linear_attention_fused::Build fused_build() {
             kernels::run_for_head_dim<kernels::cuda::CausalForward>(p, stream());
           },
           [](const kernels::CausalBackwardParams& p) {
-            kernels::run_for_head_dim<kernels::cuda::CausalBackward>(p, stream());
+            kernels::run_for_head_dim<kernels::cuda::CausalQueryGrads>(p, stream());
+          },
+          [](const kernels::CausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::CausalKeyGrads>(p, stream());
           },
           [](const kernels::SegmentSumsParams& p) { kernels::run_for_head_dim<kernels::cuda::SegmentSums>(p, stream()); },
           [](const kernels::StateOutputParams& p) { kernels::run_for_head_dim<kernels::cuda::StateOutput>(p, stream()); },
