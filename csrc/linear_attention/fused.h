@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -69,20 +70,22 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
          build.shared_limit;
 }
 
-// The non-causal backward takes what the causal one does (the whole state in a block).
+// The non-causal backward takes what the causal one does (D <= 128).
 inline bool takes_noncausal_backward(const at::Tensor& query, const at::Tensor& value, const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
   const std::size_t static_bytes = std::size_t(4) * (2 * D + 3 * kernels::kChunkRows + 4);  // float vectors
+  const int BM = kernels::backward_value_tile(int(D), int(M));
   return takes_noncausal(query, value, build) && kernels::fused_backward_dims(D, M) &&
-         kernels::noncausal_backward_shared_bytes(int(D), int(M)) + static_bytes <= build.shared_limit;
+         kernels::noncausal_backward_shared_bytes(int(D), BM) + static_bytes <= build.shared_limit;
 }
 
-// The causal backward takes D <= 128 and M within one value tile (kernels::fused_backward_dims).
+// The causal backward takes D <= 128 and M in {16, 32, 64, 128, 256} (kernels::fused_backward_dims).
 inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu,
                            const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
+  const int BM = kernels::backward_value_tile(int(D), int(M));
   return takes_inputs(query, cu) && kernels::fused_backward_dims(D, M) &&
-         kernels::causal_backward_block_bytes(int(D), int(M)) <= build.shared_limit;
+         kernels::causal_backward_block_bytes(int(D), BM) <= build.shared_limit;
 }
 
 // x, or a contiguous copy where its rows are not unit-stride runs on 16 bytes (what cp.async reads).
@@ -130,9 +133,11 @@ struct InputTensors {
   }
   at::TensorOptions state_options() const { return q.options().dtype(at::kFloat); }
   int64_t N() const { return params.N; }
-  // The segments of forward-like blocks (sequence, head, value tile) over sequences of at most `longest` rows.
-  kernels::Segments plan(int64_t longest, const Build& build) const {
-    const int64_t tiles = params.M / kernels::value_tile(params.D, params.M);
+  // The segments of forward-like blocks (sequence, head, value tile: a backward pass's if `backward`) over
+  // sequences of at most `longest` rows.
+  kernels::Segments plan(int64_t longest, const Build& build, bool backward = false) const {
+    const int D = params.D, M = params.M;
+    const int64_t tiles = M / (backward ? kernels::backward_value_tile(D, M) : kernels::value_tile(D, M));
     return kernels::plan_segments(N() * params.H * tiles, longest, build.multiprocessors);
   }
 };
@@ -215,8 +220,52 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
   return {out, kv, z};
 }
 
+// The sum of `parts` over the axis `dim`, added in order.
+inline at::Tensor add_in_order(const at::Tensor& parts, int64_t dim) {
+  if (parts.size(dim) == 1) {
+    return parts.select(dim, 0);
+  }
+  at::Tensor sum = parts.select(dim, 0).clone(at::MemoryFormat::Contiguous);
+  for (int64_t i = 1; i < parts.size(dim); ++i) {
+    sum.add_(parts.select(dim, i));
+  }
+  return sum;
+}
+
 // The sums over the segments of (N, G, ...) sums, added in segment order.
-inline at::Tensor add_segments(const at::Tensor& sums) { return sums.size(1) == 1 ? sums.select(1, 0) : sums.sum(1); }
+inline at::Tensor add_segments(const at::Tensor& sums) { return add_in_order(sums, 1); }
+
+// The gradients of q, k, v of a backward (queries of L rows, keys of S), and where M spans several value tiles the
+// tiles' float shares of dq and dk (kernels::Gradients), added in tile order by finish().
+struct GradientTensors {
+  at::Tensor dq, dk, dv, dq_parts, dk_parts;
+
+  GradientTensors(const at::Tensor& query, const at::Tensor& value, int64_t S) {
+    const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
+    dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
+    dk = new_output(c10::fromIntArrayRefSlow({B, H, S, D}), query.options());
+    dv = new_output(c10::fromIntArrayRefSlow({B, H, S, M}), query.options());
+    const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M));
+    if (tiles > 1) {
+      dq_parts = at::empty({tiles, B, H, L, D}, query.options().dtype(at::kFloat));
+      dk_parts = at::empty({tiles, B, H, S, D}, query.options().dtype(at::kFloat));
+    }
+  }
+  void set(kernels::Gradients& g) const {
+    g.dq = dq.mutable_data_ptr();
+    g.dk = dk.mutable_data_ptr();
+    g.dv = dv.mutable_data_ptr();
+    g.dq_parts = dq_parts.defined() ? dq_parts.mutable_data_ptr<float>() : nullptr;
+    g.dk_parts = dk_parts.defined() ? dk_parts.mutable_data_ptr<float>() : nullptr;
+  }
+  // dq and dk from the shares, once both passes ran.
+  void finish() {
+    if (dq_parts.defined()) {
+      dq.copy_(add_in_order(dq_parts, 0));
+      dk.copy_(add_in_order(dk_parts, 0));
+    }
+  }
+};
 
 // out_i = phi(q_i)^T S / (phi(q_i)^T z + eps), S and z the sums over the valid keys: the keys' segments sums
 // (segment_sums), added in segment order, then every row's output (state_output), both split for the device.
@@ -252,14 +301,13 @@ inline Grads noncausal_backward(const Build& build, const at::Tensor& grad_out, 
   const at::Tensor pad = contiguous_or_undefined(key_padding_mask);
   const at::Tensor dout = aligned_rows(grad_out.to(query.scalar_type()));
   in.params.L = S;
-  const kernels::Segments key_plan = in.plan(S, build), query_plan = in.plan(L, build);
+  const kernels::Segments key_plan = in.plan(S, build, true), query_plan = in.plan(L, build, true);
   auto [kv_parts, z_parts] = segment_sums(build, in, key_plan, pad);
   const at::Tensor kv = add_segments(kv_parts), z = add_segments(z_parts);
-  at::Tensor dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
-  at::Tensor dk = new_output(c10::fromIntArrayRefSlow({B, H, S, D}), query.options());
-  at::Tensor dv = new_output(c10::fromIntArrayRefSlow({B, H, S, M}), query.options());
+  GradientTensors grads(query, value, S);
+  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M));
   at::Tensor dkv_parts = at::empty({B, query_plan.segments, H, D, M}, in.state_options());
-  at::Tensor dz_parts = at::empty({B, query_plan.segments, H, D}, in.state_options());
+  at::Tensor dz_parts = at::empty({tiles, B, query_plan.segments, H, D}, in.state_options());  // the tiles' shares
   kernels::NoncausalBackwardParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
   p.L = L;
@@ -270,20 +318,19 @@ inline Grads noncausal_backward(const Build& build, const at::Tensor& grad_out, 
   }
   p.kv = kv.const_data_ptr<float>();
   p.z = z.const_data_ptr<float>();
-  p.dq = dq.mutable_data_ptr();
+  grads.set(p);
   p.dkv = dkv_parts.mutable_data_ptr<float>();
   p.dz = dz_parts.mutable_data_ptr<float>();
   build.noncausal_query_grads(p);
-  const at::Tensor dkv = add_segments(dkv_parts), dz = add_segments(dz_parts);
+  const at::Tensor dkv = add_segments(dkv_parts), dz = add_segments(add_in_order(dz_parts, 0));
   p.L = S;
   static_cast<kernels::Segments&>(p) = key_plan;
   p.key_pad = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
   p.kv = dkv.const_data_ptr<float>();
   p.z = dz.const_data_ptr<float>();
-  p.dk = dk.mutable_data_ptr();
-  p.dv = dv.mutable_data_ptr();
   build.noncausal_key_grads(p);
-  return {dq, dk, dv};
+  grads.finish();
+  return {grads.dq, grads.dk, grads.dv};
 }
 
 // The gradients of causal linear attention (causal_backward.cuh): the queries' pass, then the keys'. The split
@@ -297,56 +344,61 @@ inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_ou
                                    const std::vector<int64_t>& cu) {
   const InputTensors in(query, key, value, feature_map, normalize, eps, cu);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
+  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M));
   const at::Tensor dout = aligned_rows(grad_out.to(query.scalar_type()));
   const at::Tensor kv0 = contiguous_or_undefined(initial_kv), z0 = contiguous_or_undefined(initial_z);
   const at::Tensor dkv = contiguous_or_undefined(grad_final_kv), dz = contiguous_or_undefined(grad_final_z);
-  at::Tensor dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
-  at::Tensor dk = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
-  at::Tensor dv = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), query.options());
-  at::Tensor rows = at::empty({2, B, H, L}, in.state_options());  // 1 / den_t and dden_t, between the passes
+  GradientTensors grads(query, value, L);
+  // Between the passes: 1 / den_t, then dden_t (the value tiles' shares, added for the key pass).
+  const at::Tensor rows = at::empty({1 + tiles, B, H, L}, in.state_options());
   kernels::CausalBackwardParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
   p.dout = dout.const_data_ptr();
   for (int i = 0; i < 3; ++i) {
     p.dout_stride[i] = dout.stride(i);
   }
-  p.dq = dq.mutable_data_ptr();
-  p.dk = dk.mutable_data_ptr();
-  p.dv = dv.mutable_data_ptr();
+  grads.set(p);
   p.inv_den = rows[0].mutable_data_ptr<float>();
   p.dden = rows[1].mutable_data_ptr<float>();
-  const kernels::Segments plan = in.plan(longest_sequence(L, cu), build);
+  const kernels::Segments plan = in.plan(longest_sequence(L, cu), build, /*backward=*/true);
   static_cast<kernels::Segments&>(p) = plan;
+  at::Tensor dkv0, dz0, kv_in, z_in, dkv_in, dz_in;
   if (plan.segments == 1) {
-    at::Tensor dkv0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
-    at::Tensor dz0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D}), in.state_options());
+    dkv0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
+    dz0 = new_output(c10::fromIntArrayRefSlow({in.N(), H, D}), in.state_options());
     p.kv0 = data_or_null(kv0);
     p.z0 = data_or_null(z0);
-    p.dkv_final = data_or_null(dkv);
-    p.dz_final = data_or_null(dz);
     p.dkv0 = dkv0.mutable_data_ptr<float>();
     p.dz0 = dz0.mutable_data_ptr<float>();
-    build.causal_query_grads(p);
-    build.causal_key_grads(p);
-    return {dq, dk, dv, dkv0, dz0};
+  } else {
+    std::tie(kv_in, z_in) = segment_sums(build, in, plan, {});
+    scan_segments(kv_in, kv0);
+    scan_segments(z_in, z0);
+    dkv_in = at::empty_like(kv_in);
+    dz_in = at::empty({tiles, in.N(), plan.segments, H, D}, in.state_options());  // the tiles' shares
+    p.kv0 = kv_in.const_data_ptr<float>();
+    p.z0 = z_in.const_data_ptr<float>();
+    p.dkv_sums = dkv_in.mutable_data_ptr<float>();
+    p.dz_sums = dz_in.mutable_data_ptr<float>();
   }
-  auto [kv_in, z_in] = segment_sums(build, in, plan, {});
-  scan_segments(kv_in, kv0);
-  scan_segments(z_in, z0);
-  at::Tensor dkv_in = at::empty_like(kv_in), dz_in = at::empty_like(z_in);
-  p.kv0 = kv_in.const_data_ptr<float>();
-  p.z0 = z_in.const_data_ptr<float>();
-  p.dkv_sums = dkv_in.mutable_data_ptr<float>();
-  p.dz_sums = dz_in.mutable_data_ptr<float>();
   build.causal_query_grads(p);
-  const at::Tensor dkv0 = scan_segments(dkv_in, dkv, /*reversed=*/true);
-  const at::Tensor dz0 = scan_segments(dz_in, dz, /*reversed=*/true);
-  p.dkv_final = dkv_in.const_data_ptr<float>();
-  p.dz_final = dz_in.const_data_ptr<float>();
-  p.dkv_sums = nullptr;
-  p.dz_sums = nullptr;
-  build.causal_key_grads(p);  // p.dkv0 null: the scan gave the initial state's gradients
-  return {dq, dk, dv, dkv0, dz0};
+  const at::Tensor dden = add_in_order(rows.narrow(0, 1, tiles), 0);
+  p.dden = dden.mutable_data_ptr<float>();
+  if (plan.segments == 1) {
+    p.dkv_final = data_or_null(dkv);
+    p.dz_final = data_or_null(dz);
+  } else {  // the gradients flowing into each segment from its end; the scans give the initial state's
+    dz_in = add_in_order(dz_in, 0).contiguous();  // the tiles' shares added
+    dkv0 = scan_segments(dkv_in, dkv, /*reversed=*/true);
+    dz0 = scan_segments(dz_in, dz, /*reversed=*/true);
+    p.dkv_final = dkv_in.const_data_ptr<float>();
+    p.dz_final = dz_in.const_data_ptr<float>();
+    p.dkv_sums = nullptr;
+    p.dz_sums = nullptr;
+  }
+  build.causal_key_grads(p);
+  grads.finish();
+  return {grads.dq, grads.dk, grads.dv, dkv0, dz0};
 }
 
 }  // namespace flowformer::linear_attention_fused

@@ -1,7 +1,6 @@
 // Causal linear attention, backward, fused on tensor cores (bf16 or half inputs, float32 states and sums):
-// two passes over each (sequence, head), one block of 4 warps each, the whole state in one block (M is the
-// contracted axis of dq and dk). q, k = phi(query), phi(key); per chunk of 64 rows t, with the chunk's
-// masked score matrices and the state at the chunk's start:
+// two passes over each (sequence, head, value tile of BM columns), one block of 4 warps each. q, k = phi(query),
+// phi(key); per chunk of 64 rows t, with the chunk's masked score matrices and the state at the chunk's start:
 // 1. Forward order, state (S, z) as in the forward:
 //      z_t = z + sum_{j<=t} k_j (prefix sums, float)      den_t = <q_t, z_t> + eps (1 without normalisation)
 //      P_t = S_t dout_t = S dout_t + sum_{j<=t} k_j <v_j, dout_t>                   mma
@@ -13,6 +12,9 @@
 //      dv_t = R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>                               mma
 //      then R += q^T dnum, r += sum dden_t q_t. At the start of the sequence: dS_0 = R, dz_0 = r.
 // dq and dk are multiplied by phi'(query), phi'(key). Deterministic: no atomics, sums in a fixed order.
+// Value tiles: a block holds the BM columns of S and R of its tile, and of v, dout, dnum. P_t, dden_t, dq_t and
+// dk_t contract over M: each tile's block computes its share (r and dden_t' enter the shares of tile 0 only)
+// and the host adds the shares in tile order (fused_kernels.h, Gradients; dden_t between the passes).
 // The split schedule (fused_kernels.h, plan_segments) runs each pass over segments: pass 1 from each segment's
 // incoming state (segment_sums, scanned in order by the host) also sums the segment's share of R and r
 // (add_query_gradient_sums); the host scans those from the end, and pass 2 runs each segment from its own.
@@ -26,19 +28,19 @@ namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
 // What both passes share: the block's sequence, its tiles in shared memory (q, k, v, dout in two stages, a
 // feature tile, the state's parts), cp.async of a chunk.
-template <typename T, int D, int M>
+template <typename T, int D, int BM>
 struct BackwardBlockBase {
   using Q = ChunkTile<T, D>;
-  using V = ChunkTile<T, M>;
-  using State = StateTile<T, D, M>;
-  using StateParts = SharedMatrix<T, D, M>;
+  using V = ChunkTile<T, BM>;
+  using State = StateTile<T, D, BM>;
+  using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 5 * Q::kSize + 4 * V::kSize + 2 * StateParts::kSize;
-  static_assert(kSharedElements * sizeof(T) == causal_backward_shared_bytes(D, M), "the layout the host sizes");
+  static_assert(kSharedElements * sizeof(T) == causal_backward_shared_bytes(D, BM), "the layout the host sizes");
 
   const CausalBackwardParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;             // the sequence, or its segment
   int head;
-  int64_t rows_at;   // offset of the span's first row in (B, H, L) row arrays
+  GradientRows out;  // the span's rows, the value tile's columns
   int64_t state_at;  // offset of this (sequence or segment, head) in the (N G, H, D, M) states
   Lane l;
   simt::shared_ptr<T> tiles;
@@ -57,16 +59,18 @@ struct BackwardBlockBase {
     const int64_t first = c * kChunkRows;
     load_rows(q_tile(stage), span.rows<T>(p.q, p.q_stride, head), p.q_stride[2], first, span.length);
     load_rows(k_tile(stage), span.rows<T>(p.k, p.k_stride, head), p.k_stride[2], first, span.length);
-    load_rows(v_tile(stage), span.rows<T>(p.v, p.v_stride, head), p.v_stride[2], first, span.length);
-    load_rows(dout_tile(stage), span.rows<T>(p.dout, p.dout_stride, head), p.dout_stride[2], first, span.length);
+    const int col = out.value_col;
+    load_rows(v_tile(stage), span.rows<T>(p.v, p.v_stride, head) + col, p.v_stride[2], first, span.length);
+    load_rows(dout_tile(stage), span.rows<T>(p.dout, p.dout_stride, head) + col, p.dout_stride[2], first,
+              span.length);
   }
 
-  // The state from the (N, H, D, M) `matrices` and its vector (into vector_s) from the (N, H, D) `vectors`
-  // (zeros where null), its parts published.
+  // The tile's columns of the state from the (N, H, D, M) `matrices` and its vector (into vector_s) from the
+  // (N, H, D) `vectors` (zeros where null), its parts published.
   FF_DEVICE void start(const float* matrices, const float* vectors, simt::shared_ptr<float> vector_s) {
-    S.load(l, matrices != nullptr ? matrices + state_at : nullptr, M);
+    S.load(l, matrices != nullptr ? matrices + state_at + out.value_col : nullptr, p.M);
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      vector_s[d] = vectors != nullptr ? vectors[state_at / M + d] : 0.f;
+      vector_s[d] = vectors != nullptr ? vectors[state_at / p.M + d] : 0.f;
     }
     S.publish(l, s_hi(), s_lo(), largest_s);
   }
@@ -76,20 +80,12 @@ struct BackwardBlockBase {
   FF_DEVICE void walk(bool reverse, const Body& body) const {
     walk_chunks(span.chunks(), reverse, [&](int64_t c, int stage) { load_chunk(c, stage); }, body);
   }
-
-  // Writes the columns n0 .. n0 + N - 1 of the warp's rows of a chunk's gradient (rows of Width):
-  // value(n tile, element).
-  template <int Width, int N, typename Value>
-  FF_DEVICE void write_rows(void* grad, int64_t c, int n0, const Value& value) const {
-    store_rows<T, N>(l, static_cast<T*>(grad) + (rows_at + c * kChunkRows) * Width + n0, Width,
-                     span.length - c * kChunkRows, value);
-  }
 };
 
 // Pass 1: dq, and 1 / den_t, dden_t for pass 2; with segments, the segment's sums of q_t dnum_t^T and dden_t q_t.
-template <typename T, int D, int M>
-struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
-  using Base = BackwardBlockBase<T, D, M>;
+template <typename T, int D, int BM>
+struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
+  using Base = BackwardBlockBase<T, D, BM>;
   using Base::l, Base::p, Base::S, Base::span;
   ChunkTile<float, D> z_rows;  // z_t of the chunk's rows (float, in shared memory)
   simt::shared_ptr<float> z_s, den_s, inv_den_s, dden_s, dz_s;
@@ -127,7 +123,7 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
     P.zero();
     Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P);
     Scores<true> G;  // <dout_t, v_j>, j <= t
-    G.template compute<T, M>(l, dout, v);
+    G.template compute<T, BM>(l, dout, v);
     G.mask(l, [](int) { return 0.f; });
     G.template times<T>(l, k, S.scale(), P);
     __syncthreads();  // den_s written; the state's parts read
@@ -148,16 +144,19 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
       dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 2);
       dden[i] = p.normalize ? -dden[i] * inv_den[i] * inv_den[i] : 0.f;
       const int row = l.row(2 * i);
-      if (l.t == 0 && row < left) {
-        p.inv_den[this->rows_at + c * kChunkRows + row] = inv_den[i];
-        p.dden[this->rows_at + c * kChunkRows + row] = dden[i];
+      if (l.t == 0 && row < left) {  // the tile's share of dden_t
+        const int64_t at = this->out.rows_at + c * kChunkRows + row;
+        if (this->out.tile == 0) {
+          p.inv_den[at] = inv_den[i];
+        }
+        p.dden[this->out.tile * input_rows(p) + at] = dden[i];
       }
       if (l.t == 0) {  // rows past the span count for nothing in the sums
         inv_den_s[row] = row < left ? inv_den[i] : 0.f;
         dden_s[row] = row < left ? dden[i] : 0.f;
       }
     }
-    this->template write_rows<D, D>(p.dq, c, 0, [&](int n, int e) {
+    this->out.template store_d<T, D, D>(l, p, p.dq, p.dq_parts, c, 0, left, [&](int n, int e) {
       const int row = l.row(e), col = n * 8 + l.col(e);
       const float zt = z_rows.data[row * z_rows.kLd + col];
       return feature_gradient(p.feature_map, P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * zt, query.get(row, col));
@@ -178,10 +177,11 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
       dz_s[d] = 0.f;
     }
     this->walk(false, [&](int64_t c, int stage) { chunk(c, stage); });
-    if (p.dkv_sums != nullptr) {
-      dS.store(l, p.dkv_sums + this->state_at, M);
+    if (p.dkv_sums != nullptr) {  // the tile's columns of dS, its share of dz
+      dS.store(l, p.dkv_sums + this->state_at + this->out.value_col, p.M);
+      const int64_t vectors = int64_t(p.N) * p.segments * p.H * D;
       for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-        p.dz_sums[this->state_at / M + d] = dz_s[d];
+        p.dz_sums[this->out.tile * vectors + this->state_at / p.M + d] = dz_s[d];
       }
     }
   }
@@ -195,9 +195,9 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, M> {
 //   q_t dnum_t^T = 2^e q~_t dout_t^T                                          dden_t q_t = 2^e w_t q~_t.
 // The chunk's terms are rescaled from 2^-e to the state's 2^-e_R units in float before the state's are added;
 // for half, score matrices past 2^14 are scaled down by a power of two before they are rounded (Scores::fit).
-template <typename T, int D, int M>
-struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
-  using Base = BackwardBlockBase<T, D, M>;
+template <typename T, int D, int BM>
+struct BackwardKeyBlock : BackwardBlockBase<T, D, BM> {
+  using Base = BackwardBlockBase<T, D, BM>;
   using Base::l, Base::p, Base::S, Base::span;  // S is R here
   static constexpr int kKeyColumns = D < 64 ? D : 64;
   simt::shared_ptr<float> r_s, weight_s, inv_den_s;
@@ -205,7 +205,8 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
   FF_DEVICE void chunk(int64_t c, int stage) {
     const auto q = this->q_tile(stage), key = this->k_tile(stage), k = this->feature_tile();
     const auto v = this->v_tile(stage), dout = this->dout_tile(stage);
-    const int64_t left = span.length - c * kChunkRows, rows = this->rows_at + c * kChunkRows;
+    const int64_t left = span.length - c * kChunkRows, rows = this->out.rows_at + c * kChunkRows;
+    const bool first_tile = this->out.tile == 0;  // r and dden_t' enter dk in tile 0's share
     apply_feature_map(p.feature_map, q, q, left);
     apply_feature_map(p.feature_map, key, k, left);
     for (int r = int(threadIdx.x); r < kChunkRows; r += kForwardThreads) {
@@ -216,8 +217,8 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
     const int e = scale_rows_into_unit(q, [&](int r) { return float(inv_den_s[r]); }, this->largest_s);  // q~
     const float up = ldexpf(1.f, e), to_state = up * S.scale();  // from 2^-e to the state's units
     Scores<false> W;  // <v_t, dout_t'> + w_t', t' >= t
-    W.template compute<T, M>(l, v, dout);
-    W.mask(l, [&](int key_row) { return float(weight_s[key_row]); });
+    W.template compute<T, BM>(l, v, dout);
+    W.mask(l, [&](int key_row) { return first_tile ? float(weight_s[key_row]) : 0.f; });
     const float w_fit = W.template fit<T>();
     for (int d0 = 0; d0 < D; d0 += kKeyColumns) {  // a part of dk at a time: fewer registers
       RowTile<kKeyColumns> dk;  // 2^-e_R (R v_t + sum_{t'>=t} q_t' (<v_t, dnum_t'> + dden_t'))
@@ -225,13 +226,13 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
       W.template times<T>(l, q, w_fit, dk, d0);
       dk.scale(to_state / w_fit);
       Base::State::template rows_times<false>(l, v, this->s_hi(), this->s_lo(), dk, d0);
-      this->template write_rows<D, kKeyColumns>(p.dk, c, d0, [&](int n, int el) {
+      this->out.template store_d<T, D, kKeyColumns>(l, p, p.dk, p.dk_parts, c, d0, left, [&](int n, int el) {
         const int col = d0 + n * 8 + l.col(el);
-        const float r = r_s[col];
+        const float r = first_tile ? float(r_s[col]) : 0.f;
         return feature_gradient(p.feature_map, dk.acc[n][el] * S.unscale() + r, key.get(l.row(el), col));
       });
     }
-    RowTile<M> dv;  // 2^-e_R (R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>)
+    RowTile<BM> dv;  // 2^-e_R (R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>)
     dv.zero();
     Scores<false> G;
     G.template compute<T, D>(l, k, q);
@@ -240,7 +241,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
     G.template times<T>(l, dout, g_fit, dv);
     dv.scale(to_state / g_fit);
     Base::State::template rows_times<true>(l, k, this->s_hi(), this->s_lo(), dv);
-    this->template write_rows<M, M>(p.dv, c, 0, [&](int n, int el) { return dv.acc[n][el] * S.unscale(); });
+    this->out.template store_v<T, BM>(l, p, p.dv, c, left, [&](int n, int el) { return dv.acc[n][el] * S.unscale(); });
     __syncthreads();  // r_s and the state's parts read
     S.add_scaled_product(l, q, dout, e);
     add_column_sums(q, [&](int r) { return float(weight_s[r]) * up; }, r_s);
@@ -254,21 +255,23 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, M> {
     if (p.dkv0 == nullptr) {  // segments: the host's scan gave them
       return;
     }
-    S.store(l, p.dkv0 + this->state_at, M);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      p.dz0[this->state_at / M + d] = r_s[d];
+    S.store(l, p.dkv0 + this->state_at + this->out.value_col, p.M);
+    if (this->out.tile == 0) {
+      for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+        p.dz0[this->state_at / p.M + d] = r_s[d];
+      }
     }
   }
 };
 
-template <typename T, int D, int M>
-FF_DEVICE BackwardBlockBase<T, D, M> backward_base(const CausalBackwardParams& p, simt::shared_ptr<T> tiles,
-                                                   simt::shared_ptr<float> largest_s) {
-  const BlockPlace at = BlockPlace::of<M>(p, p);
+template <typename T, int D, int BM>
+FF_DEVICE BackwardBlockBase<T, D, BM> backward_base(const CausalBackwardParams& p, simt::shared_ptr<T> tiles,
+                                                    simt::shared_ptr<float> largest_s) {
+  const BlockPlace at = BlockPlace::of<BM>(p, p);
   return {p,
           at.span,
           at.head,
-          (at.span.batch * p.H + at.head) * p.L + at.span.first,
+          {at.rows_at(p), at.value_col, at.value_col / BM},
           at.state_at(p, at.unit),
           Lane::of(int(threadIdx.x)),
           tiles,
@@ -276,7 +279,7 @@ FF_DEVICE BackwardBlockBase<T, D, M> backward_base(const CausalBackwardParams& p
           {}};
 }
 
-template <typename T, int D, int M>
+template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kForwardThreads, 1) causal_query_grads_kernel(CausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
@@ -287,25 +290,26 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_query_grads_kernel(
   FF_SHARED(float, inv_den_s, kChunkRows);
   FF_SHARED(float, dden_s, kChunkRows);
   FF_SHARED(float, dz_s, D);
-  BackwardQueryBlock<T, D, M> block{
-      backward_base<T, D, M>(p, tiles, largest_s), {z_rows}, z_s, den_s, inv_den_s, dden_s, dz_s, {}};
+  BackwardQueryBlock<T, D, BM> block{
+      backward_base<T, D, BM>(p, tiles, largest_s), {z_rows}, z_s, den_s, inv_den_s, dden_s, dz_s, {}};
   block.run();
 }
 
-template <typename T, int D, int M>
+template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kForwardThreads, 1) causal_key_grads_kernel(CausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
   FF_SHARED(float, r_s, D);
   FF_SHARED(float, weight_s, kChunkRows);
   FF_SHARED(float, inv_den_s, kChunkRows);
-  BackwardKeyBlock<T, D, M> block{backward_base<T, D, M>(p, tiles, largest_s), r_s, weight_s, inv_den_s};
+  BackwardKeyBlock<T, D, BM> block{backward_base<T, D, BM>(p, tiles, largest_s), r_s, weight_s, inv_den_s};
   block.run();
 }
 
 template <int D>
 void CausalQueryGrads<D>::run(const CausalBackwardParams& p, void* stream) {
-  launch_whole_state<D>(p, "causal_query_grads", "causal_linear_attention_backward", stream, [](auto type, auto tile) {
+  constexpr const char* op = "causal_linear_attention_backward";
+  launch_backward_pass<D>(p, "causal_query_grads", op, stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&causal_query_grads_kernel<T, D, decltype(tile)::value>,
                      causal_backward_shared_bytes(D, decltype(tile)::value)};
@@ -314,7 +318,8 @@ void CausalQueryGrads<D>::run(const CausalBackwardParams& p, void* stream) {
 
 template <int D>
 void CausalKeyGrads<D>::run(const CausalBackwardParams& p, void* stream) {
-  launch_whole_state<D>(p, "causal_key_grads", "causal_linear_attention_backward", stream, [](auto type, auto tile) {
+  constexpr const char* op = "causal_linear_attention_backward";
+  launch_backward_pass<D>(p, "causal_key_grads", op, stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&causal_key_grads_kernel<T, D, decltype(tile)::value>,
                      causal_backward_shared_bytes(D, decltype(tile)::value)};

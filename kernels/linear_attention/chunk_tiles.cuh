@@ -190,7 +190,8 @@ FF_DEVICE int chunk_exponent(const ChunkTile<T, Width>& x, const Scale& scale, s
 // x_r scale(r) 2^-e in place, e = chunk_exponent(x, scale): rows within [-1, 1] for 16-bit products (no overflow,
 // no row's share lost to underflow). Returns e. Block-wide: ends with a barrier.
 template <typename T, int Width, typename Scale>
-FF_DEVICE int scale_rows_into_unit(const ChunkTile<T, Width>& x, const Scale& scale, simt::shared_ptr<float> largest_s) {
+FF_DEVICE int scale_rows_into_unit(const ChunkTile<T, Width>& x, const Scale& scale,
+                                   simt::shared_ptr<float> largest_s) {
   const int e = chunk_exponent(x, scale, largest_s);  // its barrier: every read of x done
   const float down = ldexpf(1.f, -e);                 // a power of two: exact products
   for (int i = int(threadIdx.x); i < kChunkRows * Width; i += kForwardThreads) {
@@ -229,8 +230,8 @@ FF_DEVICE void walk_chunks(int64_t chunks, bool reverse, const Load& load, const
   }
 }
 
-// Writes the columns [0, N) of the warp's rows of a chunk as T pairs: row r (r < left) at rows + r row_stride,
-// element e of n tile n = value(n, e).
+// Writes the columns [0, N) of the warp's rows of a chunk as T pairs (16-bit or float): row r (r < left) at
+// rows + r row_stride, element e of n tile n = value(n, e).
 template <typename T, int N, typename Value>
 FF_DEVICE void store_rows(const Lane& l, T* rows, int64_t row_stride, int64_t left, const Value& value) {
   FF_UNROLL
@@ -240,7 +241,13 @@ FF_DEVICE void store_rows(const Lane& l, T* rows, int64_t row_stride, int64_t le
       T* r = rows + row * row_stride;
       FF_UNROLL
       for (int n = 0; n < N / 8; ++n) {
-        *reinterpret_cast<uint32_t*>(r + n * 8 + 2 * l.t) = simt::pack2(T(value(n, 2 * i)), T(value(n, 2 * i + 1)));
+        T* at = r + n * 8 + 2 * l.t;
+        if constexpr (std::is_same_v<T, float>) {
+          at[0] = value(n, 2 * i);
+          at[1] = value(n, 2 * i + 1);
+        } else {
+          *reinterpret_cast<uint32_t*>(at) = simt::pack2(T(value(n, 2 * i)), T(value(n, 2 * i + 1)));
+        }
       }
     }
   }
@@ -588,6 +595,8 @@ struct BlockPlace {
   }
   // Offset of the (index, head) state in (., H, D, M) states.
   FF_DEVICE int64_t state_at(const Inputs& p, int index) const { return (int64_t(index) * p.H + head) * p.D * p.M; }
+  // Offset of the span's first row in (B, H, L, ...) row arrays, in rows.
+  FF_DEVICE int64_t rows_at(const Inputs& p) const { return (span.batch * p.H + head) * p.L + span.first; }
   // The block's first output row of a (B, H, L, M) contiguous output, at its value columns.
   template <typename T>
   FF_DEVICE T* output_rows(const Inputs& p, void* out) const {
@@ -597,9 +606,11 @@ struct BlockPlace {
 
 // Launches a forward-like grid (BlockPlace) of the kernel that kernel_of(T{}, std::integral_constant<int, BM>{})
 // returns with its dynamic shared bytes, {kernel, bytes}, for the inputs' 16-bit type T and the value tile BM
-// of head dim D (value_tile). `name` names the kernel, `op` the op in the errors.
-template <int D, typename Params, typename KernelOf>
+// of head dim D (value_tile, or backward_value_tile for a Backward pass). `name` names the kernel, `op` the op
+// in the errors.
+template <int D, bool Backward = false, typename Params, typename KernelOf>
 void launch_forward_like(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
+  constexpr auto tile_of = [](int M) { return Backward ? backward_value_tile(D, M) : value_tile(D, M); };
   const auto with_tile = [&](auto type, auto tile) {
     const int64_t blocks = int64_t(p.N) * p.segments * (p.M / decltype(tile)::value);
     if (blocks > 0x7fffffff || p.H > 65535) {
@@ -615,13 +626,16 @@ void launch_forward_like(const Params& p, const char* name, const char* op, void
     }
   };
   const auto with_type = [&](auto type) {
-    switch (value_tile(D, p.M)) {
+    switch (tile_of(p.M)) {
       case 16:
         return with_tile(type, std::integral_constant<int, 16>{});
       case 32:
-        return with_tile(type, std::integral_constant<int, 32>{});
+        if constexpr (tile_of(256) >= 32) {
+          return with_tile(type, std::integral_constant<int, 32>{});
+        }
+        break;
       default:
-        if constexpr (value_tile(D, 256) == 64) {
+        if constexpr (tile_of(256) == 64) {
           return with_tile(type, std::integral_constant<int, 64>{});
         }
     }
@@ -635,17 +649,42 @@ void launch_forward_like(const Params& p, const char* name, const char* op, void
   }
 }
 
-// A pass of a backward over its forward-like grid: D <= 128 and M within one value tile (the whole state in a
-// block, fused_backward_dims).
+// A pass of a backward over its forward-like grid: D <= 128 (fused_backward_dims).
 template <int D, typename Params, typename KernelOf>
-void launch_whole_state(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
+void launch_backward_pass(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
   if constexpr (D <= 128) {
-    if (value_tile(D, p.M) == p.M) {
-      return launch_forward_like<D>(p, name, op, stream, kernel_of);
+    return launch_forward_like<D, /*Backward=*/true>(p, name, op, stream, kernel_of);
+  }
+  throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D));
+}
+
+// The rows B H L of the (B, H, L, ...) inputs (B = 1 for packed sequences).
+FF_DEVICE int64_t input_rows(const Inputs& p) { return int64_t(p.cu_seqlens != nullptr ? 1 : p.N) * p.H * p.L; }
+
+// Where a backward block writes its gradients: the rows of its span (from rows_at in (B, H, L, ...) row arrays)
+// of its value tile (value_col, of BM columns).
+struct GradientRows {
+  int64_t rows_at;
+  int value_col, tile;  // tile: value_col / BM
+
+  // Columns n0 .. n0 + N - 1 of the warp's rows of chunk c of dq or dk ((B, H, L, D), `grad`): in T, or as
+  // floats to the block's tile's share (parts: Gradients::dq_parts or dk_parts, value tiles).
+  template <typename T, int D, int N, typename Value>
+  FF_DEVICE void store_d(const Lane& l, const Inputs& p, void* grad, float* parts, int64_t c, int n0,
+                         int64_t left, const Value& value) const {
+    const int64_t first = (rows_at + c * kChunkRows) * D + n0;
+    if (parts != nullptr) {
+      store_rows<float, N>(l, parts + tile * input_rows(p) * D + first, D, left, value);
+    } else {
+      store_rows<T, N>(l, static_cast<T*>(grad) + first, D, left, value);
     }
   }
-  throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D) +
-                              ", M = " + std::to_string(p.M));
-}
+  // The block's BM columns of the warp's rows of chunk c of dv ((B, H, L, M)).
+  template <typename T, int BM, typename Value>
+  FF_DEVICE void store_v(const Lane& l, const Inputs& p, void* dv, int64_t c, int64_t left,
+                         const Value& value) const {
+    store_rows<T, BM>(l, static_cast<T*>(dv) + (rows_at + c * kChunkRows) * p.M + value_col, p.M, left, value);
+  }
+};
 
 }  // namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD

@@ -59,37 +59,47 @@ struct StateOutputParams : Inputs, Segments {
   const float* z;     // (N, H, D)
 };
 
-// The non-causal backward, in two passes over segments (M = value_tile(D, M): the whole state in a block; the
-// forward's sums S, z recomputed by segment_sums). With q, k = phi(query), phi(key):
+// The gradients of the inputs. A backward's block carries one value tile (BM = backward_value_tile(D, M) columns
+// of the state); dq and dk contract over M, so with M / BM > 1 tiles each tile's block writes its share of them as
+// floats, (M / BM, B, H, L, D), which the host adds in tile order (and dq, dk go unwritten); else dq_parts and
+// dk_parts are nullptr and the block writes dq, dk.
+struct Gradients {
+  void *dq, *dk, *dv;         // (B, H, L, D), (B, H, L, D), (B, H, L, M) contiguous, the inputs' dtype
+  float *dq_parts, *dk_parts;  // (M / BM, B, H, L, D), or nullptr (one tile)
+};
+
+// The non-causal backward, in two passes over segments (the forward's sums S, z recomputed by segment_sums),
+// a block a (segment, head, value tile). With q, k = phi(query), phi(key):
 // - queries (rows of q and dout, L = the queries' length; kv, z = S, z): den_t = <q_t, z> + eps,
 //   P_t = S dout_t, dden_t = -<q_t, P_t> / den_t^2, dq_t = phi'(query_t) (P_t / den_t + dden_t z), and each
 //   segment's sums dkv = sum_t q_t dout_t^T / den_t, dz = sum_t dden_t q_t (the gradients of S and z);
 // - keys (rows of k and v, L = the keys' length; kv, z = the sums of those, dS and dz):
 //   dk_j = phi'(key_j) (dS v_j + dz), dv_j = dS^T k_j, both 0 for padded keys.
-struct NoncausalBackwardParams : Inputs, Segments {
+// With value tiles, dden_t and dz are sums over the tiles too: each tile's dz sums are its share.
+struct NoncausalBackwardParams : Inputs, Segments, Gradients {
   const void* dout;      // (B, H, L, M), rows as the inputs' (queries)
   int64_t dout_stride[3];
   const bool* key_pad;   // (B, L) contiguous, or nullptr (keys)
   const float* kv;       // (N, H, D, M)
   const float* z;        // (N, H, D)
-  void *dq, *dk, *dv;    // (B, H, L, D), (B, H, L, D), (B, H, L, M) contiguous, the inputs' dtype
   float* dkv;            // (N G, H, D, M) (queries)
-  float* dz;             // (N G, H, D)
+  float* dz;             // (M / BM, N G, H, D)
 };
 
 // The causal backward's two passes (causal_backward.cuh): queries (dq), then keys (dk, dv, the initial state's
 // gradients). With G > 1 (the split schedule) the states are per segment, (N G, H, ...) as in the forward: kv0, z0
 // each segment's incoming state, dkv_final, dz_final the gradient flowing into each segment from its end; the
-// query pass also writes each segment's sums of q_t dnum_t^T and dden_t q_t, and the host scans them.
-struct CausalBackwardParams : Inputs, Segments {
+// query pass also writes each segment's sums of q_t dnum_t^T and dden_t q_t, and the host scans them. With
+// value tiles, the query pass's dden_t and dz sums are each tile's share (the host adds them for the key pass).
+struct CausalBackwardParams : Inputs, Segments, Gradients {
   const void* dout;            // (B, H, L, M), rows as the inputs'
   int64_t dout_stride[3];
   const float *kv0, *z0;       // the initial state, or nullptr (zeros)
   const float *dkv_final, *dz_final;  // gradients of the final state, or nullptr (zeros)
-  void *dq, *dk, *dv;          // (B, H, L, D), (B, H, L, D), (B, H, L, M) contiguous, the inputs' dtype
   float *dkv0, *dz0;           // (N, H, D, M), (N, H, D), or nullptr (not wanted: segments)
-  float *dkv_sums, *dz_sums;   // (N G, H, D, M), (N G, H, D) (segments), or nullptr (G = 1)
-  float *inv_den, *dden;       // (B, H, L) work space: 1 / den_t and dden_t = -<dout_t, out_t> / den_t
+  float *dkv_sums, *dz_sums;   // (N G, H, D, M), (M / BM, N G, H, D) (segments), or nullptr (G = 1)
+  float* inv_den;              // (B, H, L) work space: 1 / den_t
+  float* dden;                 // (M / BM, B, H, L) work space: dden_t = -<dout_t, out_t> / den_t (keys: (B, H, L))
 };
 
 constexpr int kChunkRows = 64;  // rows per chunk: one m16 tile per warp
@@ -102,6 +112,9 @@ constexpr int value_tile(int D, int M) {
   const int cap = D <= 64 ? 64 : 32;
   return M < cap ? M : cap;
 }
+// The value tile of a backward pass: the forward's for D <= 64; 16 columns for D = 128, whose passes hold a D-wide
+// row tile of float accumulators besides the state (with 32 columns the sm_90 code spills registers).
+constexpr int backward_value_tile(int D, int M) { return D <= 64 ? value_tile(D, M) : 16; }
 // Dynamic shared memory of a forward block: q and k tiles (2 stages), v tiles (2 stages), the state's hi and
 // lo 16-bit parts; rows padded by 8 elements (16 bytes) against bank conflicts.
 constexpr std::size_t causal_forward_shared_bytes(int D, int BM) {
@@ -134,25 +147,23 @@ constexpr std::size_t state_output_shared_bytes(int D, int BM) {
   return std::size_t(2) * (2 * kChunkRows * (D + 8) + 2 * D * (BM + 8));
 }
 
-// Dynamic shared memory of a non-causal backward block: two input tiles of width D and two of width M
-// (2 stages each), a feature tile, the state's two parts.
-constexpr std::size_t noncausal_backward_shared_bytes(int D, int M) {
-  return std::size_t(2) * (3 * kChunkRows * (D + 8) + 2 * kChunkRows * (M + 8) + 2 * D * (M + 8));
+// Dynamic shared memory of a non-causal backward block (value tile BM): two input tiles of width D and two of
+// width BM (2 stages each), a feature tile, the state's two parts.
+constexpr std::size_t noncausal_backward_shared_bytes(int D, int BM) {
+  return std::size_t(2) * (3 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
 
-// The backward carries the whole state (the contractions over M of dq and dk stay in one block): it takes
-// D <= 128 and M = value_tile(D, M). Dynamic shared memory of either of its passes: q, k, v, dout tiles
-// (2 stages), one feature tile, the state's two parts.
-constexpr bool fused_backward_dims(int64_t D, int64_t M) {
-  return fused_head_dim(D) && fused_head_dim(M) && D <= 128 && M == value_tile(int(D), int(M));
+// The backwards take D <= 128 (a chunk's D-wide rows of dq, dk in a warp's registers) and D, M in {16, 32, 64,
+// 128, 256}. Dynamic shared memory of either causal pass (value tile BM): q, k, v, dout tiles (2 stages), one
+// feature tile, the state's two parts.
+constexpr bool fused_backward_dims(int64_t D, int64_t M) { return fused_head_dim(D) && fused_head_dim(M) && D <= 128; }
+constexpr std::size_t causal_backward_shared_bytes(int D, int BM) {
+  return std::size_t(2) * (5 * kChunkRows * (D + 8) + 4 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
-constexpr std::size_t causal_backward_shared_bytes(int D, int M) {
-  return std::size_t(2) * (5 * kChunkRows * (D + 8) + 4 * kChunkRows * (M + 8) + 2 * D * (M + 8));
-}
-// All of a backward block's shared memory: the dynamic part and the static float arrays (the first pass's
-// z_t rows, two vectors of D floats and three of 64, the warps' maxima).
-constexpr std::size_t causal_backward_block_bytes(int D, int M) {
-  return causal_backward_shared_bytes(D, M) + std::size_t(4) * (kChunkRows * (D + 8) + 2 * D + 3 * kChunkRows + 4);
+// All of a causal backward block's shared memory: the dynamic part and the static float arrays (the first
+// pass's z_t rows, two vectors of D floats and three of 64, the warps' maxima).
+constexpr std::size_t causal_backward_block_bytes(int D, int BM) {
+  return causal_backward_shared_bytes(D, BM) + std::size_t(4) * (kChunkRows * (D + 8) + 2 * D + 3 * kChunkRows + 4);
 }
 
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/linear_attention/

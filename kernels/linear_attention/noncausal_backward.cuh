@@ -1,13 +1,15 @@
 // Non-causal linear attention, backward, fused on tensor cores (bf16 or half inputs, float32 sums): two
-// passes (fused_kernels.h, NoncausalBackwardParams), each a block of 4 warps a (segment, head) in chunks of
-// 64 rows, the whole D x M state in the block. q, k = phi(query), phi(key); S, z the forward's sums.
+// passes (fused_kernels.h, NoncausalBackwardParams), each a block of 4 warps a (segment, head, value tile of BM
+// columns) in chunks of 64 rows, with the tile's D x BM part of the state. q, k = phi(query), phi(key); S, z the
+// forward's sums.
 // 1. Queries:  den_t = <q_t, z> + eps (1 without normalisation)      P_t = S dout_t   mma (S as hi + lo parts)
 //              dden_t = -<q_t, P_t> / den_t^2      dq_t = phi'(query_t) (P_t / den_t + dden_t z)
 //              the segment's dS += sum_t q_t dnum_t^T, dnum_t = dout_t / den_t, and dz += sum_t dden_t q_t
 //              (add_query_gradient_sums: mma of (q_t / den_t) 2^-e, scaled into [-1, 1], with dout_t)
 // 2. Keys, with dS, dz the segments' sums added in order by the host:
 //              dk_j = phi'(key_j) (dS v_j + dz)      dv_j = dS^T k_j      mma; 0 for padded keys
-// Deterministic: no atomics, sums in a fixed order.
+// Value tiles: P_t, dden_t, dq_t, dk_t and dz contract over M, so each tile's block computes its share (dz enters
+// dk in tile 0's) and the host adds them in tile order. Deterministic: no atomics, sums in a fixed order.
 #pragma once
 
 #include "linear_attention/chunk_tiles.cuh"
@@ -18,22 +20,22 @@
 
 namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
-// What both passes share: the segment, its two inputs x (width D) and y (width M) in two stages, a feature
-// tile, the state's parts (S or dS), its vector (z or dz) in vector_s.
-template <typename T, int D, int M>
+// What both passes share: the segment, its two inputs x (width D) and y (the tile's BM columns) in two stages,
+// a feature tile, the state's parts (the tile's columns of S or dS), its vector (z or dz) in vector_s.
+template <typename T, int D, int BM>
 struct NoncausalBlock {
   using X = ChunkTile<T, D>;
-  using Y = ChunkTile<T, M>;
-  using State = StateTile<T, D, M>;
-  using StateParts = SharedMatrix<T, D, M>;
+  using Y = ChunkTile<T, BM>;
+  using State = StateTile<T, D, BM>;
+  using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 3 * X::kSize + 2 * Y::kSize + 2 * StateParts::kSize;
-  static_assert(kSharedElements * sizeof(T) == noncausal_backward_shared_bytes(D, M), "the layout the host sizes");
+  static_assert(kSharedElements * sizeof(T) == noncausal_backward_shared_bytes(D, BM), "the layout the host sizes");
 
   const NoncausalBackwardParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;
-  const T *x, *y;         // the segment's first rows: (query, dout) or (key, value)
+  const T *x, *y;         // the segment's first rows: (query, dout) or (key, value), y at the tile's columns
   int64_t x_stride, y_stride;
-  int64_t rows_at;        // offset of the segment's first row in (B, H, L) row arrays
+  GradientRows out;       // the segment's rows, the value tile's columns
   int64_t state_at;       // offset of the sequence's (N, H, D, M) state
   Lane l;
   simt::shared_ptr<T> tiles;
@@ -50,9 +52,9 @@ struct NoncausalBlock {
   template <typename Body>
   FF_DEVICE void run(const Body& body) {
     State S;
-    S.load(l, p.kv + state_at, M);
+    S.load(l, p.kv + state_at + out.value_col, p.M);
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      vector_s[d] = p.z[state_at / M + d];
+      vector_s[d] = p.z[state_at / p.M + d];
     }
     S.publish(l, s_hi(), s_lo(), largest_s);
     unscale = S.unscale();
@@ -63,19 +65,12 @@ struct NoncausalBlock {
                 },
                 body);
   }
-
-  // Writes the columns n0 .. n0 + N - 1 of the warp's rows of chunk c of a gradient (rows of Width).
-  template <int Width, int N, typename Value>
-  FF_DEVICE void write_rows(void* grad, int64_t c, int n0, const Value& value) const {
-    store_rows<T, N>(l, static_cast<T*>(grad) + (rows_at + c * kChunkRows) * Width + n0, Width,
-                     span.length - c * kChunkRows, value);
-  }
 };
 
 // Pass 1: dq, and the segment's sums of dS and dz.
-template <typename T, int D, int M>
-struct NoncausalQueryBlock : NoncausalBlock<T, D, M> {
-  using Base = NoncausalBlock<T, D, M>;
+template <typename T, int D, int BM>
+struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
+  using Base = NoncausalBlock<T, D, BM>;
   using Base::l, Base::p, Base::span;
   simt::shared_ptr<float> den_s, inv_den_s, dden_s, dz_s;
   int64_t sums_at;  // offset of the segment's (N G, H, D, M) sums
@@ -114,7 +109,7 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, M> {
         dden_s[row] = row < left ? dden[i] : 0.f;
       }
     }
-    this->template write_rows<D, D>(p.dq, c, 0, [&](int n, int e) {
+    this->out.template store_d<T, D, D>(l, p, p.dq, p.dq_parts, c, 0, left, [&](int n, int e) {
       const int row = l.row(e), col = n * 8 + l.col(e);
       const float z = this->vector_s[col];
       return feature_gradient(p.feature_map, P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * z, query.get(row, col));
@@ -130,17 +125,18 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, M> {
       dz_s[d] = 0.f;
     }
     Base::run([&](int64_t c, int stage) { chunk(c, stage); });
-    dS.store(l, p.dkv + sums_at, M);
+    dS.store(l, p.dkv + sums_at + this->out.value_col, p.M);  // the tile's columns of dS, its share of dz
+    const int64_t vectors = int64_t(p.N) * p.segments * p.H * D;
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      p.dz[sums_at / M + d] = dz_s[d];
+      p.dz[this->out.tile * vectors + sums_at / p.M + d] = dz_s[d];
     }
   }
 };
 
 // Pass 2: dk and dv from dS and dz (the state here).
-template <typename T, int D, int M>
-struct NoncausalKeyBlock : NoncausalBlock<T, D, M> {
-  using Base = NoncausalBlock<T, D, M>;
+template <typename T, int D, int BM>
+struct NoncausalKeyBlock : NoncausalBlock<T, D, BM> {
+  using Base = NoncausalBlock<T, D, BM>;
   using Base::l, Base::p, Base::span;
   static constexpr int kKeyColumns = D < 64 ? D : 64;
   const bool* pad;  // the segment's first padding flag, or null
@@ -159,17 +155,17 @@ struct NoncausalKeyBlock : NoncausalBlock<T, D, M> {
       RowTile<kKeyColumns> dk;  // 2^-e dS v_j
       dk.zero();
       Base::State::template rows_times<false>(l, v, this->s_hi(), this->s_lo(), dk, d0);
-      this->template write_rows<D, kKeyColumns>(p.dk, c, d0, [&](int n, int e) {
+      this->out.template store_d<T, D, kKeyColumns>(l, p, p.dk, p.dk_parts, c, d0, left, [&](int n, int e) {
         const int row = l.row(e), col = d0 + n * 8 + l.col(e);
-        const float dz = this->vector_s[col];
+        const float dz = this->out.tile == 0 ? float(this->vector_s[col]) : 0.f;  // in tile 0's share
         const bool padded = chunk_pad != nullptr && chunk_pad[row];
         return padded ? 0.f : feature_gradient(p.feature_map, dk.acc[n][e] * this->unscale + dz, key.get(row, col));
       });
     }
-    RowTile<M> dv;  // 2^-e dS^T k_j (0 for padded keys: their features are 0)
+    RowTile<BM> dv;  // 2^-e dS^T k_j (0 for padded keys: their features are 0)
     dv.zero();
     Base::State::template rows_times<true>(l, k, this->s_hi(), this->s_lo(), dv);
-    this->template write_rows<M, M>(p.dv, c, 0, [&](int n, int e) { return dv.acc[n][e] * this->unscale; });
+    this->out.template store_v<T, BM>(l, p, p.dv, c, left, [&](int n, int e) { return dv.acc[n][e] * this->unscale; });
     __syncthreads();  // the stage may be loaded again
   }
 
@@ -178,18 +174,19 @@ struct NoncausalKeyBlock : NoncausalBlock<T, D, M> {
   }
 };
 
-template <typename T, int D, int M>
-FF_DEVICE NoncausalBlock<T, D, M> noncausal_block(const NoncausalBackwardParams& p, const BlockPlace& at,
-                                                  const void* x, const int64_t (&x_stride)[3], const void* y,
-                                                  const int64_t (&y_stride)[3], simt::shared_ptr<T> tiles,
-                                                  simt::shared_ptr<float> vector_s, simt::shared_ptr<float> largest_s) {
+template <typename T, int D, int BM>
+FF_DEVICE NoncausalBlock<T, D, BM> noncausal_block(const NoncausalBackwardParams& p, const BlockPlace& at,
+                                                   const void* x, const int64_t (&x_stride)[3], const void* y,
+                                                   const int64_t (&y_stride)[3], simt::shared_ptr<T> tiles,
+                                                   simt::shared_ptr<float> vector_s,
+                                                   simt::shared_ptr<float> largest_s) {
   return {p,
           at.span,
           at.span.rows<T>(x, x_stride, at.head),
-          at.span.rows<T>(y, y_stride, at.head),
+          at.span.rows<T>(y, y_stride, at.head) + at.value_col,
           x_stride[2],
           y_stride[2],
-          (at.span.batch * p.H + at.head) * p.L + at.span.first,
+          {at.rows_at(p), at.value_col, at.value_col / BM},
           at.state_at(p, at.sequence),
           Lane::of(int(threadIdx.x)),
           tiles,
@@ -198,7 +195,7 @@ FF_DEVICE NoncausalBlock<T, D, M> noncausal_block(const NoncausalBackwardParams&
           1.f};
 }
 
-template <typename T, int D, int M>
+template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kForwardThreads, 1) noncausal_query_grads_kernel(NoncausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, z_s, D);
@@ -207,28 +204,28 @@ __global__ void __launch_bounds__(kForwardThreads, 1) noncausal_query_grads_kern
   FF_SHARED(float, inv_den_s, kChunkRows);
   FF_SHARED(float, dden_s, kChunkRows);
   FF_SHARED(float, dz_s, D);
-  const BlockPlace at = BlockPlace::of<M>(p, p);
-  NoncausalQueryBlock<T, D, M> block{
-      noncausal_block<T, D, M>(p, at, p.q, p.q_stride, p.dout, p.dout_stride, tiles, z_s, largest_s),
+  const BlockPlace at = BlockPlace::of<BM>(p, p);
+  NoncausalQueryBlock<T, D, BM> block{
+      noncausal_block<T, D, BM>(p, at, p.q, p.q_stride, p.dout, p.dout_stride, tiles, z_s, largest_s),
       den_s, inv_den_s, dden_s, dz_s, at.state_at(p, at.unit), {}};
   block.run();
 }
 
-template <typename T, int D, int M>
+template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kForwardThreads, 1) noncausal_key_grads_kernel(NoncausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, dz_s, D);
   FF_SHARED(float, largest_s, kWarps);
-  const BlockPlace at = BlockPlace::of<M>(p, p);
-  NoncausalKeyBlock<T, D, M> block{
-      noncausal_block<T, D, M>(p, at, p.k, p.k_stride, p.v, p.v_stride, tiles, dz_s, largest_s),
+  const BlockPlace at = BlockPlace::of<BM>(p, p);
+  NoncausalKeyBlock<T, D, BM> block{
+      noncausal_block<T, D, BM>(p, at, p.k, p.k_stride, p.v, p.v_stride, tiles, dz_s, largest_s),
       p.key_pad != nullptr ? p.key_pad + at.span.batch * p.L + at.span.first : nullptr};
   block.run();
 }
 
 template <int D>
 void NoncausalQueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
-  launch_whole_state<D>(p, "noncausal_query_grads", "linear_attention_backward", stream, [](auto type, auto tile) {
+  launch_backward_pass<D>(p, "noncausal_query_grads", "linear_attention_backward", stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&noncausal_query_grads_kernel<T, D, decltype(tile)::value>,
                      NoncausalBlock<T, D, decltype(tile)::value>::kSharedElements * sizeof(T)};
@@ -237,7 +234,7 @@ void NoncausalQueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream)
 
 template <int D>
 void NoncausalKeyGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
-  launch_whole_state<D>(p, "noncausal_key_grads", "linear_attention_backward", stream, [](auto type, auto tile) {
+  launch_backward_pass<D>(p, "noncausal_key_grads", "linear_attention_backward", stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&noncausal_key_grads_kernel<T, D, decltype(tile)::value>,
                      NoncausalBlock<T, D, decltype(tile)::value>::kSharedElements * sizeof(T)};

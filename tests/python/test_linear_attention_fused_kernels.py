@@ -221,6 +221,31 @@ def test_fused_noncausal_is_deterministic(gen, dtype, device):
 
 
 @pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("D,M,L", [(128, 64, 130), (32, 256, 600)])  # 4 value tiles; L = 600: the split too
+def test_fused_backward_value_tiles(gen, D, M, L, dtype, device):
+    # M wider than one value tile: the backward's blocks of each tile write their shares of dq and dk (and of
+    # dden_t and dz), which the host adds in tile order. Causal with states in and out, and non-causal.
+    q, k = (randn(gen, 1, 1, L, D, dtype=dtype, device=device) for _ in range(2))
+    v = randn(gen, 1, 1, L, M, dtype=dtype, device=device)
+    kv0 = randn(gen, 1, 1, D, M, device=device)
+    z0 = (torch.rand(1, 1, D, generator=gen) + 1).to(device)
+    grad_out = randn(gen, 1, 1, L, M, dtype=dtype, device=device)
+
+    def run(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out, kv, z = fn(*leaves[:3], initial_kv=leaves[3], initial_z=leaves[4])
+        loss = (out * grad_out.to(out.dtype).to(out.device)).sum() + kv.sum() + z.sum()
+        return torch.autograd.grad(loss, leaves)
+
+    grads = run(F.causal_linear_attention, q, k, v, kv0, z0)
+    expected = run(R.causal_linear_attention, *(t.double().cpu() for t in (q, k, v, kv0, z0)))
+    for name, a, b in zip(("query", "key", "value", "initial_kv", "initial_z"), grads, expected):
+        assert_close(a, b, grad_tol(dtype), f"grad {name}")
+    assert_noncausal_close(*noncausal_case(gen, 1, 1, L, L - 30, D, M, dtype, device), dtype)
+
+
+@pytest.mark.parametrize("device", devices(OP))
 @pytest.mark.parametrize("causal", [True, False])
 def test_fused_linear_attention_queries_without_features_in_half(gen, causal, device):
     # relu makes every fifth query row all zero: den = eps, dout / den past the half range. The kernels never

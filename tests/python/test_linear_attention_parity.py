@@ -12,8 +12,8 @@ CAUSAL = "flowformer::causal_linear_attention"
 NONCAUSAL = "flowformer::linear_attention"
 FEATURE_MAPS = ["elu1", "relu", "sigmoid", "identity"]
 # (B, H, L, D, M): L = 1 (a decoding step), D = 1, D != M, odd sizes, several chunks of 64 rows; then head
-# dims of the fused CUDA kernels (bf16 and half: kernels/linear_attention), across chunks, with two value
-# tiles in the forward (D 32, M 128: the backward takes the portable path there).
+# dims of the fused CUDA kernels (bf16 and half: kernels/linear_attention), across chunks, with value tiles
+# (D 128, M 32: two in the backward; D 32, M 128: two in both passes).
 SHAPES = [(2, 3, 17, 5, 6), (1, 2, 1, 4, 4), (2, 2, 11, 1, 3), (1, 3, 33, 7, 2), (1, 2, 200, 4, 3),
           (1, 2, 150, 16, 32), (1, 1, 70, 64, 64), (1, 1, 65, 128, 32), (2, 1, 40, 32, 128)]
 

@@ -73,6 +73,47 @@ struct Case {
 
 using Outputs = std::map<std::string, std::vector<double>>;  // name -> values (read back from T or float)
 
+int value_tiles(const Case& c) { return c.M / kernels::backward_value_tile(c.D, c.M); }  // the backward's
+
+// The sum of `parts` (shares of n floats, one per value tile) in tile order, as the host adds them.
+std::vector<float> add_shares(const std::vector<float>& parts, std::size_t n) {
+  std::vector<float> sum(parts.begin(), parts.begin() + std::ptrdiff_t(n));
+  for (std::size_t j = 1; j * n < parts.size(); ++j) {
+    for (std::size_t i = 0; i < n; ++i) {
+      sum[i] += parts[j * n + i];
+    }
+  }
+  return sum;
+}
+
+// dq, dk (or, with value tiles, their float shares, poisoned) of a backward, as the host sets them.
+template <typename T>
+struct GradientBuffers {
+  std::vector<T>& dq;
+  std::vector<T>& dk;
+  std::vector<float> dq_parts, dk_parts;
+
+  GradientBuffers(const Case& c, std::vector<T>& dq_, std::vector<T>& dk_) : dq(dq_), dk(dk_) {
+    if (value_tiles(c) > 1) {
+      dq_parts.assign(value_tiles(c) * dq.size(), std::numeric_limits<float>::quiet_NaN());
+      dk_parts.assign(value_tiles(c) * dk.size(), std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  void set(kernels::Gradients& g) {
+    g.dq = dq.data();
+    g.dk = dk.data();
+    g.dq_parts = dq_parts.empty() ? nullptr : dq_parts.data();
+    g.dk_parts = dk_parts.empty() ? nullptr : dk_parts.data();
+  }
+  void finish() {
+    if (!dq_parts.empty()) {
+      const auto q = add_shares(dq_parts, dq.size()), k = add_shares(dk_parts, dk.size());
+      std::copy(q.begin(), q.end(), dq.begin());
+      std::copy(k.begin(), k.end(), dk.begin());
+    }
+  }
+};
+
 // Inputs laid out (B, L, H, width): rows strided by H * width, as a (B, H, L, width) view of them.
 template <typename T>
 struct Problem {
@@ -156,18 +197,20 @@ struct Problem {
   Outputs backward() const {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     std::vector<T> dq(q.size(), T(nan)), dk(k.size(), T(nan)), dv(v.size(), T(nan));
-    std::vector<float> dkv0(kv0.size(), nan), dz0(z0.size(), nan), inv_den(B * c.H * L), dden(B * c.H * L);
+    const int tiles = value_tiles(c);
+    std::vector<float> dkv0(kv0.size(), nan), dz0(z0.size(), nan), inv_den(B * c.H * L, nan);
+    std::vector<float> dden(tiles * B * c.H * L, nan);
+    GradientBuffers<T> grads(c, dq, dk);
     kernels::CausalBackwardParams p{};
     inputs(p);
     static_cast<kernels::Segments&>(p) = c.backward_segments;
+    grads.set(p);
     p.dout = dout.data();
     std::copy(p.v_stride, p.v_stride + 3, p.dout_stride);
     p.kv0 = c.initial_state ? kv0.data() : nullptr;
     p.z0 = c.initial_state ? z0.data() : nullptr;
     p.dkv_final = c.initial_state ? dkv.data() : nullptr;
     p.dz_final = c.initial_state ? dz.data() : nullptr;
-    p.dq = dq.data();
-    p.dk = dk.data();
     p.dv = dv.data();
     p.dkv0 = dkv0.data();
     p.dz0 = dz0.data();
@@ -175,7 +218,7 @@ struct Problem {
     p.dden = dden.data();
     const int64_t G = p.segments, matrix = c.H * c.D * c.M, vector = c.H * c.D;
     std::vector<float> kv_in(N * G * matrix, nan), z_in(N * G * vector, nan);
-    std::vector<float> dkv_in(kv_in.size(), nan), dz_in(z_in.size(), nan);
+    std::vector<float> dkv_in(kv_in.size(), nan), dz_in(tiles * z_in.size(), nan);
     if (G > 1) {
       kernels::SegmentSumsParams s{};
       inputs(s);
@@ -191,7 +234,10 @@ struct Problem {
       p.dz_sums = dz_in.data();
     }
     kernels::run_for_head_dim<kernels::emulated::CausalQueryGrads>(p, nullptr);
+    const std::vector<float> dden_sum = add_shares(dden, inv_den.size());
+    p.dden = const_cast<float*>(dden_sum.data());  // read only by the key pass
     if (G > 1) {
+      dz_in = add_shares(dz_in, z_in.size());
       dkv0 = scan(dkv_in, p.dkv_final, matrix, true);
       dz0 = scan(dz_in, p.dz_final, vector, true);
       p.dkv_final = dkv_in.data();
@@ -200,6 +246,7 @@ struct Problem {
       p.dkv_sums = p.dz_sums = nullptr;
     }
     kernels::run_for_head_dim<kernels::emulated::CausalKeyGrads>(p, nullptr);
+    grads.finish();
     // dq, dk, dv come (B, H, L, .) contiguous: back to the inputs' (B, L, H, .) order
     return {{"dq", reorder(widen(dq), c.D)}, {"dk", reorder(widen(dk), c.D)}, {"dv", reorder(widen(dv), c.M)},
             {"dkv0", widen(dkv0)}, {"dz0", widen(dz0)}};
@@ -444,18 +491,20 @@ Outputs noncausal_backward(const Problem<T>& problem, const Noncausal& n, const 
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const int64_t N = problem.N, G = n.rows.segments, state = c.H * c.D * c.M, vector = c.H * c.D;
   std::vector<T> dq(problem.q.size(), T(nan)), dk(problem.k.size(), T(nan)), dv(problem.v.size(), T(nan));
-  std::vector<float> dkv_parts(N * G * state, nan), dz_parts(N * G * vector, nan);
+  std::vector<float> dkv_parts(N * G * state, nan), dz_parts(value_tiles(c) * N * G * vector, nan);
+  GradientBuffers<T> grads(c, dq, dk);
   kernels::NoncausalBackwardParams q{};
   problem.inputs(q);
   static_cast<kernels::Segments&>(q) = n.rows;
+  grads.set(q);
   q.dout = problem.dout.data();
   std::copy(q.v_stride, q.v_stride + 3, q.dout_stride);
   q.kv = kv.data();
   q.z = z.data();
-  q.dq = dq.data();
   q.dkv = dkv_parts.data();
   q.dz = dz_parts.data();
   kernels::run_for_head_dim<kernels::emulated::NoncausalQueryGrads>(q, nullptr);
+  dz_parts = add_shares(dz_parts, std::size_t(N * G * vector));  // the value tiles' shares
   std::vector<float> dkv(N * state, 0.f), dz(N * vector, 0.f);
   for (int64_t b = 0; b < N; ++b) {
     for (int64_t g = 0; g < G; ++g) {
@@ -472,9 +521,9 @@ Outputs noncausal_backward(const Problem<T>& problem, const Noncausal& n, const 
   k.key_pad = n.key_pad.get();
   k.kv = dkv.data();
   k.z = dz.data();
-  k.dk = dk.data();
   k.dv = dv.data();
   kernels::run_for_head_dim<kernels::emulated::NoncausalKeyGrads>(k, nullptr);
+  grads.finish();
   return {{"dq", problem.reorder(Problem<T>::widen(dq), c.D)}, {"dk", problem.reorder(Problem<T>::widen(dk), c.D)},
           {"dv", problem.reorder(Problem<T>::widen(dv), c.M)}};
 }
@@ -622,10 +671,15 @@ TEST_CASE("fused causal kernels: packed sequences across chunks, under every sch
   check<simt::half>(c, two_schedules());
 }
 
-TEST_CASE("fused causal forward: head dims and value tiles") {
+TEST_CASE("fused causal kernels: head dims and value tiles (the backward's tiles add their shares of dq, dk)") {
   for (const auto& [D, M] : {std::pair{64, 32}, std::pair{16, 128}, std::pair{128, 64}}) {
-    check<simt::bf16>(Case{{75, 75}, false, 1, D, M}, two_schedules(), Pass::Forward);
+    check<simt::bf16>(Case{{75, 75}, false, 1, D, M}, two_schedules());
   }
+  check<simt::half>(Case{{70}, false, 1, 32, 256}, two_schedules());  // 4 tiles
+}
+
+TEST_CASE("fused causal forward: 256-wide heads") {
+  check<simt::bf16>(Case{{75}, false, 1, 256, 32}, two_schedules(), Pass::Forward);
 }
 
 TEST_CASE("fused causal kernels: head dims, batches of equal lengths") {
@@ -670,6 +724,9 @@ TEST_CASE("fused causal backward: the split schedule, segments from their incomi
   batch.backward_segments = {3, 64};  // 64 + 64 + 22 rows
   batch.initial_state = false;
   check<simt::bf16>(batch, two_schedules(), Pass::Backward);
+  Case tiles{{150, 20}, true, 1, 64, 128};  // 2 value tiles: dden_t and the dz sums in shares
+  tiles.backward_segments = {3, 64};
+  check<simt::bf16>(tiles, two_schedules(), Pass::Backward);
   Case relu{{150}, false, 1, 32, 16};
   relu.backward_segments = {2, 128};
   relu.feature_map = FeatureMap::Relu;
@@ -692,7 +749,7 @@ TEST_CASE("fused non-causal kernels: padded keys, segments of every pass, head d
   const std::vector<kernels::Segments> whole_and_split{{1, 0}, {3, 64}};  // split: 64 + 64 + 22 rows
   check_noncausal<simt::bf16>(Case{{150, 150}, false, 2, 16, 32}, whole_and_split, all_schedules());
   check_noncausal<simt::half>(Case{{150}, false, 1, 32, 16}, whole_and_split, two_schedules());
-  for (const auto& [D, M] : {std::pair{64, 128}, std::pair{128, 32}, std::pair{256, 16}}) {
+  for (const auto& [D, M] : {std::pair{64, 128}, std::pair{128, 32}, std::pair{256, 16}, std::pair{16, 256}}) {
     check_noncausal<simt::bf16>(Case{{80}, false, 1, D, M}, {{2, 64}}, two_schedules());
   }
 }
