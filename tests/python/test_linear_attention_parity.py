@@ -151,3 +151,26 @@ def test_large_sums_in_half_precision(gen, device):
     finite = ref_out.abs() <= 65504  # float16 outputs beyond its range are inf, as in any float16 op
     assert torch.isfinite(out[finite]).all()
     assert_close(kv, ref_kv, FORWARD_TOL[torch.float32] * 10, "final_kv")
+
+
+@pytest.mark.parametrize("device", devices(NONCAUSAL))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_noncausal_padded_keys_holding_nan_count_for_nothing(gen, dtype, device):
+    # Whatever padded keys and values hold (NaN here) is left out: the same output and gradients as with
+    # finite values there, and no gradient for them.
+    q, k, v = (randn(gen, 2, 2, 70, 16, dtype=dtype, device=device) for _ in range(3))
+    mask = torch.zeros(2, 70, dtype=torch.bool)
+    mask[:, 1::3] = True
+    mask = mask.to(device)
+    grad_out = randn(gen, 2, 2, 70, 16, dtype=dtype, device=device)
+    run = lambda *inputs: grads_of(lambda *x: F.linear_attention(*x, key_padding_mask=mask), inputs, grad_out)
+    (expected,), expected_grads = run(q, k, v)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, 1::3] = float("nan")
+    v_nan[:, :, 1::3] = float("nan")
+    (out,), grads = run(q, k_nan, v_nan)
+    assert_close(out, expected, FORWARD_TOL[dtype], "out")
+    for name, a, b in zip(("query", "key", "value"), grads, expected_grads):
+        assert_close(a, b, grad_tol(dtype), f"grad {name}")
+        assert not a.isnan().any(), f"grad {name}"
+    assert (grads[1][:, :, 1::3] == 0).all() and (grads[2][:, :, 1::3] == 0).all()

@@ -11,13 +11,14 @@ namespace flowformer::linear_attention_cpu {
 namespace {
 
 struct Sums {
-  at::Tensor k, v, S, z, den;  // k, v with padded keys zeroed
+  at::Tensor padded, k, v, S, z, den;  // k, v with padded keys zeroed (whatever they held: NaN too)
 };
 
 Sums sums(const NoncausalInputs& in) {
   Sums s;
-  s.k = in.key_valid.defined() ? in.k * in.key_valid : in.k;
-  s.v = in.key_valid.defined() ? in.v * in.key_valid : in.v;
+  s.padded = in.key_valid.defined() ? in.key_valid.eq(0) : at::Tensor();
+  s.k = s.padded.defined() ? in.k.masked_fill(s.padded, 0) : in.k;
+  s.v = s.padded.defined() ? in.v.masked_fill(s.padded, 0) : in.v;
   s.S = at::matmul(s.k.transpose(2, 3), s.v);  // (B, H, D, M)
   s.z = s.k.sum(2, /*keepdim=*/true);          // (B, H, 1, D)
   s.den = at::matmul(in.q, s.z.transpose(2, 3)) + in.eps;  // (B, H, L, 1)
@@ -40,13 +41,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noncausal_backward(const Noncausa
   dq.add_(dden * s.z);
   const at::Tensor dS = at::matmul(in.q.transpose(2, 3), dnum);
   const at::Tensor dz = (dden * in.q).sum(2, true);
-  at::Tensor dk = at::matmul(s.v, dS.transpose(2, 3)).add_(dz);
-  at::Tensor dv = at::matmul(s.k, dS);
-  if (in.key_valid.defined()) {
-    dk.mul_(in.key_valid);
+  const at::Tensor dk_features = at::matmul(s.v, dS.transpose(2, 3)).add_(dz);
+  at::Tensor dk = apply_feature_map_backward(in.feature_map, in.key, in.k, dk_features);
+  if (s.padded.defined()) {  // padded keys get no gradient (phi' of a NaN key would make it NaN)
+    dk.masked_fill_(s.padded, 0);
   }
-  return {apply_feature_map_backward(in.feature_map, in.query, in.q, dq),
-          apply_feature_map_backward(in.feature_map, in.key, in.k, dk), dv};
+  return {apply_feature_map_backward(in.feature_map, in.query, in.q, dq), dk, at::matmul(s.k, dS)};
 }
 
 }  // namespace flowformer::linear_attention_cpu

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as TF
 
+from .. import distributed as D
 from .. import functional as F
 from .. import reference as R
 from . import _masks
@@ -182,25 +183,45 @@ class LinearAttention(_LinearMultiheadAttention):
     """nn.MultiheadAttention with linear attention (Katharopoulos et al., 2020) between the projections.
     Extra keyword options: feature_map ("elu1"), eps (1e-6). Padded queries get outputs, as in
     nn.MultiheadAttention. In causal mode a key_padding_mask may only pad on the right (the causal op
-    has no padding mask; right padding cannot reach valid positions)."""
+    has no padding mask; right padding cannot reach valid positions).
+
+    sequence_parallel_group: a torch.distributed process group (or dist.group.WORLD) over whose ranks the
+    sequence is split (flowformer.distributed): each rank passes its contiguous slice of the sequence (rank
+    order; batch and embedding as usual) and gets its slice of the output. The parameters' gradients are
+    each rank's share: all-reduce them (as data parallelism does). Not with add_bias_kv, add_zero_attn or
+    need_weights=True (each spans the ranks)."""
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
-                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, feature_map="elu1", eps=1e-6):
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, feature_map="elu1", eps=1e-6,
+                 sequence_parallel_group=None):
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device, dtype)
+        if sequence_parallel_group is not None and (add_bias_kv or add_zero_attn):
+            raise ValueError("LinearAttention: sequence_parallel_group does not take add_bias_kv or add_zero_attn "
+                             "(every rank would add its own key)")
         self.options = {"feature_map": feature_map, "eps": eps}
+        self.sequence_parallel_group = sequence_parallel_group
 
     def _attend(self, q, k, v, causal, query_pad, key_pad):
+        group = self.sequence_parallel_group
         if not causal:
+            if group is not None:
+                return D.sequence_parallel_linear_attention(q, k, v, group=group, key_padding_mask=key_pad,
+                                                            **self.options)
             return F.linear_attention(q, k, v, key_padding_mask=key_pad, **self.options)
         if key_pad is not None:
             right_padded = (key_pad.int().diff(dim=1) >= 0).all()
             if not bool(right_padded):
                 raise RuntimeError("LinearAttention: in causal mode key_padding_mask may only pad on the right "
                                    "(True after the last valid position); use FlowAttention for other padding")
+        if group is not None:
+            return D.sequence_parallel_causal_linear_attention(q, k, v, group=group, **self.options)
         return F.causal_linear_attention(q, k, v, **self.options)[0]
 
     def _weights(self, q, k, causal, query_pad, key_pad):
+        if self.sequence_parallel_group is not None:
+            raise RuntimeError("LinearAttention: need_weights=True is not available with sequence_parallel_group "
+                               "(the weights span every rank's keys); pass need_weights=False")
         # Causal: the op ran without the (right) padding, which only padded queries can see.
         return R.linear_attention_weights(q, k, causal=causal, key_padding_mask=None if causal else key_pad,
                                           **self.options)

@@ -76,7 +76,10 @@ class FlowformerLM(nn.Module):
     Flow-Attention (attention="flow"), causal linear attention ("linear") or causal softmax attention
     (nn.MultiheadAttention, "softmax"); `attention_options` go to FlowAttention or LinearAttention.
 
-    forward(tokens (B, L)) -> logits (B, L, vocab), for training (teacher forcing).
+    forward(tokens (B, L), start=0) -> logits (B, L, vocab), for training (teacher forcing); tokens[:, 0] is
+    at position `start`. Sequence parallel training: attention="linear" with sequence_parallel_group (see
+    LinearAttention); each rank passes its slice of the tokens and its first position as `start`, and
+    all-reduces the gradients.
     step(tokens (B, T), state) -> (logits (B, T, vocab), state) continues the sequences from `state`
     (None at the start, then the DecodingState the previous step returned). Flow and linear attention
     carry a recurrent state of fixed size, O(d_model^2 / nhead) work per token and layer whatever the
@@ -92,6 +95,9 @@ class FlowformerLM(nn.Module):
         if attention not in _CAUSAL_ATTENTIONS:
             raise ValueError(f"FlowformerLM: attention must be one of {sorted(_CAUSAL_ATTENTIONS)}, "
                              f"got {attention!r}")
+        if attention_options.get("sequence_parallel_group") is not None and attention != "linear":
+            raise ValueError(f"FlowformerLM: sequence_parallel_group needs attention='linear' (the only sequence "
+                             f"parallel one yet), got {attention!r}")
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(max_len, d_model)
@@ -106,8 +112,8 @@ class FlowformerLM(nn.Module):
             raise ValueError(f"FlowformerLM: positions up to {end - 1}, past max_len = {self.max_len}")
         return self.embed(tokens) + self.position(torch.arange(start, end, device=tokens.device))
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        x = self._embed(tokens, 0)
+    def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
+        x = self._embed(tokens, start)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))

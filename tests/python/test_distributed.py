@@ -1,0 +1,59 @@
+"""flowformer.distributed: sequence-parallel linear attention over spawned process groups of 2 and 4 ranks
+(gloo on CPU; NCCL where there are two GPUs, since NCCL takes one rank a device). Each rank checks its slice
+of the outputs and gradients, and the exchange volume, in distributed_worker.py."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_worker
+from flowformer import distributed as SP
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def run_ranks(world, tmp_path, backend="gloo"):
+    mp.spawn(distributed_worker.main, args=(world, str(tmp_path / "rendezvous"), backend), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_linear_attention_equals_one_run(world, tmp_path):
+    run_ranks(world, tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank")
+def test_sequence_parallel_linear_attention_on_nccl(tmp_path):
+    run_ranks(2, tmp_path, "nccl")
+
+
+def test_sequence_parallel_errors_name_the_function_and_argument(tmp_path):
+    # Checked before any collective: a single-rank group is enough.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        q = torch.randn(1, 2, 5, 4)
+        with pytest.raises(ValueError, match="sequence_parallel_linear_attention: feature_map must be one of"):
+            SP.sequence_parallel_linear_attention(q, q, q, feature_map="softmax")
+        with pytest.raises(ValueError, match=r"key_padding_mask must be bool \(B, S\) = \(1, 5\)"):
+            SP.sequence_parallel_linear_attention(q, q, q, key_padding_mask=torch.zeros(1, 4, dtype=torch.bool))
+        with pytest.raises(ValueError, match="sequence_parallel_causal_linear_attention: query, key and value must"):
+            SP.sequence_parallel_causal_linear_attention(q[0], q[0], q[0])
+        with pytest.raises(ValueError, match="eps must be a non-negative number"):
+            SP.sequence_parallel_causal_linear_attention(q, q, q, eps=-1.0)
+        # One rank: the op itself.
+        out = SP.sequence_parallel_causal_linear_attention(q, q, q)
+        torch.testing.assert_close(out, torch.ops.flowformer.causal_linear_attention(
+            q, q, q, feature_map="elu1", normalize=True, eps=1e-6)[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_modules_refuse_what_spans_ranks():
+    from flowformer.nn import FlowformerLM, LinearAttention
+    with pytest.raises(ValueError, match="sequence_parallel_group needs attention='linear'"):
+        FlowformerLM(11, attention="flow", sequence_parallel_group=object())
+    with pytest.raises(ValueError, match="add_bias_kv or add_zero_attn"):
+        LinearAttention(8, 2, add_zero_attn=True, sequence_parallel_group=object())
+    module = LinearAttention(8, 2, sequence_parallel_group=object())
+    with pytest.raises(RuntimeError, match="need_weights=True is not available with sequence_parallel_group"):
+        module._weights(None, None, False, None, None)
