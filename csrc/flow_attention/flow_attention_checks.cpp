@@ -36,26 +36,37 @@ void check_args(const char* op, const at::Tensor& query, const at::Tensor& key, 
   check_padding_mask(op, "key_padding_mask", key_padding_mask, query, query.sym_size(0), key.sym_size(2), "S");
 }
 
-void check_state(const at::Tensor& query, const at::Tensor& value, const Mask& state) {
+void check_state(const at::Tensor& query, const at::Tensor& value, const Mask& state, const char* op,
+                 const char* name) {
   if (!state.has_value()) {
     return;
   }
-  const char* op = kCausalState;
   const at::ScalarType expected = accumulate_type(query.scalar_type());
-  TORCH_CHECK(state->scalar_type() == expected, op, ": state must be ", expected, " (the state dtype for ",
+  TORCH_CHECK(state->scalar_type() == expected, op, ": ", name, " must be ", expected, " (the state dtype for ",
               query.scalar_type(), " inputs), got ", state->scalar_type());
-  TORCH_CHECK(state->device() == query.device(), op, ": state must be on the device of query (", query.device(),
+  TORCH_CHECK(state->device() == query.device(), op, ": ", name, " must be on the device of query (", query.device(),
               "), got ", state->device());
   const auto D = query.sym_size(3), M = value.sym_size(3);
   const c10::SymInt size = 3 + 4 * D + D * M;
   TORCH_CHECK(state->dim() == 3 && state->sym_size(0) == query.sym_size(0) && state->sym_size(1) == query.sym_size(1)
                   && state->sym_size(2) == size,
-              op, ": state must have shape (B, H, 3 + 4 D + D M) = (", query.sym_size(0), ", ", query.sym_size(1),
+              op, ": ", name, " must have shape (B, H, 3 + 4 D + D M) = (", query.sym_size(0), ", ", query.sym_size(1),
               ", ", size, "), got ", state->sym_sizes());
 }
 
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value) {
   flowformer::check_grad_out(kBackward, grad_out, query, value);
+}
+
+void check_state_backward_args(const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query,
+                               const at::Tensor& key, const at::Tensor& value, c10::string_view feature_map,
+                               double eps, double clamp, const Mask& state, const Mask& query_padding_mask,
+                               const Mask& key_padding_mask) {
+  const char* op = kCausalStateBackward;
+  check_args(op, query, key, value, true, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
+  check_state(query, value, state, op);
+  check_state(query, value, grad_state, op, "grad_state");
+  flowformer::check_grad_out(op, grad_out, query, value);
 }
 
 }  // namespace flowformer::flow_attention_ops

@@ -13,6 +13,7 @@ namespace flowformer::flow_attention_ops {
 constexpr const char* kForward = "flowformer::flow_attention";
 constexpr const char* kBackward = "flowformer::flow_attention_backward";
 constexpr const char* kCausalState = "flowformer::causal_flow_attention";
+constexpr const char* kCausalStateBackward = "flowformer::causal_flow_attention_backward";
 
 using Mask = std::optional<at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -30,17 +31,32 @@ Grads backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Te
 
 // causal_flow_attention(query, key, value, *, feature_map, eps, clamp, state, query_padding_mask,
 // key_padding_mask) -> (out, final_state): the causal mode from a recurrent state (state_layout.h), for
-// decoding step by step. No gradient.
+// decoding step by step and for sequences split into pieces or across processes.
 std::tuple<at::Tensor, at::Tensor> causal_with_state(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value, c10::string_view feature_map,
                                                      double eps, double clamp, const Mask& state,
                                                      const Mask& query_padding_mask, const Mask& key_padding_mask);
+// causal_flow_attention_backward(grad_out, grad_state, query, key, value, *, feature_map, eps, clamp, state,
+// query_padding_mask, key_padding_mask) -> (grad_query, grad_key, grad_value, grad_state_in): the gradients
+// given those of out and of the final state (None: zeros); grad_state_in is that of the incoming state
+// (zeros for its count n; of a zero state where state is None).
+using StateGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+StateGrads causal_with_state_backward(const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query,
+                                      const at::Tensor& key, const at::Tensor& value, c10::string_view feature_map,
+                                      double eps, double clamp, const Mask& state, const Mask& query_padding_mask,
+                                      const Mask& key_padding_mask);
 
 // Argument checks shared by every backend and the Meta kernels; `op` is kForward or kBackward.
 void check_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                 bool causal, c10::string_view feature_map, double eps, double clamp,
                 const Mask& query_padding_mask, const Mask& key_padding_mask);
-void check_state(const at::Tensor& query, const at::Tensor& value, const Mask& state);
+void check_state(const at::Tensor& query, const at::Tensor& value, const Mask& state,
+                 const char* op = kCausalState, const char* name = "state");
+// The checks of causal_flow_attention_backward's arguments (every backend and the Meta kernel).
+void check_state_backward_args(const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query,
+                               const at::Tensor& key, const at::Tensor& value, c10::string_view feature_map,
+                               double eps, double clamp, const Mask& state, const Mask& query_padding_mask,
+                               const Mask& key_padding_mask);
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value);
 
 }  // namespace flowformer::flow_attention_ops

@@ -68,6 +68,12 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out) {
     return p_.causal ? causal_backward(grad_out) : noncausal_backward(grad_out);
   }
+  // The causal mode's gradients from a packed initial state, given those of out and of the final state.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_with_state(const at::Tensor& grad_out,
+                                                                                 const at::Tensor& state,
+                                                                                 const at::Tensor& grad_state) {
+    return causal_backward_with_state(grad_out, state, grad_state);
+  }
   // Causal mode from a packed recurrent state (state_layout.h; undefined: the empty prefix):
   // (out, the state after the last position).
   std::pair<at::Tensor, at::Tensor> forward_with_state(const at::Tensor& state) {
@@ -312,10 +318,38 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
 
   at::Tensor causal_forward() const { return causal_forward_with_state({}, false).first; }
 
+  // The gradients of the final state (state_layout.h), unpacked: (BH, 1, ...) fields, zeros where undefined.
+  struct FinalGrads {
+    at::Tensor m, E, K, Q, A, B, S;
+  };
+
+  FinalGrads final_grads(const at::Tensor& grad_state) const {
+    const RecurrentState layout{D_, M_};
+    const at::Tensor grads = grad_state.defined()
+                                 ? grad_state.to(acc_options().dtype()).reshape({BH(), layout.size()})
+                                 : at::zeros({BH(), layout.size()}, acc_options());
+    auto field = [&](int64_t offset, int64_t size) { return grads.narrow(1, offset, size).unsqueeze(1); };
+    return {grads.narrow(1, RecurrentState::m(), 1), grads.narrow(1, RecurrentState::E(), 1), field(layout.K(), D_),
+            field(layout.Q(), D_), field(layout.A(), D_), field(layout.B(), D_), field(layout.S(), D_ * M_)};
+  }
+
   std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward(const at::Tensor& grad_out) const {
+    auto [dq, dk, dv, dstate] = causal_backward_with_state(grad_out, {}, {});
+    return {dq, dk, dv};
+  }
+
+  // The gradients of the causal mode from a packed initial state (undefined: the empty prefix), given those of
+  // the output and of the final state (grad_state, undefined: none): (dq, dk, dv, the initial state's gradient,
+  // packed as the state, 0 for its count n; undefined without a state). The final state's sums pass their
+  // gradients to every position's terms and to the initial sums; its competition normaliser E exp(m) = exp(lse)
+  // passes d lse = dE E to the sources and the initial lse, and dm - dE E to the largest source (or initial m).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_backward_with_state(
+      const at::Tensor& grad_out, const at::Tensor& state, const at::Tensor& grad_state) const {
     const auto [q, k, v] = causal_rows();
     const Rows<T> dout = rows(grad_out, p_.query_pad, p_.key_pad, false);
-    const CausalStats s = causal_stats(q, k, v, initial_state({}));
+    const Initial init = initial_state(state);
+    const CausalStats s = causal_stats(q, k, v, init);
+    const FinalGrads fin = final_grads(grad_state);
     const double e = p_.eps;
     const at::Tensor is_valid = s.valid > 0;
     const at::Tensor none;
@@ -325,8 +359,8 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
     score_rows_add(Z, VD, s.c, span(false, false), k);
     const at::Tensor dg = row_dot(q, Z, 1);
     const at::Tensor dsink = at::where(is_valid, dg * s.I / s.n * s.a * (1 - s.a) / s.n, 0);
-    // R_t = sum_{t' >= t} g q dout^T: dw_t = k_t^T R_t, U_t = R_t v_t; dv = c dw, dc = <dw, v>.
-    const at::Tensor R0 = exclusive(outer_sums(q, dout, s.g, kScanChunk), true);
+    // R_t = dS_L + sum_{t' >= t} g q dout^T: dw_t = k_t^T R_t, U_t = R_t v_t; dv = c dw, dc = <dw, v>.
+    const at::Tensor R0 = exclusive(outer_sums(q, dout, s.g, kScanChunk), true) + fin.S;
     at::Tensor dw = row_times(k, R0, kScanChunk, /*transpose=*/false);
     score_rows_add(dw, s.G, s.g, span(true, true), dout);
     at::Tensor U = row_times(v, R0, kScanChunk, /*transpose=*/true);
@@ -340,23 +374,48 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
       const at::Tensor logs = at::where(part > 0, at::log(part) - s.lse, -inf);
       return at::exp(s.source + at::logcumsumexp(logs.flip(-1), -1).flip(-1));
     };
-    const at::Tensor dsource = x - (suffix_part(at::relu(x)) - suffix_part(at::relu(-x)));
+    at::Tensor dsource = x - (suffix_part(at::relu(x)) - suffix_part(at::relu(-x)));
+    // The final state's lse_L = logaddexp(logsumexp(source), lse_0) and m_L = max(max source, m_0) pass their
+    // gradients (through E_L = exp(lse_L - m_L) and m_L) to the sources, and to lse_0, m_0 below.
+    at::Tensor d_lse_0, dm_0;  // (BH, 1), with a state
+    if (state.defined()) {  // lse_t' holds lse_0 too (c_t' = n exp(source_t' - lse_t'))
+      d_lse_0 = -at::where(is_valid, x * at::exp(init.lse - s.lse), 0).sum(-1, true);
+      dm_0 = at::zeros_like(d_lse_0);
+    }
+    if (grad_state.defined()) {
+      const at::Tensor lse_L = L_ > 0 ? at::logaddexp(at::logsumexp(s.source, -1, true), init.lse) : init.lse;
+      const auto [largest, at_largest] = s.source.max(-1, true);
+      const at::Tensor m_L = L_ > 0 ? at::maximum(largest, init.m) : init.m;
+      const at::Tensor started_L = (init.n + s.valid.sum(-1, true)) > 0;
+      const at::Tensor d_lse_L = at::where(started_L, fin.E * at::exp(lse_L - m_L), 0);
+      const at::Tensor dm_L = at::where(started_L, fin.m, 0) - d_lse_L;
+      const at::Tensor m_from_source = L_ > 0 ? largest > init.m : at::zeros_like(started_L);
+      dsource = dsource + at::where(is_valid, d_lse_L * at::exp(s.source - lse_L), 0);
+      if (L_ > 0) {  // a largest source carries m_L
+        const at::Tensor one_hot = at::zeros_like(s.source).scatter_(-1, at_largest, 1);
+        dsource = dsource + at::where(m_from_source, dm_L, 0) * one_hot;
+      }
+      if (state.defined()) {
+        d_lse_0 = d_lse_0 + at::where(init.n > 0, d_lse_L * at::exp(init.lse - lse_L), 0);
+        dm_0 = at::where(m_from_source, 0, dm_L);
+      }
+    }
     const at::Tensor dr = at::where(is_valid.logical_and(s.r.abs() <= p_.clamp), dsource / s.n, 0);
     // r_t = <k_t + e, B_t + e> / n_t: RB_t = sum_{t' >= t} dr (k + e); dI_t gets <RB_t, q_t>.
-    const at::Tensor RB0 = exclusive(column_sums(k, dr, kScanChunk), true);
+    const at::Tensor RB0 = exclusive(column_sums(k, dr, kScanChunk), true) + fin.B;
     const at::Tensor dr_after = reverse_cumsum(dr);
     const at::Tensor q_RB = row_dot(q, RB0, kScanChunk) + score_sums(s.G, dr, span(true, false)) +
                             e * s.q_sums * dr_after;
     const at::Tensor du = at::where(is_valid, -(dg * s.a / s.n + q_RB) * s.I * s.I / s.n, 0);
     // sink_t = <q_t + e, A_t + e> / n_t: RA_t = sum_{t' >= t} dsink (q + e); dO_t = <RA_t, k_t>.
-    const at::Tensor RA0 = exclusive(column_sums(q, dsink, kScanChunk), true);
+    const at::Tensor RA0 = exclusive(column_sums(q, dsink, kScanChunk), true) + fin.A;
     const at::Tensor dsink_after = reverse_cumsum(dsink);
     const at::Tensor k_RA = row_dot(k, RA0, kScanChunk) + score_sums(s.G, dsink, span(true, true)) +
                             e * s.k_sums * dsink_after;
     const at::Tensor dw_out = at::where(is_valid, -k_RA * s.O * s.O / s.n, 0);
     // K_t, Q_t through I_t and O_t: RK_t = sum_{t' >= t} du (q + e), RQ_t = sum_{t' >= t} dw_out (k + e).
-    const at::Tensor RK0 = exclusive(column_sums(q, du, kScanChunk), true);
-    const at::Tensor RQ0 = exclusive(column_sums(k, dw_out, kScanChunk), true);
+    const at::Tensor RK0 = exclusive(column_sums(q, du, kScanChunk), true) + fin.K;
+    const at::Tensor RQ0 = exclusive(column_sums(k, dw_out, kScanChunk), true) + fin.Q;
     const at::Tensor grad_q = assemble(q, k, Z, s.g,
                                        {term(s.A0, kScanChunk, s.O, false, dsink, e, none),
                                         term(s.K0, kScanChunk, s.valid, false, du, e, none),
@@ -370,7 +429,26 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
                                         term(RK0, kScanChunk, du, true, none, 0, e * reverse_cumsum(du))},
                                        kScanChunk);
     const at::Tensor grad_v = (s.c.unsqueeze(-1) * dw).to(p_.value.scalar_type()).view({B_, H_, L_, M_});
-    return {grad_q, grad_k, grad_v};
+    if (!state.defined()) {
+      return {grad_q, grad_k, grad_v, at::Tensor()};
+    }
+    // The initial state's sums enter every prefix: their gradients are the final ones plus every position's
+    // (x_t + e) weighted terms; lse_0 = log E_0 + m_0 (while n_0 > 0).
+    const auto with_eps = [&](const Rows<T>& x, const at::Tensor& w) {
+      return total(x, w) + e * w.sum(-1, true).unsqueeze(-1);
+    };
+    const at::Tensor started = init.n > 0;  // else lse_0 = -inf: m_0 and E_0 count for nothing
+    const at::Tensor E_0 = at::where(started, at::exp(init.lse - init.m), 1);
+    const at::Tensor d_lse_0_valid = at::where(started, d_lse_0, 0);
+    const at::Tensor parts[] = {at::zeros_like(init.n),
+                                d_lse_0_valid + at::where(started, dm_0, 0),
+                                d_lse_0_valid / E_0,
+                                (fin.K + with_eps(q, du)).squeeze(1),
+                                (fin.Q + with_eps(k, dw_out)).squeeze(1),
+                                (fin.A + with_eps(q, dsink)).squeeze(1),
+                                (fin.B + with_eps(k, dr)).squeeze(1),
+                                (fin.S + total_outer(q, dout, s.g)).squeeze(1)};
+    return {grad_q, grad_k, grad_v, at::cat(parts, 1).view({B_, H_, RecurrentState{D_, M_}.size()})};
   }
 
   const Problem& p_;
@@ -394,6 +472,27 @@ std::pair<at::Tensor, at::Tensor> forward_with_state(const Exec& exec, const Pro
     result = Kernels<Exec, scalar_t>(exec, p).forward_with_state(packed);
   });
   return result;
+}
+
+// The gradients of causal_flow_attention (the op causal_flow_attention_backward, its arguments checked):
+// (dq, dk, dv, the incoming state's gradient, packed; that of a zero state where there is none).
+template <typename Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_with_state(
+    const Exec& exec, const Problem& p, const at::Tensor& grad_out, const std::optional<at::Tensor>& state,
+    const std::optional<at::Tensor>& grad_state) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
+  const at::Tensor dout = portable::unit_row_stride(grad_out.to(p.query.scalar_type()));
+  const int64_t size = RecurrentState{p.query.size(3), p.value.size(3)}.size();
+  const at::Tensor packed =
+      state.has_value() ? state->contiguous()
+                        : at::zeros({p.query.size(0), p.query.size(1), size},
+                                    p.query.options().dtype(accumulate_type(p.query.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.query.scalar_type(), "flow_attention_state_backward",
+                                  [&] {
+                                    grads = Kernels<Exec, scalar_t>(exec, p).backward_with_state(
+                                        dout, packed, grad_state.value_or(at::Tensor()));
+                                  });
+  return grads;
 }
 
 template <typename Exec>

@@ -79,7 +79,12 @@ def causal_flow_attention(
     [n, m, E, sum k, sum q, sum O k, sum I q, sum k (c v)^T (D x M, row-major)]: n the count of valid
     positions, the four D-vectors the prefix sums of spec/flow_attention.md, and the competition's
     normaliser sum exp(source) = E exp(m) held against its running maximum m. Padded positions (either
-    mask) leave it unchanged. No gradient: train with ``flow_attention(causal=True)``.
+    mask) leave it unchanged.
+
+    Differentiable in query, key, value and ``state`` (a hand-written backward,
+    ``causal_flow_attention_backward``), through ``out`` and the returned state: a sequence trained in pieces
+    carrying the state, or split across processes, gets the gradients of one run. The count n gets no
+    gradient (it is an integer), nor does m where a source equals it.
     """
     return torch.ops.flowformer.causal_flow_attention(
         query, key, value, feature_map=feature_map, eps=eps, clamp=clamp, state=state,

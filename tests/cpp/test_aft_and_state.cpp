@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -83,4 +84,31 @@ TEST_CASE("causal_flow_attention continues a sequence and checks its state", "[f
   rest.state = torch::zeros({2, 2, 30});
   CHECK_THROWS_WITH(flowformer::causal_flow_attention(q, k, v, rest),
                     Catch::Contains("flowformer::causal_flow_attention: state must have shape (B, H, 3 + 4 D + D M)"));
+}
+
+TEST_CASE("causal_flow_attention trains in pieces like one run, from C++", "[flow_attention]") {
+  // The gradients through the state (registered in C++) equal those of flow_attention(causal=True).
+  torch::manual_seed(13);
+  const auto options = torch::TensorOptions().dtype(torch::kDouble);
+  const auto q = torch::randn({1, 2, 15, 4}, options), k = torch::randn({1, 2, 15, 4}, options);
+  const auto v = torch::randn({1, 2, 15, 3}, options);
+  const auto leaves = [&] {
+    return std::vector<torch::Tensor>{q.clone().requires_grad_(), k.clone().requires_grad_(),
+                                      v.clone().requires_grad_()};
+  };
+  auto whole = leaves();
+  flowformer::FlowAttentionOptions causal;
+  causal.causal = true;
+  flowformer::flow_attention(whole[0], whole[1], whole[2], causal).sum().backward();
+  auto pieces = leaves();
+  const auto first = flowformer::causal_flow_attention(pieces[0].narrow(2, 0, 6), pieces[1].narrow(2, 0, 6),
+                                                       pieces[2].narrow(2, 0, 6));
+  flowformer::CausalFlowAttentionOptions rest;
+  rest.state = first.state;
+  const auto second = flowformer::causal_flow_attention(pieces[0].narrow(2, 6, 9), pieces[1].narrow(2, 6, 9),
+                                                        pieces[2].narrow(2, 6, 9), rest);
+  (first.out.sum() + second.out.sum()).backward();
+  for (int i = 0; i < 3; ++i) {
+    CHECK(rel_err(pieces[i].grad(), whole[i].grad()) < 1e-12);
+  }
 }

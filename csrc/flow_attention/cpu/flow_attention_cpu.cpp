@@ -107,9 +107,22 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_cpu(const at::Tensor& query
   return {out.to(query.scalar_type()), packed};
 }
 
+// By the portable algorithm (the CUDA one, on the host or in the emulator): the scan of causal.cpp has no
+// backward from a state.
+flow_attention_ops::StateGrads causal_with_state_backward_cpu(
+    const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, c10::string_view feature_map, double eps, double clamp, const Mask& state,
+    const Mask& query_padding_mask, const Mask& key_padding_mask) {
+  flow_attention_ops::check_state_backward_args(grad_out, grad_state, query, key, value, feature_map, eps, clamp,
+                                                state, query_padding_mask, key_padding_mask);
+  return portable_backward_with_state(emulate_cuda_requested(), grad_out, grad_state, query, key, value, feature_map,
+                                      eps, clamp, state, query_padding_mask, key_padding_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowformer, CPU, m) {
+  m.impl("causal_flow_attention_backward", TORCH_FN(causal_with_state_backward_cpu));
   m.impl("causal_flow_attention", TORCH_FN(causal_with_state_cpu));
   m.impl("flow_attention", TORCH_FN(forward_cpu));
   m.impl("flow_attention_backward", TORCH_FN(backward_cpu));

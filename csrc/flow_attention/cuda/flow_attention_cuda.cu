@@ -56,9 +56,23 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_cuda(const at::Tensor& quer
   return {out, final_state};
 }
 
+flow_attention_ops::StateGrads causal_with_state_backward_cuda(
+    const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, c10::string_view feature_map, double eps, double clamp, const Mask& state,
+    const Mask& query_padding_mask, const Mask& key_padding_mask) {
+  flow_attention_ops::check_state_backward_args(grad_out, grad_state, query, key, value, feature_map, eps, clamp,
+                                                state, query_padding_mask, key_padding_mask);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto problem = flow_attention_portable::make_problem(flow_attention_ops::kCausalStateBackward, query, key,
+                                                             value, true, feature_map, eps, clamp, query_padding_mask,
+                                                             key_padding_mask);
+  return flow_attention_portable::backward_with_state(portable::CudaExecutor{}, problem, grad_out, state, grad_state);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowformer, CUDA, m) {
+  m.impl("causal_flow_attention_backward", TORCH_FN(causal_with_state_backward_cuda));
   m.impl("causal_flow_attention", TORCH_FN(causal_with_state_cuda));
   m.impl("flow_attention", TORCH_FN(forward_cuda));
   m.impl("flow_attention_backward", TORCH_FN(backward_cuda));
