@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from flowformer import distributed as SP
 from flowformer import functional as F
-from flowformer.nn import LinearAttention
+from flowformer.nn import FlowAttention, LinearAttention
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 # Slice lengths by world size: uneven, one of length 1.
@@ -95,16 +95,58 @@ def noncausal_cases(lengths, device):
                 check(leaf.grad.nan_to_num(), grad[:, :, part].nan_to_num(), dtype, f"{what}: grad {name}")
 
 
-def module_cases(lengths, device):
-    # LinearAttention with sequence_parallel_group: outputs, input gradients, and the parameters' gradients
-    # (each rank's share, all-reduced) against the module on the whole sequence.
+def flow_cases(lengths, device):
+    # sequence_parallel_flow_attention against flow_attention on the whole sequence, causal or not, with
+    # padding (some, and every position of the last rank) and both clamps.
     rank, part = dist.get_rank(), rows(lengths, dist.get_rank())
-    for causal in (True, False):
-        what = f"LinearAttention causal={causal}"
+    for dtype in (torch.float64, torch.float32):
+        for causal, feature_map, clamp, padding in ((True, "sigmoid", 1.0, "none"),
+                                                    (True, "elu1", float("inf"), "some"),
+                                                    (True, "sigmoid", 5.0, "last rank"),
+                                                    (False, "sigmoid", 1.0, "none"),
+                                                    (False, "relu", float("inf"), "some"),
+                                                    (False, "sigmoid", 1.0, "last rank")):
+            what = f"flow {dtype} causal={causal} {feature_map} clamp={clamp} padding {padding}"
+            gen = torch.Generator().manual_seed(17)
+            B, H, L, D, M = 2, 2, sum(lengths), 4, 3
+            q, k = (torch.randn(B, H, L, D, generator=gen, dtype=dtype).to(device) for _ in range(2))
+            v = torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device)
+            grad_out = torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device)
+            qpad = kpad = None
+            if padding != "none":
+                qpad = torch.rand(B, L, generator=gen) < 0.2
+                kpad = torch.rand(B, L, generator=gen) < 0.2
+                qpad[:, 0] = kpad[:, 0] = False
+                if padding == "last rank":
+                    qpad[:, rows(lengths, len(lengths) - 1)] = True
+                    kpad[:, rows(lengths, len(lengths) - 1)] = True
+                qpad, kpad = qpad.to(device), kpad.to(device)
+            options = dict(causal=causal, feature_map=feature_map, clamp=clamp)
+
+            whole = leaves(q, k, v)
+            out = F.flow_attention(*whole, query_padding_mask=qpad, key_padding_mask=kpad, **options)
+            expected = torch.autograd.grad((out * grad_out).sum(), whole)
+
+            mine = leaves(q[:, :, part], k[:, :, part], v[:, :, part])
+            mine_out = SP.sequence_parallel_flow_attention(
+                *mine, query_padding_mask=None if qpad is None else qpad[:, part],
+                key_padding_mask=None if kpad is None else kpad[:, part], **options)
+            (mine_out * grad_out[:, :, part]).sum().backward()
+            check(mine_out, out[:, :, part], dtype, f"{what}: out")
+            for name, leaf, grad in zip(("query", "key", "value"), mine, expected):
+                check(leaf.grad, grad[:, :, part], dtype, f"{what}: grad {name}")
+
+
+def module_cases(lengths, device):
+    # FlowAttention and LinearAttention with sequence_parallel_group: outputs, input gradients, and the
+    # parameters' gradients (each rank's share, all-reduced) against the module on the whole sequence.
+    rank, part = dist.get_rank(), rows(lengths, dist.get_rank())
+    for kind, causal in ((FlowAttention, True), (FlowAttention, False), (LinearAttention, True),
+                         (LinearAttention, False)):
+        what = f"{kind.__name__} causal={causal}"
         torch.manual_seed(3)
-        whole_module = LinearAttention(8, 2, batch_first=True, dtype=torch.float64).to(device)
-        module = LinearAttention(8, 2, batch_first=True, dtype=torch.float64,
-                                 sequence_parallel_group=dist.group.WORLD).to(device)
+        whole_module = kind(8, 2, batch_first=True, dtype=torch.float64).to(device)
+        module = kind(8, 2, batch_first=True, dtype=torch.float64, sequence_parallel_group=dist.group.WORLD).to(device)
         module.load_state_dict(whole_module.state_dict())
         gen = torch.Generator().manual_seed(5)
         x = torch.randn(2, sum(lengths), 8, generator=gen, dtype=torch.float64).to(device)
@@ -124,13 +166,18 @@ def module_cases(lengths, device):
 
 
 def training_steps(lengths, device):
-    # A FlowformerLM with sequence-parallel linear attention, its tokens split over the ranks, trained for a
-    # few steps (each rank's loss share, gradients all-reduced) matches the model trained on the whole
+    # A FlowformerLM with sequence-parallel flow or linear attention, its tokens split over the ranks, trained
+    # for a few steps (each rank's loss share, gradients all-reduced) matches the model trained on the whole
     # sequences in one process, step for step.
+    for attention in ("flow", "linear"):
+        train_in_slices(lengths, device, attention)
+
+
+def train_in_slices(lengths, device, attention):
     from flowformer.nn import FlowformerLM
     rank, part = dist.get_rank(), rows(lengths, dist.get_rank())
     options = dict(vocab_size=11, d_model=16, nhead=2, num_layers=2, dim_feedforward=32, max_len=64,
-                   attention="linear")
+                   attention=attention)
     torch.manual_seed(9)
     whole = FlowformerLM(**options).double().to(device)
     mine = FlowformerLM(**options, sequence_parallel_group=dist.group.WORLD).double().to(device)
@@ -148,33 +195,37 @@ def training_steps(lengths, device):
         (share / count).backward()
         total = share.detach().clone()
         dist.all_reduce(total)
-        check(total, loss, torch.float64, f"training step {step}: loss")
+        check(total, loss, torch.float64, f"{attention}: training step {step}: loss")
         for p in mine.parameters():
             dist.all_reduce(p.grad)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
         for (name, p), p_whole in zip(mine.named_parameters(), whole.parameters()):
-            check(p, p_whole, torch.float64, f"training step {step}: {name}")
+            check(p, p_whole, torch.float64, f"{attention}: training step {step}: {name}")
 
 
 def exchange_volume(device):
-    # The bytes a rank sends do not depend on the sequence's length: states only.
-    world, counts = dist.get_world_size(), []
+    # The bytes a rank sends do not depend on the sequence's length: states and sums only.
+    counts = {}
     B, H, D, M = 2, 3, 4, 5
+    functions = {"causal linear": SP.sequence_parallel_causal_linear_attention,
+                 "linear": SP.sequence_parallel_linear_attention,
+                 "causal flow": lambda *x: SP.sequence_parallel_flow_attention(*x, causal=True),
+                 "flow": SP.sequence_parallel_flow_attention}
     for per_rank in (1, 40):
         q, k = (torch.randn(B, H, per_rank, D, dtype=torch.float64, device=device) for _ in range(2))
         v = torch.randn(B, H, per_rank, M, dtype=torch.float64, device=device)
-        for fn in (SP.sequence_parallel_causal_linear_attention, SP.sequence_parallel_linear_attention):
+        for name, fn in functions.items():
             mine = leaves(q, k, v)
             with SP.count_exchange() as count:
                 fn(*mine).sum().backward()
-            counts.append((fn.__name__, count.collectives, count.bytes_sent))
-    assert counts[:2] == counts[2:], f"exchange depends on the length: {counts}"
-    state_bytes = (B * H * D * M + B * H * D) * 8
-    for name, collectives, sent in counts:
-        assert collectives == 4 and sent == 2 * state_bytes, f"{name}: {collectives} collectives, {sent} bytes"
-    assert world >= 2
+            counts.setdefault(name, []).append((count.collectives, count.bytes_sent))
+    for name, (short, long) in counts.items():
+        assert short == long, f"{name}: the exchange depends on the length: {short} and {long}"
+        assert long[1] <= 4 * (B * H * D * M + 8 * B * H * D) * 8, f"{name}: {long[1]} bytes"
+    state_bytes = (B * H * D * M + B * H * D) * 8  # linear attention: kv and z, forward and backward
+    assert counts["linear"][0] == counts["causal linear"][0] == (4, 2 * state_bytes), counts
 
 
 def main(rank, world, rendezvous, backend):
@@ -185,6 +236,7 @@ def main(rank, world, rendezvous, backend):
         lengths = LENGTHS[world]
         causal_cases(lengths, device)
         noncausal_cases(lengths, device)
+        flow_cases(lengths, device)
         module_cases(lengths, device)
         training_steps(lengths, device)
         exchange_volume(device)

@@ -1,4 +1,4 @@
-"""flowformer.distributed: sequence-parallel linear attention over spawned process groups of 2 and 4 ranks
+"""flowformer.distributed: sequence-parallel linear and Flow-Attention over spawned process groups of 2 and 4 ranks
 (gloo on CPU; NCCL where there are two GPUs, since NCCL takes one rank a device). Each rank checks its slice
 of the outputs and gradients, and the exchange volume, in distributed_worker.py."""
 
@@ -18,12 +18,12 @@ def run_ranks(world, tmp_path, backend="gloo"):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_sequence_parallel_linear_attention_equals_one_run(world, tmp_path):
+def test_sequence_parallel_attention_equals_one_run(world, tmp_path):
     run_ranks(world, tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank")
-def test_sequence_parallel_linear_attention_on_nccl(tmp_path):
+def test_sequence_parallel_attention_on_nccl(tmp_path):
     run_ranks(2, tmp_path, "nccl")
 
 
@@ -48,12 +48,14 @@ def test_sequence_parallel_errors_name_the_function_and_argument(tmp_path):
         dist.destroy_process_group()
 
 
-def test_modules_refuse_what_spans_ranks():
-    from flowformer.nn import FlowformerLM, LinearAttention
-    with pytest.raises(ValueError, match="sequence_parallel_group needs attention='linear'"):
-        FlowformerLM(11, attention="flow", sequence_parallel_group=object())
-    with pytest.raises(ValueError, match="add_bias_kv or add_zero_attn"):
-        LinearAttention(8, 2, add_zero_attn=True, sequence_parallel_group=object())
-    module = LinearAttention(8, 2, sequence_parallel_group=object())
+@pytest.mark.parametrize("kind", ["FlowAttention", "LinearAttention"])
+def test_modules_refuse_what_spans_ranks(kind):
+    from flowformer import nn as fnn
+    with pytest.raises(ValueError, match="sequence_parallel_group needs attention='flow' or 'linear'"):
+        fnn.FlowformerLM(11, attention="softmax", sequence_parallel_group=object())
+    with pytest.raises(ValueError, match=f"{kind}: sequence_parallel_group does not take add_bias_kv or add_zero_attn"):
+        getattr(fnn, kind)(8, 2, add_zero_attn=True, sequence_parallel_group=object())
+    module = getattr(fnn, kind)(8, 2, sequence_parallel_group=object())
+    x = torch.randn(3, 1, 8)
     with pytest.raises(RuntimeError, match="need_weights=True is not available with sequence_parallel_group"):
-        module._weights(None, None, False, None, None)
+        module(x, x, x)

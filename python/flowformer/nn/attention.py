@@ -9,6 +9,7 @@ to the values, built only on request at O(L S) cost. Dropout applies to the outp
 projection (as the Flowformer reference code does), not to attention weights, which are never formed.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -67,6 +68,7 @@ class _LinearMultiheadAttention(nn.Module):
         else:
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn
+        self.sequence_parallel_group = None
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -83,6 +85,14 @@ class _LinearMultiheadAttention(nn.Module):
             nn.init.xavier_normal_(self.bias_k)
             nn.init.xavier_normal_(self.bias_v)
 
+    def _split_sequence(self, group) -> None:
+        """Runs the attention sequence parallel over the ranks of `group` (flowformer.distributed; None: in one
+        process): each rank passes its contiguous slice of the sequence and gets its slice of the output."""
+        if group is not None and (self.bias_k is not None or self.add_zero_attn):
+            raise ValueError(f"{type(self).__name__}: sequence_parallel_group does not take add_bias_kv or "
+                             "add_zero_attn (every rank would add its own key)")
+        self.sequence_parallel_group = group
+
     def _projections(self, query, key, value):
         E = self.embed_dim
         bq, bk, bv = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.split(E)
@@ -96,6 +106,9 @@ class _LinearMultiheadAttention(nn.Module):
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         name = type(self).__name__
+        if need_weights and self.sequence_parallel_group is not None:
+            raise RuntimeError(f"{name}: need_weights=True is not available with sequence_parallel_group (the "
+                               "weights span every rank's keys); pass need_weights=False")
         self_attention = query is key  # as nn.Transformer's layers call it: one tensor for query, key, value
         unbatched = query.dim() == 2
         if unbatched:
@@ -153,18 +166,27 @@ class _LinearMultiheadAttention(nn.Module):
 
 class FlowAttention(_LinearMultiheadAttention):
     """nn.MultiheadAttention with Flow-Attention (flowformer.functional.flow_attention) between the
-    projections. Extra keyword options: feature_map ("sigmoid"), eps (1e-6), clamp (1.0)."""
+    projections. Extra keyword options: feature_map ("sigmoid"), eps (1e-6), clamp (1.0).
+
+    sequence_parallel_group: a torch.distributed process group (or dist.group.WORLD) over whose ranks the
+    sequence is split (flowformer.distributed): each rank passes its contiguous slice of the sequence (rank
+    order; batch and embedding as usual) and gets its slice of the output. The parameters' gradients are
+    each rank's share: all-reduce them (as data parallelism does). Not with add_bias_kv, add_zero_attn or
+    need_weights=True (each spans the ranks)."""
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, feature_map="sigmoid",
-                 eps=1e-6, clamp=1.0):
+                 eps=1e-6, clamp=1.0, sequence_parallel_group=None):
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device, dtype)
         self.options = {"feature_map": feature_map, "eps": eps, "clamp": clamp}
+        self._split_sequence(sequence_parallel_group)
 
     def _attend(self, q, k, v, causal, query_pad, key_pad):
-        return F.flow_attention(q, k, v, causal=causal, query_padding_mask=query_pad, key_padding_mask=key_pad,
-                                **self.options)
+        attend = F.flow_attention
+        if self.sequence_parallel_group is not None:
+            attend = functools.partial(D.sequence_parallel_flow_attention, group=self.sequence_parallel_group)
+        return attend(q, k, v, causal=causal, query_padding_mask=query_pad, key_padding_mask=key_pad, **self.options)
 
     def _weights(self, q, k, causal, query_pad, key_pad):
         return R.flow_attention_weights(q, k, causal=causal, query_padding_mask=query_pad,
@@ -173,7 +195,7 @@ class FlowAttention(_LinearMultiheadAttention):
     def step(self, x: Tensor, state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Causal self-attention over new positions x (N, T, E) (batch first; T = 1 for one decoding step)
         after the positions summarised by `state` (None: none), in O(T D M) per head: returns the output
-        (N, T, E) and the state after them (F.causal_flow_attention's layout). No gradient."""
+        (N, T, E) and the state after them (F.causal_flow_attention's layout)."""
         q, k, v = self._step_heads(x)
         out, state = F.causal_flow_attention(q, k, v, state=state, **self.options)
         return self._step_output(out), state
@@ -185,22 +207,15 @@ class LinearAttention(_LinearMultiheadAttention):
     nn.MultiheadAttention. In causal mode a key_padding_mask may only pad on the right (the causal op
     has no padding mask; right padding cannot reach valid positions).
 
-    sequence_parallel_group: a torch.distributed process group (or dist.group.WORLD) over whose ranks the
-    sequence is split (flowformer.distributed): each rank passes its contiguous slice of the sequence (rank
-    order; batch and embedding as usual) and gets its slice of the output. The parameters' gradients are
-    each rank's share: all-reduce them (as data parallelism does). Not with add_bias_kv, add_zero_attn or
-    need_weights=True (each spans the ranks)."""
+    sequence_parallel_group: as FlowAttention's."""
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, feature_map="elu1", eps=1e-6,
                  sequence_parallel_group=None):
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device, dtype)
-        if sequence_parallel_group is not None and (add_bias_kv or add_zero_attn):
-            raise ValueError("LinearAttention: sequence_parallel_group does not take add_bias_kv or add_zero_attn "
-                             "(every rank would add its own key)")
         self.options = {"feature_map": feature_map, "eps": eps}
-        self.sequence_parallel_group = sequence_parallel_group
+        self._split_sequence(sequence_parallel_group)
 
     def _attend(self, q, k, v, causal, query_pad, key_pad):
         group = self.sequence_parallel_group
@@ -219,9 +234,6 @@ class LinearAttention(_LinearMultiheadAttention):
         return F.causal_linear_attention(q, k, v, **self.options)[0]
 
     def _weights(self, q, k, causal, query_pad, key_pad):
-        if self.sequence_parallel_group is not None:
-            raise RuntimeError("LinearAttention: need_weights=True is not available with sequence_parallel_group "
-                               "(the weights span every rank's keys); pass need_weights=False")
         # Causal: the op ran without the (right) padding, which only padded queries can see.
         return R.linear_attention_weights(q, k, causal=causal, key_padding_mask=None if causal else key_pad,
                                           **self.options)

@@ -77,9 +77,9 @@ class FlowformerLM(nn.Module):
     (nn.MultiheadAttention, "softmax"); `attention_options` go to FlowAttention or LinearAttention.
 
     forward(tokens (B, L), start=0) -> logits (B, L, vocab), for training (teacher forcing); tokens[:, 0] is
-    at position `start`. Sequence parallel training: attention="linear" with sequence_parallel_group (see
-    LinearAttention); each rank passes its slice of the tokens and its first position as `start`, and
-    all-reduces the gradients.
+    at position `start`. Sequence parallel training: attention="flow" or "linear" with
+    sequence_parallel_group (see FlowAttention); each rank passes its slice of the tokens and its first
+    position as `start`, and all-reduces the gradients.
     step(tokens (B, T), state) -> (logits (B, T, vocab), state) continues the sequences from `state`
     (None at the start, then the DecodingState the previous step returned). Flow and linear attention
     carry a recurrent state of fixed size, O(d_model^2 / nhead) work per token and layer whatever the
@@ -95,9 +95,9 @@ class FlowformerLM(nn.Module):
         if attention not in _CAUSAL_ATTENTIONS:
             raise ValueError(f"FlowformerLM: attention must be one of {sorted(_CAUSAL_ATTENTIONS)}, "
                              f"got {attention!r}")
-        if attention_options.get("sequence_parallel_group") is not None and attention != "linear":
-            raise ValueError(f"FlowformerLM: sequence_parallel_group needs attention='linear' (the only sequence "
-                             f"parallel one yet), got {attention!r}")
+        if attention_options.get("sequence_parallel_group") is not None and attention == "softmax":
+            raise ValueError("FlowformerLM: sequence_parallel_group needs attention='flow' or 'linear' (softmax "
+                             "attention is not sequence parallel)")
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(max_len, d_model)
