@@ -9,6 +9,8 @@ import torch.multiprocessing as mp
 
 import distributed_worker
 from flowformer import distributed as SP
+from flowformer import functional as F
+from helpers import FORWARD_TOL, assert_close
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -40,10 +42,20 @@ def test_sequence_parallel_errors_name_the_function_and_argument(tmp_path):
             SP.sequence_parallel_causal_linear_attention(q[0], q[0], q[0])
         with pytest.raises(ValueError, match="eps must be a non-negative number"):
             SP.sequence_parallel_causal_linear_attention(q, q, q, eps=-1.0)
-        # One rank: the op itself.
+        with pytest.raises(ValueError, match="sequence_parallel_flow_attention: query_padding_mask must be bool"):
+            SP.sequence_parallel_flow_attention(q, q, q, query_padding_mask=torch.zeros(1, 5))
+        # One rank: the op itself, in every dtype.
         out = SP.sequence_parallel_causal_linear_attention(q, q, q)
         torch.testing.assert_close(out, torch.ops.flowformer.causal_linear_attention(
             q, q, q, feature_map="elu1", normalize=True, eps=1e-6)[0])
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(2, 2, 70, 8).to(dtype)
+            pad = torch.rand(2, 70) < 0.2
+            for causal in (True, False):
+                out = SP.sequence_parallel_flow_attention(x, x, x, causal=causal, key_padding_mask=pad)
+                expected = F.flow_attention(x.double(), x.double(), x.double(), causal=causal, key_padding_mask=pad)
+                assert out.dtype == dtype
+                assert_close(out, expected, FORWARD_TOL[dtype], f"flow causal={causal} {dtype}")
     finally:
         dist.destroy_process_group()
 
