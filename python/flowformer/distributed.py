@@ -21,6 +21,7 @@ together. Results and gradients equal one run of the op on the whole sequence, u
 """
 
 import contextlib
+import math
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -109,6 +110,18 @@ class _RankSum(torch.autograd.Function):
         return _sum_in_order(parts[rank + 1:] if ctx.exclusive else parts, grad), None, None
 
 
+def _join_last(*parts: Tensor) -> Tensor:
+    """The parts (same leading shape) flattened past it and joined along the last axis: one exchange for all."""
+    lead = parts[0].shape[:2]
+    return torch.cat([p.reshape(*lead, -1) for p in parts], -1)
+
+
+def _split_last(joined: Tensor, *like: Tensor) -> List[Tensor]:
+    """_join_last undone: pieces shaped as `like`."""
+    sizes = [math.prod(p.shape[2:]) for p in like]
+    return [piece.reshape(p.shape) for piece, p in zip(joined.split(sizes, -1), like)]
+
+
 def _state_dtype(query: Tensor) -> torch.dtype:
     return torch.float64 if query.dtype == torch.float64 else torch.float32
 
@@ -169,8 +182,7 @@ def sequence_parallel_causal_linear_attention(query: Tensor, key: Tensor, value:
     if rank == 0:  # rank 0's share of the scan carries the initial state
         kv = kv if initial_kv is None else kv + initial_kv
         z = z if initial_z is None else z + initial_z
-    incoming_kv = _RankSum.apply(kv, group, True)
-    incoming_z = _RankSum.apply(z, group, True)
+    incoming_kv, incoming_z = _split_last(_RankSum.apply(_join_last(kv, z), group, True), kv, z)
     if rank == 0:
         incoming_kv = incoming_kv if initial_kv is None else incoming_kv + initial_kv
         incoming_z = incoming_z if initial_z is None else incoming_z + initial_z
@@ -204,8 +216,7 @@ def sequence_parallel_linear_attention(query: Tensor, key: Tensor, value: Tensor
                          f"rank's keys, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
     dtype = _state_dtype(query)
     kv, z = _slice_state(key, value, feature_map, key_padding_mask, dtype)
-    kv = _RankSum.apply(kv, group, False)
-    z = _RankSum.apply(z, group, False)
+    kv, z = _split_last(_RankSum.apply(_join_last(kv, z), group, False), kv, z)
     q = apply_feature_map(query.to(dtype), feature_map)
     out = torch.einsum("bhld,bhdm->bhlm", q, kv) / (torch.einsum("bhld,bhd->bhl", q, z) + eps)[..., None]
     return out.to(query.dtype)
@@ -252,9 +263,8 @@ def _causal_flow_incoming_state(query, key, value, group, feature_map, eps, clam
     ok = valid[..., 0].expand(q.shape[:3])  # (B, H, L)
     # n, sum k, sum q.
     count = ok.to(dtype)
-    n_in = _RankSum.apply(count.sum(-1), group, True)
-    K_in = _RankSum.apply(k.sum(2), group, True)
-    Q_in = _RankSum.apply(q.sum(2), group, True)
+    n_in, K_in, Q_in = _split_last(_RankSum.apply(_join_last(count.sum(-1), k.sum(2), q.sum(2)), group, True),
+                                   count.sum(-1), k.sum(2), q.sum(2))
     n = n_in[..., None] + count.cumsum(-1)
     safe_n = torch.where(ok, n, torch.ones_like(n))
     K = K_in[:, :, None] + k.cumsum(2)
@@ -262,8 +272,8 @@ def _causal_flow_incoming_state(query, key, value, group, feature_map, eps, clam
     I = torch.where(ok, safe_n / _dot_eps(q, K, eps), zero)
     O = torch.where(ok, safe_n / _dot_eps(k, Q, eps), zero)
     # sum O k, sum I q.
-    A_in = _RankSum.apply((O[..., None] * k).sum(2), group, True)
-    B_in = _RankSum.apply((I[..., None] * q).sum(2), group, True)
+    A_r, B_r = (O[..., None] * k).sum(2), (I[..., None] * q).sum(2)
+    A_in, B_in = _split_last(_RankSum.apply(_join_last(A_r, B_r), group, True), A_r, B_r)
     B_prefix = B_in[:, :, None] + (I[..., None] * q).cumsum(2)
     source = torch.where(ok, torch.clamp(_dot_eps(k, B_prefix, eps) / safe_n, -clamp, clamp), zero + _NEG)
     # The competition's normaliser: log sum exp(source) of the ranks before, and their largest source.
@@ -295,14 +305,17 @@ def _noncausal_flow(query, key, value, group, feature_map, eps, clamp, qvalid, k
     q = _features(query, qvalid, feature_map, dtype)
     k = _features(key, kvalid, feature_map, dtype)
     v = torch.where(kvalid, value.to(dtype), zero)
-    counts = torch.stack([qvalid.to(dtype).sum((1, 2, 3)), kvalid.to(dtype).sum((1, 2, 3))])  # (2, B)
-    n_q, n_k = _RankSum.apply(counts, group, False)[:, :, None, None]  # (B, 1, 1) each
-    k_sum = _RankSum.apply(k.sum(2, keepdim=True), group, False)
-    q_sum = _RankSum.apply(q.sum(2, keepdim=True), group, False)
+    counts = torch.stack([qvalid.to(dtype).sum((1, 2, 3)), kvalid.to(dtype).sum((1, 2, 3))], -1)  # (B, 2)
+    counts = counts[:, None].expand(-1, q.shape[1], -1)  # (B, H, 2)
+    counts, k_sum, q_sum = _split_last(_RankSum.apply(_join_last(counts, k.sum(2), q.sum(2)), group, False),
+                                       counts, k.sum(2), q.sum(2))
+    n_q, n_k = counts[:, :1, None, :].unbind(-1)  # (B, 1, 1) each
+    k_sum, q_sum = k_sum[:, :, None], q_sum[:, :, None]
     sink_incoming = 1.0 / _dot_eps(q, k_sum, eps)  # (B, H, L)
     source_outgoing = 1.0 / _dot_eps(k, q_sum, eps)  # (B, H, S)
-    ok_sum = _RankSum.apply((k * source_outgoing[..., None]).sum(2, keepdim=True), group, False)
-    iq_sum = _RankSum.apply((q * sink_incoming[..., None]).sum(2, keepdim=True), group, False)
+    ok_r = (k * source_outgoing[..., None]).sum(2, keepdim=True)
+    iq_r = (q * sink_incoming[..., None]).sum(2, keepdim=True)
+    ok_sum, iq_sum = _split_last(_RankSum.apply(_join_last(ok_r, iq_r), group, False), ok_r, iq_r)
     conserved_sink = _dot_eps(q, ok_sum, eps)
     conserved_source = torch.clamp(_dot_eps(k, iq_sum, eps), -clamp, clamp)
     safe_n_k = n_k.clamp(min=1)

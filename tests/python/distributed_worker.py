@@ -224,8 +224,9 @@ def exchange_volume(device):
     for name, (short, long) in counts.items():
         assert short == long, f"{name}: the exchange depends on the length: {short} and {long}"
         assert long[1] <= 4 * (B * H * D * M + 8 * B * H * D) * 8, f"{name}: {long[1]} bytes"
-    state_bytes = (B * H * D * M + B * H * D) * 8  # linear attention: kv and z, forward and backward
-    assert counts["linear"][0] == counts["causal linear"][0] == (4, 2 * state_bytes), counts
+    state_bytes = (B * H * D * M + B * H * D) * 8  # linear attention: kv and z at once, forward and backward
+    assert counts["linear"][0] == counts["causal linear"][0] == (2, 2 * state_bytes), counts
+    assert counts["flow"][0][0] == counts["causal flow"][0][0] == 8, counts  # four rounds, and back
 
 
 def main(rank, world, rendezvous, backend):
