@@ -45,6 +45,16 @@ def packed_linear_attention_case(options, dtype):
     (out.float().sum() + kv.sum() + z.sum()).backward()
 
 
+def split_linear_attention_case(options, dtype):
+    # One long sequence (the split schedule of the fused kernels) and M = 128 over value tiles of the backward.
+    L, D, M = 600, 32, 128
+    q, k = (torch.randn(1, 1, L, D, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 1, L, M, device=DEVICE, dtype=dtype, requires_grad=True)
+    out, kv, z = torch.ops.flowformer.causal_linear_attention(q, k, v, **options)
+    (out.float().sum() + kv.sum() + z.sum()).backward()
+    torch.ops.flowformer.linear_attention(q, k, v, **options).float().sum().backward()
+
+
 def linear_attention_case(options, dtype):
     B, H, L, S, D = 2, 3, 150, 300, 16
     q = torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -53,6 +63,15 @@ def linear_attention_case(options, dtype):
     mask[1, -50:] = True
     out = torch.ops.flowformer.linear_attention(q, k, v, key_padding_mask=mask, **options)
     out.backward(torch.randn_like(out))
+
+
+def causal_flow_attention_case(options, dtype):
+    # Two pieces carrying the state, gradients through it (and of the final state).
+    q, k, v = (torch.randn(2, 3, 150, 16, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    out, state = torch.ops.flowformer.causal_flow_attention(q[:, :, :70], k[:, :, :70], v[:, :, :70], **options)
+    rest, final = torch.ops.flowformer.causal_flow_attention(q[:, :, 70:], k[:, :, 70:], v[:, :, 70:], state=state,
+                                                             **options)
+    (out.float().sum() + rest.float().sum() + final.sum()).backward()
 
 
 def aft_full_case(options, dtype):
@@ -80,6 +99,8 @@ CASES = [
     ]),
     ("flowformer::causal_linear_attention", packed_linear_attention_case, [dict(), dict(feature_map="sigmoid")]),
     ("flowformer::linear_attention", linear_attention_case, [dict()]),
+    ("flowformer::causal_linear_attention", split_linear_attention_case, [dict(feature_map="elu1")]),
+    ("flowformer::causal_flow_attention", causal_flow_attention_case, [dict(), dict(clamp=float("inf"))]),
     ("flowformer::aft_full", aft_full_case, [dict(causal=False), dict(causal=True), dict(causal=True, window=5)]),
     ("flowformer::aft_conv", aft_conv_case, [dict()]),
 ]
