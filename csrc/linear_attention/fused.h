@@ -70,12 +70,12 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
          build.shared_limit;
 }
 
-// The non-causal backward takes what the causal one does (D <= 128).
+// The non-causal backward takes D, M in {16, 32, 64, 128, 256} within the shared memory.
 inline bool takes_noncausal_backward(const at::Tensor& query, const at::Tensor& value, const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
   const std::size_t static_bytes = std::size_t(4) * (2 * D + 3 * kernels::kChunkRows + 4);  // float vectors
   const int BM = kernels::backward_value_tile(int(D), int(M));
-  return takes_noncausal(query, value, build) && kernels::fused_backward_dims(D, M) &&
+  return takes_noncausal(query, value, build) && kernels::fused_backward_dims(D, M, /*causal=*/false) &&
          kernels::noncausal_backward_shared_bytes(int(D), BM) + static_bytes <= build.shared_limit;
 }
 
@@ -84,7 +84,7 @@ inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, con
                            const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
   const int BM = kernels::backward_value_tile(int(D), int(M));
-  return takes_inputs(query, cu) && kernels::fused_backward_dims(D, M) &&
+  return takes_inputs(query, cu) && kernels::fused_backward_dims(D, M, /*causal=*/true) &&
          kernels::causal_backward_block_bytes(int(D), BM) <= build.shared_limit;
 }
 

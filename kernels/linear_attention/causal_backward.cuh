@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_key_grads_kernel(Ca
 template <int D>
 void CausalQueryGrads<D>::run(const CausalBackwardParams& p, void* stream) {
   constexpr const char* op = "causal_linear_attention_backward";
-  launch_backward_pass<D>(p, "causal_query_grads", op, stream, [](auto type, auto tile) {
+  launch_backward_pass<D, kMaxCausalBackwardD>(p, "causal_query_grads", op, stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&causal_query_grads_kernel<T, D, decltype(tile)::value>,
                      causal_backward_shared_bytes(D, decltype(tile)::value)};
@@ -319,7 +319,7 @@ void CausalQueryGrads<D>::run(const CausalBackwardParams& p, void* stream) {
 template <int D>
 void CausalKeyGrads<D>::run(const CausalBackwardParams& p, void* stream) {
   constexpr const char* op = "causal_linear_attention_backward";
-  launch_backward_pass<D>(p, "causal_key_grads", op, stream, [](auto type, auto tile) {
+  launch_backward_pass<D, kMaxCausalBackwardD>(p, "causal_key_grads", op, stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&causal_key_grads_kernel<T, D, decltype(tile)::value>,
                      causal_backward_shared_bytes(D, decltype(tile)::value)};

@@ -649,10 +649,10 @@ void launch_forward_like(const Params& p, const char* name, const char* op, void
   }
 }
 
-// A pass of a backward over its forward-like grid: D <= 128 (fused_backward_dims).
-template <int D, typename Params, typename KernelOf>
+// A pass of a backward over its forward-like grid (value tiles of backward_value_tile): D up to MaxD.
+template <int D, int MaxD, typename Params, typename KernelOf>
 void launch_backward_pass(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
-  if constexpr (D <= 128) {
+  if constexpr (D <= MaxD) {
     return launch_forward_like<D, /*Backward=*/true>(p, name, op, stream, kernel_of);
   }
   throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D));

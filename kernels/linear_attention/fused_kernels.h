@@ -112,8 +112,8 @@ constexpr int value_tile(int D, int M) {
   const int cap = D <= 64 ? 64 : 32;
   return M < cap ? M : cap;
 }
-// The value tile of a backward pass: the forward's for D <= 64; 16 columns for D = 128, whose passes hold a D-wide
-// row tile of float accumulators besides the state (with 32 columns the sm_90 code spills registers).
+// The value tile of a backward pass: the forward's for D <= 64; 16 columns for D >= 128, whose passes hold
+// D-wide row tiles of float accumulators besides the state (with 32 columns the sm_90 code spills registers).
 constexpr int backward_value_tile(int D, int M) { return D <= 64 ? value_tile(D, M) : 16; }
 // Dynamic shared memory of a forward block: q and k tiles (2 stages), v tiles (2 stages), the state's hi and
 // lo 16-bit parts; rows padded by 8 elements (16 bytes) against bank conflicts.
@@ -153,10 +153,13 @@ constexpr std::size_t noncausal_backward_shared_bytes(int D, int BM) {
   return std::size_t(2) * (3 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
 
-// The backwards take D <= 128 (a chunk's D-wide rows of dq, dk in a warp's registers) and D, M in {16, 32, 64,
-// 128, 256}. Dynamic shared memory of either causal pass (value tile BM): q, k, v, dout tiles (2 stages), one
-// feature tile, the state's two parts.
-constexpr bool fused_backward_dims(int64_t D, int64_t M) { return fused_head_dim(D) && fused_head_dim(M) && D <= 128; }
+// The backwards take D, M in {16, 32, 64, 128, 256}; the causal one D <= 128 (its first pass holds a chunk's
+// D-wide rows of z_t in shared memory and of P_t in registers). Dynamic shared memory of either causal pass
+// (value tile BM): q, k, v, dout tiles (2 stages), one feature tile, the state's two parts.
+constexpr int kMaxCausalBackwardD = 128;
+constexpr bool fused_backward_dims(int64_t D, int64_t M, bool causal) {
+  return fused_head_dim(D) && fused_head_dim(M) && (!causal || D <= kMaxCausalBackwardD);
+}
 constexpr std::size_t causal_backward_shared_bytes(int D, int BM) {
   return std::size_t(2) * (5 * kChunkRows * (D + 8) + 4 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }

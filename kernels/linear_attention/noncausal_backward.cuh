@@ -3,7 +3,8 @@
 // columns) in chunks of 64 rows, with the tile's D x BM part of the state. q, k = phi(query), phi(key); S, z the
 // forward's sums.
 // 1. Queries:  den_t = <q_t, z> + eps (1 without normalisation)      P_t = S dout_t   mma (S as hi + lo parts)
-//              dden_t = -<q_t, P_t> / den_t^2      dq_t = phi'(query_t) (P_t / den_t + dden_t z)
+//              dden_t = -<q_t, P_t> / den_t^2 = -<S^T q_t, dout_t> / den_t^2 (M-wide: no D-wide row tile)
+//              dq_t = phi'(query_t) (P_t / den_t + dden_t z), 64 columns of P at a time
 //              the segment's dS += sum_t q_t dnum_t^T, dnum_t = dout_t / den_t, and dz += sum_t dden_t q_t
 //              (add_query_gradient_sums: mma of (q_t / den_t) 2^-e, scaled into [-1, 1], with dout_t)
 // 2. Keys, with dS, dz the segments' sums added in order by the host:
@@ -72,6 +73,7 @@ template <typename T, int D, int BM>
 struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
   using Base = NoncausalBlock<T, D, BM>;
   using Base::l, Base::p, Base::span;
+  static constexpr int kColumns = D < 64 ? D : 64;
   simt::shared_ptr<float> den_s, inv_den_s, dden_s, dz_s;
   int64_t sums_at;  // offset of the segment's (N G, H, D, M) sums
   typename Base::State dS;
@@ -83,9 +85,9 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
     apply_feature_map(p.feature_map, query, q, left);
     __syncthreads();
     row_dots(q, this->vector_s, den_s);
-    RowTile<D> P;  // 2^-e S dout_t
-    P.zero();
-    Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P);
+    RowTile<BM> num;  // 2^-e S^T q_t (the forward's numerator): <q_t, S dout_t> = <num_t, dout_t>
+    num.zero();
+    Base::State::template rows_times<true>(l, q, this->s_hi(), this->s_lo(), num);
     __syncthreads();  // den_s written
     float inv_den[2], dden[2] = {0.f, 0.f};
     FF_UNROLL
@@ -94,11 +96,10 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
       const float qz = den_s[row];
       inv_den[i] = 1.f / (p.normalize ? qz + p.eps : 1.f);
       FF_UNROLL
-      for (int n = 0; n < D / 8; ++n) {
+      for (int n = 0; n < BM / 8; ++n) {
         FF_UNROLL
         for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          P.acc[n][e] *= this->unscale;
-          dden[i] += q.get(l.row(e), n * 8 + l.col(e)) * P.acc[n][e];
+          dden[i] += num.acc[n][e] * this->unscale * dout.get(l.row(e), n * 8 + l.col(e));
         }
       }
       dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 1);
@@ -109,11 +110,17 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
         dden_s[row] = row < left ? dden[i] : 0.f;
       }
     }
-    this->out.template store_d<T, D, D>(l, p, p.dq, p.dq_parts, c, 0, left, [&](int n, int e) {
-      const int row = l.row(e), col = n * 8 + l.col(e);
-      const float z = this->vector_s[col];
-      return feature_gradient(p.feature_map, P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * z, query.get(row, col));
-    });
+    for (int d0 = 0; d0 < D; d0 += kColumns) {  // dq a part at a time: fewer registers (D = 256 fits)
+      RowTile<kColumns> P;  // 2^-e S dout_t, columns d0 ..
+      P.zero();
+      Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P, d0);
+      this->out.template store_d<T, D, kColumns>(l, p, p.dq, p.dq_parts, c, d0, left, [&](int n, int e) {
+        const int row = l.row(e), col = d0 + n * 8 + l.col(e);
+        const float z = this->vector_s[col];
+        const float grad = P.acc[n][e] * this->unscale * inv_den[e / 2] + dden[e / 2] * z;
+        return feature_gradient(p.feature_map, grad, query.get(row, col));
+      });
+    }
     __syncthreads();  // inv_den_s, dden_s written
     add_query_gradient_sums(l, q, dout, inv_den_s, dden_s, this->largest_s, dS, dz_s);
     __syncthreads();  // the stage may be loaded again; den_s, inv_den_s, dden_s, largest_s rewritten
@@ -225,7 +232,8 @@ __global__ void __launch_bounds__(kForwardThreads, 1) noncausal_key_grads_kernel
 
 template <int D>
 void NoncausalQueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
-  launch_backward_pass<D>(p, "noncausal_query_grads", "linear_attention_backward", stream, [](auto type, auto tile) {
+  constexpr const char* op = "linear_attention_backward";
+  launch_backward_pass<D, 256>(p, "noncausal_query_grads", op, stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&noncausal_query_grads_kernel<T, D, decltype(tile)::value>,
                      NoncausalBlock<T, D, decltype(tile)::value>::kSharedElements * sizeof(T)};
@@ -234,7 +242,8 @@ void NoncausalQueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream)
 
 template <int D>
 void NoncausalKeyGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
-  launch_backward_pass<D>(p, "noncausal_key_grads", "linear_attention_backward", stream, [](auto type, auto tile) {
+  constexpr const char* op = "linear_attention_backward";
+  launch_backward_pass<D, 256>(p, "noncausal_key_grads", op, stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&noncausal_key_grads_kernel<T, D, decltype(tile)::value>,
                      NoncausalBlock<T, D, decltype(tile)::value>::kSharedElements * sizeof(T)};

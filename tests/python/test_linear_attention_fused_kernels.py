@@ -245,6 +245,13 @@ def test_fused_backward_value_tiles(gen, D, M, L, dtype, device):
     assert_noncausal_close(*noncausal_case(gen, 1, 1, L, L - 30, D, M, dtype, device), dtype)
 
 
+@pytest.mark.parametrize("device", devices(NONCAUSAL))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_fused_noncausal_backward_of_256_wide_heads(gen, dtype, device):
+    # D = 256: the queries' pass takes dden_t from the M-wide S^T q_t and dq 64 columns at a time.
+    assert_noncausal_close(*noncausal_case(gen, 1, 2, 130, 100, 256, 32, dtype, device), dtype)
+
+
 @pytest.mark.parametrize("device", devices(OP))
 @pytest.mark.parametrize("causal", [True, False])
 def test_fused_linear_attention_queries_without_features_in_half(gen, causal, device):

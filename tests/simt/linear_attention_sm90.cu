@@ -34,8 +34,10 @@ template struct NoncausalQueryGrads<16>;
 template struct NoncausalQueryGrads<32>;
 template struct NoncausalQueryGrads<64>;
 template struct NoncausalQueryGrads<128>;
+template struct NoncausalQueryGrads<256>;
 template struct NoncausalKeyGrads<16>;
 template struct NoncausalKeyGrads<32>;
 template struct NoncausalKeyGrads<64>;
 template struct NoncausalKeyGrads<128>;
+template struct NoncausalKeyGrads<256>;
 }  // namespace flowformer::linear_attention_kernels::cuda

@@ -476,7 +476,7 @@ Outputs run_noncausal(const Problem<T>& problem, const Noncausal& n) {
   o.z = z.data();
   kernels::run_for_head_dim<kernels::emulated::StateOutput>(o, nullptr);
   Outputs results{{"out", Problem<T>::widen(out)}, {"kv", Problem<T>::widen(kv)}, {"z", Problem<T>::widen(z)}};
-  if (kernels::fused_backward_dims(c.D, c.M)) {
+  if (kernels::fused_backward_dims(c.D, c.M, /*causal=*/false)) {
     results.merge(noncausal_backward(problem, n, kv, z));
   }
   return results;
@@ -649,7 +649,7 @@ void check_noncausal(const Case& c, const std::vector<kernels::Segments>& segmen
       INFO("schedule " << schedule.name << ", D " << c.D << " M " << c.M << ", segments " << segments.segments);
       simt::OptionsScope scope(schedule.options);
       const Outputs results = run_noncausal(problem, n);
-      CHECK(results.size() == (kernels::fused_backward_dims(c.D, c.M) ? 6u : 3u));
+      CHECK(results.size() == (kernels::fused_backward_dims(c.D, c.M, /*causal=*/false) ? 6u : 3u));
       for (const auto& [name, values] : results) {
         INFO(name);
         CHECK(relative_error(values, expected.at(name)) < (name[0] == 'd' ? 2 * tol : tol));
