@@ -1,10 +1,12 @@
 // Causal linear attention, backward, fused on tensor cores (bf16 or half inputs, float32 states and sums):
 // two passes over each (sequence, head, value tile of BM columns), one block of 4 warps each. q, k = phi(query),
 // phi(key); per chunk of 64 rows t, with the chunk's masked score matrices and the state at the chunk's start:
-// 1. Forward order, state (S, z) as in the forward:
-//      z_t = z + sum_{j<=t} k_j (prefix sums, float)      den_t = <q_t, z_t> + eps (1 without normalisation)
-//      P_t = S_t dout_t = S dout_t + sum_{j<=t} k_j <v_j, dout_t>                   mma
-//      dden_t = -<q_t, P_t> / den_t^2 (0 without normalisation)      dq_t = P_t / den_t + dden_t z_t
+// 1. Forward order, state (S, z) as in the forward; z_t = z + sum_{j<=t} k_j, S_t alike, never formed:
+//      den_t = <q_t, z_t> + eps = <q_t, z> + sum_{j<=t} <q_t, k_j> + eps (1 without normalisation)     mma
+//      dden_t = -<q_t, S_t dout_t> / den_t^2 = -<num_t, dout_t> / den_t^2 with the forward's numerator
+//      num_t = S^T q_t + sum_{j<=t} <q_t, k_j> v_j (0 without normalisation)                            mma
+//      dq_t = S_t dout_t / den_t + dden_t z_t = P_t / den_t + dden_t z,
+//      P_t = S dout_t + sum_{j<=t} k_j (<v_j, dout_t> + dden_t den_t)               mma, 64 columns at a time
 //      then S += k^T v, z += sum k. 1 / den_t and dden_t go to a work space for pass 2.
 // 2. Reverse order, state R = dS_L + sum_{t' > chunk} q_t' dnum_t'^T, r = dz_L + sum dden_t' q_t', with
 //    dnum_t = dout_t / den_t:
@@ -87,8 +89,8 @@ template <typename T, int D, int BM>
 struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
   using Base = BackwardBlockBase<T, D, BM>;
   using Base::l, Base::p, Base::S, Base::span;
-  ChunkTile<float, D> z_rows;  // z_t of the chunk's rows (float, in shared memory)
-  simt::shared_ptr<float> z_s, den_s, inv_den_s, dden_s, dz_s;
+  static constexpr int kColumns = D < 64 ? D : 64;
+  simt::shared_ptr<float> z_s, qz_s, inv_den_s, dden_s, dz_s;  // z_s: z at the chunk's start
   typename Base::State dS;     // the segment's sums (split schedule)
 
   FF_DEVICE void chunk(int64_t c, int stage) {
@@ -98,52 +100,36 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
     apply_feature_map(p.feature_map, query, q, left);
     apply_feature_map(p.feature_map, k, k, left);
     __syncthreads();
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {  // z_t, one thread a column
-      float running = z_s[d];
-      for (int r = 0; r < kChunkRows; ++r) {
-        running += k.get(r, d);
-        z_rows.data[r * z_rows.kLd + d] = running;
-      }
-      z_s[d] = running;
-    }
-    __syncthreads();
-    {
-      const int r = int(threadIdx.x) / 2, part = int(threadIdx.x) % 2;  // den_t, two threads a row
-      float sum = 0;
-      for (int d = part * (D / 2); d < (part + 1) * (D / 2); ++d) {
-        const float zt = z_rows.data[r * z_rows.kLd + d];
-        sum += q.get(r, d) * zt;
-      }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      if (part == 0) {
-        den_s[r] = p.normalize ? sum + p.eps : 1.f;
-      }
-    }
-    RowTile<D> P;  // 2^-e S_t dout_t
-    P.zero();
-    Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P);
-    Scores<true> G;  // <dout_t, v_j>, j <= t
-    G.template compute<T, BM>(l, dout, v);
-    G.mask(l, [](int) { return 0.f; });
-    G.template times<T>(l, k, S.scale(), P);
-    __syncthreads();  // den_s written; the state's parts read
-    float inv_den[2], dden[2] = {0.f, 0.f};
+    row_dots(q, z_s, qz_s);
+    // den_t = <q_t, z> + sum_{j<=t} <q_t, k_j> + eps; 2^-e num_t = 2^-e S_t^T q_t (the forward's numerator)
+    Scores<true> A;
+    A.template compute<T, D>(l, q, k);
+    A.mask(l, [](int, int) { return 0.f; });
+    float a_sum[2] = {0.f, 0.f};
+    A.s.row_sums(a_sum);
+    RowTile<BM> num;
+    num.zero();
+    Base::State::template rows_times<true>(l, q, this->s_hi(), this->s_lo(), num);
+    A.template times<T>(l, v, S.scale(), num);
+    __syncthreads();  // qz_s written
+    float inv_den[2], dden[2] = {0.f, 0.f}, weight[2];  // dden_t = -<num_t, dout_t> / den_t^2, weight dden_t den_t
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
-      const float den = den_s[l.row(2 * i)];
+      const int row = l.row(2 * i);
+      const float qz = qz_s[row];
+      const float den = p.normalize ? qz + a_sum[i] + p.eps : 1.f;
       inv_den[i] = 1.f / den;
       FF_UNROLL
-      for (int n = 0; n < D / 8; ++n) {
+      for (int n = 0; n < BM / 8; ++n) {
         FF_UNROLL
         for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          P.acc[n][e] *= S.unscale();
-          dden[i] += q.get(l.row(e), n * 8 + l.col(e)) * P.acc[n][e];
+          dden[i] += num.acc[n][e] * S.unscale() * dout.get(l.row(e), n * 8 + l.col(e));
         }
       }
       dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 1);
       dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 2);
       dden[i] = p.normalize ? -dden[i] * inv_den[i] * inv_den[i] : 0.f;
-      const int row = l.row(2 * i);
+      weight[i] = dden[i] * den;
       if (l.t == 0 && row < left) {  // the tile's share of dden_t
         const int64_t at = this->out.rows_at + c * kChunkRows + row;
         if (this->out.tile == 0) {
@@ -156,18 +142,34 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
         dden_s[row] = row < left ? dden[i] : 0.f;
       }
     }
-    this->out.template store_d<T, D, D>(l, p, p.dq, p.dq_parts, c, 0, left, [&](int n, int e) {
-      const int row = l.row(e), col = n * 8 + l.col(e);
-      const float zt = z_rows.data[row * z_rows.kLd + col];
-      return feature_gradient(p.feature_map, P.acc[n][e] * inv_den[e / 2] + dden[e / 2] * zt, query.get(row, col));
-    });
+    // dq_t = P_t / den_t + dden_t z_t with z_t = z + sum_{j<=t} k_j: P'_t / den_t + dden_t z, where
+    // P'_t = S dout_t + sum_{j<=t} k_j (<v_j, dout_t> + dden_t den_t)
+    Scores<true> G;
+    G.template compute<T, BM>(l, dout, v);
+    const float weight_g = weight[0], weight_g8 = weight[1];  // rows g and g + 8 (bit 3 of the row): registers
+    G.mask(l, [&](int row, int) { return (row & 8) != 0 ? weight_g8 : weight_g; });
+    const float g_fit = G.template fit<T>();
+    for (int d0 = 0; d0 < D; d0 += kColumns) {  // a part of dq at a time: fewer registers (D = 256 fits)
+      RowTile<kColumns> P;  // 2^-e P'_t, columns d0 ..
+      P.zero();
+      G.template times<T>(l, k, g_fit, P, d0);
+      P.scale(S.scale() / g_fit);
+      Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P, d0);
+      this->out.template store_d<T, D, kColumns>(l, p, p.dq, p.dq_parts, c, d0, left, [&](int n, int e) {
+        const int row = l.row(e), col = d0 + n * 8 + l.col(e);
+        const float z = z_s[col];
+        const float grad = P.acc[n][e] * S.unscale() * inv_den[e / 2] + dden[e / 2] * z;
+        return feature_gradient(p.feature_map, grad, query.get(row, col));
+      });
+    }
+    __syncthreads();  // inv_den_s, dden_s written; q, z_s, the state's parts read
     if (p.dkv_sums != nullptr) {
-      __syncthreads();  // inv_den_s, dden_s written; q read
       add_query_gradient_sums(l, q, dout, inv_den_s, dden_s, this->largest_s, dS, dz_s);
     }
     S.add_product(l, k, v);
+    add_column_sums(k, [](int) { return 1.f; }, z_s);
     S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
-    __syncthreads();  // the stage may be loaded again; z_rows, den_s, inv_den_s, dden_s, the state's parts rewritten
+    __syncthreads();  // the stage may be loaded again; z_s, qz_s, inv_den_s, dden_s, the state's parts rewritten
   }
 
   FF_DEVICE void run() {
@@ -218,7 +220,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, BM> {
     const float up = ldexpf(1.f, e), to_state = up * S.scale();  // from 2^-e to the state's units
     Scores<false> W;  // <v_t, dout_t'> + w_t', t' >= t
     W.template compute<T, BM>(l, v, dout);
-    W.mask(l, [&](int key_row) { return first_tile ? float(weight_s[key_row]) : 0.f; });
+    W.mask(l, [&](int, int key_row) { return first_tile ? float(weight_s[key_row]) : 0.f; });
     const float w_fit = W.template fit<T>();
     for (int d0 = 0; d0 < D; d0 += kKeyColumns) {  // a part of dk at a time: fewer registers
       RowTile<kKeyColumns> dk;  // 2^-e_R (R v_t + sum_{t'>=t} q_t' (<v_t, dnum_t'> + dden_t'))
@@ -236,7 +238,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, BM> {
     dv.zero();
     Scores<false> G;
     G.template compute<T, D>(l, k, q);
-    G.mask(l, [](int) { return 0.f; });
+    G.mask(l, [](int, int) { return 0.f; });
     const float g_fit = G.template fit<T>();
     G.template times<T>(l, dout, g_fit, dv);
     dv.scale(to_state / g_fit);
@@ -283,15 +285,13 @@ template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kForwardThreads, 1) causal_query_grads_kernel(CausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
-  using ZRows = ChunkTile<float, D>;
-  FF_SHARED(float, z_rows, ZRows::kSize);
   FF_SHARED(float, z_s, D);
-  FF_SHARED(float, den_s, kChunkRows);
+  FF_SHARED(float, qz_s, kChunkRows);
   FF_SHARED(float, inv_den_s, kChunkRows);
   FF_SHARED(float, dden_s, kChunkRows);
   FF_SHARED(float, dz_s, D);
   BackwardQueryBlock<T, D, BM> block{
-      backward_base<T, D, BM>(p, tiles, largest_s), {z_rows}, z_s, den_s, inv_den_s, dden_s, dz_s, {}};
+      backward_base<T, D, BM>(p, tiles, largest_s), z_s, qz_s, inv_den_s, dden_s, dz_s, {}};
   block.run();
 }
 

@@ -59,7 +59,7 @@ struct CausalForwardBlock {
   FF_DEVICE void chunk_rows(int64_t c, int stage) const {
     Scores<true> G;
     G.template compute<T, D>(l, q_tile(stage), k_tile(stage));
-    G.mask(l, [](int) { return 0.f; });
+    G.mask(l, [](int, int) { return 0.f; });
     float score_sum[2] = {0.f, 0.f};
     G.s.row_sums(score_sum);
     RowTile<BM> num;

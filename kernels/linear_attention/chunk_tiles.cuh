@@ -338,15 +338,15 @@ struct Scores {
     }
   }
 
-  // s[row][key] + key_add(key) on this side of the diagonal, 0 on the other.
-  template <typename KeyAdd>
-  FF_DEVICE void mask(const Lane& l, const KeyAdd& key_add) {
+  // s[row][key] + add(row, key) on this side of the diagonal, 0 on the other.
+  template <typename Add>
+  FF_DEVICE void mask(const Lane& l, const Add& add) {
     FF_UNROLL
     for (int n = 0; n < kChunkRows / 8; ++n) {
       FF_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int row = l.row(e), key = n * 8 + l.col(e);
-        s.acc[n][e] = kept(row, key) ? s.acc[n][e] + key_add(key) : 0.f;
+        s.acc[n][e] = kept(row, key) ? s.acc[n][e] + add(row, key) : 0.f;
       }
     }
   }

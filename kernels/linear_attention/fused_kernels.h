@@ -153,20 +153,19 @@ constexpr std::size_t noncausal_backward_shared_bytes(int D, int BM) {
   return std::size_t(2) * (3 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
 
-// The backwards take D, M in {16, 32, 64, 128, 256}; the causal one D <= 128 (its first pass holds a chunk's
-// D-wide rows of z_t in shared memory and of P_t in registers). Dynamic shared memory of either causal pass
-// (value tile BM): q, k, v, dout tiles (2 stages), one feature tile, the state's two parts.
-constexpr int kMaxCausalBackwardD = 128;
+// The backwards take D, M in {16, 32, 64, 128, 256}. Dynamic shared memory of either causal pass (value tile
+// BM): q, k, v, dout tiles (2 stages), one feature tile, the state's two parts.
+constexpr int kMaxCausalBackwardD = 256;
 constexpr bool fused_backward_dims(int64_t D, int64_t M, bool causal) {
   return fused_head_dim(D) && fused_head_dim(M) && (!causal || D <= kMaxCausalBackwardD);
 }
 constexpr std::size_t causal_backward_shared_bytes(int D, int BM) {
   return std::size_t(2) * (5 * kChunkRows * (D + 8) + 4 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
-// All of a causal backward block's shared memory: the dynamic part and the static float arrays (the first
-// pass's z_t rows, two vectors of D floats and three of 64, the warps' maxima).
+// All of a causal backward block's shared memory: the dynamic part and the static float arrays (two vectors of
+// D floats and three of 64, the warps' maxima).
 constexpr std::size_t causal_backward_block_bytes(int D, int BM) {
-  return causal_backward_shared_bytes(D, BM) + std::size_t(4) * (kChunkRows * (D + 8) + 2 * D + 3 * kChunkRows + 4);
+  return causal_backward_shared_bytes(D, BM) + std::size_t(4) * (2 * D + 3 * kChunkRows + 4);
 }
 
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/linear_attention/

@@ -247,9 +247,16 @@ def test_fused_backward_value_tiles(gen, D, M, L, dtype, device):
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_fused_noncausal_backward_of_256_wide_heads(gen, dtype, device):
-    # D = 256: the queries' pass takes dden_t from the M-wide S^T q_t and dq 64 columns at a time.
+def test_fused_backward_of_256_wide_heads(gen, dtype, device):
+    # D = 256: the queries' passes take dden_t from the M-wide numerator and dq 64 columns at a time.
     assert_noncausal_close(*noncausal_case(gen, 1, 2, 130, 100, 256, 32, dtype, device), dtype)
+    q, k = (randn(gen, 1, 2, 130, 256, dtype=dtype, device=device) for _ in range(2))
+    v = randn(gen, 1, 2, 130, 32, dtype=dtype, device=device)
+    grad_out = randn(gen, 1, 2, 130, 32, dtype=dtype, device=device)
+    (out, kv, z), grads = gradients(q, k, v, grad_out)
+    _, expected = gradients(*(t.double().cpu() for t in (q, k, v)), grad_out.double().cpu())
+    for name, a, b in zip(("query", "key", "value"), grads, expected):
+        assert_close(a, b, grad_tol(dtype), f"grad {name}")
 
 
 @pytest.mark.parametrize("device", devices(OP))

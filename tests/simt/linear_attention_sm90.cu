@@ -20,6 +20,8 @@ template struct CausalQueryGrads<64>;
 template struct CausalKeyGrads<64>;
 template struct CausalQueryGrads<128>;
 template struct CausalKeyGrads<128>;
+template struct CausalQueryGrads<256>;
+template struct CausalKeyGrads<256>;
 template struct SegmentSums<16>;
 template struct SegmentSums<32>;
 template struct SegmentSums<64>;

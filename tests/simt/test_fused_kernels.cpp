@@ -678,8 +678,11 @@ TEST_CASE("fused causal kernels: head dims and value tiles (the backward's tiles
   check<simt::half>(Case{{70}, false, 1, 32, 256}, two_schedules());  // 4 tiles
 }
 
-TEST_CASE("fused causal forward: 256-wide heads") {
-  check<simt::bf16>(Case{{75}, false, 1, 256, 32}, two_schedules(), Pass::Forward);
+TEST_CASE("fused causal kernels: 256-wide heads") {
+  check<simt::bf16>(Case{{75}, false, 1, 256, 32}, two_schedules());
+  Case split{{150}, false, 1, 256, 16};
+  split.backward_segments = {3, 64};  // 64 + 64 + 22 rows
+  check<simt::half>(split, two_schedules(), Pass::Backward);
 }
 
 TEST_CASE("fused causal kernels: head dims, batches of equal lengths") {
