@@ -9,6 +9,7 @@ import torch.distributed as dist
 from flowformer import distributed as SP
 from flowformer import functional as F
 from flowformer.nn import FlowAttention, LinearAttention
+from helpers import leave_spawned_rank
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 # Slice lengths by world size: uneven, one of length 1.
@@ -243,3 +244,4 @@ def main(rank, world, rendezvous, backend):
         exchange_volume(device)
     finally:
         dist.destroy_process_group()
+    leave_spawned_rank()

@@ -1,5 +1,8 @@
 """Shared by the op tests: devices, tolerances (spec), random inputs, error measures."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -71,3 +74,14 @@ def features_input(gen, shape, feature_map, dtype=torch.float32, device="cpu"):
     elif feature_map == "relu":
         x[..., 0] = x[..., 0].abs() + 0.1
     return x.to(dtype=dtype, device=device)
+
+
+def leave_spawned_rank():
+    """Ends a spawned rank that passed, after destroy_process_group, without interpreter finalization. Torch's
+    gloo worker thread releases the last collective's tensors after the collective has completed; if that
+    release still waits for the GIL when finalization starts, the thread is unwound inside a noexcept
+    destructor and the process aborts ("terminate called without an active exception"; pytorch/pytorch PR
+    179291). A rank that fails raises before this, so mp.spawn still reports its error."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

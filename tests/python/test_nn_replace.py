@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import flowformer.nn as fnn
-from helpers import randn
+from helpers import leave_spawned_rank, randn
 
 OPS = {"flow": "flowformer::flow_attention", "linear": ("flowformer::linear_attention",
                                                         "flowformer::causal_linear_attention")}
@@ -94,6 +94,7 @@ def _ddp_worker(rank, world, init_file, state, batches, result_file):
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, result_file)
     dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 def test_distributed_data_parallel_gloo_matches_one_process(gen, tmp_path):
