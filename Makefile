@@ -75,7 +75,8 @@ bench: setup
 		--out benchmarks/results/cpu
 
 # On a CUDA machine (no network needed), in about 8 minutes: build for that GPU, the SIMT layout probe, the
-# CUDA tests, compute-sanitizer (four tools), benchmarks at two lengths; results and a summary in $(OUT).
+# CUDA tests, compute-sanitizer (four tools), benchmarks (two lengths; linear attention's decoding step and
+# length sweeps); results and a summary in $(OUT).
 gpu-check:
 	bash benchmarks/gpu_check.sh $(OUT)
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -31,12 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class Suite:
     name: str                   # the op; names the output files
-    modes: Dict[str, bool]      # mode name -> causal
-    make_impls: Callable        # (compile_reference: bool) -> {impl name: fn(q, k, v, causal) -> Tensor}
+    modes: Dict[str, Any]       # mode name -> the mode (causal: bool, or the suite's own mode object)
+    make_impls: Callable        # (compile_reference: bool) -> {impl name: fn(q, k, v, mode) -> Tensor}
     min_bytes: Callable         # (args, L, itemsize, backward: bool) -> bytes flowformer must move
-    reference_bytes: Callable   # (args, L, causal, itemsize) -> bytes the eager reference holds at once
+    reference_bytes: Callable   # (args, L, mode, itemsize) -> bytes the eager reference holds at once
     description: str = ""
     inputs: Optional[Callable] = None  # (args, L, device, dtype, requires_grad) -> (inputs, grad); else qkv()
+    skip: Optional[Callable] = None    # (impl name, mode) -> why it does not run in that mode, or None
 
 
 def make_inputs(suite, args, L, device, dtype, requires_grad):
@@ -62,11 +63,11 @@ def copy_bandwidth_gbs(device, nbytes=1 << 30, repeat=10):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def measure_memory_cuda(fn, ts, grad, causal):
+def measure_memory_cuda(fn, ts, grad, setting):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fn(*ts, causal).backward(grad)
+    fn(*ts, setting).backward(grad)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -84,11 +85,11 @@ def memory_child(suite, args):
     impl, mode, L = args.measure_memory[0], args.measure_memory[1], int(args.measure_memory[2])
     dtype = getattr(torch, args.dtype)
     fn = suite.make_impls(False)[impl]
-    causal = suite.modes[mode]
+    setting = suite.modes[mode]
     small, small_grad = make_inputs(suite, args, 8, "cpu", dtype, True)
-    fn(*small, causal).backward(small_grad)  # one-time initialisation
+    fn(*small, setting).backward(small_grad)  # one-time initialisation
     ts, grad = make_inputs(suite, args, L, "cpu", dtype, True)
-    print(peak_rss_growth_mib(lambda: fn(*ts, causal).backward(grad)))
+    print(peak_rss_growth_mib(lambda: fn(*ts, setting).backward(grad)))
 
 
 def commit():
@@ -118,23 +119,28 @@ def run(suite, args):
     dtype = getattr(torch, args.dtype)
     itemsize = torch.tensor([], dtype=dtype).element_size()
     impls = suite.make_impls(args.compile)
+    if args.impls:
+        impls = {name: fn for name, fn in impls.items() if name in args.impls.split(",") or name == "flowformer"}
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         f"flowformer::{suite.name}", "CUDA" if device.type == "cuda" else "CPU")
     budget = args.memory_budget_gib * 2**30
     bandwidth = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     rows = []
     for mode in args.modes.split(","):
-        causal = suite.modes[mode]
+        setting = suite.modes[mode]
         for L in (int(x) for x in args.lengths.split(",")):
             ts, grad = make_inputs(suite, args, L, device, dtype, True)
             runnable, skipped = {}, {}
             for impl, fn in impls.items():
+                reason = suite.skip and suite.skip(impl, setting)
                 if impl == "flowformer" and not has_kernel:
                     skipped[impl] = f"no {device.type} kernel in this build"
-                elif impl.startswith("reference") and suite.reference_bytes(args, L, causal, itemsize) > budget:
+                elif reason:
+                    skipped[impl] = reason
+                elif impl.startswith("reference") and suite.reference_bytes(args, L, setting, itemsize) > budget:
                     skipped[impl] = "reference does not fit the memory budget"
                 else:
-                    runnable[impl] = lambda *xs, f=fn: f(*xs, causal)
+                    runnable[impl] = lambda *xs, f=fn: f(*xs, setting)
             try:
                 forward = time_interleaved_ms({n: forward_only(f, ts) for n, f in runnable.items()}, device,
                                               args.repeat)
@@ -152,7 +158,7 @@ def run(suite, args):
                     row["forward_ms"] = forward[impl]
                     row["forward_backward_ms"] = both[impl]
                     if device.type == "cuda":
-                        row["peak_memory_mib"] = measure_memory_cuda(impls[impl], ts, grad, causal)
+                        row["peak_memory_mib"] = measure_memory_cuda(impls[impl], ts, grad, setting)
                     elif args.memory:
                         row["peak_memory_mib"] = measure_memory_cpu(args, impl, mode, L)
                     if bandwidth and impl == "flowformer":
@@ -254,6 +260,7 @@ def main(suite, doc, argv=None):
     parser.add_argument("--modes", default=",".join(suite.modes))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
+    parser.add_argument("--impls", help="only these implementations besides flowformer (comma-separated names)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip CPU memory measurement")
     parser.add_argument("--memory-budget-gib", type=float, default=8.0,
                         help="skip the reference where its tensors alone would exceed this")

@@ -14,8 +14,10 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved_ms(fns: dict, device, repeat: int = 5, warmup: int = 1) -> dict:
-    """Median wall time (ms) of each fn in `fns`, calling them round-robin so that every one sees the
-    same machine conditions (frequency, other load) over the run."""
+    """Median time (ms) of each fn in `fns`, calling them round-robin so that every one sees the same
+    machine conditions (frequency, other load) over the run. On CUDA: device events on the current
+    stream around each call (the device's time, launch gaps within the call included); elsewhere: the
+    host clock around each call."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -24,10 +26,17 @@ def time_interleaved_ms(fns: dict, device, repeat: int = 5, warmup: int = 1) -> 
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
