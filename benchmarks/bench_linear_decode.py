@@ -10,7 +10,6 @@ device, torch version and commit.
     python benchmarks/bench_linear_decode.py --device cpu --histories 1024,16384 --out benchmarks/results/cpu
 """
 
-import argparse
 import datetime
 import json
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as TF
 import flowformer
 from flowformer import functional as F
 from flowformer._measure import time_interleaved_ms
-from harness import commit, device_name
+from harness import argument_parser, commit, device_name
 
 
 def random(shape, gen, device, dtype):
@@ -59,16 +58,9 @@ def decode_loops(args, history, device, dtype):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=64, help="D = M")
+    parser = argument_parser(__doc__)
     parser.add_argument("--histories", default="1024,16384")
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results/local")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     meta = {"device": device_name(device), "torch": torch.__version__, "flowformer": flowformer.__version__,

@@ -249,22 +249,28 @@ def write_plot(path, suite, meta, rows):
     fig.savefig(path, dpi=110)
 
 
-def main(suite, doc, argv=None):
+def argument_parser(doc):
+    """The arguments every benchmark takes: where, in which dtype, the shape, repeats, and the output folder."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64, help="D = M")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/local")
+    return parser
+
+
+def main(suite, doc, argv=None):
+    parser = argument_parser(doc)
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--modes", default=",".join(suite.modes))
-    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
     parser.add_argument("--impls", help="only these implementations besides flowformer (comma-separated names)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip CPU memory measurement")
     parser.add_argument("--memory-budget-gib", type=float, default=8.0,
                         help="skip the reference where its tensors alone would exceed this")
-    parser.add_argument("--out", default="benchmarks/results/local")
     parser.add_argument("--measure-memory", nargs=3, metavar=("IMPL", "MODE", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_memory:
