@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from flowformer import functional as F
-from flowformer.reference import apply_feature_map
+from flowformer.reference import _dot_eps, apply_feature_map
 
 __all__ = ["sequence_parallel_causal_linear_attention", "sequence_parallel_linear_attention",
            "sequence_parallel_flow_attention", "count_exchange"]
@@ -243,10 +243,6 @@ def _features(x: Tensor, valid: Tensor, feature_map: str, dtype: torch.dtype) ->
     """phi(x) in `dtype`, 0 on invalid rows (whatever they hold)."""
     return torch.where(valid, apply_feature_map(x.to(dtype), feature_map), torch.zeros((), dtype=dtype,
                                                                                        device=x.device))
-
-
-def _dot_eps(x: Tensor, y: Tensor, eps: float) -> Tensor:
-    return ((x + eps) * (y + eps)).sum(-1)
 
 
 def _causal_flow_incoming_state(query, key, value, group, feature_map, eps, clamp, valid) -> Tensor:

@@ -32,19 +32,36 @@ def leaves(*tensors):
     return [t.detach().clone().requires_grad_(True) for t in tensors]
 
 
+def inputs(seed, lengths, dtype, device):
+    """The whole sequence's q, k (2, 2, L, 4), v and grad_out (2, 2, L, 3), the same on every rank, and the
+    generator that drew them (for what a case draws next)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H, L, D, M = 2, 2, sum(lengths), 4, 3
+    q, k = (torch.randn(B, H, L, D, generator=gen, dtype=dtype).to(device) for _ in range(2))
+    v, grad_out = (torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device) for _ in range(2))
+    return gen, q, k, v, grad_out
+
+
+def check_slice(mine_out, mine, out, expected, part, dtype, what, nan_inputs=False):
+    """This rank's output and its q, k, v leaves' gradients against the whole run's, on its slice (nan_inputs:
+    NaN in padded keys, whose gradients both sides may leave NaN)."""
+    check(mine_out, out[:, :, part], dtype, f"{what}: out")
+    for name, leaf, grad in zip(("query", "key", "value"), mine, expected):
+        grad = grad[:, :, part]
+        if nan_inputs:
+            leaf.grad, grad = leaf.grad.nan_to_num(), grad.nan_to_num()
+        check(leaf.grad, grad, dtype, f"{what}: grad {name}")
+
+
 def causal_cases(lengths, device):
     rank, part = dist.get_rank(), rows(lengths, dist.get_rank())
     for dtype in (torch.float64, torch.float32):
         for feature_map, normalize, with_state in (("elu1", True, False), ("relu", False, True),
                                                    ("sigmoid", True, True)):
             what = f"causal {dtype} {feature_map} normalize={normalize} state={with_state}"
-            gen = torch.Generator().manual_seed(7)
-            B, H, L, D, M = 2, 2, sum(lengths), 4, 3
-            q, k = (torch.randn(B, H, L, D, generator=gen, dtype=dtype).to(device) for _ in range(2))
-            v = torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device)
-            grad_out = torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device)
-            kv0 = torch.randn(B, H, D, M, generator=gen, dtype=dtype).to(device) if with_state else None
-            z0 = (torch.rand(B, H, D, generator=gen, dtype=dtype) + 1).to(device) if with_state else None
+            gen, q, k, v, grad_out = inputs(7, lengths, dtype, device)
+            kv0 = torch.randn(2, 2, 4, 3, generator=gen, dtype=dtype).to(device) if with_state else None
+            z0 = (torch.rand(2, 2, 4, generator=gen, dtype=dtype) + 1).to(device) if with_state else None
             options = dict(feature_map=feature_map, normalize=normalize)
 
             whole = leaves(q, k, v, *((kv0, z0) if with_state else ()))
@@ -56,9 +73,7 @@ def causal_cases(lengths, device):
             state = dict(initial_kv=mine[3], initial_z=mine[4]) if with_state and rank == 0 else {}
             mine_out = SP.sequence_parallel_causal_linear_attention(*mine[:3], **options, **state)
             (mine_out * grad_out[:, :, part]).sum().backward()
-            check(mine_out, out[:, :, part], dtype, f"{what}: out")
-            for name, leaf, grad in zip(("query", "key", "value"), mine, expected):
-                check(leaf.grad, grad[:, :, part], dtype, f"{what}: grad {name}")
+            check_slice(mine_out, mine, out, expected, part, dtype, what)
             if with_state and rank == 0:
                 check(mine[3].grad, expected[3], dtype, f"{what}: grad initial_kv")
                 check(mine[4].grad, expected[4], dtype, f"{what}: grad initial_z")
@@ -69,14 +84,10 @@ def noncausal_cases(lengths, device):
     for dtype in (torch.float64, torch.float32):
         for padding in ("none", "some", "one rank all padded"):
             what = f"non-causal {dtype} padding {padding}"
-            gen = torch.Generator().manual_seed(11)
-            B, H, L, D, M = 2, 2, sum(lengths), 4, 3
-            q, k = (torch.randn(B, H, L, D, generator=gen, dtype=dtype).to(device) for _ in range(2))
-            v = torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device)
-            grad_out = torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device)
+            gen, q, k, v, grad_out = inputs(11, lengths, dtype, device)
             mask = None
             if padding != "none":
-                mask = torch.rand(B, L, generator=gen) < 0.3
+                mask = torch.rand(2, sum(lengths), generator=gen) < 0.3
                 mask[:, 0] = False
                 if padding == "one rank all padded":
                     mask[:, rows(lengths, len(lengths) - 1)] = True
@@ -91,9 +102,7 @@ def noncausal_cases(lengths, device):
             mine_out = SP.sequence_parallel_linear_attention(
                 *mine, key_padding_mask=None if mask is None else mask[:, part])
             (mine_out * grad_out[:, :, part]).sum().backward()
-            check(mine_out, out[:, :, part], dtype, f"{what}: out")
-            for name, leaf, grad in zip(("query", "key", "value"), mine, expected):
-                check(leaf.grad.nan_to_num(), grad[:, :, part].nan_to_num(), dtype, f"{what}: grad {name}")
+            check_slice(mine_out, mine, out, expected, part, dtype, what, nan_inputs=True)
 
 
 def flow_cases(lengths, device):
@@ -108,15 +117,11 @@ def flow_cases(lengths, device):
                                                     (False, "relu", float("inf"), "some"),
                                                     (False, "sigmoid", 1.0, "last rank")):
             what = f"flow {dtype} causal={causal} {feature_map} clamp={clamp} padding {padding}"
-            gen = torch.Generator().manual_seed(17)
-            B, H, L, D, M = 2, 2, sum(lengths), 4, 3
-            q, k = (torch.randn(B, H, L, D, generator=gen, dtype=dtype).to(device) for _ in range(2))
-            v = torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device)
-            grad_out = torch.randn(B, H, L, M, generator=gen, dtype=dtype).to(device)
+            gen, q, k, v, grad_out = inputs(17, lengths, dtype, device)
             qpad = kpad = None
             if padding != "none":
-                qpad = torch.rand(B, L, generator=gen) < 0.2
-                kpad = torch.rand(B, L, generator=gen) < 0.2
+                qpad = torch.rand(2, sum(lengths), generator=gen) < 0.2
+                kpad = torch.rand(2, sum(lengths), generator=gen) < 0.2
                 qpad[:, 0] = kpad[:, 0] = False
                 if padding == "last rank":
                     qpad[:, rows(lengths, len(lengths) - 1)] = True
@@ -133,9 +138,7 @@ def flow_cases(lengths, device):
                 *mine, query_padding_mask=None if qpad is None else qpad[:, part],
                 key_padding_mask=None if kpad is None else kpad[:, part], **options)
             (mine_out * grad_out[:, :, part]).sum().backward()
-            check(mine_out, out[:, :, part], dtype, f"{what}: out")
-            for name, leaf, grad in zip(("query", "key", "value"), mine, expected):
-                check(leaf.grad, grad[:, :, part], dtype, f"{what}: grad {name}")
+            check_slice(mine_out, mine, out, expected, part, dtype, what)
 
 
 def module_cases(lengths, device):
