@@ -63,6 +63,45 @@ void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor
   check_size(op, "grad_out", grad_out, 3, value.sym_size(3), "value size M", "as value");
 }
 
+void check_cu_seqlens(const char* op, const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& query) {
+  if (!cu_seqlens.has_value()) {
+    return;
+  }
+  const at::Tensor& cu = *cu_seqlens;
+  TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, op,
+              ": cu_seqlens must be int32 or int64, got ", cu.scalar_type());
+  check_rank(op, "cu_seqlens", cu, 1, "(N + 1,)");
+  TORCH_CHECK(cu.sym_size(0) >= 1, op, ": cu_seqlens must have N + 1 >= 1 elements (offsets of N sequences, ",
+              "starting with 0), got shape ", cu.sym_sizes());
+  TORCH_CHECK(cu.device() == query.device() || cu.device().is_cpu(), op,
+              ": cu_seqlens must be on the device of query (", query.device(), ") or on the CPU, got ", cu.device());
+  check_size(op, "query", query, 0, 1, "batch size B", "packed sequences: cu_seqlens given");
+}
+
+
+c10::SymInt sequence_count(const at::Tensor& query, const std::optional<at::Tensor>& cu_seqlens) {
+  return cu_seqlens.has_value() ? cu_seqlens->sym_size(0) - 1 : query.sym_size(0);
+}
+
+std::vector<int64_t> cu_seqlens_values(const char* op, const std::optional<at::Tensor>& cu_seqlens, int64_t L) {
+  if (!cu_seqlens.has_value()) {
+    return {};
+  }
+  // The one device-to-host copy of a CUDA cu_seqlens (N + 1 integers); it waits for the stream.
+  const at::Tensor host = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
+  const int64_t* cu = host.const_data_ptr<int64_t>();
+  std::vector<int64_t> values(cu, cu + host.numel());
+  TORCH_CHECK(values.front() == 0, op, ": cu_seqlens must start with 0, got cu_seqlens[0] = ", values.front());
+  for (size_t n = 1; n < values.size(); ++n) {
+    TORCH_CHECK(values[n] >= values[n - 1], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", n,
+                "] = ", values[n], " < cu_seqlens[", n - 1, "] = ", values[n - 1]);
+  }
+  const size_t N = values.size() - 1;
+  TORCH_CHECK(values.back() == L, op, ": cu_seqlens must end with the total length L = ", L,
+              " (the length of query), got cu_seqlens[", N, "] = ", values.back());
+  return values;
+}
+
 at::ScalarType accumulate_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -7,6 +7,7 @@
 #include <c10/core/SymInt.h>
 
 #include <optional>
+#include <vector>
 
 namespace flowformer {
 
@@ -32,6 +33,21 @@ void check_non_negative(const char* op, const char* arg, double value);
 
 // grad_out of an op whose output is (B, H, L, M): B, H, L of query and M of value, on query's device.
 void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value);
+
+// Packed sequences (the FlashAttention convention): cu_seqlens int32 or int64, (N + 1,) with N >= 0, on the
+// device of query or on the CPU (a CPU cu_seqlens spares a CUDA backend a device-to-host copy); query must
+// then have B == 1. Shapes and dtypes only: the values are checked by cu_seqlens_values, in the backends.
+void check_cu_seqlens(const char* op, const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& query);
+
+// The number of independent sequences, each with its own state: N = cu_seqlens.size(0) - 1 (packed
+// sequences, B == 1), else the batch size B.
+c10::SymInt sequence_count(const at::Tensor& query, const std::optional<at::Tensor>& cu_seqlens);
+
+// Packed sequences: cu_seqlens (already checked by check_cu_seqlens) on the host as int64, after checking
+// its values against the length L: cu_seqlens[0] == 0, non-decreasing, cu_seqlens[N] == L. Empty when not
+// given (a given one has N + 1 >= 1 elements). Reads the data: the backends call it, not the Meta kernels;
+// a CUDA cu_seqlens costs one small device-to-host copy (it waits for the stream).
+std::vector<int64_t> cu_seqlens_values(const char* op, const std::optional<at::Tensor>& cu_seqlens, int64_t L);
 
 // float64 inputs accumulate in float64, all others in float32.
 at::ScalarType accumulate_type(at::ScalarType input);

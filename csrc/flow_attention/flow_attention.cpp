@@ -27,21 +27,22 @@ Grads backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Te
 std::tuple<at::Tensor, at::Tensor> causal_with_state(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value, c10::string_view feature_map,
                                                      double eps, double clamp, const Mask& state,
-                                                     const Mask& query_padding_mask, const Mask& key_padding_mask) {
+                                                     const Mask& query_padding_mask, const Mask& key_padding_mask,
+                                                     const Mask& cu_seqlens) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow(kCausalState, "").typed<decltype(causal_with_state)>();
-  return op.call(query, key, value, feature_map, eps, clamp, state, query_padding_mask, key_padding_mask);
+  return op.call(query, key, value, feature_map, eps, clamp, state, query_padding_mask, key_padding_mask, cu_seqlens);
 }
 
 StateGrads causal_with_state_backward(const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query,
                                       const at::Tensor& key, const at::Tensor& value, c10::string_view feature_map,
                                       double eps, double clamp, const Mask& state, const Mask& query_padding_mask,
-                                      const Mask& key_padding_mask) {
+                                      const Mask& key_padding_mask, const Mask& cu_seqlens) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow(kCausalStateBackward, "")
                        .typed<decltype(causal_with_state_backward)>();
   return op.call(grad_out, grad_state, query, key, value, feature_map, eps, clamp, state, query_padding_mask,
-                 key_padding_mask);
+                 key_padding_mask, cu_seqlens);
 }
 
 }  // namespace flow_attention_ops
@@ -50,7 +51,7 @@ CausalFlowAttentionResult causal_flow_attention(const at::Tensor& query, const a
                                                 const at::Tensor& value, const CausalFlowAttentionOptions& options) {
   auto [out, state] = flow_attention_ops::causal_with_state(query, key, value, options.feature_map, options.eps,
                                                             options.clamp, options.state, options.query_padding_mask,
-                                                            options.key_padding_mask);
+                                                            options.key_padding_mask, options.cu_seqlens);
   return {out, state};
 }
 
@@ -74,12 +75,12 @@ TORCH_LIBRARY_FRAGMENT(flowformer, m) {
   m.def(
       "causal_flow_attention(Tensor query, Tensor key, Tensor value, *, str feature_map=\"sigmoid\", "
       "float eps=1e-06, float clamp=1.0, Tensor? state=None, Tensor? query_padding_mask=None, "
-      "Tensor? key_padding_mask=None) -> (Tensor, Tensor)",
+      "Tensor? key_padding_mask=None, Tensor? cu_seqlens=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "causal_flow_attention_backward(Tensor grad_out, Tensor? grad_state, Tensor query, Tensor key, Tensor value, *, "
       "str feature_map, float eps, float clamp, Tensor? state, Tensor? query_padding_mask, "
-      "Tensor? key_padding_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+      "Tensor? key_padding_mask, Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

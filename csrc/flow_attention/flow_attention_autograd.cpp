@@ -86,7 +86,8 @@ class CausalStateFunction : public torch::autograd::Function<CausalStateFunction
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const std::string& feature_map, double eps, double clamp,
-                               const Mask& state, const Mask& query_padding_mask, const Mask& key_padding_mask) {
+                               const Mask& state, const Mask& query_padding_mask, const Mask& key_padding_mask,
+                               const Mask& cu_seqlens) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({query, key, value, state.value_or(at::Tensor())});
     ctx->saved_data["feature_map"] = feature_map;
@@ -94,8 +95,9 @@ class CausalStateFunction : public torch::autograd::Function<CausalStateFunction
     ctx->saved_data["clamp"] = clamp;
     ctx->saved_data["query_padding_mask"] = query_padding_mask;
     ctx->saved_data["key_padding_mask"] = key_padding_mask;
+    ctx->saved_data["cu_seqlens"] = cu_seqlens;
     auto [out, final_state] = causal_with_state(query, key, value, feature_map, eps, clamp, state,
-                                                query_padding_mask, key_padding_mask);
+                                                query_padding_mask, key_padding_mask, cu_seqlens);
     return {out, final_state};
   }
 
@@ -112,10 +114,12 @@ class CausalStateFunction : public torch::autograd::Function<CausalStateFunction
         grad_out, grad_state, query, saved[1], value, ctx->saved_data["feature_map"].toStringRef(),
         ctx->saved_data["eps"].toDouble(), ctx->saved_data["clamp"].toDouble(), state,
         ctx->saved_data["query_padding_mask"].toOptional<at::Tensor>(),
-        ctx->saved_data["key_padding_mask"].toOptional<at::Tensor>());
-    // One entry per forward argument: the options and masks get no gradient, nor an absent state.
+        ctx->saved_data["key_padding_mask"].toOptional<at::Tensor>(),
+        ctx->saved_data["cu_seqlens"].toOptional<at::Tensor>());
+    // One entry per forward argument: the options, masks and offsets get no gradient, nor an absent state.
     return {grad_query,   grad_key,     grad_value,   at::Tensor(), at::Tensor(),
-            at::Tensor(), state.has_value() ? grad_state_in : at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), state.has_value() ? grad_state_in : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -123,10 +127,10 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_autograd(const at::Tensor& 
                                                               const at::Tensor& value, c10::string_view feature_map,
                                                               double eps, double clamp, const Mask& state,
                                                               const Mask& query_padding_mask,
-                                                              const Mask& key_padding_mask) {
+                                                              const Mask& key_padding_mask, const Mask& cu_seqlens) {
   const std::string map(feature_map.data(), feature_map.size());
   const auto results = CausalStateFunction::apply(query, key, value, map, eps, clamp, state, query_padding_mask,
-                                                  key_padding_mask);
+                                                  key_padding_mask, cu_seqlens);
   return {results[0], results[1]};
 }
 
@@ -136,10 +140,11 @@ class CausalStateBackwardFunction : public torch::autograd::Function<CausalState
   static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const Mask& grad_state,
                                const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const std::string& feature_map, double eps, double clamp, const Mask& state,
-                               const Mask& query_padding_mask, const Mask& key_padding_mask) {
+                               const Mask& query_padding_mask, const Mask& key_padding_mask, const Mask& cu_seqlens) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv, dstate] = causal_with_state_backward(grad_out, grad_state, query, key, value, feature_map, eps,
-                                                           clamp, state, query_padding_mask, key_padding_mask);
+                                                           clamp, state, query_padding_mask, key_padding_mask,
+                                                           cu_seqlens);
     return {dq, dk, dv, dstate};
   }
 
@@ -153,10 +158,10 @@ StateGrads causal_with_state_backward_autograd(const at::Tensor& grad_out, const
                                                const at::Tensor& query, const at::Tensor& key,
                                                const at::Tensor& value, c10::string_view feature_map, double eps,
                                                double clamp, const Mask& state, const Mask& query_padding_mask,
-                                               const Mask& key_padding_mask) {
+                                               const Mask& key_padding_mask, const Mask& cu_seqlens) {
   const auto grads = CausalStateBackwardFunction::apply(
       grad_out, grad_state, query, key, value, std::string(feature_map.data(), feature_map.size()), eps, clamp, state,
-      query_padding_mask, key_padding_mask);
+      query_padding_mask, key_padding_mask, cu_seqlens);
   return {grads[0], grads[1], grads[2], grads[3]};
 }
 

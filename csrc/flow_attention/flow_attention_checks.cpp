@@ -36,8 +36,11 @@ void check_args(const char* op, const at::Tensor& query, const at::Tensor& key, 
   check_padding_mask(op, "key_padding_mask", key_padding_mask, query, query.sym_size(0), key.sym_size(2), "S");
 }
 
-void check_state(const at::Tensor& query, const at::Tensor& value, const Mask& state, const char* op,
-                 const char* name) {
+namespace {
+
+// A packed state (or its gradient) in the accumulation type on the device of query, of state_shape.
+void check_state(const char* op, const char* name, const Mask& state, const at::Tensor& query,
+                 const at::Tensor& value, const Mask& cu_seqlens) {
   if (!state.has_value()) {
     return;
   }
@@ -46,12 +49,26 @@ void check_state(const at::Tensor& query, const at::Tensor& value, const Mask& s
               query.scalar_type(), " inputs), got ", state->scalar_type());
   TORCH_CHECK(state->device() == query.device(), op, ": ", name, " must be on the device of query (", query.device(),
               "), got ", state->device());
+  const std::vector<c10::SymInt> shape = state_shape(query, value, cu_seqlens);
+  TORCH_CHECK(state->sym_sizes().equals(shape), op, ": ", name, " must have shape ",
+              cu_seqlens.has_value() ? "(N, H, 3 + 4 D + D M) = (" : "(B, H, 3 + 4 D + D M) = (", shape[0], ", ",
+              shape[1], ", ", shape[2], "), got ", state->sym_sizes());
+}
+
+}  // namespace
+
+std::vector<c10::SymInt> state_shape(const at::Tensor& query, const at::Tensor& value, const Mask& cu_seqlens) {
   const auto D = query.sym_size(3), M = value.sym_size(3);
-  const c10::SymInt size = 3 + 4 * D + D * M;
-  TORCH_CHECK(state->dim() == 3 && state->sym_size(0) == query.sym_size(0) && state->sym_size(1) == query.sym_size(1)
-                  && state->sym_size(2) == size,
-              op, ": ", name, " must have shape (B, H, 3 + 4 D + D M) = (", query.sym_size(0), ", ", query.sym_size(1),
-              ", ", size, "), got ", state->sym_sizes());
+  return {sequence_count(query, cu_seqlens), query.sym_size(1), 3 + 4 * D + D * M};
+}
+
+void check_state_args(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                      c10::string_view feature_map, double eps, double clamp, const Mask& state,
+                      const Mask& query_padding_mask, const Mask& key_padding_mask, const Mask& cu_seqlens) {
+  const char* op = kCausalState;
+  check_args(op, query, key, value, true, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
+  check_cu_seqlens(op, cu_seqlens, query);
+  check_state(op, "state", state, query, value, cu_seqlens);
 }
 
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value) {
@@ -61,11 +78,12 @@ void check_grad_out(const at::Tensor& grad_out, const at::Tensor& query, const a
 void check_state_backward_args(const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query,
                                const at::Tensor& key, const at::Tensor& value, c10::string_view feature_map,
                                double eps, double clamp, const Mask& state, const Mask& query_padding_mask,
-                               const Mask& key_padding_mask) {
+                               const Mask& key_padding_mask, const Mask& cu_seqlens) {
   const char* op = kCausalStateBackward;
   check_args(op, query, key, value, true, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
-  check_state(query, value, state, op);
-  check_state(query, value, grad_state, op, "grad_state");
+  check_cu_seqlens(op, cu_seqlens, query);
+  check_state(op, "state", state, query, value, cu_seqlens);
+  check_state(op, "grad_state", grad_state, query, value, cu_seqlens);
   flowformer::check_grad_out(op, grad_out, query, value);
 }
 

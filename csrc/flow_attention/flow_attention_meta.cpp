@@ -28,26 +28,22 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_meta(const at::Tensor& quer
                                                           const at::Tensor& value, c10::string_view feature_map,
                                                           double eps, double clamp, const Mask& state,
                                                           const Mask& query_padding_mask,
-                                                          const Mask& key_padding_mask) {
-  check_args(kCausalState, query, key, value, true, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
-  check_state(query, value, state);
-  const auto D = query.sym_size(3), M = value.sym_size(3);
-  return {new_output({query.sym_size(0), query.sym_size(1), query.sym_size(2), M}, query.options()),
-          new_output({query.sym_size(0), query.sym_size(1), 3 + 4 * D + D * M},
-                     query.options().dtype(accumulate_type(query.scalar_type())))};
+                                                          const Mask& key_padding_mask, const Mask& cu_seqlens) {
+  check_state_args(query, key, value, feature_map, eps, clamp, state, query_padding_mask, key_padding_mask,
+                   cu_seqlens);
+  return {new_output({query.sym_size(0), query.sym_size(1), query.sym_size(2), value.sym_size(3)}, query.options()),
+          new_output(state_shape(query, value, cu_seqlens), query.options().dtype(accumulate_type(query.scalar_type())))};
 }
 
 StateGrads causal_with_state_backward_meta(const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value, c10::string_view feature_map,
                                            double eps, double clamp, const Mask& state, const Mask& query_padding_mask,
-                                           const Mask& key_padding_mask) {
+                                           const Mask& key_padding_mask, const Mask& cu_seqlens) {
   check_state_backward_args(grad_out, grad_state, query, key, value, feature_map, eps, clamp, state,
-                            query_padding_mask, key_padding_mask);
-  const auto D = query.sym_size(3), M = value.sym_size(3);
+                            query_padding_mask, key_padding_mask, cu_seqlens);
   return {new_output(query.sym_sizes(), query.options()), new_output(key.sym_sizes(), key.options()),
           new_output(value.sym_sizes(), value.options()),
-          new_output({query.sym_size(0), query.sym_size(1), 3 + 4 * D + D * M},
-                     query.options().dtype(accumulate_type(query.scalar_type())))};
+          new_output(state_shape(query, value, cu_seqlens), query.options().dtype(accumulate_type(query.scalar_type())))};
 }
 
 }  // namespace

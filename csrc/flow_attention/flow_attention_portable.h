@@ -384,7 +384,10 @@ class Kernels : private portable::ChunkLauncher<Exec, T> {
     }
     if (grad_state.defined()) {
       const at::Tensor lse_L = L_ > 0 ? at::logaddexp(at::logsumexp(s.source, -1, true), init.lse) : init.lse;
-      const auto [largest, at_largest] = s.source.max(-1, true);
+      at::Tensor largest, at_largest;  // of the sources, when there are any
+      if (L_ > 0) {
+        std::tie(largest, at_largest) = s.source.max(-1, true);
+      }
       const at::Tensor m_L = L_ > 0 ? at::maximum(largest, init.m) : init.m;
       const at::Tensor started_L = (init.n + s.valid.sum(-1, true)) > 0;
       const at::Tensor d_lse_L = at::where(started_L, fin.E * at::exp(lse_L - m_L), 0);

@@ -46,23 +46,6 @@ void check_state(const char* op, const char* arg, const Optional& state, const a
               s.sym_sizes());
 }
 
-// Packed sequences: cu_seqlens int32 or int64, (N + 1,) with N >= 0, on the device of query or on the CPU
-// (a CPU cu_seqlens spares the CUDA backend a device-to-host copy); query must then have B == 1.
-void check_cu_seqlens(const char* op, const Optional& cu_seqlens, const at::Tensor& query) {
-  if (!cu_seqlens.has_value()) {
-    return;
-  }
-  const at::Tensor& cu = *cu_seqlens;
-  TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, op,
-              ": cu_seqlens must be int32 or int64, got ", cu.scalar_type());
-  check_rank(op, "cu_seqlens", cu, 1, "(N + 1,)");
-  TORCH_CHECK(cu.sym_size(0) >= 1, op, ": cu_seqlens must have N + 1 >= 1 elements (offsets of N sequences, ",
-              "starting with 0), got shape ", cu.sym_sizes());
-  TORCH_CHECK(cu.device() == query.device() || cu.device().is_cpu(), op,
-              ": cu_seqlens must be on the device of query (", query.device(), ") or on the CPU, got ", cu.device());
-  check_size(op, "query", query, 0, 1, "batch size B", "packed sequences: cu_seqlens given");
-}
-
 // A recurrent state (or its gradient): kv (N, H, D, M) and z (N, H, D), N the batch size or, packed, the
 // number of sequences; `names` are the two arguments' names.
 void check_states(const char* op, std::pair<const char*, const char*> names, const Optional& kv,
@@ -95,29 +78,6 @@ void check_causal_grads(const at::Tensor& grad_out, const Optional& grad_final_k
   const char* op = kCausalBackward;
   check_grad_out(op, grad_out, query, value);
   check_states(op, {"grad_final_kv", "grad_final_z"}, grad_final_kv, grad_final_z, query, value, cu_seqlens);
-}
-
-c10::SymInt sequence_count(const at::Tensor& query, const Optional& cu_seqlens) {
-  return cu_seqlens.has_value() ? cu_seqlens->sym_size(0) - 1 : query.sym_size(0);
-}
-
-std::vector<int64_t> cu_seqlens_values(const char* op, const Optional& cu_seqlens, int64_t L) {
-  if (!cu_seqlens.has_value()) {
-    return {};
-  }
-  // The one device-to-host copy of a CUDA cu_seqlens (N + 1 integers); it waits for the stream.
-  const at::Tensor host = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
-  const int64_t* cu = host.const_data_ptr<int64_t>();
-  std::vector<int64_t> values(cu, cu + host.numel());
-  TORCH_CHECK(values.front() == 0, op, ": cu_seqlens must start with 0, got cu_seqlens[0] = ", values.front());
-  for (size_t n = 1; n < values.size(); ++n) {
-    TORCH_CHECK(values[n] >= values[n - 1], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", n,
-                "] = ", values[n], " < cu_seqlens[", n - 1, "] = ", values[n - 1]);
-  }
-  const size_t N = values.size() - 1;
-  TORCH_CHECK(values.back() == L, op, ": cu_seqlens must end with the total length L = ", L,
-              " (the length of query), got cu_seqlens[", N, "] = ", values.back());
-  return values;
 }
 
 void check_noncausal_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

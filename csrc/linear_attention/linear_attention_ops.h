@@ -51,15 +51,6 @@ void check_causal_args(const char* op, const at::Tensor& query, const at::Tensor
 void check_causal_grads(const at::Tensor& grad_out, const Optional& grad_final_kv, const Optional& grad_final_z,
                         const at::Tensor& query, const at::Tensor& value, const Optional& cu_seqlens);
 
-// The number of independent sequences, each with its own state: N = cu_seqlens.size(0) - 1 (packed
-// sequences, B == 1), else the batch size B.
-c10::SymInt sequence_count(const at::Tensor& query, const Optional& cu_seqlens);
-
-// Packed sequences: cu_seqlens (already checked by check_causal_args) on the host as int64, after checking
-// its values against the length L: cu_seqlens[0] == 0, non-decreasing, cu_seqlens[N] == L. Empty when not
-// given (a given one has N + 1 >= 1 elements). Reads the data: the backends call it, not the Meta kernels;
-// a CUDA cu_seqlens costs one small device-to-host copy (it waits for the stream).
-std::vector<int64_t> cu_seqlens_values(const char* op, const Optional& cu_seqlens, int64_t L);
 void check_noncausal_args(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           c10::string_view feature_map, double eps, const Optional& key_padding_mask);
 void check_noncausal_grad(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value);

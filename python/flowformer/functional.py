@@ -67,6 +67,7 @@ def causal_flow_attention(
     state: Optional[Tensor] = None,
     query_padding_mask: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Causal Flow-Attention carrying its recurrent state, for decoding step by step.
 
@@ -81,6 +82,13 @@ def causal_flow_attention(
     normaliser sum exp(source) = E exp(m) held against its running maximum m. Padded positions (either
     mask) leave it unchanged.
 
+    Packed sequences (``cu_seqlens``, int32 or int64 (N + 1,), the FlashAttention convention, as in
+    ``causal_linear_attention``): B must be 1 and sequence n is positions [cu_seqlens[n], cu_seqlens[n + 1]);
+    each runs alone from row n of ``state`` ((N, H, 3 + 4 D + D M); None: the empty prefix), and the returned
+    state has a row per sequence (an empty sequence passes its row through). cu_seqlens[0] = 0, the offsets
+    never decrease, the last is L. Each sequence is its own call of the op (views, no copies): fine for a
+    few long sequences; many short ones pay a call each.
+
     Differentiable in query, key, value and ``state`` (a hand-written backward,
     ``causal_flow_attention_backward``), through ``out`` and the returned state: a sequence trained in pieces
     carrying the state, or split across processes, gets the gradients of one run. The count n gets no
@@ -88,7 +96,7 @@ def causal_flow_attention(
     """
     return torch.ops.flowformer.causal_flow_attention(
         query, key, value, feature_map=feature_map, eps=eps, clamp=clamp, state=state,
-        query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask)
+        query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
 
 
 def causal_linear_attention(

@@ -112,3 +112,36 @@ TEST_CASE("causal_flow_attention trains in pieces like one run, from C++", "[flo
     CHECK(rel_err(pieces[i].grad(), whole[i].grad()) < 1e-12);
   }
 }
+
+TEST_CASE("causal_flow_attention runs packed sequences from C++, each from its row of the state", "[flow_attention]") {
+  // Two batch elements (the first from a state) against the same two sequences packed with an empty one
+  // between them: the same outputs, final states and gradients.
+  torch::manual_seed(14);
+  const auto options = torch::TensorOptions().dtype(torch::kDouble);
+  const auto q = torch::randn({2, 2, 8, 4}, options), k = torch::randn({2, 2, 8, 4}, options);
+  const auto v = torch::randn({2, 2, 8, 3}, options);
+  const auto state = flowformer::causal_flow_attention(q, k, v).state;
+  const auto batched_q = q.clone().requires_grad_();
+  flowformer::CausalFlowAttentionOptions from_state;
+  from_state.state = state;
+  const auto batched = flowformer::causal_flow_attention(batched_q, k, v, from_state);
+  batched.out.sum().backward();
+
+  const auto pack = [](const torch::Tensor& t) { return torch::cat({t[0], t[1]}, 1).unsqueeze(0); };
+  const auto packed_q = pack(q).requires_grad_();
+  flowformer::CausalFlowAttentionOptions packed_options;
+  packed_options.state = torch::stack({state[0], torch::zeros_like(state[0]), state[1]});
+  packed_options.cu_seqlens = torch::tensor({0, 8, 8, 16}, torch::kInt32);
+  const auto packed = flowformer::causal_flow_attention(packed_q, pack(k), pack(v), packed_options);
+  packed.out.sum().backward();
+  CHECK(rel_err(packed.out, pack(batched.out)) < 1e-12);
+  CHECK(packed.state.sizes() == torch::IntArrayRef({3, 2, 3 + 4 * 4 + 4 * 3}));
+  CHECK(rel_err(packed.state.index({torch::tensor({0, 2})}), batched.state) < 1e-12);
+  CHECK(rel_err(packed_q.grad(), pack(batched_q.grad())) < 1e-12);
+  packed_options.cu_seqlens = torch::tensor({0, 8, 15, 15});
+  CHECK_THROWS_WITH(flowformer::causal_flow_attention(packed_q, pack(k), pack(v), packed_options),
+                    Catch::Contains("flowformer::causal_flow_attention: cu_seqlens must end with the total length L = 16"));
+  packed_options.cu_seqlens = torch::tensor({0, 16});
+  CHECK_THROWS_WITH(flowformer::causal_flow_attention(packed_q, pack(k), pack(v), packed_options),
+                    Catch::Contains("flowformer::causal_flow_attention: state must have shape (N, H, 3 + 4 D + D M)"));
+}

@@ -174,3 +174,22 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.flowformer.causal_flow_attention.default, (q, k, v), {"state": state})
     torch.library.opcheck(torch.ops.flowformer.causal_flow_attention.default, (q[:, :, :1], k[:, :, :1], v[:, :, :1]),
                           {"state": state, "clamp": float("inf")})
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_an_empty_piece_passes_the_state_and_its_gradient(gen, device):
+    # L = 0 between two pieces: the same outputs and gradients as the two pieces alone (the backward of an
+    # empty piece once took the largest of no sources).
+    B, H, L, D, M = 2, 2, 9, 3, 4
+    q, k, v = (randn(gen, B, H, L, n, dtype=torch.float64, device=device).requires_grad_() for n in (D, D, M))
+    first, state = F.causal_flow_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4])
+    empty, passed = F.causal_flow_attention(q[:, :, 4:4], k[:, :, 4:4], v[:, :, 4:4], state=state)
+    assert empty.shape == (B, H, 0, M) and torch.equal(passed, state)
+    second, final = F.causal_flow_attention(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], state=passed)
+    grad_out, grad_final = randn(gen, B, H, L, M, dtype=torch.float64, device=device), torch.randn_like(final)
+    got = torch.autograd.grad([torch.cat([first, second], 2), final], (q, k, v), [grad_out, grad_final])
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, final_whole = F.causal_flow_attention(*leaves)
+    expected = torch.autograd.grad([out, final_whole], leaves, [grad_out, grad_final])
+    for name, a, b in zip("qkv", got, expected):
+        assert_close(a, b, 1e-12, f"grad {name}")

@@ -43,12 +43,15 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_cuda(const at::Tensor& quer
                                                           const at::Tensor& value, c10::string_view feature_map,
                                                           double eps, double clamp, const Mask& state,
                                                           const Mask& query_padding_mask,
-                                                          const Mask& key_padding_mask) {
+                                                          const Mask& key_padding_mask, const Mask& cu_seqlens) {
   const char* op = flow_attention_ops::kCausalState;
-  flow_attention_ops::check_args(op, query, key, value, true, feature_map, eps, clamp, query_padding_mask,
-                                 key_padding_mask);
-  flow_attention_ops::check_state(query, value, state);
+  flow_attention_ops::check_state_args(query, key, value, feature_map, eps, clamp, state, query_padding_mask,
+                                       key_padding_mask, cu_seqlens);
   const c10::cuda::CUDAGuard guard(query.device());
+  if (cu_seqlens.has_value()) {
+    return flow_attention_ops::causal_with_state_packed(query, key, value, feature_map, eps, clamp, state,
+                                                        query_padding_mask, key_padding_mask, *cu_seqlens);
+  }
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, true, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
   auto [out, final_state] = flow_attention_portable::forward_with_state(portable::CudaExecutor{}, problem,
@@ -59,10 +62,15 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_cuda(const at::Tensor& quer
 flow_attention_ops::StateGrads causal_with_state_backward_cuda(
     const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, c10::string_view feature_map, double eps, double clamp, const Mask& state,
-    const Mask& query_padding_mask, const Mask& key_padding_mask) {
+    const Mask& query_padding_mask, const Mask& key_padding_mask, const Mask& cu_seqlens) {
   flow_attention_ops::check_state_backward_args(grad_out, grad_state, query, key, value, feature_map, eps, clamp,
-                                                state, query_padding_mask, key_padding_mask);
+                                                state, query_padding_mask, key_padding_mask, cu_seqlens);
   const c10::cuda::CUDAGuard guard(query.device());
+  if (cu_seqlens.has_value()) {
+    return flow_attention_ops::causal_with_state_backward_packed(grad_out, grad_state, query, key, value, feature_map,
+                                                                 eps, clamp, state, query_padding_mask,
+                                                                 key_padding_mask, *cu_seqlens);
+  }
   const auto problem = flow_attention_portable::make_problem(flow_attention_ops::kCausalStateBackward, query, key,
                                                              value, true, feature_map, eps, clamp, query_padding_mask,
                                                              key_padding_mask);

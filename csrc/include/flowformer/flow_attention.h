@@ -32,11 +32,15 @@ struct CausalFlowAttentionOptions {
   std::optional<at::Tensor> state;
   std::optional<at::Tensor> query_padding_mask;   // a position is skipped if either mask marks it
   std::optional<at::Tensor> key_padding_mask;
+  // Packed sequences: int32 or int64 (N + 1,) offsets [0, ..., L] on the device of query or on the CPU; then
+  // B == 1, sequence n is positions [cu_seqlens[n], cu_seqlens[n + 1]), each a run of its own from row n of
+  // state ((N, H, 3 + 4 D + D M); none: the empty prefix), and the returned state has a row per sequence.
+  std::optional<at::Tensor> cu_seqlens;
 };
 
 struct CausalFlowAttentionResult {
   at::Tensor out;    // (B, H, L, M)
-  at::Tensor state;  // the state after the last position: pass it as options.state to continue
+  at::Tensor state;  // the state after the last position ((N, H, ...) with cu_seqlens): pass it to continue
 };
 
 // Causal Flow-Attention carrying its recurrent state: running a sequence in pieces equals one run of

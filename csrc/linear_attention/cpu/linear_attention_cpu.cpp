@@ -68,7 +68,7 @@ at::Tensor state(const Optional& given, at::IntArrayRef sizes, const at::TensorO
 // The sequences of a causal call: the B batch elements, or the packed ones of cu_seqlens (values checked).
 Sequences sequences(const char* op, const at::Tensor& query, const Optional& cu_seqlens) {
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
-  std::vector<int64_t> cu = ops::cu_seqlens_values(op, cu_seqlens, L);
+  std::vector<int64_t> cu = flowformer::cu_seqlens_values(op, cu_seqlens, L);
   const int64_t N = cu.empty() ? B : static_cast<int64_t>(cu.size()) - 1;
   return {N, H, L, std::move(cu)};
 }

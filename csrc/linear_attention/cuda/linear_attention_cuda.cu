@@ -56,7 +56,7 @@ ops::CausalResult causal_cuda(const at::Tensor& query, const at::Tensor& key, co
                               const Optional& initial_z, const Optional& cu_seqlens) {
   ops::check_causal_args(ops::kCausal, query, key, value, feature_map, eps, initial_kv, initial_z, cu_seqlens);
   const c10::cuda::CUDAGuard guard(query.device());
-  const std::vector<int64_t> cu = ops::cu_seqlens_values(ops::kCausal, cu_seqlens, query.size(2));
+  const std::vector<int64_t> cu = flowformer::cu_seqlens_values(ops::kCausal, cu_seqlens, query.size(2));
   return portable_ops::causal(portable::CudaExecutor{}, query, key, value, feature_map, normalize, eps, initial_kv,
                               initial_z, cu, fused_build(), ops::kCausal);
 }
@@ -70,7 +70,7 @@ ops::CausalGrads causal_backward_cuda(const at::Tensor& grad_out, const Optional
   ops::check_causal_args(op, query, key, value, feature_map, eps, initial_kv, initial_z, cu_seqlens);
   ops::check_causal_grads(grad_out, grad_final_kv, grad_final_z, query, value, cu_seqlens);
   const c10::cuda::CUDAGuard guard(query.device());
-  const std::vector<int64_t> cu = ops::cu_seqlens_values(op, cu_seqlens, query.size(2));
+  const std::vector<int64_t> cu = flowformer::cu_seqlens_values(op, cu_seqlens, query.size(2));
   return portable_ops::causal_backward(portable::CudaExecutor{}, grad_out, grad_final_kv, grad_final_z, query, key,
                                        value, feature_map, normalize, eps, initial_kv, initial_z, cu, fused_build(),
                                        op);
