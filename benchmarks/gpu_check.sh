@@ -6,8 +6,9 @@
 #   1. build for this GPU only (TORCH_CUDA_ARCH_LIST=9.0 unless set, all cores), unless a carried build loads
 #   2. the SIMT layout probe: the device's mma/ldmatrix lane -> element maps against the emulator's
 #   3. the CUDA cases of the test suite
-#   4. compute-sanitizer memcheck, racecheck, synccheck and initcheck on small cases of every CUDA kernel
-#   5. the benchmarks at a few shapes, the decoding step, and linear attention's length sweeps
+#   4. linear attention at issue 14's shape S1 and its decoding step (the figures most wanted, first)
+#   5. compute-sanitizer memcheck, racecheck, synccheck and initcheck on small cases of every CUDA kernel
+#   6. the other benchmarks, and linear attention's length sweeps against the peers
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-gpu-check-out}")
@@ -56,6 +57,19 @@ probe() {  # the same probe kernel on the device and in the emulator: the record
 step "simt layout probe (mma, ldmatrix)" layout_probe.log 120 probe
 
 step "tests (CUDA cases)" pytest.log 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -k cuda -rs
+GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo gpu)
+# flash-linear-attention, the Triton peer of the linear-attention benchmarks, when its wheels were carried
+# along in .whl/ (pip download --no-deps flash-linear-attention fla-core einops -d .whl): no network needed.
+if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
+  step "install flash-linear-attention" fla.log 60 "$PYTHON" -m pip install --no-deps --no-index .whl/*.whl
+fi
+BENCH="--device cuda --dtype bfloat16 --dim 64 --repeat 20 --memory-budget-gib 60"
+# Issue 14's shape S1 (B = 8, H = 16, L = 8192, D = M = 64) and L = 2048, every implementation but the
+# compiled reference (its compilation alone would take much of the step's time).
+step "benchmark linear_attention S1 (bf16)" bench_linear64.log 120 "$PYTHON" benchmarks/bench_linear_attention.py \
+  $BENCH --batch 8 --heads 16 --lengths 2048,8192 --out "$OUT/bench/d64"
+step "benchmark linear decoding step (bf16)" bench_decode.log 60 "$PYTHON" benchmarks/bench_linear_decode.py \
+  --device cuda --dtype bfloat16 --batch 8 --heads 16 --dim 64 --histories 1024,8192,65536 --out "$OUT/bench/d64"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck initcheck; do
     step "compute-sanitizer $tool" "$tool.log" 150 compute-sanitizer --tool "$tool" --error-exitcode 1 \
@@ -67,22 +81,10 @@ else
   SUMMARY+=("compute-sanitizer|MISSING|0|-")
 fi
 
-GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo gpu)
-# flash-linear-attention, the Triton peer of the linear-attention benchmarks, when its wheels were carried
-# along in .whl/ (pip download --no-deps flash-linear-attention fla-core einops -d .whl): no network needed.
-if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
-  step "install flash-linear-attention" fla.log 60 "$PYTHON" -m pip install --no-deps --no-index .whl/*.whl
-fi
-BENCH="--device cuda --dtype bfloat16 --dim 64 --repeat 20 --memory-budget-gib 60"
-# Issue 14's shape S1 (B = 8, H = 16, L = 8192, D = M = 64) and L = 2048, every implementation.
-step "benchmark linear_attention S1 (bf16)" bench_linear64.log 120 "$PYTHON" benchmarks/bench_linear_attention.py \
-  $BENCH --batch 8 --heads 16 --lengths 2048,8192 --compile --out "$OUT/bench/d64"
 step "benchmark flow_attention (bf16)" bench_flow.log 90 "$PYTHON" benchmarks/bench_flow_attention.py $BENCH \
   --batch 8 --heads 16 --lengths 2048,8192 --out "$OUT/bench"
 step "benchmark aft_full C=512 (bf16)" bench_aft.log 90 "$PYTHON" benchmarks/bench_aft.py $BENCH \
   --batch 8 --heads 8 --lengths 1024,4096 --out "$OUT/bench"
-step "benchmark linear decoding step (bf16)" bench_decode.log 60 "$PYTHON" benchmarks/bench_linear_decode.py \
-  --device cuda --dtype bfloat16 --batch 8 --heads 16 --dim 64 --histories 1024,8192,65536 --out "$OUT/bench/d64"
 # The length sweeps against the peers (no eager reference), at B H = 128 and B H = 8, causal.
 for bh in "8 16" "1 8"; do
   set -- $bh
