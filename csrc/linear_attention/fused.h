@@ -135,10 +135,11 @@ struct InputTensors {
   int64_t N() const { return params.N; }
   // The segments of forward-like blocks (sequence, head, value tile: a backward pass's if `backward`) over
   // sequences of at most `longest` rows.
-  kernels::Segments plan(int64_t longest, const Build& build, bool backward = false) const {
+  kernels::Segments plan(int64_t longest, const Build& build, kernels::ScheduleBytes bytes,
+                         bool backward = false) const {
     const int D = params.D, M = params.M;
     const int64_t tiles = M / (backward ? kernels::backward_value_tile(D, M) : kernels::value_tile(D, M));
-    return kernels::plan_segments(N() * params.H * tiles, longest, build.multiprocessors);
+    return kernels::plan_segments(N() * params.H * tiles, longest, build.multiprocessors, bytes);
   }
 };
 
@@ -197,7 +198,7 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
   kernels::CausalForwardParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
   p.out = out.mutable_data_ptr();
-  const kernels::Segments plan = in.plan(longest_sequence(L, cu), build);
+  const kernels::Segments plan = in.plan(longest_sequence(L, cu), build, kernels::kCausalForwardBytes);
   static_cast<kernels::Segments&>(p) = plan;
   if (plan.segments == 1) {
     at::Tensor kv = new_output(c10::fromIntArrayRefSlow({in.N(), H, D, M}), in.state_options());
@@ -276,13 +277,13 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), M = value.size(3);
   const at::Tensor pad = contiguous_or_undefined(key_padding_mask);
   in.params.L = key.size(2);
-  auto [kv_parts, z_parts] = segment_sums(build, in, in.plan(key.size(2), build), pad);
+  auto [kv_parts, z_parts] = segment_sums(build, in, in.plan(key.size(2), build, kernels::kNoncausalBytes), pad);
   const at::Tensor kv = add_segments(kv_parts), z = add_segments(z_parts);
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), query.options());
   kernels::StateOutputParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
   p.L = L;
-  static_cast<kernels::Segments&>(p) = in.plan(L, build);
+  static_cast<kernels::Segments&>(p) = in.plan(L, build, kernels::kNoncausalBytes);
   p.out = out.mutable_data_ptr();
   p.kv = kv.const_data_ptr<float>();
   p.z = z.const_data_ptr<float>();
@@ -301,7 +302,8 @@ inline Grads noncausal_backward(const Build& build, const at::Tensor& grad_out, 
   const at::Tensor pad = contiguous_or_undefined(key_padding_mask);
   const at::Tensor dout = aligned_rows(grad_out.to(query.scalar_type()));
   in.params.L = S;
-  const kernels::Segments key_plan = in.plan(S, build, true), query_plan = in.plan(L, build, true);
+  const kernels::Segments key_plan = in.plan(S, build, kernels::kNoncausalBytes, true),
+                          query_plan = in.plan(L, build, kernels::kNoncausalBytes, true);
   auto [kv_parts, z_parts] = segment_sums(build, in, key_plan, pad);
   const at::Tensor kv = add_segments(kv_parts), z = add_segments(z_parts);
   GradientTensors grads(query, value, S);
@@ -360,7 +362,8 @@ inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_ou
   grads.set(p);
   p.inv_den = rows[0].mutable_data_ptr<float>();
   p.dden = rows[1].mutable_data_ptr<float>();
-  const kernels::Segments plan = in.plan(longest_sequence(L, cu), build, /*backward=*/true);
+  const kernels::Segments plan =
+      in.plan(longest_sequence(L, cu), build, kernels::kCausalBackwardBytes, /*backward=*/true);
   static_cast<kernels::Segments&>(p) = plan;
   at::Tensor dkv0, dz0, kv_in, z_in, dkv_in, dz_in;
   if (plan.segments == 1) {

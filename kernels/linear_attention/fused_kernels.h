@@ -126,9 +126,22 @@ constexpr std::size_t causal_forward_shared_bytes(int D, int BM) {
 // segment's sums, a scan over the segments in order gives each its incoming state, and the fused pass runs
 // every segment from it (the non-causal op: the sums are added in order; its output pass splits alike).
 // {1, 0}: no split.
+//
+// The split's price, in (B, H, L)-row tensors read or written: the causal ops pay a pass over k and v for the
+// segments' sums (the forward 6 instead of q, k, v, out; the backward 13 instead of its two passes' q, k, v,
+// dout and dq, dk, dv); the non-causal ones sum k and v by segments anyway. If a multiprocessor's block
+// streams its share of the bandwidth, `blocks` of them take multiprocessors / blocks times the whole device's
+// time, so the split pays where that exceeds split / whole: at B H = 128 (issue 14's shape S1, 132
+// multiprocessors) the causal forward stays whole (its split would move 1.5x the bytes).
+struct ScheduleBytes {
+  int64_t whole, split;
+};
+constexpr ScheduleBytes kCausalForwardBytes{4, 6};
+constexpr ScheduleBytes kCausalBackwardBytes{11, 13};
+constexpr ScheduleBytes kNoncausalBytes{1, 1};
 constexpr int64_t kMinSegmentRows = 256;
-constexpr Segments plan_segments(int64_t blocks, int64_t longest, int64_t multiprocessors) {
-  if (blocks <= 0 || blocks >= multiprocessors || longest < 2 * kMinSegmentRows) {
+constexpr Segments plan_segments(int64_t blocks, int64_t longest, int64_t multiprocessors, ScheduleBytes bytes) {
+  if (blocks <= 0 || blocks * bytes.split >= multiprocessors * bytes.whole || longest < 2 * kMinSegmentRows) {
     return {1, 0};
   }
   const int64_t wanted = (2 * multiprocessors + blocks - 1) / blocks;

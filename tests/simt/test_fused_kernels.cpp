@@ -739,13 +739,21 @@ TEST_CASE("fused causal backward: the split schedule, segments from their incomi
 
 TEST_CASE("split schedule: segments for few long sequences, none where the blocks fill the device") {
   using kernels::plan_segments;
-  CHECK(plan_segments(1, 600, 132).segments == 3);  // 264 wanted: segments of the minimum 256 rows
-  CHECK(plan_segments(1, 600, 132).segment_rows == 256);
-  CHECK(plan_segments(8, 8192, 132).segments == 32);  // 33 wanted: 256 rows each
-  CHECK(plan_segments(4, 65536, 132).segment_rows == 1024);   // 66 wanted: 993 rows, rounded up to chunks
-  CHECK(plan_segments(4, 65536, 132).segments == 64);
-  CHECK(plan_segments(132, 1 << 20, 132).segments == 1);  // enough blocks
-  CHECK(plan_segments(1, 511, 132).segments == 1);        // too short to split
+  const kernels::ScheduleBytes free = kernels::kNoncausalBytes;
+  CHECK(plan_segments(1, 600, 132, free).segments == 3);  // 264 wanted: segments of the minimum 256 rows
+  CHECK(plan_segments(1, 600, 132, free).segment_rows == 256);
+  CHECK(plan_segments(8, 8192, 132, free).segments == 32);  // 33 wanted: 256 rows each
+  CHECK(plan_segments(4, 65536, 132, free).segment_rows == 1024);   // 66 wanted: 993 rows, rounded up to chunks
+  CHECK(plan_segments(4, 65536, 132, free).segments == 64);
+  CHECK(plan_segments(132, 1 << 20, 132, free).segments == 1);  // enough blocks
+  CHECK(plan_segments(1, 511, 132, free).segments == 1);        // too short to split
+  // The causal ops' split reads k and v once more: 1.5x the forward's bytes, 13/11 the backward's.
+  CHECK(plan_segments(128, 8192, 132, free).segments == 3);  // B H = 128 (S1): 128 of 132 busy, splitting is free
+  CHECK(plan_segments(128, 8192, 132, kernels::kCausalForwardBytes).segments == 1);  // S1 stays whole
+  CHECK(plan_segments(87, 8192, 132, kernels::kCausalForwardBytes).segments == 4);   // 87 x 6 < 132 x 4
+  CHECK(plan_segments(88, 8192, 132, kernels::kCausalForwardBytes).segments == 1);
+  CHECK(plan_segments(111, 8192, 132, kernels::kCausalBackwardBytes).segments == 3);  // 111 x 13 < 132 x 11
+  CHECK(plan_segments(112, 8192, 132, kernels::kCausalBackwardBytes).segments == 1);
 }
 
 TEST_CASE("fused non-causal kernels: padded keys, segments of every pass, head dims and value tiles") {
