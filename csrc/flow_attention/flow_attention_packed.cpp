@@ -5,6 +5,7 @@
 #include "flow_attention/flow_attention_ops.h"
 
 #include "common/checks.h"
+#include "flow_attention/state_layout.h"
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/zeros.h>
@@ -37,8 +38,7 @@ at::Tensor stacked_states(const std::vector<at::Tensor>& rows, const at::Tensor&
   if (!rows.empty()) {
     return at::cat(rows, 0);
   }
-  const int64_t D = query.size(3), M = value.size(3);
-  return at::zeros({0, query.size(1), 3 + 4 * D + D * M},
+  return at::zeros({0, query.size(1), RecurrentState{query.size(3), value.size(3)}.size()},
                    query.options().dtype(accumulate_type(query.scalar_type())));
 }
 
