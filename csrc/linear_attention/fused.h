@@ -41,57 +41,78 @@ struct Build {
   int64_t multiprocessors;
 };
 
-// bf16 or half inputs, sequences and heads that fit a grid. cu: the checked values of cu_seqlens, or empty.
-inline bool takes_inputs(const at::Tensor& query, const std::vector<int64_t>& cu) {
-  const at::ScalarType type = query.scalar_type();
-  const int64_t sequences = cu.empty() ? query.size(0) : int64_t(cu.size()) - 1;
-  return (type == at::kBFloat16 || type == at::kHalf) && sequences < std::numeric_limits<int32_t>::max() &&
-         query.size(1) <= 65535;
+// The kernels' element type of the inputs' dtype: bf16, half or float32 (float64 takes no fused kernel).
+inline kernels::Element element_of(const at::Tensor& query) {
+  switch (query.scalar_type()) {
+    case at::kHalf:
+      return kernels::Element::half;
+    case at::kFloat:
+      return kernels::Element::float32;
+    default:
+      return kernels::Element::bf16;
+  }
 }
 
-// The forward takes D, M in {16, 32, 64, 128, 256} within the shared memory; a call with L = 1 and no packed
-// sequences stays a decoding step (DecodeStep).
+// Inputs of the fused kernels' dtypes (bf16, half; float32 with D <= kMaxFloatD), sequences and heads that fit
+// a grid. cu: the checked values of cu_seqlens, or empty.
+inline bool takes_inputs(const at::Tensor& query, const std::vector<int64_t>& cu) {
+  const at::ScalarType type = query.scalar_type();
+  const bool float_inputs = type == at::kFloat && query.size(3) <= kernels::kMaxFloatD;
+  const int64_t sequences = cu.empty() ? query.size(0) : int64_t(cu.size()) - 1;
+  return (type == at::kBFloat16 || type == at::kHalf || float_inputs) &&
+         sequences < std::numeric_limits<int32_t>::max() && query.size(1) <= 65535;
+}
+
+// The forward takes D, M in {16, 32, 64, 128, 256} within the shared memory (float32: D <= 128); a call with
+// L = 1 and no packed sequences stays a decoding step (DecodeStep).
 inline bool takes_forward(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu,
                           const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
+  const std::size_t bytes = kernels::element_bytes(element_of(query));
   return takes_inputs(query, cu) && kernels::fused_head_dim(D) && kernels::fused_head_dim(M) &&
          (query.size(2) != 1 || !cu.empty()) &&
-         kernels::causal_forward_shared_bytes(int(D), kernels::value_tile(int(D), int(M))) <= build.shared_limit;
+         kernels::causal_forward_shared_bytes(int(D), kernels::value_tile(int(D), int(M)), bytes) <=
+             build.shared_limit;
 }
 
-// The non-causal forward takes D, M in {16, 32, 64, 128, 256} within the shared memory.
+// The non-causal forward takes D, M in {16, 32, 64, 128, 256} within the shared memory (float32: D <= 128).
 inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
   if (!takes_inputs(query, {}) || !kernels::fused_head_dim(D) || !kernels::fused_head_dim(M)) {
     return false;
   }
   const int BM = kernels::value_tile(int(D), int(M));
-  return std::max(kernels::segment_sums_shared_bytes(int(D), BM), kernels::state_output_shared_bytes(int(D), BM)) <=
-         build.shared_limit;
+  const std::size_t bytes = kernels::element_bytes(element_of(query));
+  return std::max(kernels::segment_sums_shared_bytes(int(D), BM, bytes),
+                  kernels::state_output_shared_bytes(int(D), BM, bytes)) <= build.shared_limit;
 }
 
-// The non-causal backward takes D, M in {16, 32, 64, 128, 256} within the shared memory.
+// The non-causal backward takes D, M in {16, 32, 64, 128, 256} within the shared memory (float32: D <= 128).
 inline bool takes_noncausal_backward(const at::Tensor& query, const at::Tensor& value, const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
   const std::size_t static_bytes = std::size_t(4) * (2 * D + 3 * kernels::kChunkRows + 4);  // float vectors
-  const int BM = kernels::backward_value_tile(int(D), int(M));
+  const int BM = kernels::backward_value_tile(int(D), int(M), query.element_size());
+  const std::size_t bytes = kernels::element_bytes(element_of(query));
   return takes_noncausal(query, value, build) && kernels::fused_backward_dims(D, M, /*causal=*/false) &&
-         kernels::noncausal_backward_shared_bytes(int(D), BM) + static_bytes <= build.shared_limit;
+         kernels::noncausal_backward_shared_bytes(int(D), BM, bytes) + static_bytes <= build.shared_limit;
 }
 
-// The causal backward takes D <= 128 and M in {16, 32, 64, 128, 256} (kernels::fused_backward_dims).
+// The causal backward takes D and M in {16, 32, 64, 128, 256} (kernels::fused_backward_dims; float32: D <= 128)
+// within the shared memory.
 inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu,
                            const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
-  const int BM = kernels::backward_value_tile(int(D), int(M));
+  const int BM = kernels::backward_value_tile(int(D), int(M), query.element_size());
+  const std::size_t bytes = kernels::element_bytes(element_of(query));
   return takes_inputs(query, cu) && kernels::fused_backward_dims(D, M, /*causal=*/true) &&
-         kernels::causal_backward_block_bytes(int(D), BM) <= build.shared_limit;
+         kernels::causal_backward_block_bytes(int(D), BM, bytes) <= build.shared_limit;
 }
 
 // x, or a contiguous copy where its rows are not unit-stride runs on 16 bytes (what cp.async reads).
 inline at::Tensor aligned_rows(const at::Tensor& x) {
+  const int64_t per16 = 16 / int64_t(x.element_size());  // elements in 16 bytes
   const bool aligned = x.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
-                       x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0;
+                       x.stride(0) % per16 == 0 && x.stride(1) % per16 == 0 && x.stride(2) % per16 == 0;
   return aligned ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
@@ -129,7 +150,7 @@ struct InputTensors {
     p.feature_map = feature_map;
     p.normalize = normalize;
     p.eps = static_cast<float>(eps);
-    p.half = query.scalar_type() == at::kHalf;
+    p.element = element_of(query);
   }
   at::TensorOptions state_options() const { return q.options().dtype(at::kFloat); }
   int64_t N() const { return params.N; }
@@ -138,7 +159,8 @@ struct InputTensors {
   kernels::Segments plan(int64_t longest, const Build& build, kernels::ScheduleBytes bytes,
                          bool backward = false) const {
     const int D = params.D, M = params.M;
-    const int64_t tiles = M / (backward ? kernels::backward_value_tile(D, M) : kernels::value_tile(D, M));
+    const std::size_t element = kernels::element_bytes(params.element);
+    const int64_t tiles = M / (backward ? kernels::backward_value_tile(D, M, element) : kernels::value_tile(D, M));
     return kernels::plan_segments(N() * params.H * tiles, longest, build.multiprocessors, bytes);
   }
 };
@@ -246,7 +268,7 @@ struct GradientTensors {
     dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
     dk = new_output(c10::fromIntArrayRefSlow({B, H, S, D}), query.options());
     dv = new_output(c10::fromIntArrayRefSlow({B, H, S, M}), query.options());
-    const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M));
+    const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), query.element_size());
     if (tiles > 1) {
       dq_parts = at::empty({tiles, B, H, L, D}, query.options().dtype(at::kFloat));
       dk_parts = at::empty({tiles, B, H, S, D}, query.options().dtype(at::kFloat));
@@ -307,7 +329,7 @@ inline Grads noncausal_backward(const Build& build, const at::Tensor& grad_out, 
   auto [kv_parts, z_parts] = segment_sums(build, in, key_plan, pad);
   const at::Tensor kv = add_segments(kv_parts), z = add_segments(z_parts);
   GradientTensors grads(query, value, S);
-  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M));
+  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), query.element_size());
   at::Tensor dkv_parts = at::empty({B, query_plan.segments, H, D, M}, in.state_options());
   at::Tensor dz_parts = at::empty({tiles, B, query_plan.segments, H, D}, in.state_options());  // the tiles' shares
   kernels::NoncausalBackwardParams p{};
@@ -346,7 +368,7 @@ inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_ou
                                    const std::vector<int64_t>& cu) {
   const InputTensors in(query, key, value, feature_map, normalize, eps, cu);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
-  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M));
+  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), query.element_size());
   const at::Tensor dout = aligned_rows(grad_out.to(query.scalar_type()));
   const at::Tensor kv0 = contiguous_or_undefined(initial_kv), z0 = contiguous_or_undefined(initial_z);
   const at::Tensor dkv = contiguous_or_undefined(grad_final_kv), dz = contiguous_or_undefined(grad_final_z);

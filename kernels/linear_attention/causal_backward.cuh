@@ -1,4 +1,4 @@
-// Causal linear attention, backward, fused on tensor cores (bf16 or half inputs, float32 states and sums):
+// Causal linear attention, backward, fused on tensor cores (bf16, half or float32 inputs, float32 states and sums):
 // two passes over each (sequence, head, value tile of BM columns), one block of 4 warps each. q, k = phi(query),
 // phi(key); per chunk of 64 rows t, with the chunk's masked score matrices and the state at the chunk's start:
 // 1. Forward order, state (S, z) as in the forward; z_t = z + sum_{j<=t} k_j, S_t alike, never formed:
@@ -37,7 +37,8 @@ struct BackwardBlockBase {
   using State = StateTile<T, D, BM>;
   using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 5 * Q::kSize + 4 * V::kSize + 2 * StateParts::kSize;
-  static_assert(kSharedElements * sizeof(T) == causal_backward_shared_bytes(D, BM), "the layout the host sizes");
+  static_assert(kSharedElements * sizeof(T) == causal_backward_shared_bytes(D, BM, sizeof(T)),
+                "the layout the host sizes");
 
   const CausalBackwardParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;             // the sequence, or its segment
@@ -89,7 +90,7 @@ template <typename T, int D, int BM>
 struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
   using Base = BackwardBlockBase<T, D, BM>;
   using Base::l, Base::p, Base::S, Base::span;
-  static constexpr int kColumns = D < 64 ? D : 64;
+  static constexpr int kColumns = gradient_columns(D, sizeof(T));
   simt::shared_ptr<float> z_s, qz_s, inv_den_s, dden_s, dz_s;  // z_s: z at the chunk's start
   typename Base::State dS;     // the segment's sums (split schedule)
 
@@ -201,7 +202,7 @@ template <typename T, int D, int BM>
 struct BackwardKeyBlock : BackwardBlockBase<T, D, BM> {
   using Base = BackwardBlockBase<T, D, BM>;
   using Base::l, Base::p, Base::S, Base::span;  // S is R here
-  static constexpr int kKeyColumns = D < 64 ? D : 64;
+  static constexpr int kKeyColumns = gradient_columns(D, sizeof(T));
   simt::shared_ptr<float> r_s, weight_s, inv_den_s;
 
   FF_DEVICE void chunk(int64_t c, int stage) {
@@ -312,7 +313,7 @@ void CausalQueryGrads<D>::run(const CausalBackwardParams& p, void* stream) {
   launch_backward_pass<D, kMaxCausalBackwardD>(p, "causal_query_grads", op, stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&causal_query_grads_kernel<T, D, decltype(tile)::value>,
-                     causal_backward_shared_bytes(D, decltype(tile)::value)};
+                     causal_backward_shared_bytes(D, decltype(tile)::value, sizeof(T))};
   });
 }
 
@@ -322,7 +323,7 @@ void CausalKeyGrads<D>::run(const CausalBackwardParams& p, void* stream) {
   launch_backward_pass<D, kMaxCausalBackwardD>(p, "causal_key_grads", op, stream, [](auto type, auto tile) {
     using T = decltype(type);
     return std::pair{&causal_key_grads_kernel<T, D, decltype(tile)::value>,
-                     causal_backward_shared_bytes(D, decltype(tile)::value)};
+                     causal_backward_shared_bytes(D, decltype(tile)::value, sizeof(T))};
   });
 }
 

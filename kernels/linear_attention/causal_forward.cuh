@@ -1,8 +1,9 @@
-// Causal linear attention, forward, fused on tensor cores (bf16 or half inputs, float32 state and sums).
+// Causal linear attention, forward, fused on tensor cores (bf16, half or float32 inputs, float32 state and sums).
 // One block of 4 warps walks one (sequence, head, value tile of BM columns) through its sequence in chunks
 // of 64 rows. With q, k = phi(query), phi(key) and (S, z) the state before chunk c, for its rows t:
 //   G[t, j] = <q_t, k_j> for the chunk's rows j <= t            mma, float accumulators
 //   num_t   = q_t^T S + sum_j G[t, j] v_j                        mma: S as hi + lo 16-bit parts, G rounded
+//                                                                (float32: S and G as they are, 3 tf32 products)
 //   den_t   = <q_t, z> + sum_j G[t, j] + eps                     float (CUDA cores and the G accumulators)
 //   out_t   = num_t / den_t   (num_t without normalisation)
 //   S += k^T v  (mma into float accumulators that stay in registers)     z += sum_j k_j  (float)
@@ -29,7 +30,8 @@ struct CausalForwardBlock {
   using State = StateTile<T, D, BM>;
   using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 4 * Q::kSize + 2 * V::kSize + 2 * StateParts::kSize;
-  static_assert(kSharedElements * sizeof(T) == causal_forward_shared_bytes(D, BM), "the layout the host sizes");
+  static_assert(kSharedElements * sizeof(T) == causal_forward_shared_bytes(D, BM, sizeof(T)),
+                "the layout the host sizes");
 
   const CausalForwardParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;

@@ -1,11 +1,14 @@
 // Tiles of the fused chunked linear-attention kernels (causal_forward.cuh, causal_backward.cuh,
 // segment_sums.cuh, state_output.cuh), as types:
 // a block of 4 warps walks a sequence in chunks of 64 rows; warp w owns the chunk rows 16 w .. 16 w + 15.
-//   ChunkTile<T, W>   64 rows x W columns of 16-bit values in shared memory, loaded by cp.async
+//   ChunkTile<T, W>   64 rows x W columns of T (16-bit, or float) in shared memory, loaded by cp.async
 //   RowTile<N>        a warp's 16 rows x N columns of float accumulators (m16n8 tiles)
 //   StateTile<T, R, C> an R x C float matrix in registers spread over the warps (16 x 16 units), that adds
-//                     x^T y over a chunk and publishes itself as hi + lo 16-bit parts for the next products
-// Products are mma.m16n8k16 with float accumulators; B operands come by ldmatrix from shared memory.
+//                     x^T y over a chunk and publishes itself as hi + lo 16-bit parts (float: itself) for
+//                     the next products
+//   Fragment<T>       an operand of the m16n8k16 layout: 4 registers of 16-bit pairs, or 8 floats
+// Products are mma.m16n8k16 with float accumulators, operands by ldmatrix from shared memory; float32 inputs
+// multiply as three tf32 products per k8 half (mma_3xtf32), operands by plain loads.
 #pragma once
 
 #include "common/portable.h"
@@ -74,18 +77,66 @@ struct Lane {
   FF_DEVICE int col(int e) const { return 2 * t + e % 2; }               // column within its n tile
 };
 
+// An operand of the m16n8k16 layout (simt/tensor_core.h): A (16 x 16), or B of two n tiles (register 2 j + i:
+// n tile j, k rows 8 i ..). 16-bit T: four registers of element pairs; pair i of the float one is [2 i, 2 i + 1].
 template <typename T>
-FF_DEVICE void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
-  const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-  simt::mma_m16n8k16<T>(d0, a, b0, d0);
-  simt::mma_m16n8k16<T>(d1, a, b1, d1);
+struct Fragment {
+  uint32_t r[4];
+  FF_DEVICE void set_pair(int i, float x0, float x1) { r[i] = simt::pack2(T(x0), T(x1)); }
+};
+template <>
+struct Fragment<float> {
+  float r[8];
+  FF_DEVICE void set_pair(int i, float x0, float x1) {
+    r[2 * i] = x0;
+    r[2 * i + 1] = x1;
+  }
+};
+
+// d += A B over k16 for one n tile (b: its 4 floats, k rows 2t, 2t + 1, 2t + 8, 2t + 9), as m16n8k8 tf32 products
+// over the k halves e (columns 2t + e and 2t + 8 + e of A: a tf32 thread's k slots t and t + 4; the order of k
+// within a product does not matter). With x = hi + lo, hi = tf32(x), lo = tf32(x - hi) (22 of float's 24 bits),
+// A B = hi hi + hi lo + lo hi, dropping lo lo (below 2^-21 of |A| |B|): about float32's accuracy, never plain tf32.
+FF_DEVICE void mma_3xtf32(float (&d)[4], const float (&a)[8], const float* b) {
+  const auto split = [](float x, float& hi, float& lo) {
+    hi = simt::tf32_round(x);
+    lo = simt::tf32_round(x - hi);
+  };
+  FF_UNROLL
+  for (int e = 0; e < 2; ++e) {
+    float a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+    FF_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      split(a[2 * i + e], a_hi[i], a_lo[i]);
+    }
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      split(b[2 * i + e], b_hi[i], b_lo[i]);
+    }
+    simt::mma_m16n8k8_tf32(d, a_lo, b_hi, d);  // the small terms first
+    simt::mma_m16n8k8_tf32(d, a_hi, b_lo, d);
+    simt::mma_m16n8k8_tf32(d, a_hi, b_hi, d);
+  }
 }
 
-// A matrix of 16-bit values in shared memory with rows padded by 8 elements (16 bytes: aligned rows that
-// ldmatrix reads without bank conflicts).
+template <typename T>
+FF_DEVICE void mma_pair(float (&d0)[4], float (&d1)[4], const Fragment<T>& a, const Fragment<T>& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    mma_3xtf32(d0, a.r, b.r);
+    mma_3xtf32(d1, a.r, b.r + 4);
+  } else {
+    const uint32_t b0[2] = {b.r[0], b.r[1]}, b1[2] = {b.r[2], b.r[3]};
+    simt::mma_m16n8k16<T>(d0, a.r, b0, d0);
+    simt::mma_m16n8k16<T>(d1, a.r, b1, d1);
+  }
+}
+
+// A matrix of T in shared memory with rows padded by 8 elements (16-bit: 16 bytes, aligned rows that ldmatrix
+// reads without bank conflicts; float: 32 bytes, rows aligned for cp.async).
 template <typename T, int Rows, int Width>
 struct SharedMatrix {
   static constexpr int kLd = Width + 8, kSize = Rows * kLd;
+  static constexpr bool kFloat = std::is_same_v<T, float>;
   simt::shared_ptr<T> data;
 
   FF_DEVICE simt::shared_ptr<T> at(int r, int c) const { return data + r * kLd + c; }
@@ -98,21 +149,33 @@ struct SharedMatrix {
   // Two B fragments (n tiles n0, n0 + 8; k rows k0 .. k0 + 15) of this matrix read as k x n (.trans), or
   // as its transpose (this matrix n x k).
   template <bool KByN>
-  FF_DEVICE void b_fragments(uint32_t (&b)[4], const Lane& l, int k0, int n0) const {
-    if constexpr (KByN) {
-      simt::ldmatrix<4, true>(b, at(k0 + l.a_row, n0 + l.a_col));
+  FF_DEVICE void b_fragments(Fragment<T>& b, const Lane& l, int k0, int n0) const {
+    if constexpr (kFloat) {  // float 4 j + 2 i + e: n tile j (column g), k row 2t + 8 i + e
+      FF_UNROLL
+      for (int w = 0; w < 8; ++w) {
+        const int k = k0 + 2 * l.t + 8 * (w / 2 % 2) + w % 2, n = n0 + 8 * (w / 4) + l.g;
+        b.r[w] = KByN ? get(k, n) : get(n, k);
+      }
+    } else if constexpr (KByN) {
+      simt::ldmatrix<4, true>(b.r, at(k0 + l.a_row, n0 + l.a_col));
     } else {
-      simt::ldmatrix<4, false>(b, at(n0 + l.b_row, k0 + l.b_col));
+      simt::ldmatrix<4, false>(b.r, at(n0 + l.b_row, k0 + l.b_col));
     }
   }
   // The A fragment of rows m0 .. m0 + 15 and columns k0 .. k0 + 15 (this matrix m x k), or of the transpose
   // (this matrix k x m: rows k0.., columns m0..).
   template <bool MByK>
-  FF_DEVICE void a_fragment(uint32_t (&a)[4], const Lane& l, int m0, int k0) const {
-    if constexpr (MByK) {
-      simt::ldmatrix<4, false>(a, at(m0 + l.a_row, k0 + l.a_col));
+  FF_DEVICE void a_fragment(Fragment<T>& a, const Lane& l, int m0, int k0) const {
+    if constexpr (kFloat) {  // float 2 i + e: row g + 8 (i % 2), column 2t + 8 (i / 2) + e
+      FF_UNROLL
+      for (int w = 0; w < 8; ++w) {
+        const int m = m0 + l.g + 8 * (w / 2 % 2), k = k0 + 2 * l.t + 8 * (w / 4) + w % 2;
+        a.r[w] = MByK ? get(m, k) : get(k, m);
+      }
+    } else if constexpr (MByK) {
+      simt::ldmatrix<4, false>(a.r, at(m0 + l.a_row, k0 + l.a_col));
     } else {
-      simt::ldmatrix<4, true>(a, at(k0 + l.b_row, m0 + l.b_col));
+      simt::ldmatrix<4, true>(a.r, at(k0 + l.b_row, m0 + l.b_col));
     }
   }
 };
@@ -120,13 +183,14 @@ struct SharedMatrix {
 template <typename T, int Width>
 using ChunkTile = SharedMatrix<T, kChunkRows, Width>;
 
-// cp.async of the rows [first, first + 64) of a (length, Width) run of global rows into `tile`; rows past
-// `length` are zero-filled.
+// cp.async of the rows [first, first + 64) of a (length, Width) run of global rows into `tile`, 16 bytes a
+// piece; rows past `length` are zero-filled.
 template <typename T, int Width>
 FF_DEVICE void load_rows(const ChunkTile<T, Width>& tile, const T* rows, int64_t row_stride, int64_t first,
                          int64_t length) {
-  for (int piece = int(threadIdx.x); piece < kChunkRows * Width / 8; piece += kForwardThreads) {
-    const int r = piece / (Width / 8), c = piece % (Width / 8) * 8;
+  constexpr int kPiece = 16 / int(sizeof(T));  // elements a piece
+  for (int piece = int(threadIdx.x); piece < kChunkRows * Width / kPiece; piece += kForwardThreads) {
+    const int r = piece / (Width / kPiece), c = piece % (Width / kPiece) * kPiece;
     const bool inside = first + r < length;
     simt::cp_async_16(tile.at(r, c), inside ? rows + (first + r) * row_stride + c : rows, inside);
   }
@@ -273,11 +337,11 @@ struct RowTile {
   template <typename T, int K, bool KByN, typename XMatrix, typename YMatrix>
   FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y, int n0 = 0) {
     for (int k0 = 0; k0 < K; k0 += 16) {
-      uint32_t a[4];
+      Fragment<T> a;
       x.template a_fragment<true>(a, l, l.warp * 16, k0);
       FF_UNROLL
       for (int np = 0; np < N / 16; ++np) {
-        uint32_t b[4];
+        Fragment<T> b;
         y.template b_fragments<KByN>(b, l, k0, n0 + np * 16);
         mma_pair<T>(acc[2 * np], acc[2 * np + 1], a, b);
       }
@@ -325,12 +389,12 @@ struct Scores {
   FF_DEVICE void compute(const Lane& l, const XMatrix& x, const YMatrix& y) {
     s.zero();
     for (int k0 = 0; k0 < K; k0 += 16) {
-      uint32_t a[4];
+      Fragment<T> a;
       x.template a_fragment<true>(a, l, l.warp * 16, k0);
       FF_UNROLL
       for (int np = 0; np < 4; ++np) {
         if (tile_used(np, l.warp)) {
-          uint32_t b[4];
+          Fragment<T> b;
           y.template b_fragments<false>(b, l, k0, np * 16);
           mma_pair<T>(s.acc[2 * np], s.acc[2 * np + 1], a, b);
         }
@@ -378,22 +442,22 @@ struct Scores {
   }
 
   // out += scale (masked scores) Y, Y the columns n0 .. n0 + N - 1 of a 64 x n matrix (keys x columns) in
-  // shared memory; the scaled scores are rounded to T as A fragments.
+  // shared memory; the scaled scores are rounded to T as A fragments (float: as they are).
   template <typename T, int N, typename YMatrix>
   FF_DEVICE void times(const Lane& l, const YMatrix& y, float scale, RowTile<N>& out, int n0 = 0) const {
     FF_UNROLL
     for (int np = 0; np < 4; ++np) {
       if (tile_used(np, l.warp)) {
-        uint32_t a[4];
+        Fragment<T> a;
         FF_UNROLL
         for (int half = 0; half < 2; ++half) {
           const float(&c)[4] = s.acc[2 * np + half];
-          a[2 * half] = simt::pack2(T(c[0] * scale), T(c[1] * scale));
-          a[2 * half + 1] = simt::pack2(T(c[2] * scale), T(c[3] * scale));
+          a.set_pair(2 * half, c[0] * scale, c[1] * scale);
+          a.set_pair(2 * half + 1, c[2] * scale, c[3] * scale);
         }
         FF_UNROLL
         for (int vp = 0; vp < N / 16; ++vp) {
-          uint32_t b[4];
+          Fragment<T> b;
           y.template b_fragments<true>(b, l, np * 16, n0 + vp * 16);
           mma_pair<T>(out.acc[2 * vp], out.acc[2 * vp + 1], a, b);
         }
@@ -405,12 +469,13 @@ struct Scores {
 // An R x C float matrix in registers: its 16 x 16 units dealt to the warps in turn, two m16n8 accumulators
 // a unit. It adds x^T y over a chunk (x 64 x R, y 64 x C in shared memory) and publishes itself as
 // hi + lo = M 2^-e, 16-bit parts in shared memory, for products with it (half: e > 0 only once |M| reaches
-// 2^14, so that the parts cannot overflow; bf16: e = 0).
+// 2^14, so that the parts cannot overflow; bf16: e = 0). Float inputs: hi = M itself, lo unused.
 template <typename T, int R, int C>
 struct StateTile {
   static constexpr int kUnits = (R / 16) * (C / 16);
   static constexpr int kUnitsPerWarp = (kUnits + kWarps - 1) / kWarps;
   static constexpr bool kScaled = std::is_same_v<T, simt::half>;
+  static constexpr bool kTwoParts = !std::is_same_v<T, float>;
   static_assert(R % 16 == 0 && C % 16 == 0, "units of 16 x 16");
 
   float acc[kUnitsPerWarp][2][4];
@@ -472,7 +537,7 @@ struct StateTile {
       if (u < kUnits) {
         const int r0 = u / (C / 16) * 16, c0 = u % (C / 16) * 16;
         for (int k0 = 0; k0 < kChunkRows; k0 += 16) {
-          uint32_t a[4], b[4];
+          Fragment<T> a, b;
           x.template a_fragment<false>(a, l, r0, k0);
           y.template b_fragments<true>(b, l, k0, c0);
           mma_pair<T>(acc[i][0], acc[i][1], a, b);
@@ -490,7 +555,7 @@ struct StateTile {
     for_each(l, [&](float& a, int, int) { a *= up; });
   }
 
-  // hi + lo = this 2^-e; largest_s: kWarps floats of shared memory. Half: a block barrier.
+  // hi + lo = this 2^-e (float: hi = this); largest_s: kWarps floats of shared memory. Half: a block barrier.
   FF_DEVICE void publish(const Lane& l, const SharedMatrix<T, R, C>& hi, const SharedMatrix<T, R, C>& lo,
                          simt::shared_ptr<float> largest_s) {
     if constexpr (kScaled) {
@@ -520,7 +585,9 @@ struct StateTile {
       const float scaled = x * s;
       const T high = T(scaled);
       hi.data[r * hi.kLd + c] = high;
-      lo.data[r * lo.kLd + c] = T(scaled - float(high));
+      if constexpr (kTwoParts) {
+        lo.data[r * lo.kLd + c] = T(scaled - float(high));
+      }
     });
   }
 
@@ -531,7 +598,9 @@ struct StateTile {
                                    const SharedMatrix<T, R, C>& lo, RowTile<N>& out, int n0 = 0) {
     static_assert(N <= (KByN ? C : R), "the product's width");
     out.template add_product<T, KByN ? R : C, KByN>(l, x, hi, n0);
-    out.template add_product<T, KByN ? R : C, KByN>(l, x, lo, n0);
+    if constexpr (kTwoParts) {
+      out.template add_product<T, KByN ? R : C, KByN>(l, x, lo, n0);
+    }
   }
 };
 
@@ -605,12 +674,14 @@ struct BlockPlace {
 };
 
 // Launches a forward-like grid (BlockPlace) of the kernel that kernel_of(T{}, std::integral_constant<int, BM>{})
-// returns with its dynamic shared bytes, {kernel, bytes}, for the inputs' 16-bit type T and the value tile BM
-// of head dim D (value_tile, or backward_value_tile for a Backward pass). `name` names the kernel, `op` the op
-// in the errors.
+// returns with its dynamic shared bytes, {kernel, bytes}, for the inputs' type T (bf16, half; float for
+// D <= kMaxFloatD) and the value tile BM of head dim D (value_tile, or backward_value_tile for a Backward pass).
+// `name` names the kernel, `op` the op in the errors.
 template <int D, bool Backward = false, typename Params, typename KernelOf>
 void launch_forward_like(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
-  constexpr auto tile_of = [](int M) { return Backward ? backward_value_tile(D, M) : value_tile(D, M); };
+  constexpr auto tile_of = [](int M, std::size_t bytes) {
+    return Backward ? backward_value_tile(D, M, bytes) : value_tile(D, M);
+  };
   const auto with_tile = [&](auto type, auto tile) {
     const int64_t blocks = int64_t(p.N) * p.segments * (p.M / decltype(tile)::value);
     if (blocks > 0x7fffffff || p.H > 65535) {
@@ -626,27 +697,34 @@ void launch_forward_like(const Params& p, const char* name, const char* op, void
     }
   };
   const auto with_type = [&](auto type) {
-    switch (tile_of(p.M)) {
+    constexpr std::size_t bytes = sizeof(decltype(type));
+    switch (tile_of(p.M, bytes)) {
       case 16:
         return with_tile(type, std::integral_constant<int, 16>{});
       case 32:
-        if constexpr (tile_of(256) >= 32) {
+        if constexpr (tile_of(256, bytes) >= 32) {
           return with_tile(type, std::integral_constant<int, 32>{});
         }
         break;
       default:
-        if constexpr (tile_of(256) == 64) {
+        if constexpr (tile_of(256, bytes) == 64) {
           return with_tile(type, std::integral_constant<int, 64>{});
         }
     }
     throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D) +
                                 ", M = " + std::to_string(p.M));
   };
-  if (p.half) {
-    with_type(simt::half{});
-  } else {
-    with_type(simt::bf16{});
+  switch (p.element) {
+    case Element::half:
+      return with_type(simt::half{});
+    case Element::bf16:
+      return with_type(simt::bf16{});
+    case Element::float32:
+      if constexpr (D <= kMaxFloatD) {
+        return with_type(float{});
+      }
   }
+  throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for these inputs' dtype");
 }
 
 // A pass of a backward over its forward-like grid (value tiles of backward_value_tile): D up to MaxD.

@@ -12,9 +12,13 @@
 
 namespace flowformer::linear_attention_kernels {
 
-// The inputs of one call: N sequences of H heads, 16-bit floats (bf16 or half) whose rows (the last axis)
-// have a unit stride and start on 16 bytes; strides in elements, per batch, head and row. A kernel that
-// reads only some of q, k, v ignores the others.
+// The inputs' dtype: bf16 and half multiply on tensor cores as they are, float32 as three tf32 products.
+enum class Element { bf16, half, float32 };
+constexpr std::size_t element_bytes(Element e) { return e == Element::float32 ? 4 : 2; }
+
+// The inputs of one call: N sequences of H heads (Element) whose rows (the last axis) have a unit stride and
+// start on 16 bytes; strides in elements, per batch, head and row. A kernel that reads only some of q, k, v
+// ignores the others.
 struct Inputs {
   const void *q, *k, *v;
   int64_t q_stride[3], k_stride[3], v_stride[3];
@@ -24,7 +28,7 @@ struct Inputs {
   FeatureMap feature_map;
   bool normalize;
   float eps;
-  bool half;                  // half (true) or bf16 inputs
+  Element element;
 };
 
 // With segments = G > 1 each sequence runs as G segments of segment_rows rows (the last ones shorter or
@@ -59,7 +63,7 @@ struct StateOutputParams : Inputs, Segments {
   const float* z;     // (N, H, D)
 };
 
-// The gradients of the inputs. A backward's block carries one value tile (BM = backward_value_tile(D, M) columns
+// The gradients of the inputs. A backward's block carries one value tile (BM = backward_value_tile columns
 // of the state); dq and dk contract over M, so with M / BM > 1 tiles each tile's block writes its share of them as
 // floats, (M / BM, B, H, L, D), which the host adds in tile order (and dq, dk go unwritten); else dq_parts and
 // dk_parts are nullptr and the block writes dq, dk.
@@ -105,20 +109,33 @@ struct CausalBackwardParams : Inputs, Segments, Gradients {
 constexpr int kChunkRows = 64;  // rows per chunk: one m16 tile per warp
 constexpr int kForwardThreads = 128;
 
-// Head dims of the fused forward: D and M in {16, 32, 64, 128, 256}.
+// Head dims of the fused forward: D and M in {16, 32, 64, 128, 256}; float32 inputs D <= 128 (the shared
+// memory of float tiles).
 constexpr bool fused_head_dim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 128 || d == 256; }
+constexpr int kMaxFloatD = 128;
 // Columns of the state (value tile) one block carries: D x BM float accumulators spread over 4 warps.
 constexpr int value_tile(int D, int M) {
   const int cap = D <= 64 ? 64 : 32;
   return M < cap ? M : cap;
 }
-// The value tile of a backward pass: the forward's for D <= 64; 16 columns for D >= 128, whose passes hold
-// D-wide row tiles of float accumulators besides the state (with 32 columns the sm_90 code spills registers).
-constexpr int backward_value_tile(int D, int M) { return D <= 64 ? value_tile(D, M) : 16; }
-// Dynamic shared memory of a forward block: q and k tiles (2 stages), v tiles (2 stages), the state's hi and
-// lo 16-bit parts; rows padded by 8 elements (16 bytes) against bank conflicts.
-constexpr std::size_t causal_forward_shared_bytes(int D, int BM) {
-  return std::size_t(2) * (4 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
+// The value tile of a backward pass, for inputs of `bytes` bytes an element: the forward's for D <= 64 (float32:
+// at most 32 columns); 16 columns for D >= 128, whose passes hold D-wide row tiles of float accumulators besides
+// the state (with 32 columns, or float32's 64, the sm_90 code spills registers).
+constexpr int backward_value_tile(int D, int M, std::size_t bytes) {
+  const int tile = D <= 64 ? value_tile(D, M) : 16;
+  return bytes == 4 && tile > 32 ? 32 : tile;
+}
+// The columns of dq or dk a backward pass computes at a time (float32 inputs: 32, the registers of their
+// operands).
+constexpr int gradient_columns(int D, std::size_t bytes) {
+  const int part = bytes == 4 ? 32 : 64;
+  return D < part ? D : part;
+}
+// Dynamic shared memory of a forward block, for inputs of `bytes` bytes an element: q and k tiles (2 stages),
+// v tiles (2 stages), the state's hi and lo parts (float32: lo unused); rows padded by 8 elements (16 bytes
+// for 16-bit elements) against bank conflicts.
+constexpr std::size_t causal_forward_shared_bytes(int D, int BM, std::size_t bytes) {
+  return bytes * (4 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
 // The split schedule: one block a (sequence, head, value tile) walks the whole sequence, reading q, k, v
 // once, but `blocks` of them may leave most of the `multiprocessors` idle. Then each sequence is cut into
@@ -152,33 +169,34 @@ constexpr Segments plan_segments(int64_t blocks, int64_t longest, int64_t multip
 }
 
 // Dynamic shared memory of a segment-sums block (k and v tiles, 2 stages) and of a state-output block (q tiles,
-// 2 stages, the state's two parts).
-constexpr std::size_t segment_sums_shared_bytes(int D, int BM) {
-  return std::size_t(2) * (2 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8));
+// 2 stages, the state's two parts), for inputs of `bytes` bytes an element.
+constexpr std::size_t segment_sums_shared_bytes(int D, int BM, std::size_t bytes) {
+  return bytes * (2 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8));
 }
-constexpr std::size_t state_output_shared_bytes(int D, int BM) {
-  return std::size_t(2) * (2 * kChunkRows * (D + 8) + 2 * D * (BM + 8));
+constexpr std::size_t state_output_shared_bytes(int D, int BM, std::size_t bytes) {
+  return bytes * (2 * kChunkRows * (D + 8) + 2 * D * (BM + 8));
 }
 
-// Dynamic shared memory of a non-causal backward block (value tile BM): two input tiles of width D and two of
-// width BM (2 stages each), a feature tile, the state's two parts.
-constexpr std::size_t noncausal_backward_shared_bytes(int D, int BM) {
-  return std::size_t(2) * (3 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
+// Dynamic shared memory of a non-causal backward block (value tile BM), for inputs of `bytes` bytes an
+// element: two input tiles of width D and two of width BM (2 stages each), a feature tile, the state's two parts.
+constexpr std::size_t noncausal_backward_shared_bytes(int D, int BM, std::size_t bytes) {
+  return bytes * (3 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
 
 // The backwards take D, M in {16, 32, 64, 128, 256}. Dynamic shared memory of either causal pass (value tile
-// BM): q, k, v, dout tiles (2 stages), one feature tile, the state's two parts.
+// BM), for inputs of `bytes` bytes an element: q, k, v, dout tiles (2 stages), one feature tile, the state's
+// two parts.
 constexpr int kMaxCausalBackwardD = 256;
 constexpr bool fused_backward_dims(int64_t D, int64_t M, bool causal) {
   return fused_head_dim(D) && fused_head_dim(M) && (!causal || D <= kMaxCausalBackwardD);
 }
-constexpr std::size_t causal_backward_shared_bytes(int D, int BM) {
-  return std::size_t(2) * (5 * kChunkRows * (D + 8) + 4 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
+constexpr std::size_t causal_backward_shared_bytes(int D, int BM, std::size_t bytes) {
+  return bytes * (5 * kChunkRows * (D + 8) + 4 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
 // All of a causal backward block's shared memory: the dynamic part and the static float arrays (two vectors of
 // D floats and three of 64, the warps' maxima).
-constexpr std::size_t causal_backward_block_bytes(int D, int BM) {
-  return causal_backward_shared_bytes(D, BM) + std::size_t(4) * (2 * D + 3 * kChunkRows + 4);
+constexpr std::size_t causal_backward_block_bytes(int D, int BM, std::size_t bytes) {
+  return causal_backward_shared_bytes(D, BM, bytes) + std::size_t(4) * (2 * D + 3 * kChunkRows + 4);
 }
 
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/linear_attention/

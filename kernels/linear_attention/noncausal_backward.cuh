@@ -1,4 +1,4 @@
-// Non-causal linear attention, backward, fused on tensor cores (bf16 or half inputs, float32 sums): two
+// Non-causal linear attention, backward, fused on tensor cores (bf16, half or float32 inputs, float32 sums): two
 // passes (fused_kernels.h, NoncausalBackwardParams), each a block of 4 warps a (segment, head, value tile of BM
 // columns) in chunks of 64 rows, with the tile's D x BM part of the state. q, k = phi(query), phi(key); S, z the
 // forward's sums.
@@ -30,7 +30,8 @@ struct NoncausalBlock {
   using State = StateTile<T, D, BM>;
   using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 3 * X::kSize + 2 * Y::kSize + 2 * StateParts::kSize;
-  static_assert(kSharedElements * sizeof(T) == noncausal_backward_shared_bytes(D, BM), "the layout the host sizes");
+  static_assert(kSharedElements * sizeof(T) == noncausal_backward_shared_bytes(D, BM, sizeof(T)),
+                "the layout the host sizes");
 
   const NoncausalBackwardParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;
@@ -73,7 +74,7 @@ template <typename T, int D, int BM>
 struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
   using Base = NoncausalBlock<T, D, BM>;
   using Base::l, Base::p, Base::span;
-  static constexpr int kColumns = D < 64 ? D : 64;
+  static constexpr int kColumns = gradient_columns(D, sizeof(T));
   simt::shared_ptr<float> den_s, inv_den_s, dden_s, dz_s;
   int64_t sums_at;  // offset of the segment's (N G, H, D, M) sums
   typename Base::State dS;
@@ -145,7 +146,7 @@ template <typename T, int D, int BM>
 struct NoncausalKeyBlock : NoncausalBlock<T, D, BM> {
   using Base = NoncausalBlock<T, D, BM>;
   using Base::l, Base::p, Base::span;
-  static constexpr int kKeyColumns = D < 64 ? D : 64;
+  static constexpr int kKeyColumns = gradient_columns(D, sizeof(T));
   const bool* pad;  // the segment's first padding flag, or null
 
   FF_DEVICE void chunk(int64_t c, int stage) const {

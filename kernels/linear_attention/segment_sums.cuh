@@ -1,4 +1,4 @@
-// Sums of keys and values per segment, fused on tensor cores (bf16 or half inputs, float32 sums). One block
+// Sums of keys and values per segment, fused on tensor cores (bf16, half or float32 inputs, float32 sums). One block
 // of 4 warps walks one (segment, head, value tile of BM columns) in chunks of 64 rows, with k = phi(key):
 //   kv = sum_j k_j v_j^T   (mma into float accumulators that stay in registers)      z = sum_j k_j   (float)
 // over the segment's rows j that are not padding (padded rows of k and v are zeroed in shared memory, so
@@ -15,7 +15,8 @@ struct SegmentSumsBlock {
   using K = ChunkTile<T, D>;
   using V = ChunkTile<T, BM>;
   static constexpr std::size_t kSharedElements = 2 * K::kSize + 2 * V::kSize;
-  static_assert(kSharedElements * sizeof(T) == segment_sums_shared_bytes(D, BM), "the layout the host sizes");
+  static_assert(kSharedElements * sizeof(T) == segment_sums_shared_bytes(D, BM, sizeof(T)),
+                "the layout the host sizes");
 
   const SegmentSumsParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;

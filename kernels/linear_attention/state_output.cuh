@@ -1,5 +1,5 @@
 // The output of every row from one state per sequence (non-causal linear attention), fused on tensor cores
-// (bf16 or half inputs, float32 state and sums). One block of 4 warps walks one (segment, head, value tile of
+// (bf16, half or float32 inputs, float32 state and sums). One block of 4 warps walks one (segment, head, value tile of
 // BM columns) in chunks of 64 rows; with q = phi(query) and the sequence's sums (S, z):
 //   num_t = q_t^T S     mma, S as hi + lo 16-bit parts (2^-e scaled for half, as in causal_forward.cuh)
 //   den_t = <q_t, z> + eps   (float; 1 without normalisation)       out_t = num_t / den_t
@@ -16,7 +16,8 @@ struct StateOutputBlock {
   using State = StateTile<T, D, BM>;
   using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 2 * Q::kSize + 2 * StateParts::kSize;
-  static_assert(kSharedElements * sizeof(T) == state_output_shared_bytes(D, BM), "the layout the host sizes");
+  static_assert(kSharedElements * sizeof(T) == state_output_shared_bytes(D, BM, sizeof(T)),
+                "the layout the host sizes");
 
   const StateOutputParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;

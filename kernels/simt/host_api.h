@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <source_location>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -108,6 +109,7 @@ struct Index {
 };
 
 namespace detail {
+[[noreturn]] void fail(const std::string& message);  // a fatal error of the current thread (KernelError)
 // Checked accesses of `bytes` bytes at `offset` of a region within the allocation [begin, end); `as_thread`
 // names the thread the access is attributed to (-1: the current one; ldmatrix reads for other lanes).
 void shared_read(Region* region, std::size_t begin, std::size_t end, std::size_t offset, std::size_t bytes,

@@ -1,7 +1,7 @@
-"""causal_linear_attention and linear_attention at the head dims of the fused CUDA kernels (bf16 and half;
-kernels/linear_attention, run in the SIMT emulator by `make test-emulated`): strided and misaligned inputs,
-continuation of pieces with states, determinism, the split schedules. Parity with the float64 reference at
-these shapes is in test_linear_attention_parity.py and test_linear_attention_packed.py."""
+"""causal_linear_attention and linear_attention at the head dims of the fused CUDA kernels (kernels/linear_attention,
+run in the SIMT emulator by `make test-emulated`; bf16 and half, and float32 as three tf32 products): strided
+and misaligned inputs, continuation of pieces with states, determinism, the split schedules. Parity with the
+float64 reference at these shapes is in test_linear_attention_parity.py and test_linear_attention_packed.py."""
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from helpers import FORWARD_TOL, assert_close, devices, grad_tol, randn
 OP = "flowformer::causal_linear_attention"
 NONCAUSAL = "flowformer::linear_attention"
 HALF_DTYPES = [torch.bfloat16, torch.float16]
+FUSED_DTYPES = [*HALF_DTYPES, torch.float32]  # float32: three tf32 products, D <= 128
 
 
 def gradients(q, k, v, grad_out, **options):
@@ -22,7 +23,7 @@ def gradients(q, k, v, grad_out, **options):
 
 
 @pytest.mark.parametrize("device", devices(OP))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("layout", ["transposed", "misaligned"])
 def test_fused_linear_attention_strided_inputs(gen, layout, dtype, device):
     # (B, L, H, D) projections viewed as (B, H, L, D): rows strided by H * D (read in place); or rows that
@@ -42,7 +43,7 @@ def test_fused_linear_attention_strided_inputs(gen, layout, dtype, device):
 
 
 @pytest.mark.parametrize("device", devices(OP))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 def test_fused_linear_attention_continuation(gen, dtype, device):
     # Pieces of 70, 64 and 1 rows carrying the state equal one run, forward and gradients (within the
     # dtype's tolerance: the chunks fall at other rows).
@@ -71,7 +72,7 @@ def test_fused_linear_attention_continuation(gen, dtype, device):
 
 
 @pytest.mark.parametrize("device", devices(OP))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("shape", [(2, 2, 130), (1, 1, 600)])  # (1, 1, 600): the split schedule
 def test_fused_linear_attention_is_deterministic(gen, shape, dtype, device):
     # No atomics, fixed summation orders: two runs give the same bits, forward and backward.
@@ -97,7 +98,7 @@ def test_fused_linear_attention_half_state_beyond_half_range(gen, device):
 
 
 @pytest.mark.parametrize("device", devices(OP))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("lengths", [None, (600, 0, 300, 5)])
 def test_fused_linear_attention_split_schedule(gen, lengths, normalize, dtype, device):
@@ -181,7 +182,7 @@ def assert_noncausal_close(q, k, v, mask, grad_out, dtype):
 
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("layout", ["transposed", "misaligned"])
 def test_fused_noncausal_strided_inputs(gen, layout, dtype, device):
     # Queries and keys of other lengths, padded keys, rows strided in place or copied (as the causal test).
@@ -199,7 +200,7 @@ def test_fused_noncausal_strided_inputs(gen, layout, dtype, device):
 
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("L,S", [(600, 700), (70, 1200), (1300, 3)])
 def test_fused_noncausal_split_schedule(gen, L, S, dtype, device):
     # Few long sequences: the keys' sums and the queries' gradient sums by segments of at least 256 rows, added
@@ -211,7 +212,7 @@ def test_fused_noncausal_split_schedule(gen, L, S, dtype, device):
 
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 def test_fused_noncausal_is_deterministic(gen, dtype, device):
     q, k, v, mask, grad_out = noncausal_case(gen, 1, 2, 700, 900, 64, 64, dtype, device)
     first, first_grads = noncausal_gradients(q, k, v, mask, grad_out)
@@ -221,7 +222,7 @@ def test_fused_noncausal_is_deterministic(gen, dtype, device):
 
 
 @pytest.mark.parametrize("device", devices(OP))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("D,M,L", [(128, 64, 130), (32, 256, 600)])  # 4 value tiles; L = 600: the split too
 def test_fused_backward_value_tiles(gen, D, M, L, dtype, device):
     # M wider than one value tile: the backward's blocks of each tile write their shares of dq and dk (and of
@@ -246,9 +247,10 @@ def test_fused_backward_value_tiles(gen, D, M, L, dtype, device):
 
 
 @pytest.mark.parametrize("device", devices(NONCAUSAL))
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 def test_fused_backward_of_256_wide_heads(gen, dtype, device):
-    # D = 256: the queries' passes take dden_t from the M-wide numerator and dq 64 columns at a time.
+    # D = 256: the queries' passes take dden_t from the M-wide numerator and dq 64 columns at a time (float32:
+    # past the float kernels' D <= 128, the portable path).
     assert_noncausal_close(*noncausal_case(gen, 1, 2, 130, 100, 256, 32, dtype, device), dtype)
     q, k = (randn(gen, 1, 2, 130, 256, dtype=dtype, device=device) for _ in range(2))
     v = randn(gen, 1, 2, 130, 32, dtype=dtype, device=device)

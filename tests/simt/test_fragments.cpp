@@ -92,3 +92,39 @@ TEST_CASE("mma.m16n8k16 bf16 and half fragments follow the PTX layout") {
     }
   }
 }
+
+TEST_CASE("mma.m16n8k8 tf32 fragments and tf32_round follow the PTX ISA") {
+  const auto out = emulated_probe();
+  double A[16][8] = {}, B[8][8] = {}, C[16][8] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    const Position a[4] = {{g, t}, {g + 8, t}, {g, t + 4}, {g + 8, t + 4}};  // "mma.m16n8k8, .tf32"
+    for (int i = 0; i < 4; ++i) {
+      A[a[i].row][a[i].col] = lane * 4 + i;
+      const Position q = c_element(lane, i);
+      C[q.row][q.col] = 1000.0 * (lane * 4 + i);
+    }
+    B[t][g] = lane * 2 + 1;
+    B[t + 4][g] = lane * 2 + 2;
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const uint32_t* record = &out[std::size_t(lane) * samples::kProbeWordsPerLane + samples::kProbeTf32Words];
+    for (int i = 0; i < 4; ++i) {
+      const Position p = c_element(lane, i);
+      double d = C[p.row][p.col];
+      for (int k = 0; k < 8; ++k) {
+        d += A[p.row][k] * B[k][p.col];
+      }
+      INFO("lane " << lane << " d[" << i << "]");
+      REQUIRE(record[i] == uint32_t(d));
+    }
+    // +-(1 + lane / 16 units of 2^-10): to the nearest tf32, ties (lane % 16 == 8) away from zero
+    const int units = lane / 16 + (lane % 16 >= 8 ? 1 : 0);
+    const float magnitude = 1.f + float(units) * 0x1p-10f;
+    const float expected = lane % 2 == 1 ? -magnitude : magnitude;
+    uint32_t bits;
+    std::memcpy(&bits, &expected, sizeof bits);
+    INFO("tf32_round, lane " << lane);
+    REQUIRE(record[4] == bits);
+  }
+}

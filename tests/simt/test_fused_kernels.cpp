@@ -1,9 +1,10 @@
 // The fused kernels of linear attention (kernels/linear_attention) in the emulator, against a float64
-// reference on the same 16-bit inputs. Causal forward and backward: packed sequences (empty ones, lengths
-// across chunks), several value tiles, strided rows, initial states and final-state gradients, both
-// normalisations, every feature map, half states past the half range. Non-causal (segment sums, then the
-// state output): padded keys holding NaN, segments of both passes. Every output poisoned first, no hazard (a
-// hazard throws), and the same bits under every schedule.
+// reference on the same inputs (bf16, half; float32 as three tf32 products, within float32's tolerance).
+// Causal forward and backward: packed sequences (empty ones, lengths across chunks), several value tiles,
+// strided rows, initial states and final-state gradients, both normalisations, every feature map, half
+// states past the half range. Non-causal (segment sums, then the state output): padded keys holding NaN,
+// segments of both passes. Every output poisoned first, no hazard (a hazard throws), and the same bits under
+// every schedule.
 #include "helpers.h"
 #include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
@@ -73,7 +74,10 @@ struct Case {
 
 using Outputs = std::map<std::string, std::vector<double>>;  // name -> values (read back from T or float)
 
-int value_tiles(const Case& c) { return c.M / kernels::backward_value_tile(c.D, c.M); }  // the backward's
+template <typename T>
+int value_tiles(const Case& c) {  // the backward's
+  return c.M / kernels::backward_value_tile(c.D, c.M, sizeof(T));
+}
 
 // The sum of `parts` (shares of n floats, one per value tile) in tile order, as the host adds them.
 std::vector<float> add_shares(const std::vector<float>& parts, std::size_t n) {
@@ -94,9 +98,9 @@ struct GradientBuffers {
   std::vector<float> dq_parts, dk_parts;
 
   GradientBuffers(const Case& c, std::vector<T>& dq_, std::vector<T>& dk_) : dq(dq_), dk(dk_) {
-    if (value_tiles(c) > 1) {
-      dq_parts.assign(value_tiles(c) * dq.size(), std::numeric_limits<float>::quiet_NaN());
-      dk_parts.assign(value_tiles(c) * dk.size(), std::numeric_limits<float>::quiet_NaN());
+    if (value_tiles<T>(c) > 1) {
+      dq_parts.assign(value_tiles<T>(c) * dq.size(), std::numeric_limits<float>::quiet_NaN());
+      dk_parts.assign(value_tiles<T>(c) * dk.size(), std::numeric_limits<float>::quiet_NaN());
     }
   }
   void set(kernels::Gradients& g) {
@@ -171,7 +175,9 @@ struct Problem {
     p.feature_map = c.feature_map;
     p.normalize = c.normalize;
     p.eps = 1e-6f;
-    p.half = std::is_same_v<T, simt::half>;
+    p.element = std::is_same_v<T, float>        ? kernels::Element::float32
+                : std::is_same_v<T, simt::half> ? kernels::Element::half
+                                                : kernels::Element::bf16;
   }
 
   // The kernels' results, every output poisoned with NaN first.
@@ -197,7 +203,7 @@ struct Problem {
   Outputs backward() const {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     std::vector<T> dq(q.size(), T(nan)), dk(k.size(), T(nan)), dv(v.size(), T(nan));
-    const int tiles = value_tiles(c);
+    const int tiles = value_tiles<T>(c);
     std::vector<float> dkv0(kv0.size(), nan), dz0(z0.size(), nan), inv_den(B * c.H * L, nan);
     std::vector<float> dden(tiles * B * c.H * L, nan);
     GradientBuffers<T> grads(c, dq, dk);
@@ -396,13 +402,19 @@ double relative_error(const std::vector<double>& actual, const std::vector<doubl
 
 enum class Pass { Forward, Backward, Both };
 
+// The spec's tolerance of the inputs' dtype (float32: three tf32 products must keep float32's accuracy).
+template <typename T>
+double tolerance() {
+  return std::is_same_v<T, float> ? 1e-5 : std::is_same_v<T, simt::half> ? 5e-3 : 2e-2;
+}
+
 // Each output within the spec's tolerance of its dtype (gradients: twice the forward's), and bitwise the same
 // under every schedule.
 template <typename T>
 void check(const Case& c, const std::vector<NamedSchedule>& schedules, Pass pass = Pass::Both) {
   const Problem<T> problem(c);
   const Outputs expected = problem.reference();
-  const double tol = std::is_same_v<T, simt::half> ? 5e-3 : 2e-2;
+  const double tol = tolerance<T>();
   Outputs first;
   for (const auto& schedule : schedules) {
     INFO("schedule " << schedule.name << ", D " << c.D << " M " << c.M << " H " << c.H);
@@ -491,7 +503,7 @@ Outputs noncausal_backward(const Problem<T>& problem, const Noncausal& n, const 
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const int64_t N = problem.N, G = n.rows.segments, state = c.H * c.D * c.M, vector = c.H * c.D;
   std::vector<T> dq(problem.q.size(), T(nan)), dk(problem.k.size(), T(nan)), dv(problem.v.size(), T(nan));
-  std::vector<float> dkv_parts(N * G * state, nan), dz_parts(value_tiles(c) * N * G * vector, nan);
+  std::vector<float> dkv_parts(N * G * state, nan), dz_parts(value_tiles<T>(c) * N * G * vector, nan);
   GradientBuffers<T> grads(c, dq, dk);
   kernels::NoncausalBackwardParams q{};
   problem.inputs(q);
@@ -641,7 +653,7 @@ void check_noncausal(const Case& c, const std::vector<kernels::Segments>& segmen
   Problem<T> problem(c);
   Noncausal n{pad_keys(problem, 7, padded_tail), {}, {}};
   const Outputs expected = noncausal_reference(problem, n.key_pad.get());
-  const double tol = std::is_same_v<T, simt::half> ? 5e-3 : 2e-2;
+  const double tol = tolerance<T>();
   for (const kernels::Segments& segments : segmentations) {
     n.sums = n.rows = segments;
     Outputs first;
@@ -776,4 +788,30 @@ TEST_CASE("fused non-causal kernels: feature maps") {
 TEST_CASE("fused non-causal backward: a sequence of padded keys only (1 / den = 1 / eps) stays finite in half") {
   // dnum = dout / eps is far past the half range: the query pass carries it as 2^-e dnum.
   check_noncausal<simt::half>(Case{{130, 130}, false, 1, 16, 16}, {{1, 0}, {3, 64}}, two_schedules(), 130);
+}
+
+TEST_CASE("fused kernels of float32 inputs: three tf32 products keep float32's accuracy") {
+  // Plain tf32 products (hi hi alone) lose 5e-5 to 1e-4 here: the tolerance of 1e-5 catches them.
+  const Case packed{{1, 0, 70, 130, 5, 0}, true, 2, 16, 16};
+  check<float>(packed, all_schedules());
+  for (const auto& [D, M] : {std::pair{64, 32}, std::pair{32, 128}, std::pair{128, 64}}) {
+    check<float>(Case{{75, 75}, false, 1, D, M}, two_schedules());
+  }
+  for (const FeatureMap f : {FeatureMap::Sigmoid, FeatureMap::Relu, FeatureMap::Identity}) {
+    Case c{{3, 66}, true, 1, 16, 32};
+    c.feature_map = f;
+    c.normalize = false;
+    c.initial_state = f != FeatureMap::Sigmoid;
+    check<float>(c, two_schedules());
+  }
+  Case split{{300, 0, 130, 5}, true, 2, 16, 32};
+  split.backward_segments = {3, 128};
+  check<float>(split, two_schedules(), Pass::Backward);
+  Case relu{{150}, false, 2, 16, 16};  // rows of zero features: 1 / den = 1 / eps
+  relu.feature_map = FeatureMap::Relu;
+  relu.negative_query_period = 5;
+  check<float>(relu, two_schedules());
+  const std::vector<kernels::Segments> whole_and_split{{1, 0}, {3, 64}};
+  check_noncausal<float>(Case{{150, 150}, false, 2, 16, 32}, whole_and_split, two_schedules());
+  check_noncausal<float>(Case{{80}, false, 1, 128, 64}, {{2, 64}}, two_schedules());
 }

@@ -140,3 +140,9 @@ TEST_CASE("swapped fragment registers give a wrong product") {
   CHECK(right_error < 1e-4);
   CHECK(wrong_error > 0.1);
 }
+
+TEST_CASE("an mma.m16n8k8 tf32 operand not rounded to tf32 is fatal") {
+  std::vector<float> out(32);
+  CHECK_THROWS_WITH(launch_warp(samples::unrounded_tf32_operand, 32, out.data()),
+                    Contains("not rounded to tf32") && Contains("planted_bugs.cuh:"));
+}

@@ -1,6 +1,6 @@
-// One warp records what each lane holds after every ldmatrix variant and after mma.m16n8k16 (bf16 and
-// half) on inputs that make every lane -> element map visible: the device's record and the emulator's
-// must be equal (gpu-check compares them). Every value is a small integer, so the sums are exact in any
+// One warp records what each lane holds after every ldmatrix variant, after mma.m16n8k16 (bf16 and half)
+// and mma.m16n8k8 (tf32) on inputs that make every lane -> element map visible, and after tf32_round: the
+// device's record and the emulator's must be equal (gpu-check compares them). Every value is a small integer, so the sums are exact in any
 // order.
 #pragma once
 
@@ -9,8 +9,16 @@
 namespace flowformer::simt_samples::FF_SIMT_BUILD {
 
 // Per lane: 6 ldmatrix variants x 4 registers (x1, x2, x4, each plain and .trans; unused registers 0),
-// then D of the bf16 and of the half mma.
-constexpr int kProbeLdmatrixWords = 6 * 4, kProbeWordsPerLane = kProbeLdmatrixWords + 2 * 4;
+// then D of the bf16, the half and the tf32 mma, then the bits of tf32_round(x_lane).
+constexpr int kProbeLdmatrixWords = 6 * 4, kProbeTf32Words = kProbeLdmatrixWords + 2 * 4;
+constexpr int kProbeWordsPerLane = kProbeTf32Words + 4 + 1;
+
+// The value lane l rounds to tf32: +-(1 + l 2^-14), l / 16 of a tf32 unit in the last place past 1 (odd lanes
+// negative): below, at (ties: away from zero) and above half a unit.
+FF_DEVICE float probe_round_input(int lane) {
+  const float x = 1.f + float(lane) * 0x1p-14f;
+  return lane % 2 == 1 ? -x : x;
+}
 
 template <typename T>
 FF_DEVICE void probe_mma(uint32_t* out, int lane) {
@@ -27,6 +35,25 @@ FF_DEVICE void probe_mma(uint32_t* out, int lane) {
   for (int i = 0; i < 4; ++i) {
     out[i] = uint32_t(d[i]);
   }
+}
+
+FF_DEVICE void probe_tf32(uint32_t* out, int lane) {
+  float a[4], b[2], c[4], d[4];
+  for (int i = 0; i < 4; ++i) {  // A: codes 0..127, one per (lane, register); B: codes 1..64
+    a[i] = float(lane * 4 + i);
+    c[i] = float(1000 * (lane * 4 + i));
+  }
+  for (int i = 0; i < 2; ++i) {
+    b[i] = float(lane * 2 + i + 1);
+  }
+  simt::mma_m16n8k8_tf32(d, a, b, c);
+  for (int i = 0; i < 4; ++i) {
+    out[i] = uint32_t(d[i]);
+  }
+  const float rounded = simt::tf32_round(probe_round_input(lane));
+  uint32_t bits;
+  std::memcpy(&bits, &rounded, sizeof bits);
+  out[4] = bits;
 }
 
 template <int N, bool Trans>
@@ -54,6 +81,7 @@ __global__ void layout_probe(uint32_t* out) {
   probe_ldmatrix<4, true>(matrices, mine + 20, lane);
   probe_mma<simt::bf16>(mine + kProbeLdmatrixWords, lane);
   probe_mma<simt::half>(mine + kProbeLdmatrixWords + 4, lane);
+  probe_tf32(mine + kProbeTf32Words, lane);
 }
 
 inline auto run_layout_probe(uint32_t* out, simt::Stream stream = {}) {

@@ -81,4 +81,12 @@ __global__ void read_before_wait(const float* in, float* out) {
   simt::cp_async_wait<0>();
 }
 
+// An mma.m16n8k8 tf32 operand that was not rounded to tf32 (1 + 2^-20 keeps a bit below tf32's mantissa).
+__global__ void unrounded_tf32_operand(float* out) {
+  const float a[4] = {1.f + 0x1p-20f, 0.f, 0.f, 0.f}, b[2] = {1.f, 0.f}, c[4] = {};
+  float d[4];
+  simt::mma_m16n8k8_tf32(d, a, b, c);
+  out[threadIdx.x] = d[0];
+}
+
 }  // namespace flowformer::simt_samples::FF_SIMT_BUILD
