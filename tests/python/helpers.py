@@ -89,10 +89,9 @@ def reference_roundoff(ref, inputs, grad_outputs, neighbours=4):
 
 
 def grads(fn, inputs, grad_out):
-    """Gradients of <fn(*inputs), grad_out> with respect to every input."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*leaves)
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out)
+    """The output of fn(*inputs) (one tensor) and the gradients of <output, grad_out> (grads_of)."""
+    outs, gradients = grads_of(fn, inputs, [grad_out])
+    return outs[0], gradients
 
 
 def features_input(gen, shape, feature_map, dtype=torch.float32, device="cpu"):
