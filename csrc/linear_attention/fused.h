@@ -53,6 +53,9 @@ inline kernels::Element element_of(const at::Tensor& query) {
   }
 }
 
+// Bytes an element of the kernels' type of the inputs' dtype (element_of).
+inline std::size_t element_bytes_of(const at::Tensor& query) { return kernels::element_bytes(element_of(query)); }
+
 // Inputs of the fused kernels' dtypes (bf16, half; float32 with D <= kMaxFloatD), sequences and heads that fit
 // a grid. cu: the checked values of cu_seqlens, or empty.
 inline bool takes_inputs(const at::Tensor& query, const std::vector<int64_t>& cu) {
@@ -68,7 +71,7 @@ inline bool takes_inputs(const at::Tensor& query, const std::vector<int64_t>& cu
 inline bool takes_forward(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu,
                           const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
-  const std::size_t bytes = kernels::element_bytes(element_of(query));
+  const std::size_t bytes = element_bytes_of(query);
   return takes_inputs(query, cu) && kernels::fused_head_dim(D) && kernels::fused_head_dim(M) &&
          (query.size(2) != 1 || !cu.empty()) &&
          kernels::causal_forward_shared_bytes(int(D), kernels::value_tile(int(D), int(M)), bytes) <=
@@ -82,7 +85,7 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
     return false;
   }
   const int BM = kernels::value_tile(int(D), int(M));
-  const std::size_t bytes = kernels::element_bytes(element_of(query));
+  const std::size_t bytes = element_bytes_of(query);
   return std::max(kernels::segment_sums_shared_bytes(int(D), BM, bytes),
                   kernels::state_output_shared_bytes(int(D), BM, bytes)) <= build.shared_limit;
 }
@@ -91,8 +94,8 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
 inline bool takes_noncausal_backward(const at::Tensor& query, const at::Tensor& value, const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
   const std::size_t static_bytes = std::size_t(4) * (2 * D + 3 * kernels::kChunkRows + 4);  // float vectors
-  const int BM = kernels::backward_value_tile(int(D), int(M), query.element_size());
-  const std::size_t bytes = kernels::element_bytes(element_of(query));
+  const std::size_t bytes = element_bytes_of(query);
+  const int BM = kernels::backward_value_tile(int(D), int(M), bytes);
   return takes_noncausal(query, value, build) && kernels::fused_backward_dims(D, M, /*causal=*/false) &&
          kernels::noncausal_backward_shared_bytes(int(D), BM, bytes) + static_bytes <= build.shared_limit;
 }
@@ -102,8 +105,8 @@ inline bool takes_noncausal_backward(const at::Tensor& query, const at::Tensor& 
 inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu,
                            const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
-  const int BM = kernels::backward_value_tile(int(D), int(M), query.element_size());
-  const std::size_t bytes = kernels::element_bytes(element_of(query));
+  const std::size_t bytes = element_bytes_of(query);
+  const int BM = kernels::backward_value_tile(int(D), int(M), bytes);
   return takes_inputs(query, cu) && kernels::fused_backward_dims(D, M, /*causal=*/true) &&
          kernels::causal_backward_block_bytes(int(D), BM, bytes) <= build.shared_limit;
 }
@@ -268,7 +271,7 @@ struct GradientTensors {
     dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
     dk = new_output(c10::fromIntArrayRefSlow({B, H, S, D}), query.options());
     dv = new_output(c10::fromIntArrayRefSlow({B, H, S, M}), query.options());
-    const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), query.element_size());
+    const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), element_bytes_of(query));
     if (tiles > 1) {
       dq_parts = at::empty({tiles, B, H, L, D}, query.options().dtype(at::kFloat));
       dk_parts = at::empty({tiles, B, H, S, D}, query.options().dtype(at::kFloat));
@@ -329,7 +332,7 @@ inline Grads noncausal_backward(const Build& build, const at::Tensor& grad_out, 
   auto [kv_parts, z_parts] = segment_sums(build, in, key_plan, pad);
   const at::Tensor kv = add_segments(kv_parts), z = add_segments(z_parts);
   GradientTensors grads(query, value, S);
-  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), query.element_size());
+  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), element_bytes_of(query));
   at::Tensor dkv_parts = at::empty({B, query_plan.segments, H, D, M}, in.state_options());
   at::Tensor dz_parts = at::empty({tiles, B, query_plan.segments, H, D}, in.state_options());  // the tiles' shares
   kernels::NoncausalBackwardParams p{};
@@ -368,7 +371,7 @@ inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_ou
                                    const std::vector<int64_t>& cu) {
   const InputTensors in(query, key, value, feature_map, normalize, eps, cu);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
-  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), query.element_size());
+  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), element_bytes_of(query));
   const at::Tensor dout = aligned_rows(grad_out.to(query.scalar_type()));
   const at::Tensor kv0 = contiguous_or_undefined(initial_kv), z0 = contiguous_or_undefined(initial_z);
   const at::Tensor dkv = contiguous_or_undefined(grad_final_kv), dz = contiguous_or_undefined(grad_final_z);
