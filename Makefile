@@ -9,7 +9,7 @@ BUILD_DIR ?= build/cmake
 JOBS ?= $(or $(MAX_JOBS),$(CMAKE_BUILD_PARALLEL_LEVEL),$(shell nproc))
 OUT ?= gpu-check-out
 
-.PHONY: setup deps catch2 build test test-simt test-python test-emulated test-cpp demo bench gpu-check clean
+.PHONY: setup deps catch2 build test test-simt test-python test-emulated test-cpp demo bench bounds gpu-check clean
 
 setup: deps catch2 build
 
@@ -46,11 +46,22 @@ test: setup test-simt test-python test-emulated test-cpp
 # The SIMT emulator's own tests (kernels/simt; torch-free, ASan and UBSan) and the static checks of the
 # sample kernels' sm_90 code (tests/static; needs nvcc, and cuobjdump from the venv's triton wheel).
 SIMT_BUILD_DIR ?= build/simt
+SIMT_CONFIGURE = $(VENV)/bin/cmake -S tests/simt -B $(SIMT_BUILD_DIR) -G Ninja \
+	-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null
 test-simt: deps catch2
-	$(VENV)/bin/cmake -S tests/simt -B $(SIMT_BUILD_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
-		-DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null
+	$(SIMT_CONFIGURE)
 	$(VENV)/bin/cmake --build $(SIMT_BUILD_DIR) -j $(JOBS)
 	$(VENV)/bin/ctest --test-dir $(SIMT_BUILD_DIR) --output-on-failure --no-tests=error
+
+# Lower bounds on the fused linear-attention kernels' GPU time, from what the emulator counts them doing and
+# the issue slots of their sm_90 chunk loops (benchmarks/kernel_bounds.py); results in benchmarks/results/bounds.
+SIMT_SASS = $(SIMT_BUILD_DIR)/liblinear_attention_sm90.so
+bounds: deps catch2
+	$(SIMT_CONFIGURE)
+	$(VENV)/bin/cmake --build $(SIMT_BUILD_DIR) -j $(JOBS) --target kernel_counts \
+		$$(command -v nvcc >/dev/null && echo linear_attention_sm90)
+	$(PY) benchmarks/kernel_bounds.py --counts $(SIMT_BUILD_DIR)/kernel_counts \
+		$$(test -f $(SIMT_SASS) && echo --sass $(SIMT_SASS)) --out benchmarks/results/bounds
 
 test-python:
 	$(PY) -m pytest tests/python -q -p no:cacheprovider
@@ -67,8 +78,8 @@ test-cpp: setup
 demo: setup
 	$(PY) -m flowformer.demo
 
-# A quick CPU benchmark; results (JSON, markdown, PNG) go to benchmarks/results/cpu.
-bench: setup
+# A quick CPU benchmark; results (JSON, markdown, PNG) go to benchmarks/results/cpu; then the kernel bounds.
+bench: setup bounds
 	$(PY) benchmarks/bench_flow_attention.py --device cpu --lengths 1024,2048,4096 --out benchmarks/results/cpu
 	$(PY) benchmarks/bench_linear_attention.py --device cpu --lengths 1024,2048,4096 --out benchmarks/results/cpu
 	$(PY) benchmarks/bench_aft.py --device cpu --batch 2 --heads 8 --dim 64 --lengths 256,512,1024 \

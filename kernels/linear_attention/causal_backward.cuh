@@ -134,9 +134,9 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
       if (l.t == 0 && row < left) {  // the tile's share of dden_t
         const int64_t at = this->out.rows_at + c * kChunkRows + row;
         if (this->out.tile == 0) {
-          p.inv_den[at] = inv_den[i];
+          simt::store_global(p.inv_den + at, inv_den[i]);
         }
-        p.dden[this->out.tile * input_rows(p) + at] = dden[i];
+        simt::store_global(p.dden + this->out.tile * input_rows(p) + at, dden[i]);
       }
       if (l.t == 0) {  // rows past the span count for nothing in the sums
         inv_den_s[row] = row < left ? inv_den[i] : 0.f;
@@ -184,7 +184,7 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
       dS.store(l, p.dkv_sums + this->state_at + this->out.value_col, p.M);
       const int64_t vectors = int64_t(p.N) * p.segments * p.H * D;
       for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-        p.dz_sums[this->out.tile * vectors + this->state_at / p.M + d] = dz_s[d];
+        simt::store_global(p.dz_sums + this->out.tile * vectors + this->state_at / p.M + d, float(dz_s[d]));
       }
     }
   }
@@ -213,8 +213,9 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, BM> {
     apply_feature_map(p.feature_map, q, q, left);
     apply_feature_map(p.feature_map, key, k, left);
     for (int r = int(threadIdx.x); r < kChunkRows; r += kForwardThreads) {
-      inv_den_s[r] = r < left ? p.inv_den[rows + r] : 0.f;
-      weight_s[r] = r < left ? p.dden[rows + r] / p.inv_den[rows + r] : 0.f;
+      const float inv_den = r < left ? simt::load_global(p.inv_den + rows + r) : 0.f;
+      inv_den_s[r] = inv_den;
+      weight_s[r] = r < left ? simt::load_global(p.dden + rows + r) / inv_den : 0.f;
     }
     __syncthreads();
     const int e = scale_rows_into_unit(q, [&](int r) { return float(inv_den_s[r]); }, this->largest_s);  // q~
@@ -261,7 +262,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, BM> {
     S.store(l, p.dkv0 + this->state_at + this->out.value_col, p.M);
     if (this->out.tile == 0) {
       for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-        p.dz0[this->state_at / p.M + d] = r_s[d];
+        simt::store_global(p.dz0 + this->state_at / p.M + d, float(r_s[d]));
       }
     }
   }

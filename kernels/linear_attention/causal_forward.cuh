@@ -83,7 +83,7 @@ struct CausalForwardBlock {
   FF_DEVICE void run() {
     S.load(l, p.kv0 != nullptr ? p.kv0 + state_at + value_col : nullptr, p.M);
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      z_s[d] = p.z0 != nullptr ? p.z0[state_at / p.M + d] : 0.f;
+      z_s[d] = p.z0 != nullptr ? simt::load_global(p.z0 + state_at / p.M + d) : 0.f;
     }
     S.publish(l, s_hi(), s_lo(), largest_s);
     walk_chunks(span.chunks(), false, [&](int64_t c, int stage) { load_chunk(c, stage); },
@@ -105,7 +105,7 @@ struct CausalForwardBlock {
     S.store(l, p.kv_final + state_at + value_col, p.M);
     if (value_col == 0) {
       for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-        p.z_final[state_at / p.M + d] = z_s[d];
+        simt::store_global(p.z_final + state_at / p.M + d, float(z_s[d]));
       }
     }
   }

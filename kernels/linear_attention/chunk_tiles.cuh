@@ -204,7 +204,7 @@ FF_DEVICE void apply_feature_map(FeatureMap f, const ChunkTile<T, Width>& raw, c
   for (int e = int(threadIdx.x); e < kChunkRows * Width; e += kForwardThreads) {
     const int r = e / Width, c = e % Width;
     const float x = raw.get(r, c);
-    const bool kept = r < valid && (pad == nullptr || !pad[r]);
+    const bool kept = r < valid && (pad == nullptr || !simt::load_global(pad + r));
     feature.set(r, c, kept ? portable::feature(f, x) : 0.f);
   }
 }
@@ -215,7 +215,7 @@ template <typename T, int Width>
 FF_DEVICE void zero_padded_rows(const ChunkTile<T, Width>& tile, const bool* pad, int64_t valid) {
   for (int e = int(threadIdx.x); e < kChunkRows * Width; e += kForwardThreads) {
     const int r = e / Width;
-    if (r < valid && pad[r]) {
+    if (r < valid && simt::load_global(pad + r)) {
       tile.set(r, e % Width, 0.f);
     }
   }
@@ -307,10 +307,10 @@ FF_DEVICE void store_rows(const Lane& l, T* rows, int64_t row_stride, int64_t le
       for (int n = 0; n < N / 8; ++n) {
         T* at = r + n * 8 + 2 * l.t;
         if constexpr (std::is_same_v<T, float>) {
-          at[0] = value(n, 2 * i);
-          at[1] = value(n, 2 * i + 1);
+          simt::store_global(at, value(n, 2 * i));
+          simt::store_global(at + 1, value(n, 2 * i + 1));
         } else {
-          *reinterpret_cast<uint32_t*>(at) = simt::pack2(T(value(n, 2 * i)), T(value(n, 2 * i + 1)));
+          simt::store_global(reinterpret_cast<uint32_t*>(at), simt::pack2(T(value(n, 2 * i)), T(value(n, 2 * i + 1))));
         }
       }
     }
@@ -521,11 +521,11 @@ struct StateTile {
       }
     }
     if (src != nullptr) {
-      for_each(l, [&](float& x, int r, int c) { x = src[r * stride + c]; });
+      for_each(l, [&](float& x, int r, int c) { x = simt::load_global(src + r * stride + c); });
     }
   }
   FF_DEVICE void store(const Lane& l, float* dst, int64_t stride) {
-    for_each(l, [&](float& x, int r, int c) { dst[r * stride + c] = x; });
+    for_each(l, [&](float& x, int r, int c) { simt::store_global(dst + r * stride + c, x); });
   }
 
   // += x^T y over the chunk's 64 rows (rows past a sequence are zero in x).

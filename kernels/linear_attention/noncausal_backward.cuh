@@ -56,7 +56,7 @@ struct NoncausalBlock {
     State S;
     S.load(l, p.kv + state_at + out.value_col, p.M);
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      vector_s[d] = p.z[state_at / p.M + d];
+      vector_s[d] = simt::load_global(p.z + state_at / p.M + d);
     }
     S.publish(l, s_hi(), s_lo(), largest_s);
     unscale = S.unscale();
@@ -136,7 +136,7 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
     dS.store(l, p.dkv + sums_at + this->out.value_col, p.M);  // the tile's columns of dS, its share of dz
     const int64_t vectors = int64_t(p.N) * p.segments * p.H * D;
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      p.dz[this->out.tile * vectors + sums_at / p.M + d] = dz_s[d];
+      simt::store_global(p.dz + this->out.tile * vectors + sums_at / p.M + d, float(dz_s[d]));
     }
   }
 };

@@ -59,7 +59,7 @@ struct SegmentSumsBlock {
     S.store(l, p.kv + sums_at + value_col, p.M);
     if (value_col == 0) {
       for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-        p.z[sums_at / p.M + d] = z_s[d];
+        simt::store_global(p.z + sums_at / p.M + d, float(z_s[d]));
       }
     }
   }

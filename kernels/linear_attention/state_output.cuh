@@ -56,7 +56,7 @@ struct StateOutputBlock {
   FF_DEVICE void run() {
     S.load(l, p.kv + state_at, p.M);
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      z_s[d] = p.z[state_at / p.M + d];  // value_col < M
+      z_s[d] = simt::load_global(p.z + state_at / p.M + d);  // value_col < M
     }
     S.publish(l, s_hi(), s_lo(), largest_s);
     walk_chunks(span.chunks(), false,

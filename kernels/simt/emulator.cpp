@@ -111,11 +111,13 @@ void run_block(Block& b) {
     t.status = Status::Runnable;
     t.async_open.clear();
     t.async_committed.clear();
+    t.occurrences.clear();
     t.fiber->start(thread_main, &t);
   }
   for (Warp& w : b.warps) {
     w.sync_epoch = 0;
     w.waiting.clear();
+    w.pending.clear();
   }
   b.barrier_epoch = 0;
   b.at_barrier = 0;
@@ -147,6 +149,9 @@ void run_block(Block& b) {
     if (!progressed) {
       throw KernelError(describe_deadlock(b));
     }
+  }
+  if (b.counting) {
+    close_accesses(b);
   }
 }
 
@@ -187,6 +192,7 @@ FiberPool& fiber_pool() {
 
 struct Worker {
   Block block;
+  std::vector<std::pair<uint64_t, Counters>> block_counters;  // counting: (linear block, its counts)
 
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -204,6 +210,7 @@ struct Worker {
     b.block_dim = dim;
     b.body = body;
     b.body_context = context;
+    b.counting = options.count_into != nullptr;
     b.threads_count = dim.x * dim.y * dim.z;
     b.warps.resize((b.threads_count + 31) / 32);
     for (unsigned w = 0; w < b.warps.size(); ++w) {
@@ -228,7 +235,13 @@ struct Worker {
                         unsigned(linear_block / (uint64_t(g.x) * g.y))};
     b.rng.seed(b.options->seed * 0x9e3779b97f4a7c15ull + linear_block);
     reset_shared(b, dynamic_bytes);
+    b.counters = Counters{};
+    b.read_sectors.clear();
+    b.written_sectors.clear();
     run_block(b);
+    if (b.counting) {
+      block_counters.emplace_back(linear_block, b.counters);
+    }
   }
 };
 
@@ -247,6 +260,32 @@ void check_launch(const char* kernel, Dim3 grid, Dim3 block, std::size_t dynamic
   }
   if (!problem.empty()) {
     throw KernelError(std::string("launch of kernel ") + kernel + ": " + problem);
+  }
+}
+
+// The launch's counts: each block's in its place, their sum, and the sites' (in site order).
+void gather_counters(const std::vector<std::unique_ptr<Worker>>& workers, LaunchStats& stats) {
+  stats.block_counters.assign(stats.blocks, Counters{});
+  std::map<std::tuple<std::string, int>, SiteTraffic> sites;
+  for (const auto& w : workers) {
+    for (const auto& [block, counters] : w->block_counters) {
+      stats.block_counters[block] = counters;
+      stats.counters += counters;
+    }
+    for (const auto& [key, traffic] : w->block.sites) {
+      auto [it, added] = sites.try_emplace({traffic.site, int(traffic.access)}, traffic);
+      if (!added) {
+        SiteTraffic& s = it->second;
+        s.instructions += traffic.instructions;
+        s.wavefronts += traffic.wavefronts;
+        s.extra_wavefronts += traffic.extra_wavefronts;
+        s.bytes += traffic.bytes;
+        s.sectors += traffic.sectors;
+      }
+    }
+  }
+  for (auto& entry : sites) {
+    stats.sites.push_back(entry.second);
   }
 }
 
@@ -417,6 +456,10 @@ void syncthreads(Site site) {
   }
   b.at_barrier = 0;
   ++b.barrier_epoch;
+  if (b.counting) {  // every lane has passed its accesses before the barrier
+    ++b.counters.barriers;
+    detail::close_accesses(b);
+  }
   for (auto& other : b.threads) {
     if (other->status == Status::AtBarrier) {
       other->status = Status::Runnable;
@@ -466,6 +509,9 @@ void collective(const char* op, Site site, unsigned mask, const void* in, void* 
   }
   const Collective done = *found;
   w.waiting.erase(found);
+  if (b.counting) {
+    detail::count_collective(b, t.warp, op);
+  }
   run(CollectiveView{mask, done.in, done.out}, context);
   for (unsigned lane = 0; lane < 32; ++lane) {
     if ((mask >> lane & 1u) && lane != t.lane) {
@@ -559,6 +605,10 @@ LaunchStats launch_emulated(const char* kernel, Dim3 grid, Dim3 block, std::size
   }
   for (auto& entry : hazards) {
     stats.hazards.push_back(entry.second);
+  }
+  if (options.count_into != nullptr) {
+    detail::gather_counters(workers, stats);
+    options.count_into->push_back(LaunchRecord{kernel, grid, block, dynamic_shared_bytes, stats});
   }
   if (options.hazards_are_errors && !stats.hazards.empty()) {
     throw HazardError(stats.hazards);

@@ -12,6 +12,7 @@
 // KernelError naming the kernel, block, thread, file and line.
 #pragma once
 
+#include "simt/counters.h"
 #include "simt/types.h"
 
 #include <cstddef>
@@ -32,6 +33,8 @@ struct Site {
 // random order that is reshuffled every round, with threads also suspended at random shared accesses.
 enum class Schedule { Forward, Reverse, Random };
 
+struct LaunchRecord;
+
 struct Options {
   Schedule schedule = Schedule::Forward;
   uint64_t seed = 1;
@@ -39,6 +42,8 @@ struct Options {
   int host_threads = 1;                 // blocks run on this many host threads
   std::size_t stack_bytes = 256 << 10;  // per emulated thread
   bool hazards_are_errors = true;       // launch throws HazardError when any hazard was seen
+  // Set: every launch counts what it does (counters.h) and appends its record here; null: nothing counted.
+  std::vector<LaunchRecord>* count_into = nullptr;
 };
 
 // The options of launches from this host thread: FLOWFORMER_SIMT_SCHEDULE (forward, reverse, random or
@@ -80,6 +85,17 @@ struct LaunchStats {
   uint64_t blocks = 0, threads = 0;
   uint64_t switches = 0;  // fiber resumptions
   std::vector<Hazard> hazards;
+  // With Options::count_into: the launch's counts, each block's (by linear block index), and per call site.
+  Counters counters;
+  std::vector<Counters> block_counters;
+  std::vector<SiteTraffic> sites;
+};
+
+struct LaunchRecord {
+  std::string kernel;
+  Dim3 grid, block;
+  std::size_t dynamic_shared_bytes;
+  LaunchStats stats;
 };
 
 // How the emulated threads switch: "x86-64 assembly" or "ucontext" (FLOWFORMER_SIMT_UCONTEXT, or not x86-64).

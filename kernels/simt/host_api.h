@@ -117,6 +117,11 @@ void shared_read(Region* region, std::size_t begin, std::size_t end, std::size_t
 void shared_write(Region* region, std::size_t begin, std::size_t end, std::size_t offset, std::size_t bytes,
                   std::size_t align, Site site, const void* source);
 Region* static_shared(Site site, std::size_t bytes, std::size_t type_id, std::size_t* offset);
+// Counting (counters.h): whether this block counts; an ldmatrix (rows: the byte offsets of its 8 N rows); a
+// lane's global load or store.
+bool counting();
+void note_ldmatrix(Site site, const uint64_t* rows, int matrices);
+void count_global(Site site, const void* address, std::size_t bytes, bool store);
 Region* dynamic_shared(std::size_t* bytes);
 template <typename T>
 std::size_t type_id() {

@@ -200,6 +200,9 @@ void shared_read(Region* region, std::size_t begin, std::size_t end, std::size_t
   check_access(region, begin, end, offset, bytes, align, site, "shared-memory read");
   Thread& t = as_thread < 0 ? self : *b.threads[unsigned(as_thread)];
   note_read(b, t, *region, offset, bytes, site);
+  if (b.counting && as_thread < 0) {  // ldmatrix counts its reads whole
+    count_access(t, Access::SharedLoad, site, offset, unsigned(bytes));
+  }
   std::memcpy(destination, region->bytes.data() + offset, bytes);
 }
 
@@ -210,6 +213,9 @@ void shared_write(Region* region, std::size_t begin, std::size_t end, std::size_
   Block& b = *t.block;
   check_access(region, begin, end, offset, bytes, align, site, "shared-memory write");
   note_write(b, t, *region, offset, bytes, site, false);
+  if (b.counting) {
+    count_access(t, Access::SharedStore, site, offset, unsigned(bytes));
+  }
   std::memcpy(region->bytes.data() + offset, source, bytes);
 }
 
@@ -234,9 +240,21 @@ void finish_async(Thread& t, std::size_t keep_groups) {
   }
 }
 
-}  // namespace detail
+bool counting() {
+  return current().block->counting;
+}
 
-namespace detail {
+void note_ldmatrix(Site site, const uint64_t* rows, int matrices) {
+  count_ldmatrix(*current().block, site, rows, matrices);
+}
+
+void count_global(Site site, const void* address, std::size_t bytes, bool store) {
+  Thread& t = current();
+  if (t.block->counting) {
+    count_access(t, store ? Access::GlobalStore : Access::GlobalLoad, site, reinterpret_cast<uintptr_t>(address),
+                 unsigned(bytes));
+  }
+}
 
 void cp_async_issue(Site site, SharedPtr<unsigned char> destination, const void* source, bool fill) {
   Thread& t = detail::current();
@@ -248,6 +266,12 @@ void cp_async_issue(Site site, SharedPtr<unsigned char> destination, const void*
                  " is not 16-byte aligned at " + detail::site_text(site));
   }
   detail::note_write(b, t, *destination.region(), destination.offset(), 16, site, true);
+  if (b.counting) {
+    count_access(t, Access::AsyncCopyStore, site, destination.offset(), 16);
+    if (fill) {
+      count_access(t, Access::AsyncCopyLoad, site, reinterpret_cast<uintptr_t>(source), 16);
+    }
+  }
   t.async_open.push_back(
       detail::AsyncCopy{destination.region(), destination.offset(), fill ? source : nullptr, 16, site});
 }

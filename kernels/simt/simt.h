@@ -7,6 +7,7 @@
 #pragma once
 
 #include "simt/async_copy.h"
+#include "simt/global_memory.h"
 #include "simt/launch.h"
 #include "simt/shared_ptr.h"
 #include "simt/tensor_core.h"

@@ -154,7 +154,8 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
   };
   const In in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
   const Out out = warp_collective<In, Out>(
-      "mma.sync.m16n8k16", detail::site_of(at), 0xffffffffu, in, [](unsigned, const In* const* ins, Out* const* outs) {
+      std::is_same_v<T, bf16> ? "mma.sync.m16n8k16.bf16" : "mma.sync.m16n8k16.f16", detail::site_of(at), 0xffffffffu,
+      in, [](unsigned, const In* const* ins, Out* const* outs) {
         float A[16][16], B[16][8], C[16][8];
         for (int lane = 0; lane < 32; ++lane) {
           const In& f = *ins[lane];
@@ -242,6 +243,13 @@ void ldmatrix(uint32_t (&r)[N], SharedPtr<T> row, std::source_location at = std:
   const char* op = Trans ? "ldmatrix.sync.m8n8.trans" : "ldmatrix.sync.m8n8";
   const auto gather = [site](unsigned, const In* const* ins, Out* const* outs) {
     uint16_t m[N][8][8];
+    if (detail::counting()) {
+      uint64_t rows[8 * N];
+      for (int i = 0; i < 8 * N; ++i) {
+        rows[i] = ins[i]->row.offset();
+      }
+      detail::note_ldmatrix(site, rows, N);
+    }
     for (int j = 0; j < N; ++j) {
       for (int i = 0; i < 8; ++i) {
         const SharedPtr<unsigned char>& p = ins[8 * j + i]->row;

@@ -96,6 +96,46 @@ def kernel_facts(cuobjdump, binary):
     return facts
 
 
+BRANCH = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?BRA\b[^;]*?(?:0x([0-9a-f]+)|`\((\.L_x_\d+)\))")
+LABEL = re.compile(r"^(\.L_x_\d+):")
+OFFSET = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+\S")
+
+
+def loop_sizes(cuobjdump, binary):
+    """{demangled kernel name: instructions of its largest loop} in the sm_90 SASS: the widest span from a
+    backward branch's target to the branch, every instruction in it counted once (all paths; an inner loop
+    that was not unrolled counts once too)."""
+    spans, labels, offsets = {}, {}, {}
+    arch = name = None
+    pending = []
+    for line in run([cuobjdump, "-sass", binary]).splitlines():
+        if m := re.match(r"\s*code for (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", line):
+            name = m.group(1) if arch == ARCH else None
+            labels, pending = {}, []
+            offsets[name] = []
+        elif name is None:
+            continue
+        elif m := LABEL.match(line.strip()):
+            pending.append(m.group(1))
+        elif m := OFFSET.match(line):
+            offset = int(m.group(1), 16)
+            for label in pending:
+                labels[label] = offset
+            pending = []
+            offsets[name].append(offset)
+            if b := BRANCH.match(line):
+                target = int(b.group(2), 16) if b.group(2) else labels.get(b.group(3))
+                if target is not None and target < offset:
+                    spans.setdefault(name, []).append((target, offset))
+    sizes = {}
+    for name, loops in spans.items():
+        sizes[name] = max(sum(1 for o in offsets[name] if start <= o <= end) for start, end in loops)
+    readable = demangle(list(sizes))
+    return {readable[n]: v for n, v in sizes.items()}
+
+
 def names_kernel(name, readable):
     """Whether `name` (with its template arguments) is the kernel's name in its demangled `readable` one:
     preceded by a namespace or the return type, so that "causal_k<...>" does not name "noncausal_k<...>"."""

@@ -11,6 +11,8 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace flowformer::simt::detail {
@@ -53,10 +55,34 @@ struct Collective {
   void* out[32];
 };
 
+// One warp-level instruction being counted (counters.h): its site, kind and dynamic occurrence; the lanes that
+// reached it so far, each with its address (a byte offset in shared memory, or a global address) and size.
+struct AccessKey {
+  const char* file;
+  int line;
+  Access access;
+  uint32_t occurrence;
+  bool operator==(const AccessKey& o) const {
+    return file == o.file && line == o.line && access == o.access && occurrence == o.occurrence;
+  }
+};
+struct AccessKeyHash {
+  std::size_t operator()(const AccessKey& k) const {
+    return std::hash<const void*>()(k.file) ^ (std::size_t(k.line) * 0x9e3779b97f4a7c15ull) ^
+           (std::size_t(k.access) << 56) ^ (std::size_t(k.occurrence) * 0xc2b2ae3d27d4eb4full);
+  }
+};
+struct PendingAccess {
+  Site site;
+  unsigned bytes = 0, lanes = 0;  // lanes: a mask
+  uint64_t address[32];
+};
+
 struct Warp {
   unsigned lanes;       // threads of the block in this warp
   uint32_t sync_epoch;  // completed __syncwarp calls
   std::vector<Collective> waiting;
+  std::unordered_map<AccessKey, PendingAccess, AccessKeyHash> pending;  // counted accesses not yet closed
 };
 
 struct Block;
@@ -69,6 +95,7 @@ struct Thread {
   std::unique_ptr<Fiber> fiber;
   std::vector<std::vector<AsyncCopy>> async_committed;  // oldest group first
   std::vector<AsyncCopy> async_open;
+  std::unordered_map<AccessKey, uint32_t, AccessKeyHash> occurrences;  // counting: passes of each site so far
 };
 
 struct StaticAllocation {
@@ -100,6 +127,11 @@ struct Block {
   std::map<std::tuple<int, const char*, int, const char*, int>, Hazard> hazards;
   std::exception_ptr error;
 
+  bool counting = false;  // Options::count_into set
+  Counters counters;      // this block's
+  std::unordered_set<uint64_t> read_sectors, written_sectors;  // the global sectors it touched
+  std::map<std::tuple<const char*, int, Access>, SiteTraffic> sites;  // this host thread's blocks', per site
+
   std::string where(const Thread& t) const;  // "kernel K, block (x, y, z), thread (x, y, z)"
 };
 
@@ -112,5 +144,13 @@ void maybe_yield();  // a random suspension point (Schedule::Random)
 void record_hazard(Block& block, Hazard::Kind kind, const std::string& message, Site a, Site b);
 void reset_shared(Block& block, std::size_t dynamic_bytes);
 void finish_async(Thread& t, std::size_t keep_groups);  // completes all but the newest keep_groups
+
+// Counting (counters.cpp), for blocks with `counting` set: a lane's access joins its warp-level instruction;
+// closing counts every instruction still open (at each barrier and at the block's end); ldmatrix (rows: the
+// byte offsets of its 8 N rows) and warp collectives are counted whole.
+void count_access(Thread& t, Access access, Site site, uint64_t address, unsigned bytes);
+void close_accesses(Block& b);
+void count_ldmatrix(Block& b, Site site, const uint64_t* rows, int matrices);
+void count_collective(Block& b, unsigned warp, const char* op);
 
 }  // namespace flowformer::simt::detail

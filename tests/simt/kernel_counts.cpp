@@ -1,0 +1,157 @@
+// What the fused linear-attention kernels do, counted by the emulator (simt/counters.h), for the bounds report
+// (benchmarks/kernel_bounds.py): one (sequence, head) of `chunks` chunks of 64 rows, one block per launch
+// (M within one value tile), every kernel of the causal forward and backward and of the non-causal forward.
+// Prints JSON: each launch's kernel, grid, block, dynamic shared bytes and its first block's counters.
+//
+//   kernel_counts --dtype bf16 --head-dim 64 --chunks 4
+//   kernel_counts --plan BLOCKS LONGEST MULTIPROCESSORS   (plan_segments of the causal forward and backward)
+#include "fused_problem.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace simt = flowformer::simt;
+namespace kernels = flowformer::linear_attention_kernels;
+using flowformer::simt_tests::Case;
+using flowformer::simt_tests::Problem;
+
+namespace {
+
+std::string shared_json(const simt::SharedTraffic& s) {
+  std::ostringstream o;
+  o << "{\"instructions\": " << s.instructions << ", \"wavefronts\": " << s.wavefronts
+    << ", \"extra_wavefronts\": " << s.extra_wavefronts << "}";
+  return o.str();
+}
+
+std::string global_json(const simt::GlobalTraffic& g) {
+  std::ostringstream o;
+  o << "{\"instructions\": " << g.instructions << ", \"bytes\": " << g.bytes << ", \"sectors\": " << g.sectors << "}";
+  return o.str();
+}
+
+std::string counters_json(const simt::Counters& c) {
+  std::ostringstream o;
+  o << "{\"shared_loads\": " << shared_json(c.shared_loads) << ", \"shared_stores\": " << shared_json(c.shared_stores)
+    << ", \"ldmatrix\": " << shared_json(c.ldmatrix) << ", \"cp_async_stores\": " << shared_json(c.cp_async_stores)
+    << ", \"global_loads\": " << global_json(c.global_loads) << ", \"global_stores\": " << global_json(c.global_stores)
+    << ", \"cp_async_loads\": " << global_json(c.cp_async_loads) << ", \"ldmatrix_matrices\": " << c.ldmatrix_matrices
+    << ", \"mma_m16n8k16_bf16\": " << c.mma_m16n8k16_bf16 << ", \"mma_m16n8k16_f16\": " << c.mma_m16n8k16_f16
+    << ", \"mma_m16n8k8_tf32\": " << c.mma_m16n8k8_tf32 << ", \"tensor_flops_by_scheduler\": [";
+  for (int s = 0; s < simt::kSchedulers; ++s) {
+    o << (s ? ", " : "") << c.tensor_flops_by_scheduler[s];
+  }
+  o << "], \"dram_read_sectors\": " << c.dram_read_sectors << ", \"dram_write_sectors\": " << c.dram_write_sectors
+    << ", \"barriers\": " << c.barriers << ", \"shuffles\": " << c.shuffles << ", \"votes\": " << c.votes
+    << ", \"warp_syncs\": " << c.warp_syncs << "}";
+  return o.str();
+}
+
+std::string sites_json(const std::vector<simt::SiteTraffic>& sites) {
+  std::ostringstream o;
+  o << "[";
+  for (std::size_t i = 0; i < sites.size(); ++i) {
+    const simt::SiteTraffic& s = sites[i];
+    o << (i ? ", " : "") << "{\"site\": \"" << s.site << "\", \"access\": \"" << simt::to_string(s.access)
+      << "\", \"instructions\": " << s.instructions << ", \"wavefronts\": " << s.wavefronts
+      << ", \"extra_wavefronts\": " << s.extra_wavefronts << ", \"bytes\": " << s.bytes << ", \"sectors\": " << s.sectors
+      << "}";
+  }
+  o << "]";
+  return o.str();
+}
+
+void print_launches(const std::vector<simt::LaunchRecord>& records) {
+  std::cout << "{\"launches\": [\n";
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    const simt::LaunchRecord& r = records[i];
+    std::cout << (i ? ",\n" : "") << "{\"kernel\": \"" << r.kernel << "\", \"grid\": [" << r.grid.x << ", " << r.grid.y
+              << ", " << r.grid.z << "], \"block\": [" << r.block.x << ", " << r.block.y << ", " << r.block.z
+              << "], \"dynamic_shared_bytes\": " << r.dynamic_shared_bytes
+              << ", \"block0\": " << counters_json(r.stats.block_counters.at(0))
+              << ", \"sites\": " << sites_json(r.stats.sites) << "}";
+  }
+  std::cout << "\n]}\n";
+}
+
+template <typename T>
+std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
+  Case c{{chunks * kernels::kChunkRows}, /*packed=*/false, /*H=*/1, head_dim, head_dim};
+  const Problem<T> problem(c);
+  std::vector<simt::LaunchRecord> records;
+  simt::Options options;
+  options.count_into = &records;
+  simt::OptionsScope scope(options);
+  problem.forward();
+  problem.backward();
+  // The non-causal forward: the keys' sums, then every row's output from them.
+  std::vector<float> kv(problem.kv0.size()), z(problem.z0.size());
+  kernels::SegmentSumsParams sums{};
+  problem.inputs(sums);
+  sums.segments = 1;
+  sums.kv = kv.data();
+  sums.z = z.data();
+  kernels::run_for_head_dim<kernels::emulated::SegmentSums>(sums, nullptr);
+  std::vector<T> out(problem.v.size());
+  kernels::StateOutputParams output{};
+  problem.inputs(output);
+  output.segments = 1;
+  output.out = out.data();
+  output.kv = kv.data();
+  output.z = z.data();
+  kernels::run_for_head_dim<kernels::emulated::StateOutput>(output, nullptr);
+  return records;
+}
+
+[[noreturn]] void usage() {
+  std::cerr << "usage: kernel_counts --dtype bf16|half|float32 --head-dim D --chunks C\n"
+               "       kernel_counts --plan BLOCKS LONGEST MULTIPROCESSORS\n";
+  std::exit(2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string dtype = "bf16";
+  int head_dim = 64;
+  int64_t chunks = 2;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--plan" && i + 3 < argc) {
+      const int64_t blocks = std::atoll(argv[i + 1]), longest = std::atoll(argv[i + 2]), sms = std::atoll(argv[i + 3]);
+      const auto forward = kernels::plan_segments(blocks, longest, sms, kernels::kCausalForwardBytes);
+      const auto backward = kernels::plan_segments(blocks, longest, sms, kernels::kCausalBackwardBytes);
+      const auto noncausal = kernels::plan_segments(blocks, longest, sms, kernels::kNoncausalBytes);
+      std::cout << "{\"causal_forward\": [" << forward.segments << ", " << forward.segment_rows
+                << "], \"causal_backward\": [" << backward.segments << ", " << backward.segment_rows
+                << "], \"noncausal\": [" << noncausal.segments << ", " << noncausal.segment_rows << "]}\n";
+      return 0;
+    } else if (arg == "--dtype" && i + 1 < argc) {
+      dtype = argv[++i];
+    } else if (arg == "--head-dim" && i + 1 < argc) {
+      head_dim = std::atoi(argv[++i]);
+    } else if (arg == "--chunks" && i + 1 < argc) {
+      chunks = std::atoll(argv[++i]);
+    } else {
+      usage();
+    }
+  }
+  if (chunks < 1 || !kernels::fused_head_dim(head_dim)) {
+    usage();
+  }
+  if (dtype == "bf16") {
+    print_launches(count_kernels<simt::bf16>(head_dim, chunks));
+  } else if (dtype == "half") {
+    print_launches(count_kernels<simt::half>(head_dim, chunks));
+  } else if (dtype == "float32") {
+    print_launches(count_kernels<float>(head_dim, chunks));
+  } else {
+    usage();
+  }
+  return 0;
+}
