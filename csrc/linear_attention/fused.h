@@ -187,17 +187,15 @@ inline std::pair<at::Tensor, at::Tensor> segment_sums(const Build& build, const 
 
 // The incoming state of each segment ((N, G, ...) sums, in place) from the initial states (N, ...) or zeros:
 // an exclusive scan over the segments in order (reversed: from the last segment, for a backward). Returns the
-// final states.
+// final states. One cumulative sum over [initial, segments...] along the segments (sequential along that axis
+// on both backends: the order of the segments), so the ops a call makes do not grow with the segments.
 inline at::Tensor scan_segments(at::Tensor& sums, const at::Tensor& initial, bool reversed = false) {
-  at::Tensor running = initial.defined() ? initial.clone() : at::zeros_like(sums.select(1, 0));
   const int64_t G = sums.size(1);
-  for (int64_t i = 0; i < G; ++i) {
-    at::Tensor segment = sums.select(1, reversed ? G - 1 - i : i);
-    const at::Tensor incoming = running.clone();
-    running.add_(segment);
-    segment.copy_(incoming);
-  }
-  return running;
+  const at::Tensor start = initial.defined() ? initial.unsqueeze(1) : at::zeros_like(sums.narrow(1, 0, 1));
+  const at::Tensor running = at::cat({start, reversed ? sums.flip(1) : sums}, 1).cumsum(1);
+  const at::Tensor incoming = running.narrow(1, 0, G);
+  sums.copy_(reversed ? incoming.flip(1) : incoming);
+  return running.select(1, G).contiguous();
 }
 
 // The length of the longest sequence: L, or the longest of the packed ones.
@@ -258,8 +256,11 @@ inline at::Tensor add_in_order(const at::Tensor& parts, int64_t dim) {
   return sum;
 }
 
-// The sums over the segments of (N, G, ...) sums, added in segment order.
-inline at::Tensor add_segments(const at::Tensor& sums) { return add_in_order(sums, 1); }
+// The sums over the segments of (N, G, ...) sums, added in segment order (one cumulative sum: its ops do not
+// grow with the segments).
+inline at::Tensor add_segments(const at::Tensor& sums) {
+  return sums.cumsum(1).select(1, sums.size(1) - 1).contiguous();
+}
 
 // The gradients of q, k, v of a backward (queries of L rows, keys of S), and where M spans several value tiles the
 // tiles' float shares of dq and dk (kernels::Gradients), added in tile order by finish().

@@ -286,3 +286,27 @@ def test_fused_linear_attention_queries_without_features_in_half(gen, causal, de
     assert_close(out, ref, FORWARD_TOL[dtype], "out")
     for name, a, b in zip(("query", "key", "value"), grads, ref_grads):
         assert_close(a, b, grad_tol(dtype), f"grad {name}")
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_split_schedule_ops_do_not_grow_with_segments(gen, causal, device, monkeypatch):
+    # One sequence of 1024 rows runs as 4 segments of 256 for the 132 multiprocessors the build assumes, one of
+    # 4096 rows as 16: the segments' scans and sums are one cumulative sum each, so a call makes as many ops
+    # (and kernel launches) at either length. The host loop over segments they replace made 3 more a segment.
+    if device == "cpu":
+        monkeypatch.setenv("FLOWFORMER_EMULATE_CUDA", "1")  # the fused kernels' emulated build
+    fn = F.causal_linear_attention if causal else F.linear_attention
+
+    def ops_of(L):
+        q, k, v, grad_out = (randn(gen, 1, 1, L, 16, device=device, dtype=torch.bfloat16) for _ in range(4))
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = fn(*leaves)
+            out = out[0] if causal else out
+            torch.autograd.grad(out, leaves, grad_out)
+        return sorted(e.key for e in prof.key_averages() for _ in range(e.count))
+
+    short, long = ops_of(1024), ops_of(4096)
+    assert "aten::cumsum" in short  # the split schedule ran
+    assert short == long
