@@ -54,7 +54,6 @@ def flat(counters):
         "conflict_wavefronts": sum(counters[k]["extra_wavefronts"] for k in shared_kinds),
         "shared_wavefronts": sum(counters[k]["wavefronts"] + counters[k]["extra_wavefronts"] for k in shared_kinds),
         "mma": counters["mma_m16n8k16_bf16"] + counters["mma_m16n8k16_f16"] + counters["mma_m16n8k8_tf32"],
-        "tf32": counters["mma_m16n8k8_tf32"] > 0,
         "tensor_flops": sum(counters["tensor_flops_by_scheduler"]),
         "busiest_scheduler_flops": max(counters["tensor_flops_by_scheduler"]),
         "dram_bytes": 32 * (counters["dram_read_sectors"] + counters["dram_write_sectors"]),
@@ -66,16 +65,16 @@ def flat(counters):
 
 def per_chunk_counts(binary, dtype, head_dim):
     """{kernel: {"chunk": counts of one chunk, "fixed": the rest of a block's, "tiles": blocks a (sequence,
-    head)}} from runs of 2 and 4 chunks."""
+    head), "tf32": whether its products are tf32, "sites": per-site counts}} from runs of 2 and 4 chunks."""
     two, four = run_counts(binary, dtype, head_dim, 2), run_counts(binary, dtype, head_dim, 4)
     kernels = {}
     for a, b in zip(two, four):
         assert a["kernel"] == b["kernel"], (a["kernel"], b["kernel"])
         fa, fb = flat(a["block0"]), flat(b["block0"])
-        chunk = {k: (fb[k] - fa[k]) / 2 if k != "tf32" else fa[k] for k in fa}
-        fixed = {k: fa[k] - 2 * chunk[k] if k != "tf32" else fa[k] for k in fa}
-        kernels[a["kernel"]] = {"chunk": chunk, "fixed": fixed, "tiles": a["grid"][0],
-                                "sites": b["sites"]}
+        chunk = {k: (fb[k] - fa[k]) / 2 for k in fa}
+        fixed = {k: fa[k] - 2 * chunk[k] for k in fa}
+        kernels[a["kernel"]] = {"chunk": chunk, "fixed": fixed, "tiles": a["grid"][0], "sites": b["sites"],
+                                "tf32": a["block0"]["mma_m16n8k8_tf32"] > 0}
     return kernels
 
 
@@ -92,10 +91,6 @@ import check_kernels  # noqa: E402 (the static checks' cuobjdump reader)
 def loop_instructions(sass_binary):
     """{demangled kernel: instructions of its largest loop} from the sm_90 SASS (every path counted once)."""
     return check_kernels.loop_sizes(check_kernels.find_cuobjdump(), sass_binary)
-
-
-def check_kernels_names(name, readable):
-    return check_kernels.names_kernel(name, readable)
 
 
 def ops(shape, dtype, kernels, binary, gpu):
@@ -125,8 +120,8 @@ def ops(shape, dtype, kernels, binary, gpu):
 def kernel_bound(counts, blocks, chunks, gpu, issue_per_chunk):
     """Cycles of the busiest multiprocessor per resource (and DRAM's device-wide), for one launch."""
     per_sm = math.ceil(blocks / gpu["multiprocessors"])
-    work = {k: counts["fixed"][k] + chunks * counts["chunk"][k] for k in counts["chunk"] if k != "tf32"}
-    rate = gpu["tf32_flops_per_cycle"] if counts["chunk"]["tf32"] else gpu["mma_sync_flops_per_cycle"]
+    work = {k: counts["fixed"][k] + chunks * counts["chunk"][k] for k in counts["chunk"]}
+    rate = gpu["tf32_flops_per_cycle"] if counts["tf32"] else gpu["mma_sync_flops_per_cycle"]
     cycles = {
         "shared": per_sm * work["shared_wavefronts"] / gpu["shared_wavefronts_per_cycle"],
         "tensor": per_sm * work["busiest_scheduler_flops"] / (rate / gpu["schedulers"]),
@@ -224,7 +219,7 @@ def main():
         sizes = loop_instructions(args.sass)
         for name, counts in kernels.items():
             args_text = f"{name}_kernel<{CUDA_TYPES[args.dtype]}, {head_dim}, {head_dim // counts['tiles']}>"
-            match = [v for k, v in sizes.items() if check_kernels_names(args_text, k)]
+            match = [v for k, v in sizes.items() if check_kernels.names_kernel(args_text, k)]
             if match:
                 loops[name] = match[0]
     text, results = report(kernels, args.dtype, shapes, args.counts, gpus, loops)

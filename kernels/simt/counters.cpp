@@ -56,19 +56,27 @@ uint64_t Counters::tensor_flops() const {
   return flops;
 }
 
-SharedTraffic Counters::shared() const {
-  SharedTraffic all = shared_loads;
-  all += shared_stores;
-  all += ldmatrix;
-  all += cp_async_stores;
-  return all;
+SiteTraffic& SiteTraffic::operator+=(const SharedTraffic& o) {
+  instructions += o.instructions;
+  wavefronts += o.wavefronts;
+  extra_wavefronts += o.extra_wavefronts;
+  return *this;
 }
 
-GlobalTraffic Counters::global() const {
-  GlobalTraffic all = global_loads;
-  all += global_stores;
-  all += cp_async_loads;
-  return all;
+SiteTraffic& SiteTraffic::operator+=(const GlobalTraffic& o) {
+  instructions += o.instructions;
+  bytes += o.bytes;
+  sectors += o.sectors;
+  return *this;
+}
+
+SiteTraffic& SiteTraffic::operator+=(const SiteTraffic& o) {
+  instructions += o.instructions;
+  wavefronts += o.wavefronts;
+  extra_wavefronts += o.extra_wavefronts;
+  bytes += o.bytes;
+  sectors += o.sectors;
+  return *this;
 }
 
 const char* to_string(Access access) {
@@ -164,10 +172,7 @@ void add_shared(Block& b, Site site, Access access, const SharedTraffic& traffic
                          : access == Access::Ldmatrix    ? &b.counters.ldmatrix
                                                          : &b.counters.cp_async_stores;
   *total += traffic;
-  SiteTraffic& s = site_of(b, site, access);
-  s.instructions += traffic.instructions;
-  s.wavefronts += traffic.wavefronts;
-  s.extra_wavefronts += traffic.extra_wavefronts;
+  site_of(b, site, access) += traffic;
 }
 
 void add_global(Block& b, Site site, Access access, const GlobalTraffic& traffic) {
@@ -175,10 +180,7 @@ void add_global(Block& b, Site site, Access access, const GlobalTraffic& traffic
                          : access == Access::GlobalStore ? &b.counters.global_stores
                                                          : &b.counters.cp_async_loads;
   *total += traffic;
-  SiteTraffic& s = site_of(b, site, access);
-  s.instructions += traffic.instructions;
-  s.bytes += traffic.bytes;
-  s.sectors += traffic.sectors;
+  site_of(b, site, access) += traffic;
 }
 
 bool is_global(Access access) {

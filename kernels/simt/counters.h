@@ -23,7 +23,6 @@ namespace flowformer::simt {
 struct SharedTraffic {
   uint64_t instructions = 0, wavefronts = 0, extra_wavefronts = 0;
   SharedTraffic& operator+=(const SharedTraffic& o);
-  uint64_t all_wavefronts() const { return wavefronts + extra_wavefronts; }
 };
 
 struct GlobalTraffic {
@@ -46,10 +45,7 @@ struct Counters {
   uint64_t shuffles = 0, votes = 0, warp_syncs = 0;  // warp collectives
 
   Counters& operator+=(const Counters& o);
-  uint64_t mma_instructions() const { return mma_m16n8k16_bf16 + mma_m16n8k16_f16 + mma_m16n8k8_tf32; }
   uint64_t tensor_flops() const;
-  SharedTraffic shared() const;  // every kind of shared access together
-  GlobalTraffic global() const;  // every global access together (DRAM sectors, if nothing hits a cache)
 };
 
 // The kinds of counted access, and their counts per call site (where the wavefronts go).
@@ -61,6 +57,9 @@ struct SiteTraffic {
   Access access;
   uint64_t instructions = 0, wavefronts = 0, extra_wavefronts = 0;  // shared kinds
   uint64_t bytes = 0, sectors = 0;                                   // global kinds
+  SiteTraffic& operator+=(const SharedTraffic& o);
+  SiteTraffic& operator+=(const GlobalTraffic& o);
+  SiteTraffic& operator+=(const SiteTraffic& o);
 };
 
 }  // namespace flowformer::simt

@@ -275,12 +275,7 @@ void gather_counters(const std::vector<std::unique_ptr<Worker>>& workers, Launch
     for (const auto& [key, traffic] : w->block.sites) {
       auto [it, added] = sites.try_emplace({traffic.site, int(traffic.access)}, traffic);
       if (!added) {
-        SiteTraffic& s = it->second;
-        s.instructions += traffic.instructions;
-        s.wavefronts += traffic.wavefronts;
-        s.extra_wavefronts += traffic.extra_wavefronts;
-        s.bytes += traffic.bytes;
-        s.sectors += traffic.sectors;
+        it->second += traffic;
       }
     }
   }
