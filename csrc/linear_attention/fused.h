@@ -74,7 +74,7 @@ inline bool takes_forward(const at::Tensor& query, const at::Tensor& value, cons
   const std::size_t bytes = element_bytes_of(query);
   return takes_inputs(query, cu) && kernels::fused_head_dim(D) && kernels::fused_head_dim(M) &&
          (query.size(2) != 1 || !cu.empty()) &&
-         kernels::causal_forward_shared_bytes(int(D), kernels::value_tile(int(D), int(M)), bytes) <=
+         kernels::causal_forward_shared_bytes(int(D), kernels::value_tile(int(D), int(M), bytes), bytes) <=
              build.shared_limit;
 }
 
@@ -84,8 +84,8 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
   if (!takes_inputs(query, {}) || !kernels::fused_head_dim(D) || !kernels::fused_head_dim(M)) {
     return false;
   }
-  const int BM = kernels::value_tile(int(D), int(M));
   const std::size_t bytes = element_bytes_of(query);
+  const int BM = kernels::value_tile(int(D), int(M), bytes);
   return std::max(kernels::segment_sums_shared_bytes(int(D), BM, bytes),
                   kernels::state_output_shared_bytes(int(D), BM, bytes)) <= build.shared_limit;
 }
@@ -163,7 +163,7 @@ struct InputTensors {
                          bool backward = false) const {
     const int D = params.D, M = params.M;
     const std::size_t element = kernels::element_bytes(params.element);
-    const int64_t tiles = M / (backward ? kernels::backward_value_tile(D, M, element) : kernels::value_tile(D, M));
+    const int64_t tiles = M / (backward ? kernels::backward_value_tile(D, M, element) : kernels::value_tile(D, M, element));
     return kernels::plan_segments(N() * params.H * tiles, longest, build.multiprocessors, bytes);
   }
 };

@@ -29,12 +29,12 @@
 namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
 // What both passes share: the block's sequence, its tiles in shared memory (q, k, v, dout in two stages, a
-// feature tile, the state's parts), cp.async of a chunk.
-template <typename T, int D, int BM>
+// feature tile, the state's parts), cp.async of a chunk. Vector: the state carries its vector (StateTile).
+template <typename T, int D, int BM, bool Vector>
 struct BackwardBlockBase {
   using Q = ChunkTile<T, D>;
   using V = ChunkTile<T, BM>;
-  using State = StateTile<T, D, BM>;
+  using State = StateTile<T, D, BM, Vector>;
   using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 5 * Q::kSize + 4 * V::kSize + 2 * StateParts::kSize;
   static_assert(kSharedElements * sizeof(T) == causal_backward_shared_bytes(D, BM, sizeof(T)),
@@ -68,12 +68,15 @@ struct BackwardBlockBase {
               span.length);
   }
 
-  // The tile's columns of the state from the (N, H, D, M) `matrices` and its vector (into vector_s) from the
-  // (N, H, D) `vectors` (zeros where null), its parts published.
+  // The tile's columns of the state from the (N, H, D, M) `matrices` and its vector from the (N, H, D)
+  // `vectors` (zeros where null): in the state with Vector, else into vector_s; its parts published.
   FF_DEVICE void start(const float* matrices, const float* vectors, simt::shared_ptr<float> vector_s) {
-    S.load(l, matrices != nullptr ? matrices + state_at + out.value_col : nullptr, p.M);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      vector_s[d] = vectors != nullptr ? vectors[state_at / p.M + d] : 0.f;
+    const float* vector = vectors != nullptr ? vectors + state_at / p.M : nullptr;
+    S.load(l, matrices != nullptr ? matrices + state_at + out.value_col : nullptr, p.M, Vector ? vector : nullptr);
+    if constexpr (!Vector) {
+      for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+        vector_s[d] = vector != nullptr ? simt::load_global(vector + d) : 0.f;
+      }
     }
     S.publish(l, s_hi(), s_lo(), largest_s);
   }
@@ -86,13 +89,14 @@ struct BackwardBlockBase {
 };
 
 // Pass 1: dq, and 1 / den_t, dden_t for pass 2; with segments, the segment's sums of q_t dnum_t^T and dden_t q_t.
+// The state carries z (StateTile's vector): <q_t, z> is one more n8 tile of q_t^T S.
 template <typename T, int D, int BM>
-struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
-  using Base = BackwardBlockBase<T, D, BM>;
+struct BackwardQueryBlock : BackwardBlockBase<T, D, BM, /*Vector=*/true> {
+  using Base = BackwardBlockBase<T, D, BM, true>;
   using Base::l, Base::p, Base::S, Base::span;
   static constexpr int kColumns = gradient_columns(D, sizeof(T));
-  simt::shared_ptr<float> z_s, qz_s, inv_den_s, dden_s, dz_s;  // z_s: z at the chunk's start
-  typename Base::State dS;     // the segment's sums (split schedule)
+  simt::shared_ptr<float> z_s, inv_den_s, dden_s, dz_s;  // z_s: z at the chunk's start (the state's vector)
+  StateTile<T, D, BM> dS;  // the segment's sums (split schedule)
 
   FF_DEVICE void chunk(int64_t c, int stage) {
     const auto q = this->feature_tile(), k = this->k_tile(stage), query = this->q_tile(stage);
@@ -101,31 +105,26 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
     apply_feature_map(p.feature_map, query, q, left);
     apply_feature_map(p.feature_map, k, k, left);
     __syncthreads();
-    row_dots(q, z_s, qz_s);
     // den_t = <q_t, z> + sum_{j<=t} <q_t, k_j> + eps; 2^-e num_t = 2^-e S_t^T q_t (the forward's numerator)
     Scores<true> A;
-    A.template compute<T, D>(l, q, k);
+    RowTile<Base::State::kWidth> num;  // its last n8 tile: 2^-e <q_t, z> in every column
+    num.zero();
+    scores_and_state_rows<typename Base::State>(l, q, k, this->s_hi(), this->s_lo(), A, num);
     A.mask(l, [](int, int) { return 0.f; });
     float a_sum[2] = {0.f, 0.f};
     A.s.row_sums(a_sum);
-    RowTile<BM> num;
-    num.zero();
-    Base::State::template rows_times<true>(l, q, this->s_hi(), this->s_lo(), num);
     A.template times<T>(l, v, S.scale(), num);
-    __syncthreads();  // qz_s written
     float inv_den[2], dden[2] = {0.f, 0.f}, weight[2];  // dden_t = -<num_t, dout_t> / den_t^2, weight dden_t den_t
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
-      const float qz = qz_s[row];
+      const float qz = num.acc[BM / 8][2 * i] * S.unscale();
       const float den = p.normalize ? qz + a_sum[i] + p.eps : 1.f;
       inv_den[i] = 1.f / den;
       FF_UNROLL
       for (int n = 0; n < BM / 8; ++n) {
-        FF_UNROLL
-        for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          dden[i] += num.acc[n][e] * S.unscale() * dout.get(l.row(e), n * 8 + l.col(e));
-        }
+        const auto [d0, d1] = dout.get_pair(row, n * 8 + 2 * l.t);
+        dden[i] += num.acc[n][2 * i] * S.unscale() * d0 + num.acc[n][2 * i + 1] * S.unscale() * d1;
       }
       dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 1);
       dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 2);
@@ -168,13 +167,18 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
       add_query_gradient_sums(l, q, dout, inv_den_s, dden_s, this->largest_s, dS, dz_s);
     }
     S.add_product(l, k, v);
-    add_column_sums(k, [](int) { return 1.f; }, z_s);
+    __syncthreads();  // the stage may be loaded again; z_s, inv_den_s, dden_s, the state's parts rewritten
+    publish();  // read after the next chunk's first barrier
+  }
+
+  FF_DEVICE void publish() {
     S.publish(l, this->s_hi(), this->s_lo(), this->largest_s);
-    __syncthreads();  // the stage may be loaded again; z_s, qz_s, inv_den_s, dden_s, the state's parts rewritten
+    S.store_vector(l, z_s);
   }
 
   FF_DEVICE void run() {
     this->start(p.kv0, p.z0, z_s);
+    S.store_vector(l, z_s);
     dS.load(l, nullptr, 0);
     for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {  // each column's thread, as in the sums
       dz_s[d] = 0.f;
@@ -199,8 +203,8 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM> {
 // The chunk's terms are rescaled from 2^-e to the state's 2^-e_R units in float before the state's are added;
 // for half, score matrices past 2^14 are scaled down by a power of two before they are rounded (Scores::fit).
 template <typename T, int D, int BM>
-struct BackwardKeyBlock : BackwardBlockBase<T, D, BM> {
-  using Base = BackwardBlockBase<T, D, BM>;
+struct BackwardKeyBlock : BackwardBlockBase<T, D, BM, /*Vector=*/false> {
+  using Base = BackwardBlockBase<T, D, BM, false>;
   using Base::l, Base::p, Base::S, Base::span;  // S is R here
   static constexpr int kKeyColumns = gradient_columns(D, sizeof(T));
   simt::shared_ptr<float> r_s, weight_s, inv_den_s;
@@ -268,9 +272,9 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, BM> {
   }
 };
 
-template <typename T, int D, int BM>
-FF_DEVICE BackwardBlockBase<T, D, BM> backward_base(const CausalBackwardParams& p, simt::shared_ptr<T> tiles,
-                                                    simt::shared_ptr<float> largest_s) {
+template <typename T, int D, int BM, bool Vector>
+FF_DEVICE BackwardBlockBase<T, D, BM, Vector> backward_base(const CausalBackwardParams& p, simt::shared_ptr<T> tiles,
+                                                            simt::shared_ptr<float> largest_s) {
   const BlockPlace at = BlockPlace::of<BM>(p, p);
   return {p,
           at.span,
@@ -288,12 +292,11 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_query_grads_kernel(
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
   FF_SHARED(float, z_s, D);
-  FF_SHARED(float, qz_s, kChunkRows);
   FF_SHARED(float, inv_den_s, kChunkRows);
   FF_SHARED(float, dden_s, kChunkRows);
   FF_SHARED(float, dz_s, D);
-  BackwardQueryBlock<T, D, BM> block{
-      backward_base<T, D, BM>(p, tiles, largest_s), z_s, qz_s, inv_den_s, dden_s, dz_s, {}};
+  BackwardQueryBlock<T, D, BM> block{backward_base<T, D, BM, true>(p, tiles, largest_s), z_s, inv_den_s, dden_s,
+                                     dz_s, {}};
   block.run();
 }
 
@@ -304,7 +307,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_key_grads_kernel(Ca
   FF_SHARED(float, r_s, D);
   FF_SHARED(float, weight_s, kChunkRows);
   FF_SHARED(float, inv_den_s, kChunkRows);
-  BackwardKeyBlock<T, D, BM> block{backward_base<T, D, BM>(p, tiles, largest_s), r_s, weight_s, inv_den_s};
+  BackwardKeyBlock<T, D, BM> block{backward_base<T, D, BM, false>(p, tiles, largest_s), r_s, weight_s, inv_den_s};
   block.run();
 }
 

@@ -2,14 +2,16 @@
 // One block of 4 warps walks one (sequence, head, value tile of BM columns) through its sequence in chunks
 // of 64 rows. With q, k = phi(query), phi(key) and (S, z) the state before chunk c, for its rows t:
 //   G[t, j] = <q_t, k_j> for the chunk's rows j <= t            mma, float accumulators
-//   num_t   = q_t^T S + sum_j G[t, j] v_j                        mma: S as hi + lo 16-bit parts, G rounded
+//   num_t   = q_t^T S + sum_j G[t, j] v_j                        mma: S as 16-bit parts (StateTile), G rounded
 //                                                                (float32: S and G as they are, 3 tf32 products)
-//   den_t   = <q_t, z> + sum_j G[t, j] + eps                     float (CUDA cores and the G accumulators)
+//   den_t   = <q_t, z> + sum_j G[t, j] + eps                     <q_t, z>: one more n8 tile of q_t^T S (z
+//                                                                published beside S), the row sums: G's registers
 //   out_t   = num_t / den_t   (num_t without normalisation)
-//   S += k^T v  (mma into float accumulators that stay in registers)     z += sum_j k_j  (float)
+//   S += k^T v,  z += k^T 1   (mma into float accumulators that stay in registers; StateTile's vector)
 // Warp w owns the chunk rows 16 w .. 16 w + 15 (so only the key tiles up to its diagonal are multiplied)
-// and a quarter of the state's 16 x 16 units. The q, k, v tiles of chunk c + 1 are loaded by cp.async while
-// chunk c is computed; the feature map is applied in shared memory (rows past the sequence get phi(k) = 0).
+// and a quarter of the state's 16 x 16 units; one A fragment of q_t serves G and both parts of S. The q, k, v
+// tiles of chunk c + 1 are loaded by cp.async while chunk c is computed; the feature map is applied in shared
+// memory, 16 bytes a thread at a time (rows past the sequence get phi(k) = 0). Three barriers a chunk.
 // With segments (the split schedule, fused_kernels.h) a block walks one segment from its incoming state (the
 // segments' sums come from segment_sums.cuh). For half inputs the state's 16-bit parts are scaled by 2^-e
 // (e > 0 only once |S| reaches 2^14) so that they cannot overflow; the chunk's G is scaled alike and num
@@ -27,7 +29,7 @@ template <typename T, int D, int BM>
 struct CausalForwardBlock {
   using Q = ChunkTile<T, D>;
   using V = ChunkTile<T, BM>;
-  using State = StateTile<T, D, BM>;
+  using State = StateTile<T, D, BM, /*Vector=*/true>;  // (S, z)
   using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 4 * Q::kSize + 2 * V::kSize + 2 * StateParts::kSize;
   static_assert(kSharedElements * sizeof(T) == causal_forward_shared_bytes(D, BM, sizeof(T)),
@@ -41,7 +43,7 @@ struct CausalForwardBlock {
   int64_t state_at;  // offset of this (sequence, head) in the state tensors (N, H, D, M)
   Lane l;
   simt::shared_ptr<T> tiles;
-  simt::shared_ptr<float> z_s, qz_s, largest_s;
+  simt::shared_ptr<float> largest_s;
   State S;
 
   FF_DEVICE Q q_tile(int stage) const { return {tiles + stage * Q::kSize}; }
@@ -59,21 +61,20 @@ struct CausalForwardBlock {
 
   // The warp's rows of chunk c: out = num / den, num = q S + (masked q k^T) v, den = q z + row sums + eps.
   FF_DEVICE void chunk_rows(int64_t c, int stage) const {
+    const Q q = q_tile(stage), k = k_tile(stage);
     Scores<true> G;
-    G.template compute<T, D>(l, q_tile(stage), k_tile(stage));
+    RowTile<State::kWidth> num;  // 2^-e (q S, then + G v); its last n8 tile 2^-e <q_t, z> in every column
+    num.zero();
+    scores_and_state_rows<State>(l, q, k, s_hi(), s_lo(), G, num);
     G.mask(l, [](int, int) { return 0.f; });
     float score_sum[2] = {0.f, 0.f};
     G.s.row_sums(score_sum);
-    RowTile<BM> num;
-    num.zero();
-    State::template rows_times<true>(l, q_tile(stage), s_hi(), s_lo(), num);
     G.template times<T>(l, v_tile(stage), S.scale(), num);
-    __syncthreads();  // qz_s written; the state's parts and z_s read
     const int64_t left = span.length - c * kChunkRows;
     float scale[2];
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
-      const float qz = qz_s[l.row(2 * i)];
+      const float qz = num.acc[BM / 8][2 * i] * S.unscale();
       scale[i] = S.unscale() / (p.normalize ? qz + score_sum[i] + p.eps : 1.f);
     }
     store_rows<T, BM>(l, out + c * kChunkRows * p.M, p.M, left,
@@ -81,10 +82,8 @@ struct CausalForwardBlock {
   }
 
   FF_DEVICE void run() {
-    S.load(l, p.kv0 != nullptr ? p.kv0 + state_at + value_col : nullptr, p.M);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      z_s[d] = p.z0 != nullptr ? simt::load_global(p.z0 + state_at / p.M + d) : 0.f;
-    }
+    S.load(l, p.kv0 != nullptr ? p.kv0 + state_at + value_col : nullptr, p.M,
+           p.z0 != nullptr ? p.z0 + state_at / p.M : nullptr);
     S.publish(l, s_hi(), s_lo(), largest_s);
     walk_chunks(span.chunks(), false, [&](int64_t c, int stage) { load_chunk(c, stage); },
                 [&](int64_t c, int stage) {
@@ -92,21 +91,17 @@ struct CausalForwardBlock {
                   apply_feature_map(p.feature_map, k_tile(stage), k_tile(stage), left);
                   apply_feature_map(p.feature_map, q_tile(stage), q_tile(stage), left);
                   __syncthreads();
-                  row_dots(q_tile(stage), z_s, qz_s);
-                  chunk_rows(c, stage);  // ends with a barrier
+                  chunk_rows(c, stage);
                   S.add_product(l, k_tile(stage), v_tile(stage));
-                  add_column_sums(k_tile(stage), [](int) { return 1.f; }, z_s);
-                  S.publish(l, s_hi(), s_lo(), largest_s);
-                  __syncthreads();  // the stage may be loaded again; the state's parts, z_s, qz_s rewritten
+                  __syncthreads();  // the stage may be loaded again, the state's parts rewritten
+                  S.publish(l, s_hi(), s_lo(), largest_s);  // read after the next chunk's first barrier
                 });
     if (p.kv_final == nullptr) {
       return;
     }
     S.store(l, p.kv_final + state_at + value_col, p.M);
     if (value_col == 0) {
-      for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-        simt::store_global(p.z_final + state_at / p.M + d, float(z_s[d]));
-      }
+      S.store_vector(l, p.z_final + state_at / p.M);
     }
   }
 };
@@ -115,8 +110,6 @@ template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kForwardThreads, 1) causal_forward_kernel(CausalForwardParams p) {
   using Block = CausalForwardBlock<T, D, BM>;
   FF_DYNAMIC_SHARED(T, tiles);
-  FF_SHARED(float, z_s, D);
-  FF_SHARED(float, qz_s, kChunkRows);
   FF_SHARED(float, largest_s, kWarps);
   const BlockPlace at = BlockPlace::of<BM>(p, p);
   Block block{p,
@@ -129,8 +122,6 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_forward_kernel(Caus
               at.state_at(p, at.unit),
               Lane::of(int(threadIdx.x)),
               tiles,
-              z_s,
-              qz_s,
               largest_s,
               {}};
   block.run();

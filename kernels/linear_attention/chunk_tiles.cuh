@@ -4,7 +4,7 @@
 //   ChunkTile<T, W>   64 rows x W columns of T (16-bit, or float) in shared memory, loaded by cp.async
 //   RowTile<N>        a warp's 16 rows x N columns of float accumulators (m16n8 tiles)
 //   StateTile<T, R, C> an R x C float matrix in registers spread over the warps (16 x 16 units), that adds
-//                     x^T y over a chunk and publishes itself as hi + lo 16-bit parts (float: itself) for
+//                     x^T y over a chunk and publishes itself as 16-bit parts (half: hi + lo; bf16: hi; float: itself) for
 //                     the next products
 //   Fragment<T>       an operand of the m16n8k16 layout: 4 registers of 16-bit pairs, or 8 floats
 // Products are mma.m16n8k16 with float accumulators, operands by ldmatrix from shared memory; float32 inputs
@@ -119,6 +119,28 @@ FF_DEVICE void mma_3xtf32(float (&d)[4], const float (&a)[8], const float* b) {
   }
 }
 
+// d += A B for one n tile (b: registers 0, 1; float: 0 .. 3).
+template <typename T>
+FF_DEVICE void mma_single(float (&d)[4], const Fragment<T>& a, const Fragment<T>& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    mma_3xtf32(d, a.r, b.r);
+  } else {
+    const uint32_t b0[2] = {b.r[0], b.r[1]};
+    simt::mma_m16n8k16<T>(d, a.r, b0, d);
+  }
+}
+
+// A B operand of ones: A times it puts A's row sums in every column.
+template <typename T>
+FF_DEVICE Fragment<T> ones_fragment() {
+  Fragment<T> b;
+  FF_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    b.set_pair(i, 1.f, 1.f);
+  }
+  return b;
+}
+
 template <typename T>
 FF_DEVICE void mma_pair(float (&d0)[4], float (&d1)[4], const Fragment<T>& a, const Fragment<T>& b) {
   if constexpr (std::is_same_v<T, float>) {
@@ -130,6 +152,18 @@ FF_DEVICE void mma_pair(float (&d0)[4], float (&d1)[4], const Fragment<T>& a, co
     simt::mma_m16n8k16<T>(d1, a.r, b1, d1);
   }
 }
+
+// 16 bytes of a row, one vector access of shared memory: 8 16-bit elements or 4 floats.
+template <typename T>
+struct alignas(16) Piece {
+  static constexpr int kCount = 16 / int(sizeof(T));
+  T x[kCount];
+};
+// Two neighbouring elements of a row, one access.
+template <typename T>
+struct alignas(2 * sizeof(T)) Two {
+  T x0, x1;
+};
 
 // A matrix of T in shared memory with rows padded by 8 elements (16-bit: 16 bytes, aligned rows that ldmatrix
 // reads without bank conflicts; float: 32 bytes, rows aligned for cp.async).
@@ -145,6 +179,17 @@ struct SharedMatrix {
     return float(x);
   }
   FF_DEVICE void set(int r, int c, float x) const { data[r * kLd + c] = T(x); }
+  // The columns c .. c + Piece<T>::kCount - 1 of row r (c a multiple of the count).
+  FF_DEVICE Piece<T> piece(int r, int c) const { return simt::shared_cast<Piece<T>>(at(r, c))[0]; }
+  FF_DEVICE void set_piece(int r, int c, const Piece<T>& x) const { simt::shared_cast<Piece<T>>(at(r, c))[0] = x; }
+  // The columns c, c + 1 of row r (c even), in one access.
+  FF_DEVICE Two<float> get_pair(int r, int c) const {
+    const Two<T> x = simt::shared_cast<Two<T>>(at(r, c))[0];
+    return {float(x.x0), float(x.x1)};
+  }
+  FF_DEVICE void set_pair(int r, int c, float x0, float x1) const {
+    simt::shared_cast<Two<T>>(at(r, c))[0] = Two<T>{T(x0), T(x1)};
+  }
 
   // Two B fragments (n tiles n0, n0 + 8; k rows k0 .. k0 + 15) of this matrix read as k x n (.trans), or
   // as its transpose (this matrix n x k).
@@ -160,6 +205,20 @@ struct SharedMatrix {
       simt::ldmatrix<4, true>(b.r, at(k0 + l.a_row, n0 + l.a_col));
     } else {
       simt::ldmatrix<4, false>(b.r, at(n0 + l.b_row, k0 + l.b_col));
+    }
+  }
+  // The B fragment of one n tile (columns n0 .. n0 + 7, k rows k0 .. k0 + 15) of this matrix read as k x n.
+  FF_DEVICE void b_fragment(Fragment<T>& b, const Lane& l, int k0, int n0) const {
+    if constexpr (kFloat) {  // as b_fragments' n tile 0
+      FF_UNROLL
+      for (int w = 0; w < 4; ++w) {
+        b.r[w] = get(k0 + 2 * l.t + 8 * (w / 2) + w % 2, n0 + l.g);
+      }
+    } else {
+      uint32_t r[2];
+      simt::ldmatrix<2, true>(r, at(k0 + l.lane % 16, n0));  // lanes 0-15 address the two matrices' rows
+      b.r[0] = r[0];
+      b.r[1] = r[1];
     }
   }
   // The A fragment of rows m0 .. m0 + 15 and columns k0 .. k0 + 15 (this matrix m x k), or of the transpose
@@ -198,14 +257,20 @@ FF_DEVICE void load_rows(const ChunkTile<T, Width>& tile, const T* rows, int64_t
 
 // feature = phi(raw) for the chunk's rows; rows at or past `valid`, and rows r where pad[r] (pad: the chunk's
 // padding flags, or null) become 0 (padding contributes nothing).
+// 16 bytes a thread at a time.
 template <typename T, int Width>
 FF_DEVICE void apply_feature_map(FeatureMap f, const ChunkTile<T, Width>& raw, const ChunkTile<T, Width>& feature,
                                  int64_t valid, const bool* pad = nullptr) {
-  for (int e = int(threadIdx.x); e < kChunkRows * Width; e += kForwardThreads) {
-    const int r = e / Width, c = e % Width;
-    const float x = raw.get(r, c);
+  constexpr int kCount = Piece<T>::kCount, kPieces = Width / kCount;
+  for (int i = int(threadIdx.x); i < kChunkRows * kPieces; i += kForwardThreads) {
+    const int r = i / kPieces, c = i % kPieces * kCount;
     const bool kept = r < valid && (pad == nullptr || !simt::load_global(pad + r));
-    feature.set(r, c, kept ? portable::feature(f, x) : 0.f);
+    Piece<T> x = raw.piece(r, c);
+    FF_UNROLL
+    for (int j = 0; j < kCount; ++j) {
+      x.x[j] = T(kept ? portable::feature(f, float(x.x[j])) : 0.f);
+    }
+    feature.set_piece(r, c, x);
   }
 }
 
@@ -213,10 +278,16 @@ FF_DEVICE void apply_feature_map(FeatureMap f, const ChunkTile<T, Width>& raw, c
 // count for nothing whatever they hold (NaN times a zero feature would not).
 template <typename T, int Width>
 FF_DEVICE void zero_padded_rows(const ChunkTile<T, Width>& tile, const bool* pad, int64_t valid) {
-  for (int e = int(threadIdx.x); e < kChunkRows * Width; e += kForwardThreads) {
-    const int r = e / Width;
+  constexpr int kCount = Piece<T>::kCount, kPieces = Width / kCount;
+  Piece<T> zero;
+  FF_UNROLL
+  for (int j = 0; j < kCount; ++j) {
+    zero.x[j] = T(0.f);
+  }
+  for (int i = int(threadIdx.x); i < kChunkRows * kPieces; i += kForwardThreads) {
+    const int r = i / kPieces;
     if (r < valid && simt::load_global(pad + r)) {
-      tile.set(r, e % Width, 0.f);
+      tile.set_piece(r, i % kPieces * kCount, zero);
     }
   }
 }
@@ -228,9 +299,15 @@ template <typename T, int Width, typename Scale>
 FF_DEVICE int chunk_exponent(const ChunkTile<T, Width>& x, const Scale& scale, simt::shared_ptr<float> largest_s) {
   static_assert(kForwardThreads == 2 * kChunkRows, "two threads a row");
   const int r = int(threadIdx.x) / 2, part = int(threadIdx.x) % 2;  // warp w: rows 16 w .. 16 w + 15
+  constexpr int kCount = Piece<T>::kCount;
+  static_assert(Width / 2 % kCount == 0, "half a row in pieces");
   float largest = 0.f;
-  for (int c = part * (Width / 2); c < (part + 1) * (Width / 2); ++c) {
-    largest = fmaxf(largest, fabsf(x.get(r, c)));
+  for (int c = part * (Width / 2); c < (part + 1) * (Width / 2); c += kCount) {
+    const Piece<T> p = x.piece(r, c);
+    FF_UNROLL
+    for (int j = 0; j < kCount; ++j) {
+      largest = fmaxf(largest, fabsf(float(p.x[j])));
+    }
   }
   largest *= scale(r);
   FF_UNROLL
@@ -258,10 +335,16 @@ FF_DEVICE int scale_rows_into_unit(const ChunkTile<T, Width>& x, const Scale& sc
                                    simt::shared_ptr<float> largest_s) {
   const int e = chunk_exponent(x, scale, largest_s);  // its barrier: every read of x done
   const float down = ldexpf(1.f, -e);                 // a power of two: exact products
-  for (int i = int(threadIdx.x); i < kChunkRows * Width; i += kForwardThreads) {
-    const int r = i / Width;
+  constexpr int kCount = Piece<T>::kCount, kPieces = Width / kCount;
+  for (int i = int(threadIdx.x); i < kChunkRows * kPieces; i += kForwardThreads) {
+    const int r = i / kPieces, c = i % kPieces * kCount;
     const float s = scale(r) * down;
-    x.set(r, i % Width, x.get(r, i % Width) * s);
+    Piece<T> p = x.piece(r, c);
+    FF_UNROLL
+    for (int j = 0; j < kCount; ++j) {
+      p.x[j] = T(float(p.x[j]) * s);
+    }
+    x.set_piece(r, c, p);
   }
   __syncthreads();
   return e;
@@ -332,19 +415,31 @@ struct RowTile {
     }
   }
 
-  // += X Y over K, X the warp's rows of an m x k matrix, Y the columns n0 .. n0 + N - 1 of the k x n (KByN)
-  // or n x k matrix y.
+  // += A Y for the k rows k0 .. k0 + 15: a the A fragment of the warp's rows there, Y the columns n0 ..
+  // n0 + N - 1 of the k x n (KByN) or n x k matrix y (N an odd number of n8 tiles: k x n only).
+  template <bool KByN, typename T, typename YMatrix>
+  FF_DEVICE void add_step(const Lane& l, const Fragment<T>& a, const YMatrix& y, int k0, int n0 = 0) {
+    FF_UNROLL
+    for (int np = 0; np < N / 16; ++np) {
+      Fragment<T> b;
+      y.template b_fragments<KByN>(b, l, k0, n0 + np * 16);
+      mma_pair<T>(acc[2 * np], acc[2 * np + 1], a, b);
+    }
+    if constexpr (N % 16 == 8) {
+      static_assert(KByN, "a lone n8 tile of a k x n matrix");
+      Fragment<T> b;
+      y.b_fragment(b, l, k0, n0 + N - 8);
+      mma_single<T>(acc[N / 8 - 1], a, b);
+    }
+  }
+
+  // += X Y over K, X the warp's rows of an m x k matrix, Y as in add_step.
   template <typename T, int K, bool KByN, typename XMatrix, typename YMatrix>
   FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y, int n0 = 0) {
     for (int k0 = 0; k0 < K; k0 += 16) {
       Fragment<T> a;
       x.template a_fragment<true>(a, l, l.warp * 16, k0);
-      FF_UNROLL
-      for (int np = 0; np < N / 16; ++np) {
-        Fragment<T> b;
-        y.template b_fragments<KByN>(b, l, k0, n0 + np * 16);
-        mma_pair<T>(acc[2 * np], acc[2 * np + 1], a, b);
-      }
+      add_step<KByN>(l, a, y, k0, n0);
     }
   }
 
@@ -384,6 +479,20 @@ struct Scores {
   FF_DEVICE static bool tile_used(int np, int warp) { return Lower ? np <= warp : np >= warp; }
   FF_DEVICE static bool kept(int row, int key) { return Lower ? key <= row : key >= row; }
 
+  // s += A Y^T for the k columns k0 .. k0 + 15 of the used key tiles: a the A fragment of the warp's rows there,
+  // Y (keys) 64 x K in shared memory.
+  template <typename T, typename YMatrix>
+  FF_DEVICE void add_step(const Lane& l, const Fragment<T>& a, const YMatrix& y, int k0) {
+    FF_UNROLL
+    for (int np = 0; np < 4; ++np) {
+      if (tile_used(np, l.warp)) {
+        Fragment<T> b;
+        y.template b_fragments<false>(b, l, k0, np * 16);
+        mma_pair<T>(s.acc[2 * np], s.acc[2 * np + 1], a, b);
+      }
+    }
+  }
+
   // s = X Y^T over K for the used key tiles, X (this warp's rows) and Y (keys) both 64 x K in shared memory.
   template <typename T, int K, typename XMatrix, typename YMatrix>
   FF_DEVICE void compute(const Lane& l, const XMatrix& x, const YMatrix& y) {
@@ -391,14 +500,7 @@ struct Scores {
     for (int k0 = 0; k0 < K; k0 += 16) {
       Fragment<T> a;
       x.template a_fragment<true>(a, l, l.warp * 16, k0);
-      FF_UNROLL
-      for (int np = 0; np < 4; ++np) {
-        if (tile_used(np, l.warp)) {
-          Fragment<T> b;
-          y.template b_fragments<false>(b, l, k0, np * 16);
-          mma_pair<T>(s.acc[2 * np], s.acc[2 * np + 1], a, b);
-        }
-      }
+      add_step(l, a, y, k0);
     }
   }
 
@@ -469,19 +571,40 @@ struct Scores {
 // An R x C float matrix in registers: its 16 x 16 units dealt to the warps in turn, two m16n8 accumulators
 // a unit. It adds x^T y over a chunk (x 64 x R, y 64 x C in shared memory) and publishes itself as
 // hi + lo = M 2^-e, 16-bit parts in shared memory, for products with it (half: e > 0 only once |M| reaches
-// 2^14, so that the parts cannot overflow; bf16: e = 0). Float inputs: hi = M itself, lo unused.
-template <typename T, int R, int C>
+// 2^14, so that the parts cannot overflow). bf16 inputs publish hi = bf16(M) alone (e = 0): its 2^-9 relative
+// rounding of each element is below the bf16 outputs' own and far within their tolerance (2e-2 norm-wise), and a
+// second part would double the ldmatrix traffic of every product with the state; half's tolerance (5e-3) keeps
+// both. Float inputs: hi = M itself, lo unused.
+// With Vector it also carries the vector z = x^T 1 (the sum of x's rows) as an (R x 8) column of equal
+// columns, on the tensor cores: the unit of each row of units whose column is that row's number modulo C / 16
+// adds x^T times ones beside its own product (with C / 16 = 4 warps, one unit in four consecutive slots of a
+// warp: a quarter of the registers), and publishes z into the parts' 8 padding columns, so that a product with
+// the parts of C + 8 columns gives X z as well.
+template <typename T, int R, int C, bool Vector = false>
 struct StateTile {
   static constexpr int kUnits = (R / 16) * (C / 16);
   static constexpr int kUnitsPerWarp = (kUnits + kWarps - 1) / kWarps;
   static constexpr bool kScaled = std::is_same_v<T, simt::half>;
-  static constexpr bool kTwoParts = !std::is_same_v<T, float>;
+  static constexpr bool kTwoParts = kScaled;  // half: hi + lo
+  static constexpr bool kTwoByteElements = !std::is_same_v<T, float>;
+  static constexpr int kColumns = C;
+  static constexpr int kWidth = C + (Vector ? 8 : 0);  // of the parts' products: the vector in the padding
+  // A warp's units share their columns (C / 16 divides kWarps).
+  static constexpr bool kFixedColumns = kWarps % (C / 16) == 0;
   static_assert(R % 16 == 0 && C % 16 == 0, "units of 16 x 16");
 
+  static constexpr bool kVectorEveryWarp = C / 16 == kWarps;  // slot i carries it in warp i % kWarps only
+  static constexpr int kVectorSlots = kVectorEveryWarp ? (kUnitsPerWarp + kWarps - 1) / kWarps : kUnitsPerWarp;
+
   float acc[kUnitsPerWarp][2][4];
+  float vec[Vector ? kVectorSlots : 1][4];  // the vector's rows of the unit in slot i, at vector_slot(i)
   int exponent;
 
   FF_DEVICE static int unit(const Lane& l, int i) { return l.warp + i * kWarps; }
+  FF_DEVICE static bool carries_vector(int u) {
+    return Vector && u < kUnits && u % (C / 16) == u / (C / 16) % (C / 16);
+  }
+  FF_DEVICE static constexpr int vector_slot(int i) { return kVectorEveryWarp ? i / kWarps : i; }
   FF_DEVICE static int row(const Lane& l, int u, int e) { return u / (C / 16) * 16 + l.g + e / 2 * 8; }
   FF_DEVICE static int col(const Lane& l, int u, int half, int e) {
     return u % (C / 16) * 16 + half * 8 + l.col(e);
@@ -489,58 +612,129 @@ struct StateTile {
   FF_DEVICE float scale() const { return kScaled ? ldexpf(1.f, -exponent) : 1.f; }    // of the 16-bit parts
   FF_DEVICE float unscale() const { return kScaled ? ldexpf(1.f, exponent) : 1.f; }
 
-  // fn(element, row, col) for each of this thread's elements.
-  template <typename Fn>
-  FF_DEVICE void for_each(const Lane& l, const Fn& fn) {
+  // fn(&element, row, col) for every Step-th of this thread's elements of the matrix (Step 2: the pairs of
+  // columns 2t, 2t + 1, at element[0], element[1]).
+  template <int Step, typename Fn>
+  FF_DEVICE void for_elements(const Lane& l, const Fn& fn) {
     FF_UNROLL
     for (int i = 0; i < kUnitsPerWarp; ++i) {
       const int u = unit(l, i);
       FF_UNROLL
       for (int half = 0; half < 2; ++half) {
         FF_UNROLL
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < 4; e += Step) {
           if (u < kUnits) {
-            fn(acc[i][half][e], row(l, u, e), col(l, u, half, e));
+            fn(&acc[i][half][e], row(l, u, e), col(l, u, half, e));
           }
         }
       }
     }
   }
+  // fn(&element, row, e) for every Step-th of this thread's elements of the vector's columns (element e: column
+  // 2t + e % 2).
+  template <int Step, typename Fn>
+  FF_DEVICE void for_vector_elements(const Lane& l, const Fn& fn) {
+    if constexpr (Vector) {
+      FF_UNROLL
+      for (int i = 0; i < kUnitsPerWarp; ++i) {
+        FF_UNROLL
+        for (int e = 0; e < 4; e += Step) {
+          if (carries_vector(unit(l, i))) {
+            fn(&vec[vector_slot(i)][e], row(l, unit(l, i), e), e);
+          }
+        }
+      }
+    }
+  }
+  // fn(element, row, col) for each of this thread's elements of the matrix.
+  template <typename Fn>
+  FF_DEVICE void for_each(const Lane& l, const Fn& fn) {
+    for_elements<1>(l, [&](float* x, int r, int c) { fn(*x, r, c); });
+  }
+  // fn(element, row, e) for each of this thread's elements of the vector's columns.
+  template <typename Fn>
+  FF_DEVICE void for_each_of_vector(const Lane& l, const Fn& fn) {
+    for_vector_elements<1>(l, [&](float* x, int r, int e) { fn(*x, r, e); });
+  }
+  template <typename Fn>
+  FF_DEVICE void for_all(const Lane& l, const Fn& fn) {
+    for_each(l, [&](float& x, int, int) { fn(x); });
+    for_each_of_vector(l, [&](float& x, int, int) { fn(x); });
+  }
 
-  // From global memory (rows of `stride` floats), or zeros where src is null.
-  FF_DEVICE void load(const Lane& l, const float* src, int64_t stride) {
+  // From global memory (rows of `stride` floats; the vector from vector_src), or zeros where null.
+  FF_DEVICE void load(const Lane& l, const float* src, int64_t stride, const float* vector_src = nullptr) {
     exponent = 0;
     FF_UNROLL
     for (int i = 0; i < kUnitsPerWarp; ++i) {
       FF_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        FF_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          acc[i][half][e] = 0.f;
-        }
+      for (int e = 0; e < 4; ++e) {
+        acc[i][0][e] = 0.f;
+        acc[i][1][e] = 0.f;
+        vec[Vector ? vector_slot(i) : 0][e] = 0.f;
       }
     }
     if (src != nullptr) {
       for_each(l, [&](float& x, int r, int c) { x = simt::load_global(src + r * stride + c); });
     }
+    if (vector_src != nullptr) {
+      for_each_of_vector(l, [&](float& x, int r, int) { x = simt::load_global(vector_src + r); });
+    }
   }
   FF_DEVICE void store(const Lane& l, float* dst, int64_t stride) {
     for_each(l, [&](float& x, int r, int c) { simt::store_global(dst + r * stride + c, x); });
   }
+  // The vector (its column 0) to R floats of global or shared memory.
+  template <typename Pointer>
+  FF_DEVICE void store_vector(const Lane& l, const Pointer& dst) {
+    for_each_of_vector(l, [&](float& x, int r, int e) {
+      if (l.t == 0 && e % 2 == 0) {
+        if constexpr (std::is_pointer_v<Pointer>) {
+          simt::store_global(dst + r, x);
+        } else {
+          dst[r] = x;
+        }
+      }
+    });
+  }
 
-  // += x^T y over the chunk's 64 rows (rows past a sequence are zero in x).
+  // += x^T y over the chunk's 64 rows (rows past a sequence are zero in x); the vector += x^T 1. 16-bit inputs
+  // whose units share their columns (kFixedColumns) load one B fragment a k step for all of them; float inputs
+  // walk a unit at a time (fewer live registers: no spills).
   template <typename XMatrix, typename YMatrix>
   FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y) {
-    FF_UNROLL
-    for (int i = 0; i < kUnitsPerWarp; ++i) {
+    [[maybe_unused]] const Fragment<T> ones = ones_fragment<T>();
+    const auto unit_step = [&](int i, int k0, const Fragment<T>& b) {
       const int u = unit(l, i);
-      if (u < kUnits) {
-        const int r0 = u / (C / 16) * 16, c0 = u % (C / 16) * 16;
-        for (int k0 = 0; k0 < kChunkRows; k0 += 16) {
-          Fragment<T> a, b;
-          x.template a_fragment<false>(a, l, r0, k0);
-          y.template b_fragments<true>(b, l, k0, c0);
-          mma_pair<T>(acc[i][0], acc[i][1], a, b);
+      Fragment<T> a;
+      x.template a_fragment<false>(a, l, u / (C / 16) * 16, k0);
+      mma_pair<T>(acc[i][0], acc[i][1], a, b);
+      if constexpr (Vector) {
+        if (carries_vector(u)) {
+          mma_single<T>(vec[vector_slot(i)], a, ones);
+        }
+      }
+    };
+    if constexpr (kFixedColumns && kTwoByteElements) {
+      for (int k0 = 0; k0 < kChunkRows; k0 += 16) {
+        Fragment<T> b;
+        y.template b_fragments<true>(b, l, k0, unit(l, 0) % (C / 16) * 16);
+        FF_UNROLL
+        for (int i = 0; i < kUnitsPerWarp; ++i) {
+          if (unit(l, i) < kUnits) {
+            unit_step(i, k0, b);
+          }
+        }
+      }
+    } else {
+      FF_UNROLL
+      for (int i = 0; i < kUnitsPerWarp; ++i) {
+        if (unit(l, i) < kUnits) {
+          for (int k0 = 0; k0 < kChunkRows; k0 += 16) {
+            Fragment<T> b;
+            y.template b_fragments<true>(b, l, k0, unit(l, i) % (C / 16) * 16);
+            unit_step(i, k0, b);
+          }
         }
       }
     }
@@ -550,17 +744,18 @@ struct StateTile {
   template <typename XMatrix, typename YMatrix>
   FF_DEVICE void add_scaled_product(const Lane& l, const XMatrix& x, const YMatrix& y, int e) {
     const float down = ldexpf(1.f, -e), up = ldexpf(1.f, e);  // powers of two: exact products
-    for_each(l, [&](float& a, int, int) { a *= down; });
+    for_all(l, [&](float& a) { a *= down; });
     add_product(l, x, y);
-    for_each(l, [&](float& a, int, int) { a *= up; });
+    for_all(l, [&](float& a) { a *= up; });
   }
 
-  // hi + lo = this 2^-e (float: hi = this); largest_s: kWarps floats of shared memory. Half: a block barrier.
+  // hi + lo = this 2^-e (float: hi = this), a pair of columns a store; with Vector, the vector's 2^-e into the
+  // padding columns C .. C + 7. largest_s: kWarps floats of shared memory. Half: a block barrier.
   FF_DEVICE void publish(const Lane& l, const SharedMatrix<T, R, C>& hi, const SharedMatrix<T, R, C>& lo,
                          simt::shared_ptr<float> largest_s) {
     if constexpr (kScaled) {
       float largest = 0;
-      for_each(l, [&](float& x, int, int) { largest = fmaxf(largest, fabsf(x)); });
+      for_all(l, [&](float& x) { largest = fmaxf(largest, fabsf(x)); });
       FF_UNROLL
       for (int offset = 16; offset > 0; offset /= 2) {
         largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
@@ -581,14 +776,31 @@ struct StateTile {
       }
     }
     const float s = scale();
-    for_each(l, [&](float& x, int r, int c) {
-      const float scaled = x * s;
-      const T high = T(scaled);
-      hi.data[r * hi.kLd + c] = high;
+    const auto put = [&](int r, int c, float x0, float x1) {
+      x0 *= s;
+      x1 *= s;
       if constexpr (kTwoParts) {
-        lo.data[r * lo.kLd + c] = T(scaled - float(high));
+        const float h0 = float(T(x0)), h1 = float(T(x1));
+        hi.set_pair(r, c, h0, h1);
+        lo.set_pair(r, c, x0 - h0, x1 - h1);
+      } else {
+        hi.set_pair(r, c, x0, x1);
       }
-    });
+    };
+    for_elements<2>(l, [&](float* x, int r, int c) { put(r, c, x[0], x[1]); });
+    for_vector_elements<2>(l, [&](float* x, int r, int) { put(r, C + 2 * l.t, x[0], x[1]); });
+  }
+
+  // out += A (hi + lo) for the k rows k0 .. k0 + 15 (a: the A fragment of the warp's rows there): the columns
+  // n0 .. n0 + N - 1 of X M 2^-e (KByN; N up to C + 8 with Vector: X z in the columns C ..) or X M^T 2^-e.
+  template <bool KByN, int N>
+  FF_DEVICE static void rows_step(const Lane& l, const Fragment<T>& a, const SharedMatrix<T, R, C>& hi,
+                                  const SharedMatrix<T, R, C>& lo, RowTile<N>& out, int k0, int n0 = 0) {
+    static_assert(N <= (KByN ? kWidth : R), "the product's width");
+    out.template add_step<KByN>(l, a, hi, k0, n0);
+    if constexpr (kTwoParts) {
+      out.template add_step<KByN>(l, a, lo, k0, n0);
+    }
   }
 
   // out += the columns n0 .. n0 + N - 1 of X M (KByN: X 64 x R) or X M^T (X 64 x C), X the warp's rows,
@@ -596,13 +808,34 @@ struct StateTile {
   template <bool KByN, typename XMatrix, int N>
   FF_DEVICE static void rows_times(const Lane& l, const XMatrix& x, const SharedMatrix<T, R, C>& hi,
                                    const SharedMatrix<T, R, C>& lo, RowTile<N>& out, int n0 = 0) {
-    static_assert(N <= (KByN ? C : R), "the product's width");
-    out.template add_product<T, KByN ? R : C, KByN>(l, x, hi, n0);
-    if constexpr (kTwoParts) {
-      out.template add_product<T, KByN ? R : C, KByN>(l, x, lo, n0);
+    for (int k0 = 0; k0 < (KByN ? R : C); k0 += 16) {
+      Fragment<T> a;
+      x.template a_fragment<true>(a, l, l.warp * 16, k0);
+      rows_step<KByN>(l, a, hi, lo, out, k0, n0);
     }
   }
 };
+
+// The two products of a causal chunk's query rows (this warp's): the scores G = q k^T (keys up to the diagonal)
+// and out += q (hi + lo), the state's parts (StateTile::rows_times). 16-bit inputs load each A fragment of q
+// once for both; float inputs make them one after the other (fewer live registers: no spills).
+template <typename State, typename T, int D, int N>
+FF_DEVICE void scores_and_state_rows(const Lane& l, const ChunkTile<T, D>& q, const ChunkTile<T, D>& k,
+                                     const SharedMatrix<T, D, State::kColumns>& hi,
+                                     const SharedMatrix<T, D, State::kColumns>& lo, Scores<true>& G, RowTile<N>& out) {
+  if constexpr (std::is_same_v<T, float>) {
+    G.template compute<T, D>(l, q, k);
+    State::template rows_times<true>(l, q, hi, lo, out);
+  } else {
+    G.s.zero();
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      Fragment<T> a;
+      q.template a_fragment<true>(a, l, l.warp * 16, k0);
+      G.add_step(l, a, k, k0);
+      State::template rows_step<true>(l, a, hi, lo, out, k0);
+    }
+  }
+}
 
 // sum[c] += sum over the chunk's rows r of w(r) x[r][c], one thread a column, rows in order.
 template <typename T, int Width, typename Weight>
@@ -680,7 +913,7 @@ struct BlockPlace {
 template <int D, bool Backward = false, typename Params, typename KernelOf>
 void launch_forward_like(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
   constexpr auto tile_of = [](int M, std::size_t bytes) {
-    return Backward ? backward_value_tile(D, M, bytes) : value_tile(D, M);
+    return Backward ? backward_value_tile(D, M, bytes) : value_tile(D, M, bytes);
   };
   const auto with_tile = [&](auto type, auto tile) {
     const int64_t blocks = int64_t(p.N) * p.segments * (p.M / decltype(tile)::value);

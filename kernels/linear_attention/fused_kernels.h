@@ -113,26 +113,28 @@ constexpr int kForwardThreads = 128;
 // memory of float tiles).
 constexpr bool fused_head_dim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 128 || d == 256; }
 constexpr int kMaxFloatD = 128;
-// Columns of the state (value tile) one block carries: D x BM float accumulators spread over 4 warps.
-constexpr int value_tile(int D, int M) {
-  const int cap = D <= 64 ? 64 : 32;
+// Columns of the state (value tile) one block carries: D x BM float accumulators spread over 4 warps; for inputs
+// of `bytes` bytes an element (float32 at D = 64: 32 columns; with 64 the causal forward's sm_90 code, whose
+// state carries z beside S, spills registers).
+constexpr int value_tile(int D, int M, std::size_t bytes) {
+  const int cap = D < 64 || (D == 64 && bytes != 4) ? 64 : 32;
   return M < cap ? M : cap;
 }
 // The value tile of a backward pass, for inputs of `bytes` bytes an element: the forward's for D <= 64 (float32:
 // at most 32 columns); 16 columns for D >= 128, whose passes hold D-wide row tiles of float accumulators besides
 // the state (with 32 columns, or float32's 64, the sm_90 code spills registers).
 constexpr int backward_value_tile(int D, int M, std::size_t bytes) {
-  const int tile = D <= 64 ? value_tile(D, M) : 16;
+  const int tile = D <= 64 ? value_tile(D, M, bytes) : 16;
   return bytes == 4 && tile > 32 ? 32 : tile;
 }
-// The columns of dq or dk a backward pass computes at a time (float32 inputs: 32, the registers of their
-// operands).
+// The columns of dq or dk a backward pass computes at a time (float32 inputs: 32, and 16 from D = 128, the
+// registers of their operands).
 constexpr int gradient_columns(int D, std::size_t bytes) {
-  const int part = bytes == 4 ? 32 : 64;
+  const int part = bytes == 4 ? (D >= 128 ? 16 : 32) : 64;
   return D < part ? D : part;
 }
 // Dynamic shared memory of a forward block, for inputs of `bytes` bytes an element: q and k tiles (2 stages),
-// v tiles (2 stages), the state's hi and lo parts (float32: lo unused); rows padded by 8 elements (16 bytes
+// v tiles (2 stages), the state's hi and lo parts (lo: half only); rows padded by 8 elements (16 bytes
 // for 16-bit elements) against bank conflicts.
 constexpr std::size_t causal_forward_shared_bytes(int D, int BM, std::size_t bytes) {
   return bytes * (4 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));

@@ -2,7 +2,7 @@
 // passes (fused_kernels.h, NoncausalBackwardParams), each a block of 4 warps a (segment, head, value tile of BM
 // columns) in chunks of 64 rows, with the tile's D x BM part of the state. q, k = phi(query), phi(key); S, z the
 // forward's sums.
-// 1. Queries:  den_t = <q_t, z> + eps (1 without normalisation)      P_t = S dout_t   mma (S as hi + lo parts)
+// 1. Queries:  den_t = <q_t, z> + eps (1 without normalisation)      P_t = S dout_t   mma (S as 16-bit parts)
 //              dden_t = -<q_t, P_t> / den_t^2 = -<S^T q_t, dout_t> / den_t^2 (M-wide: no D-wide row tile)
 //              dq_t = phi'(query_t) (P_t / den_t + dden_t z), 64 columns of P at a time
 //              the segment's dS += sum_t q_t dnum_t^T, dnum_t = dout_t / den_t, and dz += sum_t dden_t q_t

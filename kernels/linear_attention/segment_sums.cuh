@@ -1,6 +1,6 @@
 // Sums of keys and values per segment, fused on tensor cores (bf16, half or float32 inputs, float32 sums). One block
 // of 4 warps walks one (segment, head, value tile of BM columns) in chunks of 64 rows, with k = phi(key):
-//   kv = sum_j k_j v_j^T   (mma into float accumulators that stay in registers)      z = sum_j k_j   (float)
+//   kv = sum_j k_j v_j^T,  z = sum_j k_j   (mma into float accumulators that stay in registers: StateTile's vector)
 // over the segment's rows j that are not padding (padded rows of k and v are zeroed in shared memory, so
 // that whatever they hold contributes nothing). It is the state pass of the causal split schedule and the
 // reduction of the non-causal op, whose host adds the segments' sums in their order.
@@ -26,8 +26,7 @@ struct SegmentSumsBlock {
   int64_t sums_at;    // offset of this (segment, head) in the (N G, H, D, M) sums
   Lane l;
   simt::shared_ptr<T> tiles;
-  simt::shared_ptr<float> z_s;
-  StateTile<T, D, BM> S;
+  StateTile<T, D, BM, /*Vector=*/true> S;
 
   FF_DEVICE K k_tile(int stage) const { return {tiles + stage * K::kSize}; }
   FF_DEVICE V v_tile(int stage) const { return {tiles + 2 * K::kSize + stage * V::kSize}; }
@@ -45,22 +44,16 @@ struct SegmentSumsBlock {
     }
     __syncthreads();
     S.add_product(l, k_tile(stage), v_tile(stage));
-    add_column_sums(k_tile(stage), [](int) { return 1.f; }, z_s);
     __syncthreads();  // the stage may be loaded again
   }
 
   FF_DEVICE void run() {
     S.load(l, nullptr, 0);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {  // each column's thread, as in the sums
-      z_s[d] = 0.f;
-    }
     walk_chunks(span.chunks(), false, [&](int64_t c, int stage) { load_chunk(c, stage); },
                 [&](int64_t c, int stage) { chunk(c, stage); });
     S.store(l, p.kv + sums_at + value_col, p.M);
     if (value_col == 0) {
-      for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-        simt::store_global(p.z + sums_at / p.M + d, float(z_s[d]));
-      }
+      S.store_vector(l, p.z + sums_at / p.M);
     }
   }
 };
@@ -68,7 +61,6 @@ struct SegmentSumsBlock {
 template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kForwardThreads, 1) segment_sums_kernel(SegmentSumsParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
-  FF_SHARED(float, z_s, D);
   const BlockPlace at = BlockPlace::of<BM>(p, p);
   SegmentSumsBlock<T, D, BM> block{p,
                                    at.span,
@@ -79,7 +71,6 @@ __global__ void __launch_bounds__(kForwardThreads, 1) segment_sums_kernel(Segmen
                                    at.state_at(p, at.unit),
                                    Lane::of(int(threadIdx.x)),
                                    tiles,
-                                   z_s,
                                    {}};
   block.run();
 }

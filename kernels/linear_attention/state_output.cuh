@@ -1,8 +1,8 @@
 // The output of every row from one state per sequence (non-causal linear attention), fused on tensor cores
 // (bf16, half or float32 inputs, float32 state and sums). One block of 4 warps walks one (segment, head, value tile of
 // BM columns) in chunks of 64 rows; with q = phi(query) and the sequence's sums (S, z):
-//   num_t = q_t^T S     mma, S as hi + lo 16-bit parts (2^-e scaled for half, as in causal_forward.cuh)
-//   den_t = <q_t, z> + eps   (float; 1 without normalisation)       out_t = num_t / den_t
+//   num_t = q_t^T S     mma, S as 16-bit parts (StateTile: 2^-e scaled for half)
+//   den_t = <q_t, z> + eps   (1 without normalisation; z published beside S: one more n8 tile)   out_t = num_t / den_t
 // Warp w owns the chunk rows 16 w .. 16 w + 15; the q tiles of chunk c + 1 load by cp.async meanwhile.
 #pragma once
 
@@ -13,7 +13,7 @@ namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 template <typename T, int D, int BM>
 struct StateOutputBlock {
   using Q = ChunkTile<T, D>;
-  using State = StateTile<T, D, BM>;
+  using State = StateTile<T, D, BM, /*Vector=*/true>;  // (S, z)
   using StateParts = SharedMatrix<T, D, BM>;
   static constexpr std::size_t kSharedElements = 2 * Q::kSize + 2 * StateParts::kSize;
   static_assert(kSharedElements * sizeof(T) == state_output_shared_bytes(D, BM, sizeof(T)),
@@ -26,7 +26,7 @@ struct StateOutputBlock {
   int64_t state_at;  // offset of this (sequence, head) in the (N, H, D, M) state, at the block's value columns
   Lane l;
   simt::shared_ptr<T> tiles;
-  simt::shared_ptr<float> z_s, qz_s, largest_s;
+  simt::shared_ptr<float> largest_s;
   State S;
 
   FF_DEVICE Q q_tile(int stage) const { return {tiles + stage * Q::kSize}; }
@@ -37,27 +37,22 @@ struct StateOutputBlock {
     const int64_t left = span.length - c * kChunkRows;
     apply_feature_map(p.feature_map, q_tile(stage), q_tile(stage), left);
     __syncthreads();
-    row_dots(q_tile(stage), z_s, qz_s);
-    RowTile<BM> num;
+    RowTile<State::kWidth> num;  // 2^-e q S; its last n8 tile 2^-e <q_t, z> in every column
     num.zero();
     State::template rows_times<true>(l, q_tile(stage), s_hi(), s_lo(), num);
-    __syncthreads();  // qz_s written
     float scale[2];
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
-      const float qz = qz_s[l.row(2 * i)];
+      const float qz = num.acc[BM / 8][2 * i] * S.unscale();
       scale[i] = S.unscale() / (p.normalize ? qz + p.eps : 1.f);
     }
     store_rows<T, BM>(l, out + c * kChunkRows * p.M, p.M, left,
                       [&](int n, int e) { return num.acc[n][e] * scale[e / 2]; });
-    __syncthreads();  // the stage may be loaded again, qz_s rewritten
+    __syncthreads();  // the stage may be loaded again
   }
 
   FF_DEVICE void run() {
-    S.load(l, p.kv + state_at, p.M);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
-      z_s[d] = simt::load_global(p.z + state_at / p.M + d);  // value_col < M
-    }
+    S.load(l, p.kv + state_at, p.M, p.z + state_at / p.M);  // value_col < M
     S.publish(l, s_hi(), s_lo(), largest_s);
     walk_chunks(span.chunks(), false,
                 [&](int64_t c, int stage) { load_rows(q_tile(stage), q, p.q_stride[2], c * kChunkRows, span.length); },
@@ -68,8 +63,6 @@ struct StateOutputBlock {
 template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kForwardThreads, 1) state_output_kernel(StateOutputParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
-  FF_SHARED(float, z_s, D);
-  FF_SHARED(float, qz_s, kChunkRows);
   FF_SHARED(float, largest_s, kWarps);
   const BlockPlace at = BlockPlace::of<BM>(p, p);
   StateOutputBlock<T, D, BM> block{p,
@@ -79,8 +72,6 @@ __global__ void __launch_bounds__(kForwardThreads, 1) state_output_kernel(StateO
                                    at.state_at(p, at.sequence) + at.value_col,
                                    Lane::of(int(threadIdx.x)),
                                    tiles,
-                                   z_s,
-                                   qz_s,
                                    largest_s,
                                    {}};
   block.run();
