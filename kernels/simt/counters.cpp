@@ -56,26 +56,9 @@ uint64_t Counters::tensor_flops() const {
   return flops;
 }
 
-SiteTraffic& SiteTraffic::operator+=(const SharedTraffic& o) {
-  instructions += o.instructions;
-  wavefronts += o.wavefronts;
-  extra_wavefronts += o.extra_wavefronts;
-  return *this;
-}
-
-SiteTraffic& SiteTraffic::operator+=(const GlobalTraffic& o) {
-  instructions += o.instructions;
-  bytes += o.bytes;
-  sectors += o.sectors;
-  return *this;
-}
-
 SiteTraffic& SiteTraffic::operator+=(const SiteTraffic& o) {
-  instructions += o.instructions;
-  wavefronts += o.wavefronts;
-  extra_wavefronts += o.extra_wavefronts;
-  bytes += o.bytes;
-  sectors += o.sectors;
+  shared += o.shared;
+  global += o.global;
   return *this;
 }
 
@@ -172,7 +155,7 @@ void add_shared(Block& b, Site site, Access access, const SharedTraffic& traffic
                          : access == Access::Ldmatrix    ? &b.counters.ldmatrix
                                                          : &b.counters.cp_async_stores;
   *total += traffic;
-  site_of(b, site, access) += traffic;
+  site_of(b, site, access).shared += traffic;
 }
 
 void add_global(Block& b, Site site, Access access, const GlobalTraffic& traffic) {
@@ -180,7 +163,7 @@ void add_global(Block& b, Site site, Access access, const GlobalTraffic& traffic
                          : access == Access::GlobalStore ? &b.counters.global_stores
                                                          : &b.counters.cp_async_loads;
   *total += traffic;
-  site_of(b, site, access) += traffic;
+  site_of(b, site, access).global += traffic;
 }
 
 bool is_global(Access access) {

@@ -55,10 +55,9 @@ const char* to_string(Access access);
 struct SiteTraffic {
   std::string site;  // "file:line"
   Access access;
-  uint64_t instructions = 0, wavefronts = 0, extra_wavefronts = 0;  // shared kinds
-  uint64_t bytes = 0, sectors = 0;                                   // global kinds
-  SiteTraffic& operator+=(const SharedTraffic& o);
-  SiteTraffic& operator+=(const GlobalTraffic& o);
+  SharedTraffic shared;  // shared kinds (ldmatrix, cp.async stores)
+  GlobalTraffic global;  // global kinds (cp.async loads)
+  uint64_t instructions() const { return shared.instructions + global.instructions; }  // one kind is counted
   SiteTraffic& operator+=(const SiteTraffic& o);
 };
 

@@ -58,8 +58,9 @@ std::string sites_json(const std::vector<simt::SiteTraffic>& sites) {
   for (std::size_t i = 0; i < sites.size(); ++i) {
     const simt::SiteTraffic& s = sites[i];
     o << (i ? ", " : "") << "{\"site\": \"" << s.site << "\", \"access\": \"" << simt::to_string(s.access)
-      << "\", \"instructions\": " << s.instructions << ", \"wavefronts\": " << s.wavefronts
-      << ", \"extra_wavefronts\": " << s.extra_wavefronts << ", \"bytes\": " << s.bytes << ", \"sectors\": " << s.sectors
+      << "\", \"instructions\": " << s.instructions() << ", \"wavefronts\": " << s.shared.wavefronts
+      << ", \"extra_wavefronts\": " << s.shared.extra_wavefronts << ", \"bytes\": " << s.global.bytes
+      << ", \"sectors\": " << s.global.sectors
       << "}";
   }
   o << "]";
