@@ -29,8 +29,11 @@ def test_causal_memory_is_linear_in_length():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     result = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, check=True, env=env)
     ours, reference = map(float, result.stdout.split())
-    # Inputs are 12 MiB; the backward holds features (8 MiB), gradients (12 MiB) and three (L, D)
-    # prefixes (12 MiB). The reference's (L, D, M) tensor
-    # alone is 256 MiB: it shows the measurement sees such an allocation.
-    assert ours < 48, f"flow_attention causal forward+backward grew peak RSS by {ours:.0f} MiB"
+    # Inputs are 12 MiB; the CPU backward holds features (8 MiB), gradients (12 MiB) and three (L, D)
+    # prefixes (12 MiB): 36 MiB measured. The CUDA backend's algorithm (FLOWFORMER_EMULATE_CUDA=1, the
+    # portable chain until issue 25) also holds float32 (L, 64) blocks at once: the in-chunk scores
+    # <q, k> and <dout, v>, and Z, dw, U (4 MiB each): 46 to 48.3 MiB measured. The reference's (L, D, M)
+    # tensor alone is 256 MiB: it shows the measurement sees such an allocation.
+    budget = 64 if os.environ.get("FLOWFORMER_EMULATE_CUDA") == "1" else 48
+    assert ours < budget, f"flow_attention causal forward+backward grew peak RSS by {ours:.0f} MiB"
     assert reference > 256, f"reference grew peak RSS by only {reference:.0f} MiB: measurement broken"
