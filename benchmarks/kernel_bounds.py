@@ -8,9 +8,12 @@ multiprocessors (the busiest gets ceil(blocks / SMs)), and its time is at least 
   tensor    the busiest warp scheduler's mma FLOPs at a quarter of the multiprocessor's mma.sync rate;
   dram      the launch's global bytes (the distinct 32-byte sectors each block reads and writes) at the
             measured copy bandwidth.
-Beside the bound, an estimate with issue slots (--sass): the kernel's largest SASS loop (sm_90) at one warp
-instruction a cycle per scheduler, for each warp that scheduler runs. It counts every path of the loop once
-(untaken branches too, inner loops once), so it is not a lower bound: the "with issue" column.
+  issue     with --sass (the kernels' sm_90 build with the feature map fixed to elu + 1): the fewest
+            instructions a warp issues per iteration of the kernel's chunk loop (the shortest path through the
+            loop's branches: warp-uniform ones, such as the causal triangle's tiles or the split schedule's sums,
+            taken the cheap way), at one a cycle per scheduler for each warp that scheduler runs.
+Beside the bound, an estimate with every path: the loop's instructions all counted once (branches not taken at
+a shape too, inner loops once), at the same rate: not a bound, the "every path" column.
 An op's bound is the sum of its launches'; its floor the fewest bytes it must move (each input read once,
 each output written once) at that bandwidth. Prints, per op and kernel: counters per chunk, each resource's
 cycles per chunk against the chunk's share of the floor (the budget), the binding resource, and the bound as
@@ -89,7 +92,7 @@ import check_kernels  # noqa: E402 (the static checks' cuobjdump reader)
 
 
 def loop_instructions(sass_binary):
-    """{demangled kernel: instructions of its largest loop} from the sm_90 SASS (every path counted once)."""
+    """{demangled kernel: (every instruction of its largest loop, the fewest per iteration)} from the sm_90 SASS."""
     return check_kernels.loop_sizes(check_kernels.find_cuobjdump(), sass_binary)
 
 
@@ -117,8 +120,9 @@ def ops(shape, dtype, kernels, binary, gpu):
     ]
 
 
-def kernel_bound(counts, blocks, chunks, gpu, issue_per_chunk):
-    """Cycles of the busiest multiprocessor per resource (and DRAM's device-wide), for one launch."""
+def kernel_bound(counts, blocks, chunks, gpu, loop):
+    """Cycles of the busiest multiprocessor per resource (and DRAM's device-wide), for one launch; loop: (every,
+    fewest) instructions of the chunk loop, or None."""
     per_sm = math.ceil(blocks / gpu["multiprocessors"])
     work = {k: counts["fixed"][k] + chunks * counts["chunk"][k] for k in counts["chunk"]}
     rate = gpu["tf32_flops_per_cycle"] if counts["tf32"] else gpu["mma_sync_flops_per_cycle"]
@@ -127,8 +131,10 @@ def kernel_bound(counts, blocks, chunks, gpu, issue_per_chunk):
         "tensor": per_sm * work["busiest_scheduler_flops"] / (rate / gpu["schedulers"]),
         "dram": blocks * work["dram_bytes"] / gpu["dram_bytes_per_s"] * gpu["clock_ghz"] * 1e9,
     }
-    if issue_per_chunk is not None:  # the busiest scheduler runs per_sm warps of this kernel (4 warps a block)
-        cycles["issue"] = per_sm * chunks * issue_per_chunk / gpu["issue_per_cycle_per_scheduler"]
+    if loop is not None:  # the busiest scheduler runs per_sm warps of this kernel (4 warps a block)
+        every, fewest = (per_sm * chunks * n / gpu["issue_per_cycle_per_scheduler"] for n in loop)
+        cycles["issue"] = fewest
+        cycles["every_path"] = every
     return cycles, per_sm
 
 
@@ -141,50 +147,52 @@ def report(kernels, dtype, shapes, binary, gpus, loops):
             lines.append(f"\n### {gpu['name']}, {shape_name}: B {B}, H {H}, L {L}, D = M = {D}, {dtype}\n")
             lines.append("| op | kernel | blocks | chunks a block | ldmatrix wf / chunk | other shared wf / chunk "
                          "(conflicts) | mma / chunk | DRAM bytes / chunk | barriers / chunk | budget (cycles / chunk) "
-                         "| shared | tensor | issue | dram (cycles / chunk) | binding | bound (µs) | with issue (µs) |")
-            lines.append("|" + "---|" * 17)
+                         "| shared | tensor | issue | dram (cycles / chunk) | every path | binding | bound (µs) | every path (µs) |")
+            lines.append("|" + "---|" * 18)
             for op, floor_bytes, launches in ops(shape, dtype, kernels, binary, gpu):
                 floor_s = floor_bytes / gpu["dram_bytes_per_s"]
-                op_bound_s = op_issue_s = 0.0
+                op_bound_s = op_every_s = 0.0
                 busiest_chunks = sum(math.ceil(b / gpu["multiprocessors"]) * c for _, b, c in launches)
                 budget = floor_s * clock / busiest_chunks
                 for name, blocks, chunks in launches:
                     counts = kernels[name]
-                    issue = loops.get(name)
-                    cycles, per_sm = kernel_bound(counts, blocks, chunks, gpu, issue)
-                    counted = {k: v for k, v in cycles.items() if k != "issue"}
+                    cycles, per_sm = kernel_bound(counts, blocks, chunks, gpu, loops.get(name))
+                    counted = {k: v for k, v in cycles.items() if k != "every_path"}
                     binding = max(counted, key=counted.get)
                     bound_s = counted[binding] / clock
-                    issue_s = max(bound_s, cycles.get("issue", 0) / clock)
+                    every_s = max(bound_s, cycles.get("every_path", 0) / clock)
                     op_bound_s += bound_s
-                    op_issue_s += issue_s
+                    op_every_s += every_s
                     c = counts["chunk"]
                     per = {k: v / (per_sm * chunks) for k, v in cycles.items()}
-                    issue_text = f"{per['issue']:.0f}" if "issue" in per else "-"
+                    issue_text, every_text = (f"{per[k]:.0f}" if k in per else "-" for k in ("issue", "every_path"))
                     lines.append(
                         f"| {op} | {name} | {blocks} | {chunks} | {c['ldmatrix_wavefronts']:.0f} | "
                         f"{c['other_wavefronts']:.0f} ({c['conflict_wavefronts']:.0f}) | {c['mma']:.0f} | "
                         f"{c['dram_bytes']:.0f} | {c['barriers']:.0f} | {budget:.0f} | {per['shared']:.0f} | "
-                        f"{per['tensor']:.0f} | {issue_text} | {per['dram']:.0f} | {binding} | {bound_s * 1e6:.1f} | "
-                        f"{issue_s * 1e6:.1f} |")
+                        f"{per['tensor']:.0f} | {issue_text} | {per['dram']:.0f} | {every_text} | {binding} | "
+                        f"{bound_s * 1e6:.1f} | {every_s * 1e6:.1f} |")
                     results.append({"gpu": gpu_key, "shape": shape_name, "op": op, "kernel": name, "blocks": blocks,
                                     "chunks": chunks, "per_chunk": c, "cycles": cycles, "binding": binding,
-                                    "bound_us": bound_s * 1e6, "with_issue_us": issue_s * 1e6})
+                                    "bound_us": bound_s * 1e6, "every_path_us": every_s * 1e6})
                 percent = 100 * floor_s / op_bound_s
                 lines.append(f"| **{op}** | floor {floor_bytes / 1e6:.0f} MB = {floor_s * 1e6:.1f} µs | | | | | | | | | "
-                             f"| | | | | **{op_bound_s * 1e6:.1f} µs: {percent:.0f}% of the floor** | "
-                             f"{op_issue_s * 1e6:.1f} µs: {100 * floor_s / op_issue_s:.0f}% |")
+                             f"| | | | | | **{op_bound_s * 1e6:.1f} µs: {percent:.0f}% of the floor** | "
+                             f"{op_every_s * 1e6:.1f} µs: {100 * floor_s / op_every_s:.0f}% |")
                 results.append({"gpu": gpu_key, "shape": shape_name, "op": op, "floor_us": floor_s * 1e6,
                                 "bound_us": op_bound_s * 1e6, "percent_of_floor": percent,
-                                "with_issue_us": op_issue_s * 1e6})
+                                "every_path_us": op_every_s * 1e6})
             fwd = [r for r in results if r["gpu"] == gpu_key and r["shape"] == shape_name and "percent_of_floor" in r]
             both = next(r for r in fwd if r["op"] == "causal forward"), next(r for r in fwd if r["op"] == "causal backward")
             total_floor = both[0]["floor_us"] + both[1]["floor_us"]
             total = both[0]["bound_us"] + both[1]["bound_us"]
+            every = both[0]["every_path_us"] + both[1]["every_path_us"]
             lines.append(f"\nCausal forward + backward: bound {total:.1f} µs against the {total_floor:.1f} µs floor "
-                         f"of its 11 tensors: {100 * total_floor / total:.0f}%.")
+                         f"of its 11 tensors: {100 * total_floor / total:.0f}% (every path: {every:.1f} µs, "
+                         f"{100 * total_floor / every:.0f}%).")
             results.append({"gpu": gpu_key, "shape": shape_name, "op": "causal forward + backward",
-                            "floor_us": total_floor, "bound_us": total, "percent_of_floor": 100 * total_floor / total})
+                            "floor_us": total_floor, "bound_us": total, "percent_of_floor": 100 * total_floor / total,
+                            "every_path_us": every})
     return "\n".join(lines), results
 
 

@@ -24,36 +24,74 @@ FF_HD double exp_(double x) { return exp(x); }
 FF_HD float log_(float x) { return logf(x); }
 FF_HD double log_(double x) { return log(x); }
 
-// phi(x) of the feature map (see csrc/common/feature_map.h for the table).
-template <typename A>
-FF_HD A feature(FeatureMap f, A x) {
-  switch (f) {
-    case FeatureMap::Sigmoid:
-      return A(1) / (A(1) + exp_(-x));
-    case FeatureMap::Elu1:
-      return x > A(0) ? x + A(1) : exp_(x);
-    case FeatureMap::Relu:
-      return x > A(0) ? x : A(0);
-    case FeatureMap::Identity:
-      break;
+// The exponential of the portable kernels (the fused 16-bit kernels pass a faster one to feature<F>).
+struct Exp {
+  template <typename A>
+  FF_HD A operator()(A x) const {
+    return exp_(x);
   }
-  return x;
+};
+
+// phi(x) of the feature map F (see csrc/common/feature_map.h for the table), with the exponential `exp`.
+template <FeatureMap F, typename A, typename ExpFn = Exp>
+FF_HD A feature(A x, const ExpFn& exp = {}) {
+  if constexpr (F == FeatureMap::Sigmoid) {
+    return A(1) / (A(1) + exp(-x));
+  } else if constexpr (F == FeatureMap::Elu1) {
+    const A e = exp(x);  // for every x, then a select: no branch around it
+    return x > A(0) ? x + A(1) : e;
+  } else if constexpr (F == FeatureMap::Relu) {
+    return x > A(0) ? x : A(0);
+  } else {
+    return x;
+  }
 }
 
-// phi'(x), given fx = phi(x).
-template <typename A>
-FF_HD A feature_derivative(FeatureMap f, A x, A fx) {
+// phi'(x) of F, given fx = phi(x).
+template <FeatureMap F, typename A>
+FF_HD A feature_derivative(A x, A fx) {
+  if constexpr (F == FeatureMap::Sigmoid) {
+    return fx * (A(1) - fx);
+  } else if constexpr (F == FeatureMap::Elu1) {
+    return x > A(0) ? A(1) : fx;
+  } else if constexpr (F == FeatureMap::Relu) {
+    return x > A(0) ? A(1) : A(0);
+  } else {
+    return A(1);
+  }
+}
+
+// fn(std::integral_constant<FeatureMap, f>{}): code specialised for the feature map f at compile time, chosen
+// once at run time (outside the loops that apply it).
+// A build for instruction counts (tests/simt, the bounds' cubin) defines FLOWFORMER_ONE_FEATURE_MAP (Elu1, ...):
+// then every f runs that one map's code, so that a chunk loop has the one path a call with it takes.
+template <typename Fn>
+FF_HD decltype(auto) with_feature_map([[maybe_unused]] FeatureMap f, const Fn& fn) {
+#if defined(FLOWFORMER_ONE_FEATURE_MAP)
+  return fn(std::integral_constant<FeatureMap, FeatureMap::FLOWFORMER_ONE_FEATURE_MAP>{});
+#else
   switch (f) {
     case FeatureMap::Sigmoid:
-      return fx * (A(1) - fx);
+      return fn(std::integral_constant<FeatureMap, FeatureMap::Sigmoid>{});
     case FeatureMap::Elu1:
-      return x > A(0) ? A(1) : fx;
+      return fn(std::integral_constant<FeatureMap, FeatureMap::Elu1>{});
     case FeatureMap::Relu:
-      return x > A(0) ? A(1) : A(0);
+      return fn(std::integral_constant<FeatureMap, FeatureMap::Relu>{});
     case FeatureMap::Identity:
       break;
   }
-  return A(1);
+  return fn(std::integral_constant<FeatureMap, FeatureMap::Identity>{});
+#endif
+}
+
+// phi(x) and phi'(x) for a feature map known at run time.
+template <typename A>
+FF_HD A feature(FeatureMap f, A x) {
+  return with_feature_map(f, [&](auto map) { return feature<decltype(map)::value>(x); });
+}
+template <typename A>
+FF_HD A feature_derivative(FeatureMap f, A x, A fx) {
+  return with_feature_map(f, [&](auto map) { return feature_derivative<decltype(map)::value>(x, fx); });
 }
 
 // A softmax-weighted sum accumulated one term at a time against a running maximum m (no overflow):

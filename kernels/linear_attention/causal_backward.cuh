@@ -155,11 +155,12 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM, /*Vector=*/true> {
       G.template times<T>(l, k, g_fit, P, d0);
       P.scale(S.scale() / g_fit);
       Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P, d0);
-      this->out.template store_d<T, D, kColumns>(l, p, p.dq, p.dq_parts, c, d0, left, [&](int n, int e) {
+      this->out.template store_d_through_feature<T, D, kColumns>(
+          l, p, p.dq, p.dq_parts, c, d0, left, [&](int n, int e, const auto& through) {
         const int row = l.row(e), col = d0 + n * 8 + l.col(e);
         const float z = z_s[col];
         const float grad = P.acc[n][e] * S.unscale() * inv_den[e / 2] + dden[e / 2] * z;
-        return feature_gradient(p.feature_map, grad, query.get(row, col));
+        return through(grad, query.get(row, col));
       });
     }
     __syncthreads();  // inv_den_s, dden_s written; q, z_s, the state's parts read
@@ -234,10 +235,11 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, BM, /*Vector=*/false> {
       W.template times<T>(l, q, w_fit, dk, d0);
       dk.scale(to_state / w_fit);
       Base::State::template rows_times<false>(l, v, this->s_hi(), this->s_lo(), dk, d0);
-      this->out.template store_d<T, D, kKeyColumns>(l, p, p.dk, p.dk_parts, c, d0, left, [&](int n, int el) {
+      this->out.template store_d_through_feature<T, D, kKeyColumns>(
+          l, p, p.dk, p.dk_parts, c, d0, left, [&](int n, int el, const auto& through) {
         const int col = d0 + n * 8 + l.col(el);
         const float r = first_tile ? float(r_s[col]) : 0.f;
-        return feature_gradient(p.feature_map, dk.acc[n][el] * S.unscale() + r, key.get(l.row(el), col));
+        return through(dk.acc[n][el] * S.unscale() + r, key.get(l.row(el), col));
       });
     }
     RowTile<BM> dv;  // 2^-e_R (R^T k_t + sum_{t'>=t} dnum_t' <q_t', k_t>)

@@ -16,6 +16,7 @@
 #include "simt/simt.h"
 
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -82,7 +83,7 @@ struct Lane {
 template <typename T>
 struct Fragment {
   uint32_t r[4];
-  FF_DEVICE void set_pair(int i, float x0, float x1) { r[i] = simt::pack2(T(x0), T(x1)); }
+  FF_DEVICE void set_pair(int i, float x0, float x1) { r[i] = simt::pack_floats<T>(x0, x1); }
 };
 template <>
 struct Fragment<float> {
@@ -158,6 +159,17 @@ template <typename T>
 struct alignas(16) Piece {
   static constexpr int kCount = 16 / int(sizeof(T));
   T x[kCount];
+
+  // Elements 2 j, 2 j + 1 from floats (16-bit: one conversion of the pair).
+  FF_DEVICE void set_pair(int j, float x0, float x1) {
+    if constexpr (sizeof(T) == 2) {
+      const uint32_t two = simt::pack_floats<T>(x0, x1);
+      std::memcpy(&x[2 * j], &two, sizeof two);
+    } else {
+      x[2 * j] = x0;
+      x[2 * j + 1] = x1;
+    }
+  }
 };
 // Two neighbouring elements of a row, one access.
 template <typename T>
@@ -188,7 +200,11 @@ struct SharedMatrix {
     return {float(x.x0), float(x.x1)};
   }
   FF_DEVICE void set_pair(int r, int c, float x0, float x1) const {
-    simt::shared_cast<Two<T>>(at(r, c))[0] = Two<T>{T(x0), T(x1)};
+    if constexpr (kFloat) {
+      simt::shared_cast<Two<T>>(at(r, c))[0] = Two<T>{x0, x1};
+    } else {
+      simt::shared_cast<uint32_t>(at(r, c))[0] = simt::pack_floats<T>(x0, x1);
+    }
   }
 
   // Two B fragments (n tiles n0, n0 + 8; k rows k0 .. k0 + 15) of this matrix read as k x n (.trans), or
@@ -242,54 +258,97 @@ struct SharedMatrix {
 template <typename T, int Width>
 using ChunkTile = SharedMatrix<T, kChunkRows, Width>;
 
+// The 16-byte pieces of a 64 x Width chunk tile of T dealt to this thread: piece i = threadIdx.x + j kForwardThreads
+// for j < kPerThread, all in the column column() (a row has at most kForwardThreads pieces), rows first_row() +
+// j kRowStep. A fixed trip count, unrolled by 4 pieces (wider unrolls spill registers at D = 256): no test of
+// the thread's share.
+template <typename T, int Width>
+struct ThreadPieces {
+  static constexpr int kCount = Piece<T>::kCount, kPerRow = Width / kCount, kPieces = kChunkRows * kPerRow;
+  static constexpr int kPerThread = kPieces / kForwardThreads, kRowStep = kForwardThreads / kPerRow;
+  static_assert(kPieces % kForwardThreads == 0 && kForwardThreads % kPerRow == 0, "whole pieces a thread");
+
+  FF_DEVICE static int first_row() { return int(threadIdx.x) / kPerRow; }
+  FF_DEVICE static int column() { return int(threadIdx.x) % kPerRow * kCount; }
+  // body(row, column) for each of the thread's pieces.
+  template <typename Body>
+  FF_DEVICE static void each(const Body& body) {
+    const int r0 = first_row(), c = column();
+    FF_UNROLL_BY(4)
+    for (int j = 0; j < kPerThread; ++j) {
+      body(r0 + j * kRowStep, c);
+    }
+  }
+};
+
 // cp.async of the rows [first, first + 64) of a (length, Width) run of global rows into `tile`, 16 bytes a
 // piece; rows past `length` are zero-filled.
 template <typename T, int Width>
 FF_DEVICE void load_rows(const ChunkTile<T, Width>& tile, const T* rows, int64_t row_stride, int64_t first,
                          int64_t length) {
-  constexpr int kPiece = 16 / int(sizeof(T));  // elements a piece
-  for (int piece = int(threadIdx.x); piece < kChunkRows * Width / kPiece; piece += kForwardThreads) {
-    const int r = piece / (Width / kPiece), c = piece % (Width / kPiece) * kPiece;
+  using Pieces = ThreadPieces<T, Width>;
+  const T* source = rows + (first + Pieces::first_row()) * row_stride + Pieces::column();
+  Pieces::each([&](int r, int c) {
     const bool inside = first + r < length;
-    simt::cp_async_16(tile.at(r, c), inside ? rows + (first + r) * row_stride + c : rows, inside);
-  }
+    simt::cp_async_16(tile.at(r, c), inside ? source : rows, inside);
+    source += Pieces::kRowStep * row_stride;
+  });
 }
 
-// feature = phi(raw) for the chunk's rows; rows at or past `valid`, and rows r where pad[r] (pad: the chunk's
-// padding flags, or null) become 0 (padding contributes nothing).
-// 16 bytes a thread at a time.
+// The exponential of the feature maps of T inputs: simt::fast_exp for 16-bit inputs (its 2^-22 relative error is
+// far below their rounding), expf for float inputs.
+template <typename T>
+struct FeatureExp {
+  FF_DEVICE float operator()(float x) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return expf(x);
+    } else {
+      return simt::fast_exp(x);
+    }
+  }
+};
+
+// feature = phi(raw) for the chunk's rows, phi = F; rows at or past `valid`, and rows r where pad[r] (pad: the
+// chunk's padding flags, or null) become 0 (padding contributes nothing). 16 bytes a thread at a time.
+template <FeatureMap F, typename T, int Width>
+FF_DEVICE void apply_feature_map(const ChunkTile<T, Width>& raw, const ChunkTile<T, Width>& feature, int64_t valid,
+                                 const bool* pad) {
+  ThreadPieces<T, Width>::each([&](int r, int c) {
+    const bool kept = r < valid && (pad == nullptr || !simt::load_global(pad + r));
+    const Piece<T> x = raw.piece(r, c);
+    Piece<T> y;
+    FF_UNROLL
+    for (int j = 0; j < Piece<T>::kCount / 2; ++j) {
+      const auto phi = [&](int i) {
+        const float y = portable::feature<F>(float(x.x[i]), FeatureExp<T>{});  // then a select: no branch
+        return kept ? y : 0.f;
+      };
+      y.set_pair(j, phi(2 * j), phi(2 * j + 1));
+    }
+    feature.set_piece(r, c, y);
+  });
+}
+// The same with the feature map f chosen at run time (once, outside the loop).
 template <typename T, int Width>
 FF_DEVICE void apply_feature_map(FeatureMap f, const ChunkTile<T, Width>& raw, const ChunkTile<T, Width>& feature,
                                  int64_t valid, const bool* pad = nullptr) {
-  constexpr int kCount = Piece<T>::kCount, kPieces = Width / kCount;
-  for (int i = int(threadIdx.x); i < kChunkRows * kPieces; i += kForwardThreads) {
-    const int r = i / kPieces, c = i % kPieces * kCount;
-    const bool kept = r < valid && (pad == nullptr || !simt::load_global(pad + r));
-    Piece<T> x = raw.piece(r, c);
-    FF_UNROLL
-    for (int j = 0; j < kCount; ++j) {
-      x.x[j] = T(kept ? portable::feature(f, float(x.x[j])) : 0.f);
-    }
-    feature.set_piece(r, c, x);
-  }
+  portable::with_feature_map(f, [&](auto map) { apply_feature_map<decltype(map)::value>(raw, feature, valid, pad); });
 }
 
 // Rows r of `tile` where pad[r] (the chunk's padding flags) become 0, for rows before `valid`: padded values
 // count for nothing whatever they hold (NaN times a zero feature would not).
 template <typename T, int Width>
 FF_DEVICE void zero_padded_rows(const ChunkTile<T, Width>& tile, const bool* pad, int64_t valid) {
-  constexpr int kCount = Piece<T>::kCount, kPieces = Width / kCount;
   Piece<T> zero;
   FF_UNROLL
-  for (int j = 0; j < kCount; ++j) {
-    zero.x[j] = T(0.f);
+  for (int j = 0; j < Piece<T>::kCount / 2; ++j) {
+    zero.set_pair(j, 0.f, 0.f);
   }
-  for (int i = int(threadIdx.x); i < kChunkRows * kPieces; i += kForwardThreads) {
-    const int r = i / kPieces;
+  ThreadPieces<T, Width>::each([&](int r, int c) {
     if (r < valid && simt::load_global(pad + r)) {
-      tile.set_piece(r, i % kPieces * kCount, zero);
+      tile.set_piece(r, c, zero);
     }
-  }
+  });
 }
 
 // e with 2^e at or above the largest |x[r][c]| scale(r) over the chunk, or 0 (all zero): the exponent of the
@@ -335,24 +394,24 @@ FF_DEVICE int scale_rows_into_unit(const ChunkTile<T, Width>& x, const Scale& sc
                                    simt::shared_ptr<float> largest_s) {
   const int e = chunk_exponent(x, scale, largest_s);  // its barrier: every read of x done
   const float down = ldexpf(1.f, -e);                 // a power of two: exact products
-  constexpr int kCount = Piece<T>::kCount, kPieces = Width / kCount;
-  for (int i = int(threadIdx.x); i < kChunkRows * kPieces; i += kForwardThreads) {
-    const int r = i / kPieces, c = i % kPieces * kCount;
+  ThreadPieces<T, Width>::each([&](int r, int c) {
     const float s = scale(r) * down;
-    Piece<T> p = x.piece(r, c);
+    const Piece<T> p = x.piece(r, c);
+    Piece<T> scaled;
     FF_UNROLL
-    for (int j = 0; j < kCount; ++j) {
-      p.x[j] = T(float(p.x[j]) * s);
+    for (int j = 0; j < Piece<T>::kCount / 2; ++j) {
+      scaled.set_pair(j, float(p.x[2 * j]) * s, float(p.x[2 * j + 1]) * s);
     }
-    x.set_piece(r, c, p);
-  }
+    x.set_piece(r, c, scaled);
+  });
   __syncthreads();
   return e;
 }
 
 // The gradient of a raw input x from that of its feature phi(x): grad phi'(x).
-FF_DEVICE float feature_gradient(FeatureMap f, float grad, float x) {
-  return grad * portable::feature_derivative(f, x, portable::feature(f, x));
+template <FeatureMap F, typename T>
+FF_DEVICE float feature_gradient(float grad, float x) {
+  return grad * portable::feature_derivative<F>(x, portable::feature<F>(x, FeatureExp<T>{}));
 }
 
 // Walks `chunks` chunks in order (or reversed): load(c, stage) issues the cp.async of chunk c into a stage,
@@ -393,7 +452,7 @@ FF_DEVICE void store_rows(const Lane& l, T* rows, int64_t row_stride, int64_t le
           simt::store_global(at, value(n, 2 * i));
           simt::store_global(at + 1, value(n, 2 * i + 1));
         } else {
-          simt::store_global(reinterpret_cast<uint32_t*>(at), simt::pack2(T(value(n, 2 * i)), T(value(n, 2 * i + 1))));
+          simt::store_global(reinterpret_cast<uint32_t*>(at), simt::pack_floats<T>(value(n, 2 * i), value(n, 2 * i + 1)));
         }
       }
     }
@@ -989,6 +1048,17 @@ struct GradientRows {
     } else {
       store_rows<T, N>(l, static_cast<T*>(grad) + first, D, left, value);
     }
+  }
+  // store_d of the gradients of raw inputs: value(n, e, through) returns through(g, x) = g phi'(x) from the
+  // gradient g of the feature phi(x) of the raw input x there (or a value of its own), phi = p.feature_map chosen
+  // once, outside the loop.
+  template <typename T, int D, int N, typename Value>
+  FF_DEVICE void store_d_through_feature(const Lane& l, const Inputs& p, void* grad, float* parts, int64_t c, int n0,
+                                         int64_t left, const Value& value) const {
+    portable::with_feature_map(p.feature_map, [&](auto map) {
+      const auto through = [](float g, float x) { return feature_gradient<decltype(map)::value, T>(g, x); };
+      store_d<T, D, N>(l, p, grad, parts, c, n0, left, [&](int n, int e) { return value(n, e, through); });
+    });
   }
   // The block's BM columns of the warp's rows of chunk c of dv ((B, H, L, M)).
   template <typename T, int BM, typename Value>

@@ -115,11 +115,12 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
       RowTile<kColumns> P;  // 2^-e S dout_t, columns d0 ..
       P.zero();
       Base::State::template rows_times<false>(l, dout, this->s_hi(), this->s_lo(), P, d0);
-      this->out.template store_d<T, D, kColumns>(l, p, p.dq, p.dq_parts, c, d0, left, [&](int n, int e) {
+      this->out.template store_d_through_feature<T, D, kColumns>(
+          l, p, p.dq, p.dq_parts, c, d0, left, [&](int n, int e, const auto& through) {
         const int row = l.row(e), col = d0 + n * 8 + l.col(e);
         const float z = this->vector_s[col];
         const float grad = P.acc[n][e] * this->unscale * inv_den[e / 2] + dden[e / 2] * z;
-        return feature_gradient(p.feature_map, grad, query.get(row, col));
+        return through(grad, query.get(row, col));
       });
     }
     __syncthreads();  // inv_den_s, dden_s written
@@ -163,11 +164,12 @@ struct NoncausalKeyBlock : NoncausalBlock<T, D, BM> {
       RowTile<kKeyColumns> dk;  // 2^-e dS v_j
       dk.zero();
       Base::State::template rows_times<false>(l, v, this->s_hi(), this->s_lo(), dk, d0);
-      this->out.template store_d<T, D, kKeyColumns>(l, p, p.dk, p.dk_parts, c, d0, left, [&](int n, int e) {
+      this->out.template store_d_through_feature<T, D, kKeyColumns>(
+          l, p, p.dk, p.dk_parts, c, d0, left, [&](int n, int e, const auto& through) {
         const int row = l.row(e), col = d0 + n * 8 + l.col(e);
         const float dz = this->out.tile == 0 ? float(this->vector_s[col]) : 0.f;  // in tile 0's share
         const bool padded = chunk_pad != nullptr && chunk_pad[row];
-        return padded ? 0.f : feature_gradient(p.feature_map, dk.acc[n][e] * this->unscale + dz, key.get(row, col));
+        return padded ? 0.f : through(dk.acc[n][e] * this->unscale + dz, key.get(row, col));
       });
     }
     RowTile<BM> dv;  // 2^-e dS^T k_j (0 for padded keys: their features are 0)

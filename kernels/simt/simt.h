@@ -7,17 +7,21 @@
 #pragma once
 
 #include "simt/async_copy.h"
+#include "simt/fast_math.h"
 #include "simt/global_memory.h"
 #include "simt/launch.h"
 #include "simt/shared_ptr.h"
 #include "simt/tensor_core.h"
 #include "simt/types.h"
 
+#define FF_SIMT_PRAGMA(text) _Pragma(#text)
+
 #if defined(__CUDACC__)
 
 #define FF_SIMT_BUILD cuda
 #define FF_DEVICE __device__ __forceinline__
 #define FF_UNROLL _Pragma("unroll")
+#define FF_UNROLL_BY(n) FF_SIMT_PRAGMA(unroll n)
 #define FF_SHARED(T, name, count)                    \
   __shared__ __align__(16) T name##_storage_[count]; \
   ::flowformer::simt::shared_ptr<T> name = name##_storage_
@@ -32,6 +36,7 @@
 #define FF_SIMT_BUILD emulated
 #define FF_DEVICE inline
 #define FF_UNROLL _Pragma("GCC unroll 64")
+#define FF_UNROLL_BY(n) FF_SIMT_PRAGMA(GCC unroll n)
 #define FF_SHARED(T, name, count) \
   ::flowformer::simt::shared_ptr<T> name = ::flowformer::simt::static_shared<T>(FF_SIMT_SITE, count)
 #define FF_DYNAMIC_SHARED(T, name) ::flowformer::simt::shared_ptr<T> name = ::flowformer::simt::dynamic_shared<T>()

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -104,6 +105,26 @@ FF_SIMT_HD uint32_t pack2(T lo, T hi) {
   std::memcpy(&l, &lo, 2);
   std::memcpy(&h, &hi, 2);
   return uint32_t(l) | (uint32_t(h) << 16);
+}
+
+// Two floats rounded to T (to nearest even) in one 32-bit register, lo in the lower half: one F2FP
+// instruction on the GPU (the same bits as pack2(T(lo), T(hi))).
+template <typename T>
+FF_SIMT_HD uint32_t pack_floats(float lo, float hi) {
+  static_assert(sizeof(T) == 2, "16-bit elements");
+#if defined(__CUDACC__)
+  uint32_t packed;
+  if constexpr (std::is_same_v<T, bf16>) {
+    const __nv_bfloat162 two = __floats2bfloat162_rn(lo, hi);
+    std::memcpy(&packed, &two, 4);
+  } else {
+    const __half2 two = __floats2half2_rn(lo, hi);
+    std::memcpy(&packed, &two, 4);
+  }
+  return packed;
+#else
+  return pack2(T(lo), T(hi));
+#endif
 }
 
 }  // namespace flowformer::simt

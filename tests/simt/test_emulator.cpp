@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstdlib>
 #include <numeric>
 #include <string>
@@ -256,4 +257,17 @@ TEST_CASE("cp.async: groups land at their wait, zero fill, alignment") {
   const auto stats = run(no_wait, simt::Dim3(1), simt::Dim3(32), 0, in.data());
   REQUIRE(stats.hazards.size() == 1);
   CHECK_THAT(stats.hazards[0].message, Contains("never waited for"));
+}
+
+TEST_CASE("fast_exp is exp within the MUFU.EX2 approximation's error, subnormal results flushed to zero") {
+  for (float x = -87.f; x <= 88.f; x += 0.173f) {
+    const double exact = std::exp(double(x));
+    // the product x log2 e rounded to float moves the result by about |x| 2^-24 (relative), exp2f by an ulp
+    REQUIRE(std::fabs(simt::fast_exp(x) - exact) <= (std::fabs(x) * 0x1p-23 + 0x1p-22) * exact);
+  }
+  CHECK(simt::fast_exp(0.f) == 1.f);
+  CHECK(simt::fast_exp(-88.f) == 0.f);  // exp(-88) = 6e-39: subnormal, flushed as ex2.approx.ftz does
+  CHECK(simt::fast_exp(-INFINITY) == 0.f);
+  CHECK(std::isinf(simt::fast_exp(89.f)));
+  CHECK(std::isnan(simt::fast_exp(NAN)));
 }

@@ -15,6 +15,9 @@ expectations. Prints a table of each kernel's facts (registers, shared bytes, in
 --report FILE also writes it as markdown.
 
     check_kernels.py --expectations tests/static/simt_samples.toml build/simt/libsimt_samples_sm90.so
+
+--loops BINARY prints each kernel's largest loop instead (loop_sizes: every instruction in it, and the fewest a
+warp issues per iteration) and checks that 0 < fewest <= every.
 """
 
 import argparse
@@ -96,16 +99,14 @@ def kernel_facts(cuobjdump, binary):
     return facts
 
 
-BRANCH = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?BRA\b[^;]*?(?:0x([0-9a-f]+)|`\((\.L_x_\d+)\))")
+SASS_LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)(\S*)\s*([^;]*);")
 LABEL = re.compile(r"^(\.L_x_\d+):")
-OFFSET = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+\S")
+TARGET = re.compile(r"0x([0-9a-f]+)|`\((\.L_x_\d+)\)")
 
 
-def loop_sizes(cuobjdump, binary):
-    """{demangled kernel name: instructions of its largest loop} in the sm_90 SASS: the widest span from a
-    backward branch's target to the branch, every instruction in it counted once (all paths; an inner loop
-    that was not unrolled counts once too)."""
-    spans, labels, offsets = {}, {}, {}
+def function_code(cuobjdump, binary):
+    """{mangled kernel: [(offset, mnemonic, predicated, branch target or None)]} of the sm_90 SASS."""
+    code, labels = {}, {}
     arch = name = None
     pending = []
     for line in run([cuobjdump, "-sass", binary]).splitlines():
@@ -113,25 +114,73 @@ def loop_sizes(cuobjdump, binary):
             arch = m.group(1)
         elif m := re.match(r"\s*Function : (\S+)", line):
             name = m.group(1) if arch == ARCH else None
-            labels, pending = {}, []
-            offsets[name] = []
+            if name is not None:
+                code[name], labels[name] = [], {}
+            pending = []
         elif name is None:
             continue
         elif m := LABEL.match(line.strip()):
             pending.append(m.group(1))
-        elif m := OFFSET.match(line):
+        elif m := SASS_LINE.match(line):
             offset = int(m.group(1), 16)
             for label in pending:
-                labels[label] = offset
+                labels[name][label] = offset
             pending = []
-            offsets[name].append(offset)
-            if b := BRANCH.match(line):
-                target = int(b.group(2), 16) if b.group(2) else labels.get(b.group(3))
-                if target is not None and target < offset:
-                    spans.setdefault(name, []).append((target, offset))
+            target = None
+            if m.group(3) == "BRA" and (t := TARGET.search(m.group(5))):
+                target = int(t.group(1), 16) if t.group(1) else t.group(2)
+            code[name].append((offset, m.group(3), m.group(2) is not None, target))
+    for name, instructions in code.items():  # label targets to offsets
+        code[name] = [(o, op, pred, labels[name].get(t, t) if isinstance(t, str) else t)
+                      for o, op, pred, t in instructions]
+    return code
+
+
+def shortest_iteration(instructions, head, latches):
+    """The fewest instructions from the loop's head to a latch (a branch back to it), inclusive, over the
+    control flow (branches taken or not, predicated exits falling through; an inner loop's body at least once):
+    a lower bound on what a warp issues per iteration."""
+    at = {o: i for i, (o, *_rest) in enumerate(instructions)}
+    start = at[head]
+    distance = {start: 1}
+    frontier = [start]
+    while frontier:
+        following = []
+        for i in frontier:
+            offset, op, predicated, target = instructions[i]
+            if offset in latches:
+                return distance[i]
+            successors = []
+            ends = op in ("EXIT", "RET", "BRA") and not predicated
+            if not ends and i + 1 < len(instructions):
+                successors.append(i + 1)
+            if op == "BRA" and target in at and target != head:
+                successors.append(at[target])
+            for j in successors:
+                if j not in distance:
+                    distance[j] = distance[i] + 1
+                    following.append(j)
+        frontier = following
+    return None
+
+
+def loop_sizes(cuobjdump, binary):
+    """{demangled kernel name: (every, fewest)} for the largest loop of each kernel in the sm_90 SASS: the widest
+    span from a backward branch's target (the head) to the branch, among those the head reaches again (out-of-line
+    code that jumps back is not a loop). `every` counts every instruction in the span once (every path; an inner
+    loop that was not unrolled once), `fewest` the fewest a warp issues per iteration (shortest_iteration)."""
     sizes = {}
-    for name, loops in spans.items():
-        sizes[name] = max(sum(1 for o in offsets[name] if start <= o <= end) for start, end in loops)
+    for name, instructions in function_code(cuobjdump, binary).items():
+        backward = [(t, o) for o, op, _, t in instructions if op == "BRA" and isinstance(t, int) and t < o]
+        loops = []
+        for head in {t for t, _ in backward}:
+            latches = {o for t, o in backward if t == head}
+            fewest = shortest_iteration(instructions, head, latches)
+            if fewest is not None:
+                loops.append((max(latches) - head, head, max(latches), fewest))
+        if loops:
+            _, head, end, fewest = max(loops)
+            sizes[name] = (sum(1 for o, *_rest in instructions if head <= o <= end), fewest)
     readable = demangle(list(sizes))
     return {readable[n]: v for n, v in sizes.items()}
 
@@ -167,12 +216,33 @@ def table(rows):
     return "\n".join(lines)
 
 
+def check_loops(binaries):
+    cuobjdump, bad, count = find_cuobjdump(), [], 0
+    for binary in binaries:
+        for name, (everything, shortest) in loop_sizes(cuobjdump, binary).items():
+            print(f"{everything:6d} {shortest:6d}  {name}")
+            count += 1
+            if not 0 < shortest <= everything:
+                bad.append(name)
+    if bad:
+        print("loop counts FAILED (an iteration longer than the loop):\n  " +
+              "\n  ".join(bad))
+        return 1
+    print(f"loop counts checked: {count} kernels")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--expectations", required=True, type=Path)
+    parser.add_argument("--expectations", type=Path)
     parser.add_argument("--report", type=Path)
+    parser.add_argument("--loops", action="store_true", help="print and check the kernels' largest loops")
     parser.add_argument("binaries", nargs="+")
     args = parser.parse_args()
+    if args.loops:
+        return check_loops(args.binaries)
+    if args.expectations is None:
+        parser.error("--expectations is required (or --loops)")
     entries = tomllib.loads(args.expectations.read_text())["kernel"]
     cuobjdump = find_cuobjdump()
     rows, problems, matched = [], [], set()
