@@ -22,7 +22,7 @@
 // (add_query_gradient_sums); the host scans those from the end, and pass 2 runs each segment from its own.
 #pragma once
 
-#include "linear_attention/chunk_tiles.cuh"
+#include "linear_attention/blocks.cuh"
 
 #include <utility>
 
@@ -74,7 +74,7 @@ struct BackwardBlockBase {
     const float* vector = vectors != nullptr ? vectors + state_at / p.M : nullptr;
     S.load(l, matrices != nullptr ? matrices + state_at + out.value_col : nullptr, p.M, Vector ? vector : nullptr);
     if constexpr (!Vector) {
-      for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      for (int d = int(threadIdx.x); d < D; d += kThreads) {
         vector_s[d] = vector != nullptr ? simt::load_global(vector + d) : 0.f;
       }
     }
@@ -181,14 +181,14 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM, /*Vector=*/true> {
     this->start(p.kv0, p.z0, z_s);
     S.store_vector(l, z_s);
     dS.load(l, nullptr, 0);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {  // each column's thread, as in the sums
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {  // each column's thread, as in the sums
       dz_s[d] = 0.f;
     }
     this->walk(false, [&](int64_t c, int stage) { chunk(c, stage); });
     if (p.dkv_sums != nullptr) {  // the tile's columns of dS, its share of dz
       dS.store(l, p.dkv_sums + this->state_at + this->out.value_col, p.M);
       const int64_t vectors = int64_t(p.N) * p.segments * p.H * D;
-      for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      for (int d = int(threadIdx.x); d < D; d += kThreads) {
         simt::store_global(p.dz_sums + this->out.tile * vectors + this->state_at / p.M + d, float(dz_s[d]));
       }
     }
@@ -217,7 +217,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, BM, /*Vector=*/false> {
     const bool first_tile = this->out.tile == 0;  // r and dden_t' enter dk in tile 0's share
     apply_feature_map(p.feature_map, q, q, left);
     apply_feature_map(p.feature_map, key, k, left);
-    for (int r = int(threadIdx.x); r < kChunkRows; r += kForwardThreads) {
+    for (int r = int(threadIdx.x); r < kChunkRows; r += kThreads) {
       const float inv_den = r < left ? simt::load_global(p.inv_den + rows + r) : 0.f;
       inv_den_s[r] = inv_den;
       weight_s[r] = r < left ? simt::load_global(p.dden + rows + r) / inv_den : 0.f;
@@ -267,7 +267,7 @@ struct BackwardKeyBlock : BackwardBlockBase<T, D, BM, /*Vector=*/false> {
     }
     S.store(l, p.dkv0 + this->state_at + this->out.value_col, p.M);
     if (this->out.tile == 0) {
-      for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+      for (int d = int(threadIdx.x); d < D; d += kThreads) {
         simt::store_global(p.dz0 + this->state_at / p.M + d, float(r_s[d]));
       }
     }
@@ -290,7 +290,7 @@ FF_DEVICE BackwardBlockBase<T, D, BM, Vector> backward_base(const CausalBackward
 }
 
 template <typename T, int D, int BM>
-__global__ void __launch_bounds__(kForwardThreads, 1) causal_query_grads_kernel(CausalBackwardParams p) {
+__global__ void __launch_bounds__(kThreads, 1) causal_query_grads_kernel(CausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
   FF_SHARED(float, z_s, D);
@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1) causal_query_grads_kernel(
 }
 
 template <typename T, int D, int BM>
-__global__ void __launch_bounds__(kForwardThreads, 1) causal_key_grads_kernel(CausalBackwardParams p) {
+__global__ void __launch_bounds__(kThreads, 1) causal_key_grads_kernel(CausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
   FF_SHARED(float, r_s, D);

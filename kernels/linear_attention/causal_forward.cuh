@@ -18,7 +18,7 @@
 // is multiplied back by 2^e.
 #pragma once
 
-#include "linear_attention/chunk_tiles.cuh"
+#include "linear_attention/blocks.cuh"
 
 #include <stdexcept>
 #include <string>
@@ -107,7 +107,7 @@ struct CausalForwardBlock {
 };
 
 template <typename T, int D, int BM>
-__global__ void __launch_bounds__(kForwardThreads, 1) causal_forward_kernel(CausalForwardParams p) {
+__global__ void __launch_bounds__(kThreads, 1) causal_forward_kernel(CausalForwardParams p) {
   using Block = CausalForwardBlock<T, D, BM>;
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);

@@ -3,6 +3,7 @@
 // SIMT emulator: emulated::) and the torch glue (csrc/linear_attention/fused.h). Torch-free.
 #pragma once
 
+#include "chunk/shape.h"
 #include "common/feature_map_kind.h"
 
 #include <cstddef>
@@ -106,8 +107,7 @@ struct CausalBackwardParams : Inputs, Segments, Gradients {
   float* dden;                 // (M / BM, B, H, L) work space: dden_t = -<dout_t, out_t> / den_t (keys: (B, H, L))
 };
 
-constexpr int kChunkRows = 64;  // rows per chunk: one m16 tile per warp
-constexpr int kForwardThreads = 128;
+using chunk::kChunkRows;  // a block of chunk::kThreads threads walks its rows in chunks of 64 (chunk/shape.h)
 
 // Head dims of the fused forward: D and M in {16, 32, 64, 128, 256}; float32 inputs D <= 128 (the shared
 // memory of float tiles).

@@ -13,7 +13,7 @@
 // dk in tile 0's) and the host adds them in tile order. Deterministic: no atomics, sums in a fixed order.
 #pragma once
 
-#include "linear_attention/chunk_tiles.cuh"
+#include "linear_attention/blocks.cuh"
 
 #include <stdexcept>
 #include <string>
@@ -55,7 +55,7 @@ struct NoncausalBlock {
   FF_DEVICE void run(const Body& body) {
     State S;
     S.load(l, p.kv + state_at + out.value_col, p.M);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {
       vector_s[d] = simt::load_global(p.z + state_at / p.M + d);
     }
     S.publish(l, s_hi(), s_lo(), largest_s);
@@ -130,13 +130,13 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
 
   FF_DEVICE void run() {
     dS.load(l, nullptr, 0);
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {  // each column's thread, as in the sums
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {  // each column's thread, as in the sums
       dz_s[d] = 0.f;
     }
     Base::run([&](int64_t c, int stage) { chunk(c, stage); });
     dS.store(l, p.dkv + sums_at + this->out.value_col, p.M);  // the tile's columns of dS, its share of dz
     const int64_t vectors = int64_t(p.N) * p.segments * p.H * D;
-    for (int d = int(threadIdx.x); d < D; d += kForwardThreads) {
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {
       simt::store_global(p.dz + this->out.tile * vectors + sums_at / p.M + d, float(dz_s[d]));
     }
   }
@@ -206,7 +206,7 @@ FF_DEVICE NoncausalBlock<T, D, BM> noncausal_block(const NoncausalBackwardParams
 }
 
 template <typename T, int D, int BM>
-__global__ void __launch_bounds__(kForwardThreads, 1) noncausal_query_grads_kernel(NoncausalBackwardParams p) {
+__global__ void __launch_bounds__(kThreads, 1) noncausal_query_grads_kernel(NoncausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, z_s, D);
   FF_SHARED(float, largest_s, kWarps);
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1) noncausal_query_grads_kern
 }
 
 template <typename T, int D, int BM>
-__global__ void __launch_bounds__(kForwardThreads, 1) noncausal_key_grads_kernel(NoncausalBackwardParams p) {
+__global__ void __launch_bounds__(kThreads, 1) noncausal_key_grads_kernel(NoncausalBackwardParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, dz_s, D);
   FF_SHARED(float, largest_s, kWarps);

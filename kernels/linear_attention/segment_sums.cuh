@@ -6,7 +6,7 @@
 // reduction of the non-causal op, whose host adds the segments' sums in their order.
 #pragma once
 
-#include "linear_attention/chunk_tiles.cuh"
+#include "linear_attention/blocks.cuh"
 
 namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
@@ -59,7 +59,7 @@ struct SegmentSumsBlock {
 };
 
 template <typename T, int D, int BM>
-__global__ void __launch_bounds__(kForwardThreads, 1) segment_sums_kernel(SegmentSumsParams p) {
+__global__ void __launch_bounds__(kThreads, 1) segment_sums_kernel(SegmentSumsParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   const BlockPlace at = BlockPlace::of<BM>(p, p);
   SegmentSumsBlock<T, D, BM> block{p,

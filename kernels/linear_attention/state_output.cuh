@@ -6,7 +6,7 @@
 // Warp w owns the chunk rows 16 w .. 16 w + 15; the q tiles of chunk c + 1 load by cp.async meanwhile.
 #pragma once
 
-#include "linear_attention/chunk_tiles.cuh"
+#include "linear_attention/blocks.cuh"
 
 namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
 
@@ -61,7 +61,7 @@ struct StateOutputBlock {
 };
 
 template <typename T, int D, int BM>
-__global__ void __launch_bounds__(kForwardThreads, 1) state_output_kernel(StateOutputParams p) {
+__global__ void __launch_bounds__(kThreads, 1) state_output_kernel(StateOutputParams p) {
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, largest_s, kWarps);
   const BlockPlace at = BlockPlace::of<BM>(p, p);

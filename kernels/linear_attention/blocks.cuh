@@ -1,0 +1,215 @@
+// What the fused linear-attention kernels (causal_forward.cuh, causal_backward.cuh, segment_sums.cuh,
+// state_output.cuh, noncausal_backward.cuh) share beyond the chunk layer (kernels/chunk): where a block works
+// (BlockPlace) and writes its gradients (GradientRows), the launches of their grids, and the products and sums
+// of their chunk steps.
+#pragma once
+
+#include "chunk/chunk.cuh"
+#include "linear_attention/fused_kernels.h"
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD {
+
+using namespace ::flowformer::chunk::FF_SIMT_BUILD;  // the tiles and stages of the chunk layer
+using chunk::kThreads;
+using chunk::kWarps;
+
+// The two products of a causal chunk's query rows (this warp's): the scores G = q k^T (keys up to the diagonal)
+// and out += q (hi + lo), the state's parts (StateTile::rows_times). 16-bit inputs load each A fragment of q
+// once for both; float inputs make them one after the other (fewer live registers: no spills).
+template <typename State, typename T, int D, int N>
+FF_DEVICE void scores_and_state_rows(const Lane& l, const ChunkTile<T, D>& q, const ChunkTile<T, D>& k,
+                                     const SharedMatrix<T, D, State::kColumns>& hi,
+                                     const SharedMatrix<T, D, State::kColumns>& lo, Scores<true>& G, RowTile<N>& out) {
+  if constexpr (std::is_same_v<T, float>) {
+    G.template compute<T, D>(l, q, k);
+    State::template rows_times<true>(l, q, hi, lo, out);
+  } else {
+    G.s.zero();
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      Fragment<T> a;
+      q.template a_fragment<true>(a, l, l.warp * 16, k0);
+      G.add_step(l, a, k, k0);
+      State::template rows_step<true>(l, a, hi, lo, out, k0);
+    }
+  }
+}
+
+// sum[c] += sum over the chunk's rows r of w(r) x[r][c], one thread a column, rows in order.
+template <typename T, int Width, typename Weight>
+FF_DEVICE void add_column_sums(const ChunkTile<T, Width>& x, const Weight& w, simt::shared_ptr<float> sum) {
+  for (int c = int(threadIdx.x); c < Width; c += kThreads) {
+    float s = 0;
+    for (int r = 0; r < kChunkRows; ++r) {
+      s += w(r) * x.get(r, c);
+    }
+    const float before = sum[c];
+    sum[c] = before + s;
+  }
+}
+
+// A chunk's share of the gradients of the state S and of its vector z (the reverse-order state of a backward),
+// from its query rows: q their features (overwritten), dout their output gradients, 1 / den_t and dden_t in
+// inv_den_s, dden_s (0 for rows past the sequence):
+//   dS += sum_t q_t dout_t^T / den_t   (mma of q_t / den_t scaled into [-1, 1], scale_rows_into_unit)
+//   dz += sum_t dden_t q_t             (float, one thread a column)
+// Block-wide: after a barrier that published inv_den_s, dden_s; q and dout are read until the next barrier.
+template <typename T, int D, int M>
+FF_DEVICE void add_query_gradient_sums(const Lane& l, const ChunkTile<T, D>& q, const ChunkTile<T, M>& dout,
+                                       simt::shared_ptr<float> inv_den_s, simt::shared_ptr<float> dden_s,
+                                       simt::shared_ptr<float> largest_s, StateTile<T, D, M>& dS,
+                                       simt::shared_ptr<float> dz_s) {
+  add_column_sums(q, [&](int r) { return float(dden_s[r]); }, dz_s);
+  const int e = scale_rows_into_unit(q, [&](int r) { return float(inv_den_s[r]); }, largest_s);
+  dS.add_scaled_product(l, q, dout, e);
+}
+
+// dots[r] = <x_r, v> for the chunk's rows, two threads a row (v: Width floats of shared memory).
+template <typename T, int Width>
+FF_DEVICE void row_dots(const ChunkTile<T, Width>& x, simt::shared_ptr<float> v, simt::shared_ptr<float> dots) {
+  static_assert(kThreads == 2 * kChunkRows, "two threads a row");
+  const int r = int(threadIdx.x) / 2, part = int(threadIdx.x) % 2;
+  float sum = 0;
+  for (int c = part * (Width / 2); c < (part + 1) * (Width / 2); ++c) {
+    const float vc = v[c];
+    sum += x.get(r, c) * vc;
+  }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  if (part == 0) {
+    dots[r] = sum;
+  }
+}
+
+// Where a block of a forward-like grid (x: N G units of M / BM value tiles, y: H heads) works: unit n G + g is
+// segment g of sequence n; the block takes the value columns value_col .. value_col + BM - 1 of one head.
+struct BlockPlace {
+  int unit, sequence, head, value_col;
+  SequenceSpan span;
+
+  template <int BM>
+  FF_DEVICE static BlockPlace of(const Inputs& p, const Segments& s) {
+    const int tiles_per_head = p.M / BM;
+    const int unit = int(blockIdx.x) / tiles_per_head, n = unit / s.segments;
+    return {unit, n, int(blockIdx.y), int(blockIdx.x) % tiles_per_head * BM,
+            SequenceSpan::of(p.cu_seqlens, n, p.L).segment(unit % s.segments, s.segment_rows)};
+  }
+  // Offset of the (index, head) state in (., H, D, M) states.
+  FF_DEVICE int64_t state_at(const Inputs& p, int index) const { return (int64_t(index) * p.H + head) * p.D * p.M; }
+  // Offset of the span's first row in (B, H, L, ...) row arrays, in rows.
+  FF_DEVICE int64_t rows_at(const Inputs& p) const { return (span.batch * p.H + head) * p.L + span.first; }
+  // The block's first output row of a (B, H, L, M) contiguous output, at its value columns.
+  template <typename T>
+  FF_DEVICE T* output_rows(const Inputs& p, void* out) const {
+    return static_cast<T*>(out) + ((span.batch * p.H + head) * p.L + span.first) * p.M + value_col;
+  }
+};
+
+// Launches a forward-like grid (BlockPlace) of the kernel that kernel_of(T{}, std::integral_constant<int, BM>{})
+// returns with its dynamic shared bytes, {kernel, bytes}, for the inputs' type T (bf16, half; float for
+// D <= kMaxFloatD) and the value tile BM of head dim D (value_tile, or backward_value_tile for a Backward pass).
+// `name` names the kernel, `op` the op in the errors.
+template <int D, bool Backward = false, typename Params, typename KernelOf>
+void launch_forward_like(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
+  constexpr auto tile_of = [](int M, std::size_t bytes) {
+    return Backward ? backward_value_tile(D, M, bytes) : value_tile(D, M, bytes);
+  };
+  const auto with_tile = [&](auto type, auto tile) {
+    const int64_t blocks = int64_t(p.N) * p.segments * (p.M / decltype(tile)::value);
+    if (blocks > 0x7fffffff || p.H > 65535) {
+      throw std::length_error(std::string("flowformer::") + op + ": " + std::to_string(p.N) + " sequences x " +
+                              std::to_string(p.H) + " heads exceed one CUDA launch");
+    }
+    if (blocks > 0 && p.H > 0) {
+      const auto [kernel, shared_bytes] = kernel_of(type, tile);
+      simt::launch(name, kernel,
+                   {simt::Dim3(unsigned(blocks), unsigned(p.H)), simt::Dim3(kThreads), shared_bytes,
+                    stream_of(stream)},
+                   p);
+    }
+  };
+  const auto with_type = [&](auto type) {
+    constexpr std::size_t bytes = sizeof(decltype(type));
+    switch (tile_of(p.M, bytes)) {
+      case 16:
+        return with_tile(type, std::integral_constant<int, 16>{});
+      case 32:
+        if constexpr (tile_of(256, bytes) >= 32) {
+          return with_tile(type, std::integral_constant<int, 32>{});
+        }
+        break;
+      default:
+        if constexpr (tile_of(256, bytes) == 64) {
+          return with_tile(type, std::integral_constant<int, 64>{});
+        }
+    }
+    throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D) +
+                                ", M = " + std::to_string(p.M));
+  };
+  switch (p.element) {
+    case Element::half:
+      return with_type(simt::half{});
+    case Element::bf16:
+      return with_type(simt::bf16{});
+    case Element::float32:
+      if constexpr (D <= kMaxFloatD) {
+        return with_type(float{});
+      }
+  }
+  throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for these inputs' dtype");
+}
+
+// A pass of a backward over its forward-like grid (value tiles of backward_value_tile): D up to MaxD.
+template <int D, int MaxD, typename Params, typename KernelOf>
+void launch_backward_pass(const Params& p, const char* name, const char* op, void* stream, const KernelOf& kernel_of) {
+  if constexpr (D <= MaxD) {
+    return launch_forward_like<D, /*Backward=*/true>(p, name, op, stream, kernel_of);
+  }
+  throw std::invalid_argument(std::string("flowformer: no fused ") + name + " kernel for D = " + std::to_string(D));
+}
+
+// The rows B H L of the (B, H, L, ...) inputs (B = 1 for packed sequences).
+FF_DEVICE int64_t input_rows(const Inputs& p) { return int64_t(p.cu_seqlens != nullptr ? 1 : p.N) * p.H * p.L; }
+
+// Where a backward block writes its gradients: the rows of its span (from rows_at in (B, H, L, ...) row arrays)
+// of its value tile (value_col, of BM columns).
+struct GradientRows {
+  int64_t rows_at;
+  int value_col, tile;  // tile: value_col / BM
+
+  // Columns n0 .. n0 + N - 1 of the warp's rows of chunk c of dq or dk ((B, H, L, D), `grad`): in T, or as
+  // floats to the block's tile's share (parts: Gradients::dq_parts or dk_parts, value tiles).
+  template <typename T, int D, int N, typename Value>
+  FF_DEVICE void store_d(const Lane& l, const Inputs& p, void* grad, float* parts, int64_t c, int n0,
+                         int64_t left, const Value& value) const {
+    const int64_t first = (rows_at + c * kChunkRows) * D + n0;
+    if (parts != nullptr) {
+      store_rows<float, N>(l, parts + tile * input_rows(p) * D + first, D, left, value);
+    } else {
+      store_rows<T, N>(l, static_cast<T*>(grad) + first, D, left, value);
+    }
+  }
+  // store_d of the gradients of raw inputs: value(n, e, through) returns through(g, x) = g phi'(x) from the
+  // gradient g of the feature phi(x) of the raw input x there (or a value of its own), phi = p.feature_map chosen
+  // once, outside the loop.
+  template <typename T, int D, int N, typename Value>
+  FF_DEVICE void store_d_through_feature(const Lane& l, const Inputs& p, void* grad, float* parts, int64_t c, int n0,
+                                         int64_t left, const Value& value) const {
+    portable::with_feature_map(p.feature_map, [&](auto map) {
+      const auto through = [](float g, float x) { return feature_gradient<decltype(map)::value, T>(g, x); };
+      store_d<T, D, N>(l, p, grad, parts, c, n0, left, [&](int n, int e) { return value(n, e, through); });
+    });
+  }
+  // The block's BM columns of the warp's rows of chunk c of dv ((B, H, L, M)).
+  template <typename T, int BM, typename Value>
+  FF_DEVICE void store_v(const Lane& l, const Inputs& p, void* dv, int64_t c, int64_t left,
+                         const Value& value) const {
+    store_rows<T, BM>(l, static_cast<T*>(dv) + (rows_at + c * kChunkRows) * p.M + value_col, p.M, left, value);
+  }
+};
+
+}  // namespace flowformer::linear_attention_kernels::FF_SIMT_BUILD
