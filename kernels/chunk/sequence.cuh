@@ -1,5 +1,6 @@
 // A block's walk over its sequence: where the sequence lies (SequenceSpan), the chunks in order with the next
-// chunk's cp.async in flight (walk_chunks, two stages), and a warp's rows written to global memory (store_rows).
+// chunk's cp.async in flight (walk_chunks, two stages), a warp's rows written to global memory (store_rows), and
+// the stream a launch runs on (stream_of).
 #pragma once
 
 #include "chunk/fragments.cuh"
