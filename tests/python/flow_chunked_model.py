@@ -1,5 +1,7 @@
-"""The chunked form of causal Flow-Attention that its fused kernel is to compute (kernels/flow_attention/DESIGN.md),
-as a float64 model: chunks of `chunk` rows, each from the state at its start and its own products only.
+"""The forms of Flow-Attention that its fused kernels are to compute (kernels/flow_attention/DESIGN.md), as float64
+models: causal in chunks of `chunk` rows, each from the state at its start and its own products only
+(causal_flow_chunked), its gradients in two passes over the chunks (causal_flow_chunked_backward); non-causal in
+four passes over segments (noncausal_flow_passes).
 
 State at a chunk's start, per (batch, head): n0 (valid rows so far), the vectors K0 = sum k, Q0 = sum q,
 A0 = sum O k, B0 = sum I q, the competition's running maximum m0 and sum E0 = sum exp(Oh - m0), and
@@ -10,58 +12,212 @@ prefix sums over its rows (products with the lower-triangular ones matrix).
 import torch
 
 
-def causal_flow_chunked(q, k, v, valid, *, eps, clamp, chunk):
-    """out (B, H, L, M) from the features q, k (B, H, L, D), v (B, H, L, M) and valid (B, L) (True: not padding)."""
+class ChunkState:
+    """The state at a chunk's start, per (batch, head)."""
+
+    def __init__(self, B, H, D, M, **f):
+        self.n = torch.zeros(B, H, **f)
+        self.K, self.Q, self.A, self.B = (torch.zeros(B, H, D, **f) for _ in range(4))
+        self.S = torch.zeros(B, H, D, M, **f)
+        self.m = torch.full((B, H), float("-inf"), **f)
+        self.E = torch.zeros(B, H, **f)
+
+
+def causal_chunks(q, k, v, valid, *, eps, clamp, chunk):
+    """Walks the chunks in order: yields (rows, the chunk's inputs, its per-row quantities, the state at its start)
+    and then moves the state past the chunk. Features q, k (B, H, L, D), v (B, H, L, M), valid (B, L)."""
     B, H, L, D = q.shape
-    M = v.shape[-1]
     f = dict(dtype=q.dtype, device=q.device)
     m_all = valid[:, None, :].to(q.dtype).expand(B, H, L)  # (B, H, L)
     q, k = q * m_all[..., None], k * m_all[..., None]  # padded rows contribute nothing
-    n0 = torch.zeros(B, H, **f)
-    K0, Q0, A0, B0 = (torch.zeros(B, H, D, **f) for _ in range(4))
-    S0 = torch.zeros(B, H, D, M, **f)
-    m0 = torch.full((B, H), float("-inf"), **f)
-    E0 = torch.zeros(B, H, **f)
-    out = torch.zeros(B, H, L, M, **f)
+    st = ChunkState(B, H, D, v.shape[-1], **f)
     e2 = D * eps * eps
     for c0 in range(0, L, chunk):
-        qc, kc, vc, m = q[:, :, c0:c0 + chunk], k[:, :, c0:c0 + chunk], v[:, :, c0:c0 + chunk], m_all[:, :, c0:c0 + chunk]
+        r = slice(c0, c0 + chunk)
+        qc, kc, vc, m = q[:, :, r], k[:, :, r], v[:, :, r], m_all[:, :, r]
         T = qc.shape[2]
         tri = torch.ones(T, T, **f).tril()  # [t, j]: j <= t
-        n = n0[..., None] + m.cumsum(-1)  # n_t
+        n = st.n[..., None] + m.cumsum(-1)  # n_t
         safe_n = n.clamp(min=1)
         G = (qc @ kc.transpose(-1, -2)) * tri  # G[t, j] = <q_t, k_j>, j <= t
         Ht = (kc @ qc.transpose(-1, -2)) * tri  # H[t, i] = <k_t, q_i>, i <= t
         sq, sk = qc.sum(-1), kc.sum(-1)  # row sums over D
         prefix = lambda x: x @ tri.T  # noqa: E731  (prefix[t] = sum_{j <= t} x_j, over the last axis)
         # <x + eps, Y_t + eps> = <x, Y_t> + eps sum(x) + eps sum(Y_t) + D eps^2, Y_t = Y0 + the chunk's prefix
-        qK = (qc @ K0[..., None])[..., 0] + G.sum(-1)
-        I = n / (qK + eps * sq + eps * (K0.sum(-1)[..., None] + prefix(sk)) + e2)
-        kQ = (kc @ Q0[..., None])[..., 0] + Ht.sum(-1)
-        O = n / (kQ + eps * sk + eps * (Q0.sum(-1)[..., None] + prefix(sq)) + e2)
+        qK = (qc @ st.K[..., None])[..., 0] + G.sum(-1)
+        I = n / (qK + eps * sq + eps * (st.K.sum(-1)[..., None] + prefix(sk)) + e2)
+        kQ = (kc @ st.Q[..., None])[..., 0] + Ht.sum(-1)
+        O = n / (kQ + eps * sk + eps * (st.Q.sum(-1)[..., None] + prefix(sq)) + e2)
         I, O = I * m, O * m
-        qA = (qc @ A0[..., None])[..., 0] + (G @ O[..., None])[..., 0]
-        Ih = (qA + eps * sq + eps * (A0.sum(-1)[..., None] + prefix(O * sk)) + e2) / safe_n
-        kB = (kc @ B0[..., None])[..., 0] + (Ht @ I[..., None])[..., 0]
-        Oh = ((kB + eps * sk + eps * (B0.sum(-1)[..., None] + prefix(I * sq)) + e2) / safe_n).clamp(-clamp, clamp)
+        qA = (qc @ st.A[..., None])[..., 0] + (G @ O[..., None])[..., 0]
+        Ih = (qA + eps * sq + eps * (st.A.sum(-1)[..., None] + prefix(O * sk)) + e2) / safe_n
+        kB = (kc @ st.B[..., None])[..., 0] + (Ht @ I[..., None])[..., 0]
+        rr = (kB + eps * sk + eps * (st.B.sum(-1)[..., None] + prefix(I * sq)) + e2) / safe_n  # before the clamp
+        Oh = rr.clamp(-clamp, clamp)
         a = torch.sigmoid(Ih)
         # the competition's running log-sum-exp over valid rows in order: m_t, E_t = sum_{j <= t} exp(Oh_j - m_t)
         logits = Oh.masked_fill(m == 0, float("-inf"))
-        m_t = torch.maximum(m0[..., None], logits.cummax(-1).values)
+        m_t = torch.maximum(st.m[..., None], logits.cummax(-1).values)
         finite = torch.isfinite(m_t)
         shift = torch.where(finite, m_t, torch.zeros_like(m_t))
         upper = torch.full_like(tri, float("-inf")).triu(1)  # j > t: no term (before exp: no inf * 0)
         terms = torch.exp(logits[..., None, :] - shift[..., :, None] + upper)  # [t, j]: exp(Oh_j - m_t), j <= t
-        E_t = torch.where(finite, E0[..., None] * torch.exp(m0[..., None] - shift), torch.zeros_like(shift))
+        E_t = torch.where(finite, st.E[..., None] * torch.exp(st.m[..., None] - shift), torch.zeros_like(shift))
         E_t = E_t + terms.sum(-1)
         c = torch.where(m > 0, n * torch.exp(Oh - shift) / E_t.clamp(min=torch.finfo(q.dtype).tiny), 0 * n)
-        cv = vc * c[..., None]
         g = torch.where(m > 0, a * I / safe_n, 0 * n)
-        out[:, :, c0:c0 + T] = g[..., None] * (G @ cv + qc @ S0)
+        rows = dict(n=safe_n, I=I, O=O, a=a, rr=rr, c=c, g=g, m=shift, E=E_t, G=G, tri=tri)
+        yield r, (qc, kc, vc, m), rows, st
         # the state at the next chunk's start
-        S0 = S0 + kc.transpose(-1, -2) @ cv
-        K0, Q0 = K0 + kc.sum(2), Q0 + qc.sum(2)
-        A0 = A0 + (kc * O[..., None]).sum(2)
-        B0 = B0 + (qc * I[..., None]).sum(2)
-        n0, m0, E0 = n[..., -1], m_t[..., -1], E_t[..., -1]
+        nxt = ChunkState(B, H, D, v.shape[-1], **f)
+        nxt.S = st.S + kc.transpose(-1, -2) @ (vc * c[..., None])
+        nxt.K, nxt.Q = st.K + kc.sum(2), st.Q + qc.sum(2)
+        nxt.A = st.A + (kc * O[..., None]).sum(2)
+        nxt.B = st.B + (qc * I[..., None]).sum(2)
+        nxt.n, nxt.m, nxt.E = n[..., -1], m_t[..., -1], E_t[..., -1]
+        st = nxt
+
+
+def causal_flow_chunked(q, k, v, valid, *, eps, clamp, chunk):
+    """out (B, H, L, M) from the features q, k (B, H, L, D), v (B, H, L, M) and valid (B, L) (True: not padding)."""
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    for r, (qc, _, vc, _), x, st in causal_chunks(q, k, v, valid, eps=eps, clamp=clamp, chunk=chunk):
+        out[:, :, r] = x["g"][..., None] * (x["G"] @ (vc * x["c"][..., None]) + qc @ st.S)
     return out
+
+
+def noncausal_flow_passes(q, k, v, qvalid, kvalid, *, eps, clamp, segment):
+    """Non-causal Flow-Attention as the fused kernels' four passes over segments of `segment` rows, each pass's
+    segment results combined in segment order (fixed, deterministic). q (B, H, L, D), k (B, H, S, D), v (B, H, S, M),
+    qvalid (B, L), kvalid (B, S).
+      1. sums: Q = sum q, K = sum k
+      2. flows: I_i = 1 / <q_i + e, K + e>, O_j = 1 / <k_j + e, Q + e>; sums A = sum O_j k_j, B = sum I_i q_i
+      3. keys: Oh_j = clamp(<k_j + e, B + e>), the softmax's running maximum m and sum E = sum exp(Oh_j - m), and
+         W = sum exp(Oh_j - m) k_j v_j^T against the same maximum (segments: rescaled to the larger one when added)
+      4. queries: a_i = sigmoid(<q_i + e, A + e> L / S), out_i = a_i I_i q_i^T W S / E
+    (L, S: the valid counts.)"""
+    qm = qvalid[:, None, :, None].to(q.dtype)
+    km = kvalid[:, None, :, None].to(q.dtype)
+    q, k = q * qm, k * km
+    Lb, Sb = qm.sum(2)[..., 0], km.sum(2)[..., 0]  # (B, 1)
+    dot_eps = lambda x, y: ((x + eps) * (y[..., None, :] + eps)).sum(-1)  # noqa: E731
+    pieces = lambda n: [slice(s, s + segment) for s in range(0, n, segment)]  # noqa: E731
+    L, S = q.shape[2], k.shape[2]
+
+    def in_order(parts):
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+    Q = in_order([q[:, :, r].sum(2) for r in pieces(L)])
+    K = in_order([k[:, :, r].sum(2) for r in pieces(S)])
+    I = 1.0 / dot_eps(q, K) * qm[..., 0]
+    O = 1.0 / dot_eps(k, Q) * km[..., 0]
+    A = in_order([(k[:, :, r] * O[:, :, r, None]).sum(2) for r in pieces(S)])
+    Bv = in_order([(q[:, :, r] * I[:, :, r, None]).sum(2) for r in pieces(L)])
+    Oh = dot_eps(k, Bv).clamp(-clamp, clamp).masked_fill(km[..., 0] == 0, float("-inf"))
+    m = torch.full(Oh.shape[:2], float("-inf"), dtype=q.dtype, device=q.device)
+    E = torch.zeros_like(m)
+    W = torch.zeros(*Oh.shape[:2], k.shape[-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for r in pieces(S):  # each segment's statistics, then added to the running ones in order
+        m_s = Oh[:, :, r].max(-1).values
+        m_new = torch.maximum(m, m_s)
+        shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        w = torch.exp(Oh[:, :, r] - shift[..., None])
+        old = torch.where(torch.isfinite(m), torch.exp(m - shift), torch.zeros_like(m))
+        E = E * old + w.sum(-1)
+        W = W * old[..., None, None] + k[:, :, r].transpose(-1, -2) @ (v[:, :, r] * w[..., None])
+        m = m_new
+    a = torch.sigmoid(dot_eps(q, A) * (Lb / Sb.clamp(min=1))[..., None])
+    scale = (Sb / E.clamp(min=torch.finfo(q.dtype).tiny))[..., None, None]
+    out = (a * I)[..., None] * (q @ (W * scale))
+    empty = ((Lb == 0) | (Sb == 0))[:, :, None, None]
+    return torch.where(empty | (qm == 0), torch.zeros_like(out), out)
+
+
+def _suffix(x):
+    """suffix[t] = sum_{t' >= t} x_t' over the last axis."""
+    return x.flip(-1).cumsum(-1).flip(-1)
+
+
+def causal_flow_chunked_backward(q, k, v, valid, dout, *, eps, clamp, chunk):
+    """The gradients (dq, dk, dv) of causal Flow-Attention with respect to the features q, k and to v, in two
+    passes over chunks as a fused backward would make them: queries in order (recomputing the forward state: dq
+    through S_t and A_t, and each row's dg_t = <dout_t, q_t^T S_t> and dsink_t), then keys in reverse (carrying
+    R = sum g q dout^T, the reverse sums RA, RB, RK, RQ of the normalisers' gradients and the competition's P), from
+    per-row scalars and the vectors K, Q, B at each chunk's start saved by the first pass.
+    (The per-row recurrence of P is a loop here; a kernel makes it an affine scan, factors exp(m_t - m_t') <= 1.)"""
+    B_, H, L, D = q.shape
+    f = dict(dtype=q.dtype, device=q.device)
+    m_all = valid[:, None, :].to(q.dtype).expand(B_, H, L)
+    q, k = q * m_all[..., None], k * m_all[..., None]
+    names = ("n", "I", "O", "a", "rr", "c", "g", "m", "E", "dg", "dsink")
+    rows = {name: torch.zeros(B_, H, L, **f) for name in names}  # per-row scalars of pass 1
+    chunks, starts = [], []  # each chunk's rows, and (K0, Q0, B0) at its start
+    dq = torch.zeros_like(q)
+    # Pass 1, in order: the forward recomputed, with dq through S_t (out = g q^T S_t) and A_t (sink)
+    for r, (qc, kc, vc, _), x, st in causal_chunks(q, k, v, valid, eps=eps, clamp=clamp, chunk=chunk):
+        do, tri = dout[:, :, r], x["tri"]
+        cv = vc * x["c"][..., None]
+        dg = (do * (x["G"] @ cv + qc @ st.S)).sum(-1)  # <dout_t, q_t^T S_t>
+        dsink = dg * x["I"] / x["n"] * x["a"] * (1 - x["a"]) / x["n"]
+        # dq += g S_t dout_t + dsink (A_t + e): S_t dout_t = S0 dout_t + sum_{j<=t} k_j c_j <v_j, dout_t>
+        masked_dv = (do @ vc.transpose(-1, -2)) * tri * x["c"][..., None, :]  # [t, j]: <dout_t, v_j> c_j, j <= t
+        dq[:, :, r] = (x["g"][..., None] * (do @ st.S.transpose(-1, -2) + masked_dv @ kc)
+                       + dsink[..., None] * (st.A[..., None, :] + eps + (tri * x["O"][..., None, :]) @ kc))
+        for name in names:
+            rows[name][:, :, r] = dict(x, dg=dg, dsink=dsink)[name]
+        chunks.append(r)
+        starts.append((st.K, st.Q, st.B))
+    # Pass 2, in reverse: dk, dv and the rest of dq
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    R = torch.zeros(B_, H, D, v.shape[-1], **f)
+    RA, RB, RK, RQ = (torch.zeros(B_, H, D, **f) for _ in range(4))
+    P = torch.zeros(B_, H, **f)
+    m_next = torch.zeros(B_, H, **f)
+    has_next = torch.zeros(B_, H, dtype=torch.bool, device=q.device)
+    for r, (K0, Q0, B0) in reversed(list(zip(chunks, starts))):
+        qc, kc, vc, m, do = q[:, :, r], k[:, :, r], v[:, :, r], m_all[:, :, r], dout[:, :, r]
+        T = qc.shape[2]
+        tri = torch.ones(T, T, **f).tril()
+        up = tri.T  # [t, t']: t' >= t
+        n, I, O, a, rr, c, g, mm, E, dg, dsink = (rows[name][:, :, r] for name in names)
+        gdo = do * g[..., None]
+        QK = kc @ qc.transpose(-1, -2)  # [t, t'] = <k_t, q_t'>
+        dw = kc @ R + (QK * up) @ gdo  # R_t^T k_t, R_t = R + sum_{t' >= t} g q dout^T
+        dv[:, :, r] = c[..., None] * dw
+        dc = (dw * vc).sum(-1)
+        dk_c = c[..., None] * (vc @ R.transpose(-1, -2) + ((vc @ gdo.transpose(-1, -2)) * up) @ qc)  # c_t R_t v_t
+        # P_t = dc_t c_t / E_t + exp(m_t - m_next) P_next over the valid rows, from the last
+        Pt = torch.zeros_like(n)
+        for t in reversed(range(T)):
+            valid_t = m[..., t] > 0
+            p_t = dc[..., t] * c[..., t] / E[..., t] + torch.where(has_next, torch.exp(mm[..., t] - m_next) * P, 0 * P)
+            P = torch.where(valid_t, p_t, P)
+            m_next = torch.where(valid_t, mm[..., t], m_next)
+            has_next = has_next | valid_t
+            Pt[..., t] = P
+        dsource = dc * c - c * E / n * Pt
+        dr = torch.where((rr.abs() <= clamp) & (m > 0), dsource / n, 0 * n)
+        sq, sk = qc.sum(-1), kc.sum(-1)
+        sdr = _suffix(dr)
+        # RB_t = RB + sum_{t' >= t} dr_t' (k_t' + e): dI_t = dg a / n + <RB_t, q_t>; dq += I_t RB_t
+        RB_t = RB[..., None, :] + (up * dr[..., None, :]) @ kc + eps * sdr[..., None]
+        dI = (dg * a / n + (RB_t * qc).sum(-1)) * m
+        B_t = B0[..., None, :] + (tri * I[..., None, :]) @ qc
+        RA_t = RA[..., None, :] + (up * dsink[..., None, :]) @ qc + eps * _suffix(dsink)[..., None]
+        dO = (RA_t * kc).sum(-1) * m
+        du = -dI * I * I / n
+        K_t = K0[..., None, :] + tri @ kc
+        RK_t = RK[..., None, :] + (up * du[..., None, :]) @ qc + eps * _suffix(du)[..., None]
+        dwo = -dO * O * O / n
+        Q_t = Q0[..., None, :] + tri @ qc
+        RQ_t = RQ[..., None, :] + (up * dwo[..., None, :]) @ kc + eps * _suffix(dwo)[..., None]
+        dq[:, :, r] += I[..., None] * RB_t + du[..., None] * (K_t + eps) + RQ_t
+        dk[:, :, r] = (dk_c + dr[..., None] * (B_t + eps) + O[..., None] * RA_t + RK_t
+                       + dwo[..., None] * (Q_t + eps))
+        R = R + qc.transpose(-1, -2) @ gdo
+        RA, RB, RK, RQ = RA_t[..., 0, :], RB_t[..., 0, :], RK_t[..., 0, :], RQ_t[..., 0, :]
+    mask = m_all[..., None]
+    return dq * mask, dk * mask, dv * mask

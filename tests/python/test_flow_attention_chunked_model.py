@@ -1,12 +1,13 @@
-"""The chunked decomposition of causal Flow-Attention (tests/python/flow_chunked_model.py, the design of its fused
-kernel in kernels/flow_attention/DESIGN.md) equals the spec's reference, in float64, whatever the chunk size: where
-the reference overflows (clamp = inf: exp of a conserved source past 709), the CPU op, whose running maximum keeps
-it finite as the model's does."""
+"""The decompositions of Flow-Attention that its fused kernels are designed on (tests/python/flow_chunked_model.py,
+kernels/flow_attention/DESIGN.md) equal the spec's reference in float64: causal in chunks of any size (its gradients
+in two passes over the chunks, against autograd through the reference), non-causal in four passes over segments of
+any size. Where the reference overflows (clamp = inf: exp of a conserved source past 709), the CPU op, whose running
+maximum keeps it finite as the model's does."""
 
 import pytest
 import torch
 
-from flow_chunked_model import causal_flow_chunked
+from flow_chunked_model import causal_flow_chunked, causal_flow_chunked_backward, noncausal_flow_passes
 from flowformer import functional as F
 from flowformer import reference as R
 
@@ -53,3 +54,58 @@ def test_the_comparison_sees_a_small_change():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     moved = causal_flow_chunked(q, k, v, valid, eps=eps * (1 + 1e-3), clamp=1.0, chunk=16)
     assert not torch.allclose(moved, expected, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("segment", [1, 5, 64, 1000])
+@pytest.mark.parametrize("feature_map", ["sigmoid", "elu1", "relu", "identity"])
+@pytest.mark.parametrize("clamp", [1.0, 0.05, float("inf")])
+@pytest.mark.parametrize("padding", ["none", "both", "all_keys"])
+def test_noncausal_passes_equal_reference(segment, feature_map, clamp, padding):
+    gen = torch.Generator().manual_seed(hash((segment, feature_map, clamp, padding)) % 2**31)
+    B, H, L, S, D, M = 2, 2, 70, 45, 5, 3
+    query = torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) * 2
+    key = torch.randn(B, H, S, D, generator=gen, dtype=torch.float64) * 2
+    value = torch.randn(B, H, S, M, generator=gen, dtype=torch.float64)
+    if feature_map == "identity":
+        query, key = query.abs(), key.abs()
+    qpad, kpad = torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, S, dtype=torch.bool)
+    if padding == "both":
+        qpad = torch.rand(B, L, generator=gen) < 0.3
+        kpad = torch.rand(B, S, generator=gen) < 0.3
+    elif padding == "all_keys":
+        kpad[1] = True  # an element with no valid key: its output is 0
+    options = dict(causal=False, feature_map=feature_map, eps=1e-6, clamp=clamp, query_padding_mask=qpad,
+                   key_padding_mask=kpad)
+    expected = R.flow_attention(query, key, value, **options)
+    op = F.flow_attention(query, key, value, **options)
+    q, k = R.apply_feature_map(query, feature_map), R.apply_feature_map(key, feature_map)
+    got = noncausal_flow_passes(q, k, value, ~qpad, ~kpad, eps=1e-6, clamp=clamp, segment=segment)
+    assert torch.isfinite(got).all()
+    finite = torch.isfinite(expected)
+    assert finite.all() or clamp == float("inf")
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, op, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("clamp", [1.0, 0.05, float("inf")])
+@pytest.mark.parametrize("padding", ["none", "left", "random"])
+def test_causal_backward_passes_equal_autograd(chunk, clamp, padding):
+    gen = torch.Generator().manual_seed(hash((chunk, clamp, padding)) % 2**31)
+    B, H, L, D, M = 2, 2, 90, 4, 3
+    q = torch.rand(B, H, L, D, generator=gen, dtype=torch.float64)  # features: non-negative
+    k = torch.rand(B, H, L, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, H, L, M, generator=gen, dtype=torch.float64)
+    dout = torch.randn(B, H, L, M, generator=gen, dtype=torch.float64)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    if padding == "left":
+        pad[0, :70] = True
+    elif padding == "random":
+        pad = torch.rand(B, L, generator=gen) < 0.3
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = R.flow_attention(*inputs, causal=True, feature_map="identity", eps=1e-6, clamp=clamp,
+                           query_padding_mask=pad)
+    expected = torch.autograd.grad(out, inputs, dout)
+    got = causal_flow_chunked_backward(q, k, v, ~pad, dout, eps=1e-6, clamp=clamp, chunk=chunk)
+    for name, a, b in zip("qkv", got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"d{name}: {m}")
