@@ -32,7 +32,6 @@ from pathlib import Path
 
 ARCH = "sm_90"
 ROOT = Path(__file__).resolve().parents[2]
-INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")  # offset, predicate, mnemonic
 COUNTED = {  # column -> SASS mnemonics (before the first '.')
     "HMMA": {"HMMA"},
     "LDSM": {"LDSM"},
@@ -86,15 +85,12 @@ def kernel_facts(cuobjdump, binary):
         elif arch == ARCH and "REG:" in line:
             for key, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line):
                 current[key] = int(value)
-    arch = name = None
-    for line in run([cuobjdump, "-sass", binary]).splitlines():
-        if m := re.match(r"\s*code for (sm_\d+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function : (\S+)", line):
-            name = m.group(1)
-        elif arch == ARCH and name in facts and (m := INSTRUCTION.match(line)):
+    for name, instructions in function_code(cuobjdump, binary).items():
+        if name not in facts:
+            continue
+        for _, mnemonic, _, _ in instructions:
             for column, mnemonics in COUNTED.items():
-                if m.group(1) in mnemonics:
+                if mnemonic in mnemonics:
                     facts[name][column] += 1
     return facts
 
