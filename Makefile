@@ -55,11 +55,11 @@ test-simt: deps catch2
 
 # Lower bounds on the fused linear-attention kernels' GPU time, from what the emulator counts them doing and
 # the issue slots of their sm_90 chunk loops (benchmarks/kernel_bounds.py); results in benchmarks/results/bounds.
-SIMT_SASS = $(SIMT_BUILD_DIR)/liblinear_attention_bounds_sm90.so
+SIMT_SASS = $(SIMT_BUILD_DIR)/libfused_kernels_bounds_sm90.so
 bounds: deps catch2
 	$(SIMT_CONFIGURE)
 	$(VENV)/bin/cmake --build $(SIMT_BUILD_DIR) -j $(JOBS) --target kernel_counts \
-		$$(command -v nvcc >/dev/null && echo linear_attention_bounds_sm90)
+		$$(command -v nvcc >/dev/null && echo fused_kernels_bounds_sm90)
 	$(PY) benchmarks/kernel_bounds.py --counts $(SIMT_BUILD_DIR)/kernel_counts \
 		$$(test -f $(SIMT_SASS) && echo --sass $(SIMT_SASS)) --out benchmarks/results/bounds
 

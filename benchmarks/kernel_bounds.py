@@ -1,4 +1,4 @@
-"""Lower bounds on the fused linear-attention kernels' time on a GPU, from what the SIMT emulator counts them
+"""Lower bounds on the fused kernels' time on a GPU (linear attention; causal Flow-Attention's forward), from what the SIMT emulator counts them
 doing (kernel_counts, built by `make test-simt` in build/simt) and the GPU's constants (hardware.toml).
 
 A block walks its rows in chunks of 64. The emulator runs one block over 2 and over 4 chunks; the difference
@@ -117,6 +117,8 @@ def ops(shape, dtype, kernels, binary, gpu):
          launches("causal_backward", ["causal_query_grads", "causal_key_grads"])),
         ("non-causal forward", row * (2 * D + 2 * M),
          launches("noncausal", ["segment_sums", "state_output"], causal=False)),
+        ("Flow-Attention causal forward", row * (2 * D + 2 * M),  # whole sequences (no split schedule yet)
+         [("flow_causal_forward", B * H * kernels["flow_causal_forward"]["tiles"], math.ceil(L / CHUNK))]),
     ]
 
 
@@ -193,6 +195,9 @@ def report(kernels, dtype, shapes, binary, gpus, loops):
             results.append({"gpu": gpu_key, "shape": shape_name, "op": "causal forward + backward",
                             "floor_us": total_floor, "bound_us": total, "percent_of_floor": 100 * total_floor / total,
                             "every_path_us": every})
+            flow = next(r for r in fwd if r["op"] == "Flow-Attention causal forward")
+            lines.append(f"Flow-Attention's causal forward: {flow['bound_us'] / both[0]['bound_us']:.2f}x the bound of "
+                         f"linear attention's (every path: {flow['every_path_us'] / both[0]['every_path_us']:.2f}x).")
     return "\n".join(lines), results
 
 
@@ -240,7 +245,8 @@ def main():
         (out / "kernel_bounds.md").write_text(text + "\n")
         (out / "kernel_bounds.json").write_text(json.dumps(results, indent=1) + "\n")
     if args.check:
-        for name in ("causal_forward", "causal_query_grads", "causal_key_grads", "segment_sums", "state_output"):
+        for name in ("causal_forward", "causal_query_grads", "causal_key_grads", "segment_sums", "state_output",
+                     "flow_causal_forward"):
             chunk = kernels[name]["chunk"]
             assert chunk["mma"] > 0 and chunk["shared_wavefronts"] > 0 and chunk["dram_bytes"] > 0, (name, chunk)
         for r in results:

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "common/checks.h"
+#include "common/chunk_inputs.h"
 #include "linear_attention/fused_kernels.h"
 #include "linear_attention/linear_attention_ops.h"
 
@@ -25,6 +26,11 @@ using linear_attention_ops::CausalGrads;
 using linear_attention_ops::CausalResult;
 using linear_attention_ops::Grads;
 using linear_attention_ops::Optional;
+using chunk_inputs::aligned_rows;
+using chunk_inputs::contiguous_or_undefined;
+using chunk_inputs::data_or_null;
+using chunk_inputs::element_bytes_of;
+using chunk_inputs::element_of;
 
 // One build of the kernels: run_for_head_dim<cuda::CausalForward> (...) on the current stream, or the
 // emulated ones; how much shared memory a block may have there, and how many multiprocessors run blocks (for
@@ -40,21 +46,6 @@ struct Build {
   std::size_t shared_limit;
   int64_t multiprocessors;
 };
-
-// The kernels' element type of the inputs' dtype: bf16, half or float32 (float64 takes no fused kernel).
-inline kernels::Element element_of(const at::Tensor& query) {
-  switch (query.scalar_type()) {
-    case at::kHalf:
-      return kernels::Element::half;
-    case at::kFloat:
-      return kernels::Element::float32;
-    default:
-      return kernels::Element::bf16;
-  }
-}
-
-// Bytes an element of the kernels' type of the inputs' dtype (element_of).
-inline std::size_t element_bytes_of(const at::Tensor& query) { return kernels::element_bytes(element_of(query)); }
 
 // Inputs of the fused kernels' dtypes (bf16, half; float32 with D <= kMaxFloatD), sequences and heads that fit
 // a grid. cu: the checked values of cu_seqlens, or empty.
@@ -111,52 +102,10 @@ inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, con
          kernels::causal_backward_block_bytes(int(D), BM, bytes) <= build.shared_limit;
 }
 
-// x, or a contiguous copy where its rows are not unit-stride runs on 16 bytes (what cp.async reads).
-inline at::Tensor aligned_rows(const at::Tensor& x) {
-  const int64_t per16 = 16 / int64_t(x.element_size());  // elements in 16 bytes
-  const bool aligned = x.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
-                       x.stride(0) % per16 == 0 && x.stride(1) % per16 == 0 && x.stride(2) % per16 == 0;
-  return aligned ? x : x.clone(at::MemoryFormat::Contiguous);
-}
+// The inputs of a call (chunk_inputs::InputTensors) and the segments of linear attention's grids.
+struct InputTensors : chunk_inputs::InputTensors {
+  using chunk_inputs::InputTensors::InputTensors;
 
-inline const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
-inline at::Tensor contiguous_or_undefined(const Optional& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
-
-// The inputs' part of the parameters, and the tensors it points into (aligned copies where needed, the
-// offsets of cu_seqlens on the device). params.L is the length of query (a non-causal call sets the keys'
-// for its key pass).
-struct InputTensors {
-  at::Tensor q, k, v, offsets;
-  kernels::Inputs params;
-
-  InputTensors(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, FeatureMap feature_map,
-               bool normalize, double eps, const std::vector<int64_t>& cu)
-      : q(aligned_rows(query)), k(aligned_rows(key)), v(aligned_rows(value)) {
-    if (!cu.empty()) {
-      offsets = at::tensor(cu, at::TensorOptions().dtype(at::kLong)).to(query.device());
-    }
-    kernels::Inputs& p = params;
-    p.q = q.const_data_ptr();
-    p.k = k.const_data_ptr();
-    p.v = v.const_data_ptr();
-    for (int i = 0; i < 3; ++i) {
-      p.q_stride[i] = q.stride(i);
-      p.k_stride[i] = k.stride(i);
-      p.v_stride[i] = v.stride(i);
-    }
-    p.cu_seqlens = offsets.defined() ? offsets.const_data_ptr<int64_t>() : nullptr;
-    p.L = query.size(2);
-    p.N = int(cu.empty() ? query.size(0) : int64_t(cu.size()) - 1);
-    p.H = int(query.size(1));
-    p.D = int(query.size(3));
-    p.M = int(value.size(3));
-    p.feature_map = feature_map;
-    p.normalize = normalize;
-    p.eps = static_cast<float>(eps);
-    p.element = element_of(query);
-  }
-  at::TensorOptions state_options() const { return q.options().dtype(at::kFloat); }
-  int64_t N() const { return params.N; }
   // The segments of forward-like blocks (sequence, head, value tile: a backward pass's if `backward`) over
   // sequences of at most `longest` rows.
   kernels::Segments plan(int64_t longest, const Build& build, kernels::ScheduleBytes bytes,

@@ -93,6 +93,42 @@ FF_DEVICE Fragment<T> ones_fragment() {
   return b;
 }
 
+// a's k columns scaled (a: an A fragment): the columns k0 + 2t + 8 h + e by s[h][e] (this lane's of the k step).
+template <typename T>
+FF_DEVICE void scale_k_columns(Fragment<T>& a, const float (&s)[2][2]) {
+  FF_UNROLL
+  for (int i = 0; i < 4; ++i) {  // pair i: row g + 8 (i % 2), columns 2t + 8 (i / 2) and the next
+    if constexpr (std::is_same_v<T, float>) {
+      a.r[2 * i] *= s[i / 2][0];
+      a.r[2 * i + 1] *= s[i / 2][1];
+    } else {
+      float x0, x1;
+      simt::unpack_floats<T>(a.r[i], x0, x1);
+      a.set_pair(i, x0 * s[i / 2][0], x1 * s[i / 2][1]);
+    }
+  }
+}
+
+// b's k rows scaled (b: two B fragments, n tiles 0 and 1, as SharedMatrix::b_fragments loads them): the rows
+// k0 + 2t + 8 i + e of both tiles by s[i][e] (this lane's rows of the k step).
+template <typename T>
+FF_DEVICE void scale_k_rows(Fragment<T>& b, const float (&s)[2][2]) {
+  FF_UNROLL
+  for (int j = 0; j < 2; ++j) {
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      if constexpr (std::is_same_v<T, float>) {  // float 4 j + 2 i + e: n tile j, k row 2t + 8 i + e
+        b.r[4 * j + 2 * i] *= s[i][0];
+        b.r[4 * j + 2 * i + 1] *= s[i][1];
+      } else {  // register 2 j + i: n tile j, k rows 2t + 8 i and the next
+        float x0, x1;
+        simt::unpack_floats<T>(b.r[2 * j + i], x0, x1);
+        b.set_pair(2 * j + i, x0 * s[i][0], x1 * s[i][1]);
+      }
+    }
+  }
+}
+
 template <typename T>
 FF_DEVICE void mma_pair(float (&d0)[4], float (&d1)[4], const Fragment<T>& a, const Fragment<T>& b) {
   if constexpr (std::is_same_v<T, float>) {

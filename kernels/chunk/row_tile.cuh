@@ -80,6 +80,33 @@ struct RowTile {
   }
 };
 
+// The values x_j of a chunk's rows j (64 floats of shared memory) at this lane's score columns: x[n][e] = x_j
+// for j = 8 n + 2t + e.
+FF_DEVICE void load_key_pairs(const Lane& l, simt::shared_ptr<float> values, float (&x)[kChunkRows / 8][2]) {
+  FF_UNROLL
+  for (int n = 0; n < kChunkRows / 8; ++n) {
+    const Two<float> pair = simt::shared_cast<Two<float>>(values + 8 * n + 2 * l.t)[0];
+    x[n][0] = pair.x0;
+    x[n][1] = pair.x1;
+  }
+}
+
+// The inclusive prefix sums over a warp's 16 rows of a value per row (row g + 8 i at x[i], the same in the 4
+// lanes of a row group, as accumulators hold rows): a scan over the row groups by shuffles.
+FF_DEVICE void warp_row_prefix(const Lane& l, float (&x)[2]) {
+  FF_UNROLL
+  for (int offset = 4; offset < 32; offset *= 2) {  // row groups g - 1, g - 2, g - 4
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const float before = __shfl_up_sync(0xffffffffu, x[i], offset);
+      if (l.lane >= offset) {
+        x[i] += before;
+      }
+    }
+  }
+  x[1] += __shfl_sync(0xffffffffu, x[0], 28 + l.t);  // rows 8 .. after rows 0 .. 7 (row group 7)
+}
+
 // The chunk's 64 x 64 score matrix seen by one warp: its rows against the keys of the 16-wide key tiles on
 // one side of the diagonal (Lower: keys j <= row, tiles up to the warp's; upper: j >= row, from the warp's).
 template <bool Lower>
@@ -168,11 +195,39 @@ struct Scores {
           a.set_pair(2 * half + 1, c[2] * scale, c[3] * scale);
         }
         FF_UNROLL
-        for (int vp = 0; vp < N / 16; ++vp) {
+        for (int vp = 0; vp < N / 16; ++vp) {  // whole pairs of n tiles (a lone n8 tile past them is left alone)
           Fragment<T> b;
           y.template b_fragments<true>(b, l, np * 16, n0 + vp * 16);
           mma_pair<T>(out.acc[2 * vp], out.acc[2 * vp + 1], a, b);
         }
+      }
+    }
+  }
+
+  // out[i] = sum over the keys j of s[row][j] x_j for this lane's rows (i = 0: g, 1: g + 8), in every lane of
+  // the row group; x[n][e] = x_j for the lane's columns j = 8 n + 2t + e (key_pairs).
+  FF_DEVICE void row_dots(const Lane& l, const float (&x)[kChunkRows / 8][2], float (&out)[2]) const {
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      float sum = 0.f;
+      FF_UNROLL
+      for (int n = 0; n < kChunkRows / 8; ++n) {
+        if (tile_used(n / 2, l.warp)) {
+          sum += s.acc[n][2 * i] * x[n][0] + s.acc[n][2 * i + 1] * x[n][1];
+        }
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      out[i] = sum + __shfl_xor_sync(0xffffffffu, sum, 2);
+    }
+  }
+
+  // The key columns scaled: column j = 8 n + 2t + e (this lane's) by factor[n][e].
+  FF_DEVICE void scale_keys(const float (&factor)[kChunkRows / 8][2]) {
+    FF_UNROLL
+    for (int n = 0; n < kChunkRows / 8; ++n) {
+      FF_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        s.acc[n][e] *= factor[n][e % 2];
       }
     }
   }

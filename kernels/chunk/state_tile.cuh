@@ -10,6 +10,12 @@
 
 namespace flowformer::chunk::FF_SIMT_BUILD {
 
+// StateTile::add_product's default: y's rows as they are.
+struct KeepRows {
+  template <typename Fragment>
+  FF_DEVICE void operator()(Fragment&, int) const {}
+};
+
 // An R x C float matrix in registers: its 16 x 16 units dealt to the warps in turn, two m16n8 accumulators
 // a unit. It adds x^T y over a chunk (x 64 x R, y 64 x C in shared memory) and publishes itself as
 // hi + lo = M 2^-e, 16-bit parts in shared memory, for products with it (half: e > 0 only once |M| reaches
@@ -142,9 +148,10 @@ struct StateTile {
 
   // += x^T y over the chunk's 64 rows (rows past a sequence are zero in x); the vector += x^T 1. 16-bit inputs
   // whose units share their columns (kFixedColumns) load one B fragment a k step for all of them; float inputs
-  // walk a unit at a time (fewer live registers: no spills).
-  template <typename XMatrix, typename YMatrix>
-  FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y) {
+  // walk a unit at a time (fewer live registers: no spills). scale_y(b, k0) may scale the rows of each B
+  // fragment of y once loaded (k rows k0 ..: x^T (w y) for row weights w).
+  template <typename XMatrix, typename YMatrix, typename ScaleY = KeepRows>
+  FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y, const ScaleY& scale_y = {}) {
     [[maybe_unused]] const Fragment<T> ones = ones_fragment<T>();
     const auto unit_step = [&](int i, int k0, const Fragment<T>& b) {
       const int u = unit(l, i);
@@ -161,6 +168,7 @@ struct StateTile {
       for (int k0 = 0; k0 < kChunkRows; k0 += 16) {
         Fragment<T> b;
         y.template b_fragments<true>(b, l, k0, unit(l, 0) % (C / 16) * 16);
+        scale_y(b, k0);
         FF_UNROLL
         for (int i = 0; i < kUnitsPerWarp; ++i) {
           if (unit(l, i) < kUnits) {
@@ -175,6 +183,7 @@ struct StateTile {
           for (int k0 = 0; k0 < kChunkRows; k0 += 16) {
             Fragment<T> b;
             y.template b_fragments<true>(b, l, k0, unit(l, i) % (C / 16) * 16);
+            scale_y(b, k0);
             unit_step(i, k0, b);
           }
         }
@@ -182,12 +191,14 @@ struct StateTile {
     }
   }
 
-  // += 2^e x^T y, x scaled into [-1, 1] by 2^-e (scale_rows_into_unit): the accumulators stay in their units.
-  template <typename XMatrix, typename YMatrix>
-  FF_DEVICE void add_scaled_product(const Lane& l, const XMatrix& x, const YMatrix& y, int e) {
+  // += 2^e x^T y, x (or y's rows, by scale_y as in add_product) scaled into [-1, 1] by 2^-e
+  // (scale_rows_into_unit): the accumulators stay in their units.
+  template <typename XMatrix, typename YMatrix, typename ScaleY = KeepRows>
+  FF_DEVICE void add_scaled_product(const Lane& l, const XMatrix& x, const YMatrix& y, int e,
+                                    const ScaleY& scale_y = {}) {
     const float down = ldexpf(1.f, -e), up = ldexpf(1.f, e);  // powers of two: exact products
     for_all(l, [&](float& a) { a *= down; });
-    add_product(l, x, y);
+    add_product(l, x, y, scale_y);
     for_all(l, [&](float& a) { a *= up; });
   }
 

@@ -3,6 +3,7 @@
 // SIMT emulator: emulated::) and the torch glue (csrc/linear_attention/fused.h). Torch-free.
 #pragma once
 
+#include "chunk/inputs.h"
 #include "chunk/shape.h"
 #include "common/feature_map_kind.h"
 
@@ -13,31 +14,11 @@
 
 namespace flowformer::linear_attention_kernels {
 
-// The inputs' dtype: bf16 and half multiply on tensor cores as they are, float32 as three tf32 products.
-enum class Element { bf16, half, float32 };
-constexpr std::size_t element_bytes(Element e) { return e == Element::float32 ? 4 : 2; }
-
-// The inputs of one call: N sequences of H heads (Element) whose rows (the last axis) have a unit stride and
-// start on 16 bytes; strides in elements, per batch, head and row. A kernel that reads only some of q, k, v
-// ignores the others.
-struct Inputs {
-  const void *q, *k, *v;
-  int64_t q_stride[3], k_stride[3], v_stride[3];
-  const int64_t* cu_seqlens;  // (N + 1) row offsets into batch 0, or nullptr: sequence n is batch n
-  int64_t L;                  // rows per batch
-  int N, H, D, M;
-  FeatureMap feature_map;
-  bool normalize;
-  float eps;
-  Element element;
-};
-
-// With segments = G > 1 each sequence runs as G segments of segment_rows rows (the last ones shorter or
-// empty), each a block of its own (the split schedule, for few long sequences or for more blocks).
-struct Segments {
-  int segments;          // G >= 1
-  int64_t segment_rows;  // a multiple of kChunkRows, or 0 (G = 1: whole sequences)
-};
+using chunk::Element;  // the inputs, their type and the segments of a call (chunk/inputs.h)
+using chunk::element_bytes;
+using chunk::Inputs;
+using chunk::run_for_head_dim;
+using chunk::Segments;
 
 // The causal forward; with G > 1 the states are per segment, (N G, H, ...), segment g of sequence n at n G + g.
 struct CausalForwardParams : Inputs, Segments {
@@ -225,25 +206,5 @@ FF_FUSED_KERNELS
 }  // namespace emulated
 #undef FF_FUSED_KERNELS
 #undef FF_FUSED_KERNEL
-
-// Kernel<p.D>::run(p, stream), Kernel one of the above.
-template <template <int> class Kernel, typename Params>
-void run_for_head_dim(const Params& p, void* stream) {
-  switch (p.D) {
-    case 16:
-      return Kernel<16>::run(p, stream);
-    case 32:
-      return Kernel<32>::run(p, stream);
-    case 64:
-      return Kernel<64>::run(p, stream);
-    case 128:
-      return Kernel<128>::run(p, stream);
-    case 256:
-      return Kernel<256>::run(p, stream);
-    default:
-      throw std::invalid_argument("flowformer: no fused linear attention kernel for head dim " +
-                                  std::to_string(p.D));
-  }
-}
 
 }  // namespace flowformer::linear_attention_kernels

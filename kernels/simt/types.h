@@ -127,4 +127,16 @@ FF_SIMT_HD uint32_t pack_floats(float lo, float hi) {
 #endif
 }
 
+// The two T values of a 32-bit register as floats (pack2's inverse: lo from the lower half).
+template <typename T>
+FF_SIMT_HD void unpack_floats(uint32_t two, float& lo, float& hi) {
+  static_assert(sizeof(T) == 2, "16-bit elements");
+  T l, h;
+  const uint16_t lo_bits = uint16_t(two & 0xffffu), hi_bits = uint16_t(two >> 16);
+  std::memcpy(&l, &lo_bits, 2);
+  std::memcpy(&h, &hi_bits, 2);
+  lo = float(l);
+  hi = float(h);
+}
+
 }  // namespace flowformer::simt

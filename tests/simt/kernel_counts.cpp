@@ -1,10 +1,12 @@
-// What the fused linear-attention kernels do, counted by the emulator (simt/counters.h), for the bounds report
+// What the fused kernels do, counted by the emulator (simt/counters.h), for the bounds report
 // (benchmarks/kernel_bounds.py): one (sequence, head) of `chunks` chunks of 64 rows, one block per launch
-// (M within one value tile), every kernel of the causal forward and backward and of the non-causal forward.
+// (M within one value tile), every kernel of linear attention's causal forward and backward and of its
+// non-causal forward, and causal Flow-Attention's forward.
 // Prints JSON: each launch's kernel, grid, block, dynamic shared bytes and its first block's counters.
 //
 //   kernel_counts --dtype bf16 --head-dim 64 --chunks 4
 //   kernel_counts --plan BLOCKS LONGEST MULTIPROCESSORS   (plan_segments of the causal forward and backward)
+#include "flow_attention/causal_forward.cuh"
 #include "fused_problem.h"
 
 #include <cstdio>
@@ -17,6 +19,7 @@
 
 namespace simt = flowformer::simt;
 namespace kernels = flowformer::linear_attention_kernels;
+namespace flow_kernels = flowformer::flow_attention_kernels;
 using flowformer::simt_tests::Case;
 using flowformer::simt_tests::Problem;
 
@@ -106,6 +109,13 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
   output.kv = kv.data();
   output.z = z.data();
   kernels::run_for_head_dim<kernels::emulated::StateOutput>(output, nullptr);
+  // Causal Flow-Attention's forward on the same rows.
+  flow_kernels::CausalForwardParams flow{};
+  problem.inputs(flow);
+  flow.segments = 1;
+  flow.clamp = 1.f;
+  flow.out = out.data();
+  flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(flow, nullptr);
   return records;
 }
 

@@ -1,10 +1,12 @@
-// The fused kernels of linear attention (kernels/linear_attention) in the emulator, against a float64
-// reference on the same inputs (bf16, half; float32 as three tf32 products, within float32's tolerance).
+// The fused kernels of linear attention (kernels/linear_attention) and causal Flow-Attention's fused forward
+// (kernels/flow_attention) in the emulator, against a float64 reference on the same inputs (bf16, half; float32
+// as three tf32 products, within float32's tolerance).
 // Causal forward and backward: packed sequences (empty ones, lengths across chunks), several value tiles,
 // strided rows, initial states and final-state gradients, both normalisations, every feature map, half
 // states past the half range. Non-causal (segment sums, then the state output): padded keys holding NaN,
 // segments of both passes. Every output poisoned first, no hazard (a hazard throws), and the same bits under
 // every schedule.
+#include "flow_problem.h"
 #include "fused_problem.h"
 
 #include <catch2/catch.hpp>
@@ -15,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace kernels = flowformer::linear_attention_kernels;
@@ -459,3 +462,22 @@ TEST_CASE("fused kernels of float32 inputs: three tf32 products keep float32's a
   check_noncausal<float>(Case{{150, 150}, false, 2, 16, 32}, whole_and_split, two_schedules());
   check_noncausal<float>(Case{{80}, false, 1, 128, 64}, {{2, 64}}, two_schedules());
 }
+
+TEMPLATE_TEST_CASE("causal Flow-Attention's fused forward matches the float64 recurrence", "", simt::bf16, simt::half,
+                   float) {
+  // Two sequences with padding, a first run of 70 rows whose state the second carries on from (eps = 0.5: every
+  // eps term counts), D = 16 with M = 32 and D = 64 with M = 64; every output poisoned first, no hazard.
+  using flowformer::simt_tests::FlowCase;
+  using flowformer::simt_tests::FlowProblem;
+  for (const auto& [D, M, clamp] : {std::tuple{16, 32, 1.f}, std::tuple{64, 64, INFINITY}}) {
+    FlowCase c;
+    c.D = D;
+    c.M = M;
+    c.clamp = clamp;
+    INFO("D " << D << ", M " << M);
+    const double error = FlowProblem<TestType>(c).error(70);
+    CHECK(error >= 0);
+    CHECK(error <= tolerance<TestType>());
+  }
+}
+

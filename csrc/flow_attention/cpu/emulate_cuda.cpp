@@ -1,16 +1,36 @@
 #include "flow_attention/cpu/emulate_cuda.h"
 
 #include "flow_attention/flow_attention_portable.h"
+#include "flow_attention/fused.h"
 
 #include "common/host_executor.h"
 #include "common/emulated_executor.h"  // last: simt.h defines CUDA names as macros
 
 namespace flowformer::flow_attention_cpu {
+namespace {
+
+namespace kernels = flow_attention_kernels;
+
+// The fused kernels' emulator build, with the shared memory of the emulated architecture.
+flow_attention_fused::Build emulated_fused_build() {
+  return {[](const kernels::CausalForwardParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::CausalForward>(p, nullptr);
+          },
+          simt::shared_memory_limit(simt::current_options().arch)};
+}
+
+}  // namespace
 
 at::Tensor emulated_forward(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             bool causal, c10::string_view feature_map, double eps, double clamp,
                             const flow_attention_ops::Mask& query_padding_mask,
                             const flow_attention_ops::Mask& key_padding_mask) {
+  const flow_attention_fused::Build build = emulated_fused_build();
+  if (causal && flow_attention_fused::takes_causal(query, value, build)) {
+    return flow_attention_fused::causal_forward(build, query, key, value, parse_feature_map(op, feature_map), eps,
+                                                clamp, {}, query_padding_mask, key_padding_mask, false)
+        .first;
+  }
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
   return flow_attention_portable::forward(portable::EmulatedExecutor{}, problem);
@@ -29,12 +49,16 @@ flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& gr
 std::tuple<at::Tensor, at::Tensor> emulated_forward_with_state(
     const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     c10::string_view feature_map, double eps, double clamp, const flow_attention_ops::Mask& state,
-    const flow_attention_ops::Mask& query_padding_mask, const flow_attention_ops::Mask& key_padding_mask) {
-  const auto problem = flow_attention_portable::make_problem(op, query, key, value, true, feature_map, eps, clamp,
-                                                             query_padding_mask, key_padding_mask);
-  auto [out, final_state] = flow_attention_portable::forward_with_state(portable::EmulatedExecutor{}, problem,
-                                                                       state.value_or(at::Tensor()));
-  return {out, final_state};
+    const flow_attention_ops::Mask& query_padding_mask, const flow_attention_ops::Mask& key_padding_mask,
+    const flow_attention_ops::Mask& cu_seqlens) {
+  return flow_attention_fused::causal_with_state(
+      emulated_fused_build(), op, query, key, value, feature_map, eps, clamp, state, query_padding_mask,
+      key_padding_mask, cu_seqlens, [&]() -> std::tuple<at::Tensor, at::Tensor> {
+        const auto problem = flow_attention_portable::make_problem(op, query, key, value, true, feature_map, eps,
+                                                                   clamp, query_padding_mask, key_padding_mask);
+        return flow_attention_portable::forward_with_state(portable::EmulatedExecutor{}, problem,
+                                                           state.value_or(at::Tensor()));
+      });
 }
 
 flow_attention_ops::StateGrads portable_backward_with_state(

@@ -18,10 +18,13 @@ flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& gr
                                             const flow_attention_ops::Mask& query_padding_mask,
                                             const flow_attention_ops::Mask& key_padding_mask);
 
+// Packed sequences (cu_seqlens) in one launch of the fused kernel where it takes the call, else one call a
+// sequence (flow_attention_ops::causal_with_state_packed).
 std::tuple<at::Tensor, at::Tensor> emulated_forward_with_state(
     const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     c10::string_view feature_map, double eps, double clamp, const flow_attention_ops::Mask& state,
-    const flow_attention_ops::Mask& query_padding_mask, const flow_attention_ops::Mask& key_padding_mask);
+    const flow_attention_ops::Mask& query_padding_mask, const flow_attention_ops::Mask& key_padding_mask,
+    const flow_attention_ops::Mask& cu_seqlens);
 
 // The gradients of causal_flow_attention by the CUDA algorithm: its item kernels in the SIMT emulator
 // (emulated), or run on the host (HostExecutor: the CPU backend's implementation of this op).

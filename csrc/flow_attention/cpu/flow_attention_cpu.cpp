@@ -94,13 +94,13 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_cpu(const at::Tensor& query
   const char* op = flow_attention_ops::kCausalState;
   flow_attention_ops::check_state_args(query, key, value, feature_map, eps, clamp, state, query_padding_mask,
                                        key_padding_mask, cu_seqlens);
+  if (emulate_cuda_requested()) {
+    return emulated_forward_with_state(op, query, key, value, feature_map, eps, clamp, state, query_padding_mask,
+                                       key_padding_mask, cu_seqlens);
+  }
   if (cu_seqlens.has_value()) {
     return flow_attention_ops::causal_with_state_packed(query, key, value, feature_map, eps, clamp, state,
                                                         query_padding_mask, key_padding_mask, *cu_seqlens);
-  }
-  if (emulate_cuda_requested()) {
-    return emulated_forward_with_state(op, query, key, value, feature_map, eps, clamp, state, query_padding_mask,
-                                       key_padding_mask);
   }
   const Features f = convert(op, query, key, value, feature_map, eps, clamp, query_padding_mask, key_padding_mask);
   const int64_t size = RecurrentState{f.D, f.M}.size();

@@ -1,17 +1,33 @@
-// CUDA backend of flowformer::flow_attention and its backward: the portable kernels of
-// flow_attention/flow_attention_portable.h, one CUDA thread per item, on the current stream of the
-// inputs' device.
+// CUDA backend of flowformer::flow_attention and its backward, on the current stream of the inputs' device: the
+// fused causal forward (flow_attention/fused.h) where it applies, else the portable kernels of
+// flow_attention/flow_attention_portable.h, one CUDA thread per item.
+#include "common/checks.h"
 #include "common/cuda_executor.cuh"
 #include "flow_attention/flow_attention_ops.h"
 #include "flow_attention/flow_attention_portable.h"
+#include "flow_attention/fused.h"
 
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 namespace flowformer::flow_attention_cuda {
 namespace {
 
 using flow_attention_ops::Mask;
+namespace kernels = flow_attention_kernels;
+
+// The fused kernels' CUDA build, on the current stream of the current device (the caller holds its guard).
+flow_attention_fused::Build fused_build() {
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int shared_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return {[](const kernels::CausalForwardParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::CausalForward>(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
+          std::size_t(shared_limit)};
+}
 
 at::Tensor forward_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal,
                         c10::string_view feature_map, double eps, double clamp, const Mask& query_padding_mask,
@@ -20,6 +36,12 @@ at::Tensor forward_cuda(const at::Tensor& query, const at::Tensor& key, const at
   flow_attention_ops::check_args(op, query, key, value, causal, feature_map, eps, clamp, query_padding_mask,
                                  key_padding_mask);
   const c10::cuda::CUDAGuard guard(query.device());
+  const flow_attention_fused::Build build = fused_build();
+  if (causal && flow_attention_fused::takes_causal(query, value, build)) {
+    return flow_attention_fused::causal_forward(build, query, key, value, parse_feature_map(op, feature_map), eps,
+                                                clamp, {}, query_padding_mask, key_padding_mask, false)
+        .first;
+  }
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
   return flow_attention_portable::forward(portable::CudaExecutor{}, problem);
@@ -48,15 +70,14 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_cuda(const at::Tensor& quer
   flow_attention_ops::check_state_args(query, key, value, feature_map, eps, clamp, state, query_padding_mask,
                                        key_padding_mask, cu_seqlens);
   const c10::cuda::CUDAGuard guard(query.device());
-  if (cu_seqlens.has_value()) {
-    return flow_attention_ops::causal_with_state_packed(query, key, value, feature_map, eps, clamp, state,
-                                                        query_padding_mask, key_padding_mask, *cu_seqlens);
-  }
-  const auto problem = flow_attention_portable::make_problem(op, query, key, value, true, feature_map, eps, clamp,
-                                                             query_padding_mask, key_padding_mask);
-  auto [out, final_state] = flow_attention_portable::forward_with_state(portable::CudaExecutor{}, problem,
-                                                                       state.value_or(at::Tensor()));
-  return {out, final_state};
+  return flow_attention_fused::causal_with_state(
+      fused_build(), op, query, key, value, feature_map, eps, clamp, state, query_padding_mask, key_padding_mask,
+      cu_seqlens, [&]() -> std::tuple<at::Tensor, at::Tensor> {
+        const auto problem = flow_attention_portable::make_problem(op, query, key, value, true, feature_map, eps,
+                                                                   clamp, query_padding_mask, key_padding_mask);
+        return flow_attention_portable::forward_with_state(portable::CudaExecutor{}, problem,
+                                                           state.value_or(at::Tensor()));
+      });
 }
 
 flow_attention_ops::StateGrads causal_with_state_backward_cuda(

@@ -1,6 +1,7 @@
-// The fused linear-attention kernels of head dim 64 (benchmarks/kernel_bounds.py's shapes) in the CUDA build, with
-// the feature map fixed to elu + 1 (FLOWFORMER_ONE_FEATURE_MAP, set by CMake): each chunk loop then holds the
-// code a call with that map runs, and kernel_bounds.py counts its instructions (`make bounds`).
+// The fused kernels of head dim 64 (benchmarks/kernel_bounds.py's shapes) in the CUDA build, with the feature map
+// fixed to elu + 1 (FLOWFORMER_ONE_FEATURE_MAP, set by CMake): each chunk loop then holds the code a call with
+// that map runs, and kernel_bounds.py counts its instructions (`make bounds`).
+#include "flow_attention/causal_forward.cuh"
 #include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
 #include "linear_attention/noncausal_backward.cuh"
@@ -14,3 +15,5 @@ template struct CausalKeyGrads<64>;
 template struct SegmentSums<64>;
 template struct StateOutput<64>;
 }  // namespace flowformer::linear_attention_kernels::cuda
+
+template struct flowformer::flow_attention_kernels::cuda::CausalForward<64>;

@@ -1,0 +1,80 @@
+// The inputs of the fused chunked kernels (kernels/chunk/inputs.h) from tensors, for every kernel family's torch
+// glue: their element type, rows aligned for cp.async, and the parameters that point into them.
+#pragma once
+
+#include "chunk/inputs.h"
+#include "common/feature_map.h"
+
+#include <ATen/ATen.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace flowformer::chunk_inputs {
+
+// The kernels' element type of the inputs' dtype: bf16, half or float32 (float64 takes no fused kernel).
+inline chunk::Element element_of(const at::Tensor& query) {
+  switch (query.scalar_type()) {
+    case at::kHalf:
+      return chunk::Element::half;
+    case at::kFloat:
+      return chunk::Element::float32;
+    default:
+      return chunk::Element::bf16;
+  }
+}
+
+// Bytes an element of the kernels' type of the inputs' dtype (element_of).
+inline std::size_t element_bytes_of(const at::Tensor& query) { return chunk::element_bytes(element_of(query)); }
+
+// x, or a contiguous copy where its rows are not unit-stride runs on 16 bytes (what cp.async reads).
+inline at::Tensor aligned_rows(const at::Tensor& x) {
+  const int64_t per16 = 16 / int64_t(x.element_size());  // elements in 16 bytes
+  const bool aligned = x.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
+                       x.stride(0) % per16 == 0 && x.stride(1) % per16 == 0 && x.stride(2) % per16 == 0;
+  return aligned ? x : x.clone(at::MemoryFormat::Contiguous);
+}
+
+inline const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
+
+// The inputs' part of the parameters, and the tensors it points into (aligned copies where needed, the
+// offsets of cu_seqlens on the device). params.L is the length of query (a non-causal call sets the keys'
+// for its key pass).
+struct InputTensors {
+  at::Tensor q, k, v, offsets;
+  chunk::Inputs params;
+
+  InputTensors(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, FeatureMap feature_map,
+               bool normalize, double eps, const std::vector<int64_t>& cu)
+      : q(aligned_rows(query)), k(aligned_rows(key)), v(aligned_rows(value)) {
+    if (!cu.empty()) {
+      offsets = at::tensor(cu, at::TensorOptions().dtype(at::kLong)).to(query.device());
+    }
+    chunk::Inputs& p = params;
+    p.q = q.const_data_ptr();
+    p.k = k.const_data_ptr();
+    p.v = v.const_data_ptr();
+    for (int i = 0; i < 3; ++i) {
+      p.q_stride[i] = q.stride(i);
+      p.k_stride[i] = k.stride(i);
+      p.v_stride[i] = v.stride(i);
+    }
+    p.cu_seqlens = offsets.defined() ? offsets.const_data_ptr<int64_t>() : nullptr;
+    p.L = query.size(2);
+    p.N = int(cu.empty() ? query.size(0) : int64_t(cu.size()) - 1);
+    p.H = int(query.size(1));
+    p.D = int(query.size(3));
+    p.M = int(value.size(3));
+    p.feature_map = feature_map;
+    p.normalize = normalize;
+    p.eps = static_cast<float>(eps);
+    p.element = element_of(query);
+  }
+  at::TensorOptions state_options() const { return q.options().dtype(at::kFloat); }
+  int64_t N() const { return params.N; }
+};
+
+}  // namespace flowformer::chunk_inputs

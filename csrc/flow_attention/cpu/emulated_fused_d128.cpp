@@ -1,0 +1,4 @@
+// The fused kernels of Flow-Attention for head dim 128, SIMT emulator build (kernels/flow_attention).
+#include "flow_attention/causal_forward.cuh"
+
+template struct flowformer::flow_attention_kernels::emulated::CausalForward<128>;

@@ -1,0 +1,30 @@
+"""Writes a copy of a kernel source with one planted bug: plant_bug.py BUG SOURCE DESTINATION. Each bug replaces
+one exact piece of the source; a piece that is not found fails (so that a planted test cannot quietly stop
+planting anything when the kernel changes)."""
+
+import sys
+from pathlib import Path
+
+BUGS = {  # name -> (what the kernel has, the bug)
+    # I_t's denominator without e s(q_t)
+    "dropped_eps": ("I[i] = ok[i] ? n[i] / (qK + g_sum[i] + e * sq[i] + ", "I[i] = ok[i] ? n[i] / (qK + g_sum[i] + "),
+    # the sums up to a row take in the warp's own total as well as the earlier warps'
+    "wrong_prefix": ("if (w < l.warp) {", "if (w <= l.warp) {"),
+    # the competition's running sum not rescaled to a new maximum
+    "competition_not_rescaled": ("return {top, E * exp(m - top) + next.E * exp(next.m - top)};",
+                                 "return {top, E + next.E * exp(next.m - top)};"),
+}
+
+
+def main():
+    bug, source, destination = sys.argv[1:]
+    text = Path(source).read_text()
+    correct, planted = BUGS[bug]
+    if text.count(correct) != 1:
+        sys.exit(f"plant_bug.py: {bug}: {correct!r} is not in {source} exactly once")
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    Path(destination).write_text(text.replace(correct, planted))
+
+
+if __name__ == "__main__":
+    main()
