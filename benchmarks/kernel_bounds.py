@@ -1,4 +1,4 @@
-"""Lower bounds on the fused kernels' time on a GPU (linear attention; causal Flow-Attention's forward), from what the SIMT emulator counts them
+"""Lower bounds on the fused kernels' time on a GPU (linear attention; Flow-Attention's forwards), from what the SIMT emulator counts them
 doing (kernel_counts, built by `make test-simt` in build/simt) and the GPU's constants (hardware.toml).
 
 A block walks its rows in chunks of 64. The emulator runs one block over 2 and over 4 chunks; the difference
@@ -119,7 +119,20 @@ def ops(shape, dtype, kernels, binary, gpu):
          launches("noncausal", ["segment_sums", "state_output"], causal=False)),
         ("Flow-Attention causal forward", row * (2 * D + 2 * M),  # whole sequences (no split schedule yet)
          [("flow_causal_forward", B * H * kernels["flow_causal_forward"]["tiles"], math.ceil(L / CHUNK))]),
+        ("Flow-Attention non-causal forward", row * (2 * D + 2 * M), flow_noncausal(B, H, L, kernels, binary, gpu)),
     ]
+
+
+def flow_noncausal(B, H, L, kernels, binary, gpu):
+    """Non-causal Flow-Attention's launches (L = S): the column sums four times (Q, K; B, A: counted as pass 1's,
+    which pass 2's do and a row dot more), the keys' pass and the queries' pass, each split by its own plan. The
+    host's ops between them (the segments' sums, a few MB at S1) are not counted."""
+    launches = []
+    for names, tiles in ((["flow_vector_sums"] * 4, 1), (["flow_key_sums", "flow_query_output"],
+                                                          kernels["flow_key_sums"]["tiles"])):
+        p = plan(binary, B * H * tiles, L, gpu["multiprocessors"])["flow_noncausal"]
+        launches += [(n, B * p["segments"] * H * tiles, math.ceil(p["rows"] / CHUNK)) for n in names]
+    return launches
 
 
 def kernel_bound(counts, blocks, chunks, gpu, loop):
@@ -198,6 +211,10 @@ def report(kernels, dtype, shapes, binary, gpus, loops):
             flow = next(r for r in fwd if r["op"] == "Flow-Attention causal forward")
             lines.append(f"Flow-Attention's causal forward: {flow['bound_us'] / both[0]['bound_us']:.2f}x the bound of "
                          f"linear attention's (every path: {flow['every_path_us'] / both[0]['every_path_us']:.2f}x).")
+            flow = next(r for r in fwd if r["op"] == "Flow-Attention non-causal forward")
+            linear = next(r for r in fwd if r["op"] == "non-causal forward")
+            lines.append(f"Flow-Attention's non-causal forward: {flow['bound_us'] / linear['bound_us']:.2f}x the bound "
+                         f"of linear attention's, {flow['percent_of_floor']:.0f}% of the single-pass floor.")
     return "\n".join(lines), results
 
 
@@ -231,8 +248,9 @@ def main():
     if args.sass:
         sizes = loop_instructions(args.sass)
         for name, counts in kernels.items():
-            args_text = f"{name}_kernel<{CUDA_TYPES[args.dtype]}, {head_dim}, {head_dim // counts['tiles']}>"
-            match = [v for k, v in sizes.items() if check_kernels.names_kernel(args_text, k)]
+            type_and_dim = f"{name}_kernel<{CUDA_TYPES[args.dtype]}, {head_dim}"
+            names = (f"{type_and_dim}, {head_dim // counts['tiles']}>", f"{type_and_dim}>")  # with a value tile or not
+            match = [v for k, v in sizes.items() if any(check_kernels.names_kernel(n, k) for n in names)]
             if match:
                 loops[name] = match[0]
     text, results = report(kernels, args.dtype, shapes, args.counts, gpus, loops)
@@ -246,9 +264,11 @@ def main():
         (out / "kernel_bounds.json").write_text(json.dumps(results, indent=1) + "\n")
     if args.check:
         for name in ("causal_forward", "causal_query_grads", "causal_key_grads", "segment_sums", "state_output",
-                     "flow_causal_forward"):
+                     "flow_causal_forward", "flow_key_sums", "flow_query_output"):
             chunk = kernels[name]["chunk"]
             assert chunk["mma"] > 0 and chunk["shared_wavefronts"] > 0 and chunk["dram_bytes"] > 0, (name, chunk)
+        chunk = kernels["flow_vector_sums"]["chunk"]  # CUDA cores only
+        assert chunk["mma"] == 0 and chunk["shared_wavefronts"] > 0 and chunk["dram_bytes"] > 0, chunk
         for r in results:
             if "percent_of_floor" in r:
                 assert 0 < r["percent_of_floor"] <= 100.0001, r

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -35,6 +36,17 @@ inline at::Tensor aligned_rows(const at::Tensor& x) {
   const bool aligned = x.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
                        x.stride(0) % per16 == 0 && x.stride(1) % per16 == 0 && x.stride(2) % per16 == 0;
   return aligned ? x : x.clone(at::MemoryFormat::Contiguous);
+}
+
+// Inputs a fused kernel takes: bf16, half or float32 (D <= chunk::kMaxFloatD), D and M in {16, 32, 64, 128,
+// 256}, sequences and heads that fit a grid (cu: the checked values of cu_seqlens, or empty).
+inline bool takes_inputs(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu) {
+  const at::ScalarType type = query.scalar_type();
+  const int64_t D = query.size(3), M = value.size(3);
+  const bool typed = type == at::kBFloat16 || type == at::kHalf || (type == at::kFloat && D <= chunk::kMaxFloatD);
+  const int64_t sequences = cu.empty() ? query.size(0) : int64_t(cu.size()) - 1;
+  return typed && chunk::fused_head_dim(D) && chunk::fused_head_dim(M) &&
+         sequences < std::numeric_limits<int32_t>::max() && query.size(1) <= 65535;
 }
 
 inline const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -31,6 +30,7 @@ using chunk_inputs::contiguous_or_undefined;
 using chunk_inputs::data_or_null;
 using chunk_inputs::element_bytes_of;
 using chunk_inputs::element_of;
+using chunk_inputs::takes_inputs;
 
 // One build of the kernels: run_for_head_dim<cuda::CausalForward> (...) on the current stream, or the
 // emulated ones; how much shared memory a block may have there, and how many multiprocessors run blocks (for
@@ -47,24 +47,13 @@ struct Build {
   int64_t multiprocessors;
 };
 
-// Inputs of the fused kernels' dtypes (bf16, half; float32 with D <= kMaxFloatD), sequences and heads that fit
-// a grid. cu: the checked values of cu_seqlens, or empty.
-inline bool takes_inputs(const at::Tensor& query, const std::vector<int64_t>& cu) {
-  const at::ScalarType type = query.scalar_type();
-  const bool float_inputs = type == at::kFloat && query.size(3) <= kernels::kMaxFloatD;
-  const int64_t sequences = cu.empty() ? query.size(0) : int64_t(cu.size()) - 1;
-  return (type == at::kBFloat16 || type == at::kHalf || float_inputs) &&
-         sequences < std::numeric_limits<int32_t>::max() && query.size(1) <= 65535;
-}
-
-// The forward takes D, M in {16, 32, 64, 128, 256} within the shared memory (float32: D <= 128); a call with
-// L = 1 and no packed sequences stays a decoding step (DecodeStep).
+// The forward takes the inputs of the fused kernels (chunk_inputs::takes_inputs: D, M in {16, ..., 256}) within
+// the shared memory; a call with L = 1 and no packed sequences stays a decoding step (DecodeStep).
 inline bool takes_forward(const at::Tensor& query, const at::Tensor& value, const std::vector<int64_t>& cu,
                           const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
   const std::size_t bytes = element_bytes_of(query);
-  return takes_inputs(query, cu) && kernels::fused_head_dim(D) && kernels::fused_head_dim(M) &&
-         (query.size(2) != 1 || !cu.empty()) &&
+  return takes_inputs(query, value, cu) && (query.size(2) != 1 || !cu.empty()) &&
          kernels::causal_forward_shared_bytes(int(D), kernels::value_tile(int(D), int(M), bytes), bytes) <=
              build.shared_limit;
 }
@@ -72,7 +61,7 @@ inline bool takes_forward(const at::Tensor& query, const at::Tensor& value, cons
 // The non-causal forward takes D, M in {16, 32, 64, 128, 256} within the shared memory (float32: D <= 128).
 inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, const Build& build) {
   const int64_t D = query.size(3), M = value.size(3);
-  if (!takes_inputs(query, {}) || !kernels::fused_head_dim(D) || !kernels::fused_head_dim(M)) {
+  if (!takes_inputs(query, value, {})) {
     return false;
   }
   const std::size_t bytes = element_bytes_of(query);
@@ -98,7 +87,7 @@ inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, con
   const int64_t D = query.size(3), M = value.size(3);
   const std::size_t bytes = element_bytes_of(query);
   const int BM = kernels::backward_value_tile(int(D), int(M), bytes);
-  return takes_inputs(query, cu) && kernels::fused_backward_dims(D, M, /*causal=*/true) &&
+  return takes_inputs(query, value, cu) && kernels::fused_backward_dims(D, M, /*causal=*/true) &&
          kernels::causal_backward_block_bytes(int(D), BM, bytes) <= build.shared_limit;
 }
 

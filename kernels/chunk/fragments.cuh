@@ -6,6 +6,7 @@
 #include "chunk/shape.h"
 #include "simt/simt.h"
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -28,6 +29,41 @@ struct Lane {
   FF_DEVICE int row(int e) const { return warp * 16 + g + e / 2 * 8; }  // chunk row of accumulator element e
   FF_DEVICE int col(int e) const { return 2 * t + e % 2; }               // column within its n tile
 };
+
+// x = hi + lo as operands of T: hi is x rounded to T and lo the rest (float: hi = x, lo = 0), so that the two
+// 16-bit parts carry x to about 2^-17 relative.
+struct Parts {
+  float hi, lo;
+};
+template <typename T>
+FF_DEVICE Parts split_parts(float x) {
+  const float hi = std::is_same_v<T, float> ? x : float(T(x));
+  return {hi, x - hi};
+}
+
+// The largest x over the warp's lanes; every lane gets it.
+FF_DEVICE float warp_max(float x) {
+  FF_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+// The largest x over the block's threads; every thread gets it. largest_s: kWarps floats of shared memory that
+// no thread reads between the block's last barrier and this call. One barrier.
+FF_DEVICE float block_max(float x, simt::shared_ptr<float> largest_s) {
+  x = warp_max(x);
+  if (threadIdx.x % 32 == 0) {
+    largest_s[threadIdx.x / 32] = x;
+  }
+  __syncthreads();
+  FF_UNROLL
+  for (int w = 0; w < kWarps; ++w) {
+    const float m = largest_s[w];
+    x = fmaxf(x, m);
+  }
+  return x;
+}
 
 // An operand of the m16n8k16 layout (simt/tensor_core.h): A (16 x 16), or B of two n tiles (register 2 j + i:
 // n tile j, k rows 8 i ..). 16-bit T: four registers of element pairs; pair i of the float one is [2 i, 2 i + 1].

@@ -38,6 +38,27 @@ struct Segments {
   int64_t segment_rows;  // a multiple of kChunkRows, or 0 (G = 1: whole sequences)
 };
 
+// The split schedule: one block a (sequence, head, value tile) walks the whole sequence, but `blocks` of them
+// may leave most of the `multiprocessors` idle. Then each sequence is cut into segments (at least
+// kMinSegmentRows rows) for about two blocks a multiprocessor; {1, 0}: no split. A split schedule that moves
+// `bytes.split` (B, H, L)-row tensors where the whole one moves `bytes.whole` pays where multiprocessors /
+// blocks (the time of a grid of `blocks` blocks, each streaming one multiprocessor's share of the bandwidth,
+// against the whole device's) exceeds split / whole.
+struct ScheduleBytes {
+  int64_t whole, split;
+};
+constexpr int64_t kMinSegmentRows = 256;
+constexpr Segments plan_segments(int64_t blocks, int64_t longest, int64_t multiprocessors, ScheduleBytes bytes) {
+  if (blocks <= 0 || blocks * bytes.split >= multiprocessors * bytes.whole || longest < 2 * kMinSegmentRows) {
+    return {1, 0};
+  }
+  const int64_t wanted = (2 * multiprocessors + blocks - 1) / blocks;
+  const int64_t rows = ((longest + wanted - 1) / wanted + kChunkRows - 1) / kChunkRows * kChunkRows;
+  const int64_t segment_rows = rows > kMinSegmentRows ? rows : kMinSegmentRows;
+  const int64_t segments = (longest + segment_rows - 1) / segment_rows;
+  return segments > 1 ? Segments{int(segments), segment_rows} : Segments{1, 0};  // segments <= 2 multiprocessors
+}
+
 // Kernel<p.D>::run(p, stream) for the head dims of the fused kernels, one instantiation a head dim (D in
 // {16, 32, 64, 128, 256}).
 template <template <int> class Kernel, typename Params>

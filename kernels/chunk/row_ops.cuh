@@ -85,22 +85,8 @@ FF_DEVICE int chunk_exponent(const ChunkTile<T, Width>& x, const Scale& scale, s
       largest = fmaxf(largest, fabsf(float(p.x[j])));
     }
   }
-  largest *= scale(r);
-  FF_UNROLL
-  for (int offset = 16; offset > 0; offset /= 2) {
-    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
-  }
-  if (threadIdx.x % 32 == 0) {
-    largest_s[threadIdx.x / 32] = largest;
-  }
-  __syncthreads();
-  FF_UNROLL
-  for (int w = 0; w < kWarps; ++w) {
-    const float m = largest_s[w];
-    largest = fmaxf(largest, m);
-  }
   int exponent = 0;
-  frexpf(largest, &exponent);
+  frexpf(block_max(largest * scale(r), largest_s), &exponent);
   return exponent;
 }
 

@@ -167,10 +167,7 @@ struct Scores {
           largest = fmaxf(largest, fabsf(s.acc[n][e]));
         }
       }
-      FF_UNROLL
-      for (int offset = 16; offset > 0; offset /= 2) {
-        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
-      }
+      largest = warp_max(largest);
       if (largest >= 16384.f && largest <= 3.0e38f) {
         int exponent = 0;
         frexpf(largest, &exponent);

@@ -2,11 +2,18 @@
 // chunks of kChunkRows rows, warp w owning the chunk rows 16 w .. 16 w + 15 (one m16 tile). Host and device code.
 #pragma once
 
+#include <cstdint>
+
 namespace flowformer::chunk {
 
 constexpr int kChunkRows = 64;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 static_assert(kChunkRows == 16 * kWarps, "one m16 row tile per warp");
+
+// Head dims of the fused kernels: D and M in {16, 32, 64, 128, 256}; float32 inputs D <= kMaxFloatD (the shared
+// memory and registers of float tiles).
+constexpr bool fused_head_dim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 128 || d == 256; }
+constexpr int kMaxFloatD = 128;
 
 }  // namespace flowformer::chunk

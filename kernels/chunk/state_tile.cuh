@@ -209,19 +209,7 @@ struct StateTile {
     if constexpr (kScaled) {
       float largest = 0;
       for_all(l, [&](float& x) { largest = fmaxf(largest, fabsf(x)); });
-      FF_UNROLL
-      for (int offset = 16; offset > 0; offset /= 2) {
-        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
-      }
-      if (l.lane == 0) {
-        largest_s[l.warp] = largest;
-      }
-      __syncthreads();
-      FF_UNROLL
-      for (int w = 0; w < kWarps; ++w) {
-        const float m = largest_s[w];
-        largest = fmaxf(largest, m);
-      }
+      largest = block_max(largest, largest_s);
       exponent = 0;
       if (largest >= 16384.f && largest <= 3.0e38f) {  // then |M 2^-e| < 2^14
         frexpf(largest, &exponent);
@@ -233,9 +221,9 @@ struct StateTile {
       x0 *= s;
       x1 *= s;
       if constexpr (kTwoParts) {
-        const float h0 = float(T(x0)), h1 = float(T(x1));
-        hi.set_pair(r, c, h0, h1);
-        lo.set_pair(r, c, x0 - h0, x1 - h1);
+        const Parts p0 = split_parts<T>(x0), p1 = split_parts<T>(x1);
+        hi.set_pair(r, c, p0.hi, p1.hi);
+        lo.set_pair(r, c, p0.lo, p1.lo);
       } else {
         hi.set_pair(r, c, x0, x1);
       }

@@ -21,26 +21,9 @@
 // within half's range before they are rounded.
 #pragma once
 
-#include "chunk/chunk.cuh"
-#include "flow_attention/fused_kernels.h"
-
-#include <cmath>
-#include <cstdint>
-#include <type_traits>
-#include <utility>
+#include "flow_attention/blocks.cuh"
 
 namespace flowformer::flow_attention_kernels::FF_SIMT_BUILD {
-
-using namespace ::flowformer::chunk::FF_SIMT_BUILD;  // the tiles and stages of the chunk layer
-using chunk::kThreads;
-using chunk::kWarps;
-
-// The value tiles of the causal forward's grid for head dim D (launch_value_tiles).
-template <int D>
-struct ForwardTiles {
-  static constexpr int kMaxFloatD = flow_attention_kernels::kMaxFloatD;
-  static constexpr int of(int M, std::size_t bytes) { return value_tile(D, M, bytes); }
-};
 
 // The competition's running (max, sum of exp(x - max)) over a run of rows; empty: (-inf, 0).
 struct RunningSum {
@@ -161,21 +144,18 @@ struct CausalForwardBlock {
     }
     const Vectors x = x_parts();
     for (int d = int(threadIdx.x); d < D; d += kThreads) {
-      float hi[4], lo[4];
+      Parts part[4];
       FF_UNROLL
       for (int i = 0; i < 4; ++i) {
-        const float x = vectors_s[i * D + d];
-        const float scaled = x / unscale[i];
-        hi[i] = std::is_same_v<T, float> ? scaled : float(T(scaled));
-        lo[i] = scaled - hi[i];
+        part[i] = split_parts<T>(vectors_s[i * D + d] / unscale[i]);
       }
       // [K A] at columns 0 .. 3 for q, [Q B] at 8 .. 11 for k; a column of ones beside each gives s(x)
-      x.set_pair(d, 0, hi[0], hi[2]);
-      x.set_pair(d, 2, lo[0], lo[2]);
+      x.set_pair(d, 0, part[0].hi, part[2].hi);
+      x.set_pair(d, 2, part[0].lo, part[2].lo);
       x.set_pair(d, 4, 1.f, 0.f);
       x.set_pair(d, 6, 0.f, 0.f);
-      x.set_pair(d, 8, hi[1], hi[3]);
-      x.set_pair(d, 10, lo[1], lo[3]);
+      x.set_pair(d, 8, part[1].hi, part[3].hi);
+      x.set_pair(d, 10, part[1].lo, part[3].lo);
       x.set_pair(d, 12, 1.f, 0.f);
       x.set_pair(d, 14, 0.f, 0.f);
     }
@@ -187,20 +167,9 @@ struct CausalForwardBlock {
     return from_quad(tile[2 * i + col % 2], col / 2);
   }
 
-  // Per-row values of this lane's rows (x[i]: row g + 8 i of the warp's) summed over the chunk's rows up to each
-  // row: the warp's scan, after the sums of the warps before it (their totals in carries_s[count w + j], j < count,
-  // written by each warp before a barrier that precedes this).
-  FF_DEVICE void add_carries(float (&x)[2], int count, int j) const {
-    FF_UNROLL
-    for (int w = 0; w < kWarps; ++w) {
-      const float total = carries_s[count * w + j];
-      if (w < l.warp) {
-        x[0] += total;
-        x[1] += total;
-      }
-    }
-  }
-  // The warp's scan of per-row values (x[j][i]), each warp's totals published for add_carries.
+  // Per-row values x[j][i] of this lane's rows (i: row g + 8 i of the warp's) summed over the chunk's rows up to
+  // each row, in two steps around a barrier: scan_rows, the warp's scan, publishes each warp's totals in
+  // carries_s[first_carry + Count w + j]; add_carries, after the barrier, adds the totals of the warps before it.
   template <int Count>
   FF_DEVICE void scan_rows(float (&x)[Count][2], int first_carry) const {
     FF_UNROLL
@@ -211,13 +180,27 @@ struct CausalForwardBlock {
       }
     }
   }
+  template <int Count>
+  FF_DEVICE void add_carries(float (&x)[Count][2], int first_carry) const {
+    FF_UNROLL
+    for (int j = 0; j < Count; ++j) {
+      FF_UNROLL
+      for (int w = 0; w < kWarps; ++w) {
+        const float total = carries_s[first_carry + Count * w + j];
+        if (w < l.warp) {
+          x[j][0] += total;
+          x[j][1] += total;
+        }
+      }
+    }
+  }
 
-  FF_DEVICE void chunk_rows(int64_t c, int stage) {
+  // The chunk c in stage `stage` (features in place): `left` rows of the sequence from its first, pad_rows the
+  // chunk's padding flags (or nullptr).
+  FF_DEVICE void chunk_rows(int64_t c, int stage, int64_t left, const bool* pad_rows) {
     const Rows q = q_tile(stage), k = k_tile(stage);
     const V vt = v_tile(stage);
     const Scalars flows = scalars();
-    const int64_t left = span.length - c * kChunkRows;
-    const bool* pad_rows = pad != nullptr ? pad + c * kChunkRows : nullptr;
     const float e = p.eps, e2 = float(D) * e * e;
     simt::shared_ptr<float> n_s = rows_s, oh_s = rows_s + kChunkRows, o_s = rows_s + 2 * kChunkRows,
                             i_s = rows_s + 3 * kChunkRows;
@@ -259,10 +242,7 @@ struct CausalForwardBlock {
     }
     scan_rows(prefix, 0);
     __syncthreads();
-    FF_UNROLL
-    for (int j = 0; j < 3; ++j) {
-      add_carries(prefix[j], 3, j);
-    }
+    add_carries(prefix, 0);
 
     // Incoming and outgoing flow, and the sums up to each row of O s(k) and I s(q).
     float n[2], I[2], O[2], flow_prefix[2][2];
@@ -282,16 +262,12 @@ struct CausalForwardBlock {
       }
       // flows: [O_hi O_lo | I_hi I_lo | 1 0 | 0 0], lane t the pair t (the vectors' sums k^T O, q^T I, k^T 1, q^T 1);
       // half: a flow past half's range divided by range_factor, its row of k or q multiplied by it
-      const float flow = l.t == 0 ? O[i] / range_factor(O[i]) : I[i] / range_factor(I[i]);
-      const float flow_hi = std::is_same_v<T, float> ? flow : float(T(flow));
-      flows.set_pair(row, 2 * l.t, l.t < 2 ? flow_hi : l.t == 2 ? 1.f : 0.f, l.t < 2 ? flow - flow_hi : 0.f);
+      const Parts flow = split_parts<T>(l.t == 0 ? O[i] / range_factor(O[i]) : I[i] / range_factor(I[i]));
+      flows.set_pair(row, 2 * l.t, l.t < 2 ? flow.hi : l.t == 2 ? 1.f : 0.f, l.t < 2 ? flow.lo : 0.f);
     }
     scan_rows(flow_prefix, 3 * kWarps);
     __syncthreads();
-    FF_UNROLL
-    for (int j = 0; j < 2; ++j) {
-      add_carries(flow_prefix[j], 2, 3 * kWarps + j);
-    }
+    add_carries(flow_prefix, 3 * kWarps);
 
     // Conservation: (G O)_t, (H I)_t as float dot products of the score rows.
     float key_values[kChunkRows / 8][2], G_O[2], H_I[2];
@@ -377,12 +353,8 @@ struct CausalForwardBlock {
       for (int j = 0; j < kChunkRows / 8; ++j) {
         largest = fmaxf(largest, fmaxf(c_pair[j][0], c_pair[j][1]));
       }
-      FF_UNROLL
-      for (int offset = 16; offset > 0; offset /= 2) {
-        largest = fmaxf(largest, __shfl_xor_sync(kAll, largest, offset));
-      }
       int exponent = 0;
-      frexpf(largest, &exponent);
+      frexpf(warp_max(largest), &exponent);
       S.add_scaled_product(l, k, vt, exponent, times_c(ldexpf(1.f, -exponent)));
     } else {
       S.add_product(l, k, vt, times_c(1.f));
@@ -463,7 +435,7 @@ struct CausalForwardBlock {
                     zero_padded_rows(v_tile(stage), pad_rows, left);
                   }
                   __syncthreads();
-                  chunk_rows(c, stage);
+                  chunk_rows(c, stage, left, pad_rows);
                   __syncthreads();  // the stage may be loaded again, the state's parts rewritten
                   S.publish(l, s_hi(), s_lo(), largest_s);  // read after the next chunk's first barrier
                   publish_vectors();
@@ -510,7 +482,7 @@ __global__ void __launch_bounds__(kThreads, 1) flow_causal_forward_kernel(Causal
 
 template <int D>
 void CausalForward<D>::run(const CausalForwardParams& p, void* stream) {
-  launch_value_tiles<D, ForwardTiles<D>>(p, "flow_causal_forward", "causal_flow_attention", stream,
+  launch_value_tiles<D, ValueTiles<D, value_tile>>(p, "flow_causal_forward", "causal_flow_attention", stream,
                                          [](auto type, auto tile) {
                                            using T = decltype(type);
                                            constexpr int BM = decltype(tile)::value;

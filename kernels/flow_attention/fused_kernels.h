@@ -1,4 +1,5 @@
-// The fused kernels of Flow-Attention (causal_forward.cuh): their parameters and entry points, shared by the
+// The fused kernels of Flow-Attention (causal_forward.cuh; the non-causal passes noncausal_sums.cuh,
+// noncausal_keys.cuh, noncausal_output.cuh): their parameters and entry points, shared by the
 // kernels' two builds (nvcc: cuda::, the SIMT emulator: emulated::) and the torch glue
 // (csrc/flow_attention/fused.h). Torch-free.
 #pragma once
@@ -15,6 +16,8 @@
 namespace flowformer::flow_attention_kernels {
 
 using chunk::Element;
+using chunk::fused_head_dim;  // D, M in {16, ..., 256}; float32 D <= kMaxFloatD (chunk/shape.h)
+using chunk::kMaxFloatD;
 using chunk::element_bytes;
 using chunk::Inputs;
 using chunk::kChunkRows;
@@ -31,9 +34,50 @@ struct CausalForwardParams : Inputs, Segments {
   float* state_final;       // (N, H, RecurrentState::size()), or nullptr (not wanted)
 };
 
-// Head dims of the fused causal forward: D and M in {16, 32, 64, 128, 256}; float32 inputs D <= 128.
-constexpr bool fused_head_dim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 128 || d == 256; }
-constexpr int kMaxFloatD = 128;
+// The non-causal forward's passes (DESIGN.md), each over segments of one side's rows: the queries (q, L =
+// Inputs::L rows) or the keys (k and v, L = the keys' length); Inputs' eps is the normalisers' eps. Sequences
+// are batches (no cu_seqlens).
+struct NoncausalSide : Inputs, Segments {
+  bool keys;         // the side: keys (k, v) or queries (q)
+  const bool* pad;   // (B, L) contiguous padding flags of the side, or nullptr
+};
+// Passes 1 and 2: per segment sums = sum_j w_j x_j over the side's valid rows x_j (phi(q_i) or phi(k_j)), with
+// w_j = 1 (other = nullptr) or w_j = 1 / <x_j + eps, other + eps> (I_i with other = sum k, O_j with sum q).
+struct VectorSumsParams : NoncausalSide {
+  const float* other;  // (N, H, D), or nullptr
+  float* sums;         // (N G, H, D)
+};
+// Pass 3 (keys): per segment, with Oh_j = clamp(<k_j + eps, B + eps>) over its valid keys j, the maximum m of
+// the Oh_j, E = sum_j exp(Oh_j - m) and W = sum_j exp(Oh_j - m) k_j v_j^T (m = -inf, E = 0, W = 0: no valid key).
+struct KeySumsParams : NoncausalSide {
+  float clamp;       // > 0 (inf: none)
+  const float* B;    // (N, H, D): sum_i I_i q_i
+  float* W;          // (N G, H, D, M)
+  float *max, *E;    // (N G, H)
+};
+// Pass 4 (queries): out_i = phi(q_i)^T W scale_n,h sigmoid(<q_i + eps, A + eps> allocation_n) /
+// <q_i + eps, K + eps> for the valid queries i, 0 for the padded ones.
+struct QueryOutputParams : NoncausalSide {
+  const float *K, *A;       // (N, H, D): sum_j k_j, sum_j O_j k_j
+  const float* W;           // (N, H, D, M): the keys' sums, all segments' added against one maximum
+  const float* allocation;  // (N): L_n / S_n, the valid queries over the valid keys
+  const float* scale;       // (N, H): S_n / E, or 0 where no key or no query is valid
+  void* out;                // (B, H, L, M) contiguous, the inputs' dtype
+};
+// The split schedule of every pass (chunk::plan_segments): a split moves no more bytes than a whole walk.
+constexpr chunk::ScheduleBytes kNoncausalBytes{1, 1};
+// Columns of W (value tile) a block of passes 3 and 4 carries, for inputs of `bytes` bytes an element: as linear
+// attention's non-causal passes (64 up to D = 64 for 16-bit inputs, else 32).
+constexpr int noncausal_value_tile(int D, int M, std::size_t bytes) {
+  const int cap = D < 64 || (D == 64 && bytes != 4) ? 64 : 32;
+  return M < cap ? M : cap;
+}
+// Dynamic shared memory of the passes' blocks, in elements of the inputs' type: the side's rows (2 stages);
+// pass 3 the v tiles too, pass 4 W's two parts.
+constexpr std::size_t vector_sums_elements(int D) { return 2 * kChunkRows * (D + 8); }
+constexpr std::size_t key_sums_elements(int D, int BM) { return 2 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8); }
+constexpr std::size_t query_output_elements(int D, int BM) { return 2 * kChunkRows * (D + 8) + 2 * D * (BM + 8); }
+
 // Columns of the state S (value tile) one block carries, for inputs of `bytes` bytes an element: the block also
 // holds two 64 x 64 score matrices in registers (G and H), so 64 columns only up to D = 32 (16-bit) and 32 beyond.
 constexpr int value_tile(int D, int M, std::size_t bytes) {
@@ -55,17 +99,23 @@ constexpr std::size_t causal_forward_block_bytes(int D, int BM, std::size_t byte
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/flow_attention/
 // cuda/fused_d*.cu for nvcc, cpu/emulated_fused_d*.cpp for the emulator). `stream` is a cudaStream_t (ignored
 // by the emulator, which runs synchronously); a failed launch throws.
+#define FF_FLOW_KERNEL(Name, Params)              \
+  template <int D>                                \
+  struct Name {                                   \
+    static void run(const Params& p, void* stream); \
+  };
+#define FF_FLOW_KERNELS                                \
+  FF_FLOW_KERNEL(CausalForward, CausalForwardParams)   \
+  FF_FLOW_KERNEL(VectorSums, VectorSumsParams)         \
+  FF_FLOW_KERNEL(KeySums, KeySumsParams)               \
+  FF_FLOW_KERNEL(QueryOutput, QueryOutputParams)
 namespace cuda {
-template <int D>
-struct CausalForward {
-  static void run(const CausalForwardParams& p, void* stream);
-};
+FF_FLOW_KERNELS
 }  // namespace cuda
 namespace emulated {
-template <int D>
-struct CausalForward {
-  static void run(const CausalForwardParams& p, void* stream);
-};
+FF_FLOW_KERNELS
 }  // namespace emulated
+#undef FF_FLOW_KERNELS
+#undef FF_FLOW_KERNEL
 
 }  // namespace flowformer::flow_attention_kernels

@@ -15,6 +15,8 @@
 namespace flowformer::linear_attention_kernels {
 
 using chunk::Element;  // the inputs, their type and the segments of a call (chunk/inputs.h)
+using chunk::fused_head_dim;  // D, M in {16, ..., 256}; float32 D <= kMaxFloatD (chunk/shape.h)
+using chunk::kMaxFloatD;
 using chunk::element_bytes;
 using chunk::Inputs;
 using chunk::run_for_head_dim;
@@ -90,10 +92,6 @@ struct CausalBackwardParams : Inputs, Segments, Gradients {
 
 using chunk::kChunkRows;  // a block of chunk::kThreads threads walks its rows in chunks of 64 (chunk/shape.h)
 
-// Head dims of the fused forward: D and M in {16, 32, 64, 128, 256}; float32 inputs D <= 128 (the shared
-// memory of float tiles).
-constexpr bool fused_head_dim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 128 || d == 256; }
-constexpr int kMaxFloatD = 128;
 // Columns of the state (value tile) one block carries: D x BM float accumulators spread over 4 warps; for inputs
 // of `bytes` bytes an element (float32 at D = 64: 32 columns; with 64 the causal forward's sm_90 code, whose
 // state carries z beside S, spills registers).
@@ -120,36 +118,20 @@ constexpr int gradient_columns(int D, std::size_t bytes) {
 constexpr std::size_t causal_forward_shared_bytes(int D, int BM, std::size_t bytes) {
   return bytes * (4 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8));
 }
-// The split schedule: one block a (sequence, head, value tile) walks the whole sequence, reading q, k, v
-// once, but `blocks` of them may leave most of the `multiprocessors` idle. Then each sequence is cut into
-// segments (at least kMinSegmentRows rows) for about two blocks a multiprocessor: a pass computes each
-// segment's sums, a scan over the segments in order gives each its incoming state, and the fused pass runs
-// every segment from it (the non-causal op: the sums are added in order; its output pass splits alike).
-// {1, 0}: no split.
-//
-// The split's price, in (B, H, L)-row tensors read or written: the causal ops pay a pass over k and v for the
+// The split schedule (chunk::plan_segments): a pass computes each segment's sums, a scan over the segments in
+// order gives each its incoming state, and the fused pass runs every segment from it (the non-causal op: the
+// sums are added in order; its output pass splits alike). The split's price, in (B, H, L)-row tensors read or
+// written: the causal ops pay a pass over k and v for the
 // segments' sums (the forward 6 instead of q, k, v, out; the backward 13 instead of its two passes' q, k, v,
 // dout and dq, dk, dv); the non-causal ones sum k and v by segments anyway. If a multiprocessor's block
 // streams its share of the bandwidth, `blocks` of them take multiprocessors / blocks times the whole device's
 // time, so the split pays where that exceeds split / whole: at B H = 128 (issue 14's shape S1, 132
 // multiprocessors) the causal forward stays whole (its split would move 1.5x the bytes).
-struct ScheduleBytes {
-  int64_t whole, split;
-};
+using chunk::plan_segments;
+using chunk::ScheduleBytes;
 constexpr ScheduleBytes kCausalForwardBytes{4, 6};
 constexpr ScheduleBytes kCausalBackwardBytes{11, 13};
 constexpr ScheduleBytes kNoncausalBytes{1, 1};
-constexpr int64_t kMinSegmentRows = 256;
-constexpr Segments plan_segments(int64_t blocks, int64_t longest, int64_t multiprocessors, ScheduleBytes bytes) {
-  if (blocks <= 0 || blocks * bytes.split >= multiprocessors * bytes.whole || longest < 2 * kMinSegmentRows) {
-    return {1, 0};
-  }
-  const int64_t wanted = (2 * multiprocessors + blocks - 1) / blocks;
-  const int64_t rows = ((longest + wanted - 1) / wanted + kChunkRows - 1) / kChunkRows * kChunkRows;
-  const int64_t segment_rows = rows > kMinSegmentRows ? rows : kMinSegmentRows;
-  const int64_t segments = (longest + segment_rows - 1) / segment_rows;
-  return segments > 1 ? Segments{int(segments), segment_rows} : Segments{1, 0};  // segments <= 2 multiprocessors
-}
 
 // Dynamic shared memory of a segment-sums block (k and v tiles, 2 stages) and of a state-output block (q tiles,
 // 2 stages, the state's two parts), for inputs of `bytes` bytes an element.

@@ -94,6 +94,29 @@ def grads(fn, inputs, grad_out):
     return outs[0], gradients
 
 
+PADDINGS = ["left", "right", "random", "an element without queries", "an element without keys"]
+
+
+def padding_masks(gen, padding, B, L, S):
+    """Query and key padding masks (B, L), (B, S) of one of PADDINGS's kinds (B >= 3)."""
+    qpad = torch.zeros(B, L, dtype=torch.bool)
+    kpad = torch.zeros(B, S, dtype=torch.bool)
+    if padding == "left":
+        qpad[0, :70] = True
+        kpad[1, :5] = True
+    elif padding == "right":
+        qpad[0, 100:] = True
+        kpad[2, 64:] = True
+    elif padding == "random":
+        qpad = torch.rand(B, L, generator=gen) < 0.2
+        kpad = torch.rand(B, S, generator=gen) < 0.2
+    elif padding == "an element without queries":
+        qpad[1] = True
+    else:  # an element without keys
+        kpad[2] = True
+    return qpad, kpad
+
+
 def features_input(gen, shape, feature_map, dtype=torch.float32, device="cpu"):
     """Inputs for the feature map: non-negative for identity; for relu, every row keeps a positive
     feature (a row of zero features makes the normaliser eps and its gradient O(1 / eps))."""

@@ -9,7 +9,7 @@ import torch
 
 from flowformer import functional as F
 from flowformer import reference as R
-from helpers import FORWARD_TOL, assert_close, devices, features_input, randn
+from helpers import FORWARD_TOL, PADDINGS, assert_close, devices, features_input, padding_masks, randn
 
 OP = "flowformer::causal_flow_attention"
 FUSED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]  # float32: three tf32 products, D <= 128
@@ -67,24 +67,12 @@ def test_fused_causal_flow_attention_head_dims_and_value_tiles(gen, D, M, dtype,
 
 @pytest.mark.parametrize("device", devices(OP))
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
-@pytest.mark.parametrize("padding", ["left", "right", "random", "one element all padded"])
+@pytest.mark.parametrize("padding", PADDINGS)
 def test_fused_causal_flow_attention_with_padding(gen, padding, dtype, device):
     B, H, L, D, M = 3, 2, 140, 16, 16
     q, k = (randn(gen, B, H, L, D, dtype=dtype, device=device) for _ in range(2))
     v = randn(gen, B, H, L, M, dtype=dtype, device=device)
-    qpad = torch.zeros(B, L, dtype=torch.bool)
-    kpad = torch.zeros(B, L, dtype=torch.bool)
-    if padding == "left":
-        qpad[0, :70] = True
-        kpad[1, :5] = True
-    elif padding == "right":
-        qpad[0, 100:] = True
-        kpad[2, 64:] = True
-    elif padding == "random":
-        qpad = torch.rand(B, L, generator=gen) < 0.2
-        kpad = torch.rand(B, L, generator=gen) < 0.2
-    else:
-        qpad[1] = True
+    qpad, kpad = padding_masks(gen, padding, B, L, L)
     v[:, :, 3] = float("nan")  # a padded position's value counts for nothing, whatever it holds
     qpad[:, 3] = True
     options = dict(query_padding_mask=qpad.to(device), key_padding_mask=kpad.to(device))

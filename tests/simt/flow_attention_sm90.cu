@@ -1,11 +1,20 @@
 // The fused Flow-Attention kernels' CUDA build for the static checks (tests/static/flow_attention.toml): every
 // head dim, as the library instantiates them.
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/noncausal_keys.cuh"
+#include "flow_attention/noncausal_output.cuh"
+#include "flow_attention/noncausal_sums.cuh"
 
 namespace flowformer::flow_attention_kernels::cuda {
-template struct CausalForward<16>;
-template struct CausalForward<32>;
-template struct CausalForward<64>;
-template struct CausalForward<128>;
-template struct CausalForward<256>;
+#define FF_FLOW_HEAD_DIM(D)          \
+  template struct CausalForward<D>;  \
+  template struct VectorSums<D>;     \
+  template struct KeySums<D>;        \
+  template struct QueryOutput<D>;
+FF_FLOW_HEAD_DIM(16)
+FF_FLOW_HEAD_DIM(32)
+FF_FLOW_HEAD_DIM(64)
+FF_FLOW_HEAD_DIM(128)
+FF_FLOW_HEAD_DIM(256)
+#undef FF_FLOW_HEAD_DIM
 }  // namespace flowformer::flow_attention_kernels::cuda

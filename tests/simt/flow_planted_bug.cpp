@@ -1,15 +1,19 @@
-// A copy of causal Flow-Attention's fused forward with one bug planted (plant_bug.py, by CMake) against the
-// float64 reference of flow_problem.h: exits 0 ("caught") when the error exceeds float32's tolerance, which the
-// kernel as written meets (test_fused_kernels.cpp).
+// A copy of one of Flow-Attention's fused kernels with one bug planted (plant_bug.py, by CMake) against the
+// float64 references of flow_problem.h (the causal forward) and flow_noncausal_problem.h (the non-causal passes):
+// exits 0 ("caught") when an error exceeds float32's tolerance, which the kernels as written meet
+// (test_fused_kernels.cpp).
+#include "flow_noncausal_problem.h"
 #include "flow_problem.h"
 
+#include <algorithm>
 #include <cstdio>
 
 int main() {
-  const flowformer::simt_tests::FlowProblem<float> problem(flowformer::simt_tests::FlowCase{});
-  const double error = problem.error(70);
-  std::printf("relative error %.3e\n", error);
-  if (error >= 0 && error <= 1e-5) {
+  namespace tests = flowformer::simt_tests;
+  const double causal = tests::FlowProblem<float>(tests::FlowCase{}).error(70);
+  const double noncausal = tests::NoncausalProblem<float, 16>(tests::NoncausalCase{}).error();
+  std::printf("relative errors: causal %.3e, non-causal %.3e\n", causal, noncausal);
+  if (causal >= 0 && noncausal >= 0 && std::max(causal, noncausal) <= 1e-5) {
     std::printf("planted bug NOT caught\n");
     return 1;
   }

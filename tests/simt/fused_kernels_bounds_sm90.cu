@@ -2,6 +2,9 @@
 // fixed to elu + 1 (FLOWFORMER_ONE_FEATURE_MAP, set by CMake): each chunk loop then holds the code a call with
 // that map runs, and kernel_bounds.py counts its instructions (`make bounds`).
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/noncausal_keys.cuh"
+#include "flow_attention/noncausal_output.cuh"
+#include "flow_attention/noncausal_sums.cuh"
 #include "linear_attention/causal_backward.cuh"
 #include "linear_attention/causal_forward.cuh"
 #include "linear_attention/noncausal_backward.cuh"
@@ -16,4 +19,9 @@ template struct SegmentSums<64>;
 template struct StateOutput<64>;
 }  // namespace flowformer::linear_attention_kernels::cuda
 
-template struct flowformer::flow_attention_kernels::cuda::CausalForward<64>;
+namespace flowformer::flow_attention_kernels::cuda {
+template struct CausalForward<64>;
+template struct VectorSums<64>;
+template struct KeySums<64>;
+template struct QueryOutput<64>;
+}  // namespace flowformer::flow_attention_kernels::cuda

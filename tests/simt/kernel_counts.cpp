@@ -1,12 +1,15 @@
 // What the fused kernels do, counted by the emulator (simt/counters.h), for the bounds report
 // (benchmarks/kernel_bounds.py): one (sequence, head) of `chunks` chunks of 64 rows, one block per launch
 // (M within one value tile), every kernel of linear attention's causal forward and backward and of its
-// non-causal forward, and causal Flow-Attention's forward.
+// non-causal forward, and Flow-Attention's causal forward and non-causal passes.
 // Prints JSON: each launch's kernel, grid, block, dynamic shared bytes and its first block's counters.
 //
 //   kernel_counts --dtype bf16 --head-dim 64 --chunks 4
-//   kernel_counts --plan BLOCKS LONGEST MULTIPROCESSORS   (plan_segments of the causal forward and backward)
+//   kernel_counts --plan BLOCKS LONGEST MULTIPROCESSORS   (plan_segments of each schedule)
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/noncausal_keys.cuh"
+#include "flow_attention/noncausal_output.cuh"
+#include "flow_attention/noncausal_sums.cuh"
 #include "fused_problem.h"
 
 #include <cstdio>
@@ -116,6 +119,33 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
   flow.clamp = 1.f;
   flow.out = out.data();
   flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(flow, nullptr);
+  // Non-causal Flow-Attention's passes on the same rows (queries and keys alike): the column sums (pass 1's
+  // kernel: pass 2's launches do its work and a row dot more), the keys' pass, the queries' pass.
+  const auto side = [&](auto params, bool keys) {
+    problem.inputs(params);
+    params.segments = 1;
+    params.keys = keys;
+    params.pad = nullptr;
+    return params;
+  };
+  std::vector<float> flow_sums(std::size_t(c.H * head_dim)), W(problem.kv0.size()), top(c.H), E(c.H), ones(c.H, 1.f);
+  flow_kernels::VectorSumsParams vector_sums = side(flow_kernels::VectorSumsParams{}, true);
+  vector_sums.other = nullptr;
+  vector_sums.sums = flow_sums.data();
+  flow_kernels::run_for_head_dim<flow_kernels::emulated::VectorSums>(vector_sums, nullptr);
+  flow_kernels::KeySumsParams keys = side(flow_kernels::KeySumsParams{}, true);
+  keys.clamp = 1.f;
+  keys.B = flow_sums.data();
+  keys.W = W.data();
+  keys.max = top.data();
+  keys.E = E.data();
+  flow_kernels::run_for_head_dim<flow_kernels::emulated::KeySums>(keys, nullptr);
+  flow_kernels::QueryOutputParams queries = side(flow_kernels::QueryOutputParams{}, false);
+  queries.K = queries.A = flow_sums.data();
+  queries.W = W.data();
+  queries.allocation = queries.scale = ones.data();
+  queries.out = out.data();
+  flow_kernels::run_for_head_dim<flow_kernels::emulated::QueryOutput>(queries, nullptr);
   return records;
 }
 
@@ -138,9 +168,11 @@ int main(int argc, char** argv) {
       const auto forward = kernels::plan_segments(blocks, longest, sms, kernels::kCausalForwardBytes);
       const auto backward = kernels::plan_segments(blocks, longest, sms, kernels::kCausalBackwardBytes);
       const auto noncausal = kernels::plan_segments(blocks, longest, sms, kernels::kNoncausalBytes);
+      const auto flow = kernels::plan_segments(blocks, longest, sms, flow_kernels::kNoncausalBytes);
       std::cout << "{\"causal_forward\": [" << forward.segments << ", " << forward.segment_rows
                 << "], \"causal_backward\": [" << backward.segments << ", " << backward.segment_rows
-                << "], \"noncausal\": [" << noncausal.segments << ", " << noncausal.segment_rows << "]}\n";
+                << "], \"noncausal\": [" << noncausal.segments << ", " << noncausal.segment_rows
+                << "], \"flow_noncausal\": [" << flow.segments << ", " << flow.segment_rows << "]}\n";
       return 0;
     } else if (arg == "--dtype" && i + 1 < argc) {
       dtype = argv[++i];

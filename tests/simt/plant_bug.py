@@ -13,6 +13,10 @@ BUGS = {  # name -> (what the kernel has, the bug)
     # the competition's running sum not rescaled to a new maximum
     "competition_not_rescaled": ("return {top, E * exp(m - top) + next.E * exp(next.m - top)};",
                                  "return {top, E + next.E * exp(next.m - top)};"),
+    # the keys' sums W not rescaled to a new maximum (non-causal pass 3)
+    "keys_not_rescaled": ("W.for_all(l, [&](float& x) { x *= f; });", ""),
+    # the allocation without its factor L / S (non-causal pass 4)
+    "allocation_dropped": ("FeatureExp<T>{}(-conserved * allocation)", "FeatureExp<T>{}(-conserved)"),
 }
 
 

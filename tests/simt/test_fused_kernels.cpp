@@ -6,6 +6,7 @@
 // states past the half range. Non-causal (segment sums, then the state output): padded keys holding NaN,
 // segments of both passes. Every output poisoned first, no hazard (a hazard throws), and the same bits under
 // every schedule.
+#include "flow_noncausal_problem.h"
 #include "flow_problem.h"
 #include "fused_problem.h"
 
@@ -481,3 +482,23 @@ TEMPLATE_TEST_CASE("causal Flow-Attention's fused forward matches the float64 re
   }
 }
 
+
+TEMPLATE_TEST_CASE("non-causal Flow-Attention's fused passes match the float64 reference", "", simt::bf16, simt::half,
+                   float) {
+  // Two batch elements, 150 queries and 200 keys with padding on both sides (eps = 0.5: every eps term counts):
+  // D = 16, M = 32 without a clamp over segments of each side (a key segment without a valid key), and D = 64,
+  // M = 64 (one value tile) over whole sequences with clamp 1; every output poisoned first, no hazard.
+  using flowformer::simt_tests::NoncausalCase;
+  using flowformer::simt_tests::NoncausalProblem;
+  NoncausalCase split;
+  const double split_error = NoncausalProblem<TestType, 16>(split).error();
+  CHECK(split_error >= 0);
+  CHECK(split_error <= tolerance<TestType>());
+  NoncausalCase whole;
+  whole.M = 64;
+  whole.clamp = 1.f;
+  whole.query_segment_rows = whole.key_segment_rows = 0;
+  const double whole_error = NoncausalProblem<TestType, 64>(whole).error();
+  CHECK(whole_error >= 0);
+  CHECK(whole_error <= tolerance<TestType>());
+}

@@ -11,12 +11,18 @@ namespace {
 
 namespace kernels = flow_attention_kernels;
 
-// The fused kernels' emulator build, with the shared memory of the emulated architecture.
+// The fused kernels' emulator build, with the shared memory of the emulated architecture and an H200's 132
+// multiprocessors (so that the tests take the split schedule where a GPU would).
 flow_attention_fused::Build emulated_fused_build() {
   return {[](const kernels::CausalForwardParams& p) {
             kernels::run_for_head_dim<kernels::emulated::CausalForward>(p, nullptr);
           },
-          simt::shared_memory_limit(simt::current_options().arch)};
+          [](const kernels::VectorSumsParams& p) { kernels::run_for_head_dim<kernels::emulated::VectorSums>(p, nullptr); },
+          [](const kernels::KeySumsParams& p) { kernels::run_for_head_dim<kernels::emulated::KeySums>(p, nullptr); },
+          [](const kernels::QueryOutputParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::QueryOutput>(p, nullptr);
+          },
+          simt::shared_memory_limit(simt::current_options().arch), 132};
 }
 
 }  // namespace
@@ -30,6 +36,10 @@ at::Tensor emulated_forward(const char* op, const at::Tensor& query, const at::T
     return flow_attention_fused::causal_forward(build, query, key, value, parse_feature_map(op, feature_map), eps,
                                                 clamp, {}, query_padding_mask, key_padding_mask, false)
         .first;
+  }
+  if (!causal && flow_attention_fused::takes_noncausal(query, value, build)) {
+    return flow_attention_fused::noncausal_forward(build, query, key, value, parse_feature_map(op, feature_map), eps,
+                                                   clamp, query_padding_mask, key_padding_mask);
   }
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);

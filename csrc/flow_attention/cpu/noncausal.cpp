@@ -120,8 +120,12 @@ FLOWFORMER_CPU_CLONES void compute_stats(const Slice<T>& in, const Params& p, T*
       st.c[j] *= scale;
     }
   }
-  for (int64_t j = 0; j < S; ++j) {
-    cpu::scale(M, st.c[j], in.v + j * M, out.cv + j * M);
+  for (int64_t j = 0; j < S; ++j) {  // padded keys' rows zeroed, whatever v holds there
+    if (!st.empty() && is_valid(in.key_pad, j)) {
+      cpu::scale(M, st.c[j], in.v + j * M, out.cv + j * M);
+    } else {
+      std::fill(out.cv + j * M, out.cv + (j + 1) * M, T(0));
+    }
   }
   if (st.empty() && out.gq != nullptr) {
     std::fill(out.gq, out.gq + L * D, T(0));

@@ -21,12 +21,22 @@ namespace kernels = flow_attention_kernels;
 // The fused kernels' CUDA build, on the current stream of the current device (the caller holds its guard).
 flow_attention_fused::Build fused_build() {
   const c10::DeviceIndex device = c10::cuda::current_device();
-  int shared_limit = 0;
+  int shared_limit = 0, multiprocessors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   return {[](const kernels::CausalForwardParams& p) {
             kernels::run_for_head_dim<kernels::cuda::CausalForward>(p, c10::cuda::getCurrentCUDAStream().stream());
           },
-          std::size_t(shared_limit)};
+          [](const kernels::VectorSumsParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::VectorSums>(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
+          [](const kernels::KeySumsParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::KeySums>(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
+          [](const kernels::QueryOutputParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::QueryOutput>(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
+          std::size_t(shared_limit), multiprocessors};
 }
 
 at::Tensor forward_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool causal,
@@ -41,6 +51,10 @@ at::Tensor forward_cuda(const at::Tensor& query, const at::Tensor& key, const at
     return flow_attention_fused::causal_forward(build, query, key, value, parse_feature_map(op, feature_map), eps,
                                                 clamp, {}, query_padding_mask, key_padding_mask, false)
         .first;
+  }
+  if (!causal && flow_attention_fused::takes_noncausal(query, value, build)) {
+    return flow_attention_fused::noncausal_forward(build, query, key, value, parse_feature_map(op, feature_map), eps,
+                                                   clamp, query_padding_mask, key_padding_mask);
   }
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
