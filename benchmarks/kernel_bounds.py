@@ -124,11 +124,11 @@ def ops(shape, dtype, kernels, binary, gpu):
 
 
 def flow_noncausal(B, H, L, kernels, binary, gpu):
-    """Non-causal Flow-Attention's launches (L = S): the column sums four times (Q, K; B, A: counted as pass 1's,
-    which pass 2's do and a row dot more), the keys' pass and the queries' pass, each split by its own plan. The
-    host's ops between them (the segments' sums, a few MB at S1) are not counted."""
+    """Non-causal Flow-Attention's launches (L = S): the column sums three times (Q, K; B: counted as pass 1's,
+    which pass 2's does and a row dot more), the keys' pass (with A) and the queries' pass, each split by its own
+    plan. The host's ops between them (the segments' sums, a few MB at S1) are not counted."""
     launches = []
-    for names, tiles in ((["flow_vector_sums"] * 4, 1), (["flow_key_sums", "flow_query_output"],
+    for names, tiles in ((["flow_vector_sums"] * 3, 1), (["flow_key_sums", "flow_query_output"],
                                                           kernels["flow_key_sums"]["tiles"])):
         p = plan(binary, B * H * tiles, L, gpu["multiprocessors"])["flow_noncausal"]
         launches += [(n, B * p["segments"] * H * tiles, math.ceil(p["rows"] / CHUNK)) for n in names]

@@ -73,9 +73,9 @@ inline at::Tensor valid_rows(const Mask& padding_mask, int64_t batch, int64_t ro
   return at::logical_not(*padding_mask).sum(1).to(options.dtype());
 }
 
-// Non-causal Flow-Attention in four passes (kernels/flow_attention/DESIGN.md), each over segments of one side's
-// rows; the segments' sums are added in their order by the host (a product's sum over the segments, against
-// one maximum for the competition's).
+// Non-causal Flow-Attention in four passes, five launches (kernels/flow_attention/DESIGN.md), each over segments
+// of one side's rows; the segments' sums are added in their order by the host (a product's sum over the segments,
+// against one maximum for the competition's).
 inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,
                                     const at::Tensor& value, FeatureMap feature_map, double eps, double clamp,
                                     const Mask& query_padding_mask, const Mask& key_padding_mask) {
@@ -97,7 +97,8 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
     params.pad = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
     return params;
   };
-  // Passes 1 and 2: the side's sums (w_j = 1, or 1 / <x_j + e, other + e>), (N, H, D).
+  // Passes 1 and 2: the side's sums (w_j = 1, or 1 / <x_j + e, other + e>), (N, H, D); the keys' side of pass 2
+  // (A) rides in pass 3.
   const auto vector_sums = [&](bool keys, const at::Tensor& other) {
     kernels::VectorSumsParams p = side(kernels::VectorSumsParams{}, keys, 1);
     at::Tensor sums = at::empty({N * p.segments, H, D}, floats);
@@ -106,15 +107,16 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
     build.vector_sums(p);
     return sums.view({N, p.segments, H, D}).sum(1);
   };
-  const at::Tensor Q = vector_sums(false, {}), K = vector_sums(true, {});
-  const at::Tensor B = vector_sums(false, K), A = vector_sums(true, Q);
-  // Pass 3: the competition's (max, E, W) per segment, then against the largest maximum.
+  const at::Tensor Q = vector_sums(false, {}), K = vector_sums(true, {}), B = vector_sums(false, K);
+  // Pass 3: the competition's (max, E, W) and A per segment, then against the largest maximum (A: added).
   kernels::KeySumsParams keys = side(kernels::KeySumsParams{}, true, tiles);
   const int64_t G = keys.segments;
   at::Tensor W = at::empty({N * G, H, D, M}, floats), top = at::empty({N * G, H}, floats),
-             E = at::empty({N * G, H}, floats);
+             E = at::empty({N * G, H}, floats), A = at::empty({N * G, H, D}, floats);
   keys.clamp = std::isinf(clamp) ? INFINITY : static_cast<float>(clamp);
+  keys.Q = Q.const_data_ptr<float>();
   keys.B = B.const_data_ptr<float>();
+  keys.A = A.mutable_data_ptr<float>();
   keys.W = W.mutable_data_ptr<float>();
   keys.max = top.mutable_data_ptr<float>();
   keys.E = E.mutable_data_ptr<float>();
@@ -125,6 +127,7 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
     const at::Tensor factor = at::where(at::isinf(largest), at::zeros_like(top), at::exp(top - largest));
     E = (E.view({N, G, H}) * factor).sum(1);
     W = (W.view({N, G, H, D, M}) * factor.view({N, G, H, 1, 1})).sum(1);
+    A = A.view({N, G, H, D}).sum(1);
   }
   // Pass 4: the output, scaled by S / E where some key and some query are valid.
   const at::Tensor queries = valid_rows(query_padding_mask, N, L, floats);

@@ -42,16 +42,20 @@ struct NoncausalSide : Inputs, Segments {
   const bool* pad;   // (B, L) contiguous padding flags of the side, or nullptr
 };
 // Passes 1 and 2: per segment sums = sum_j w_j x_j over the side's valid rows x_j (phi(q_i) or phi(k_j)), with
-// w_j = 1 (other = nullptr) or w_j = 1 / <x_j + eps, other + eps> (I_i with other = sum k, O_j with sum q).
+// w_j = 1 (other = nullptr) or w_j = 1 / <x_j + eps, other + eps> (I_i with other = sum k; the keys' O_j are
+// pass 3's).
 struct VectorSumsParams : NoncausalSide {
   const float* other;  // (N, H, D), or nullptr
   float* sums;         // (N G, H, D)
 };
 // Pass 3 (keys): per segment, with Oh_j = clamp(<k_j + eps, B + eps>) over its valid keys j, the maximum m of
-// the Oh_j, E = sum_j exp(Oh_j - m) and W = sum_j exp(Oh_j - m) k_j v_j^T (m = -inf, E = 0, W = 0: no valid key).
+// the Oh_j, E = sum_j exp(Oh_j - m) and W = sum_j exp(Oh_j - m) k_j v_j^T (m = -inf, E = 0, W = 0: no valid key);
+// and pass 2's keys' side, A = sum_j O_j k_j with O_j = 1 / <k_j + eps, Q + eps>.
 struct KeySumsParams : NoncausalSide {
   float clamp;       // > 0 (inf: none)
+  const float* Q;    // (N, H, D): sum_i q_i
   const float* B;    // (N, H, D): sum_i I_i q_i
+  float* A;          // (N G, H, D)
   float* W;          // (N G, H, D, M)
   float *max, *E;    // (N G, H)
 };

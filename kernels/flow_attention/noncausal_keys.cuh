@@ -1,11 +1,14 @@
 // Pass 3 of non-causal Flow-Attention (DESIGN.md): the competition's sums, fused on tensor cores (bf16, half or
-// float32 inputs, float32 sums). One block of 4 warps walks one (segment, head, value tile of BM columns) of the
-// keys in chunks of 64 rows; with k = phi(key), B = sum_i I_i q_i and the running maximum m:
-//   Oh_j = clamp(<k_j + e, B + e>)        a thread 16 bytes of a row, the row's threads added by shuffles
-//   m    = max(m, max_j Oh_j)             the warps' maxima through shared memory (one barrier)
+// float32 inputs, float32 sums), and pass 2's keys' side. One block of 4 warps walks one (segment, head, value tile
+// of BM columns) of the keys in chunks of 64 rows; with k = phi(key), Q = sum_i q_i, B = sum_i I_i q_i and the
+// running maximum m:
+//   A   += O_j k_j,  O_j = 1 / <k_j + e, Q + e>   a thread 16 bytes of a row, the row's threads added by shuffles,
+//   Oh_j = clamp(<k_j + e, B + e>)                 the sums in registers (PieceRows)
+//   m    = max(m, max_j Oh_j)                      the warps' maxima through shared memory (one barrier)
 //   w_j  = exp(Oh_j - m),  E = E f + sum_j w_j,  W = W f + k^T (w v)   f = exp(m_before - m), mma
 // over the segment's valid keys j (w_j = 0 for the others; padded rows of v zeroed); the rows w_j k_j replace k
-// in shared memory (w_j <= 1: within the inputs' range) before the product. Four barriers a chunk.
+// in shared memory (w_j <= 1: within the inputs' range) before the product. Four barriers a chunk. Taking A here
+// (it is needed only by pass 4) spares pass 2 a read of the keys.
 #pragma once
 
 #include "flow_attention/blocks.cuh"
@@ -20,18 +23,20 @@ struct KeySumsBlock {
   static constexpr int kCount = Rows::kCount;
   static constexpr std::size_t kSharedElements = 2 * K::kSize + 2 * V::kSize;
   static_assert(kSharedElements == key_sums_elements(D, BM), "the layout the host sizes");
+  static_assert(kSharedElements * sizeof(T) >= kThreads * kCount * sizeof(float), "room for the column sums");
 
   const KeySumsParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;
   SideRows<T> side;
   const T* v;         // the segment's first value row, at the block's value columns
-  const float* B;     // the (sequence, head)'s D floats
+  const float *Q, *B;  // the (sequence, head)'s D floats of each
   Lane l;
   simt::shared_ptr<T> tiles;
   simt::shared_ptr<float> oh_s;       // the chunk's Oh (kChunkRows; -inf where not valid)
   simt::shared_ptr<float> largest_s;  // the warps' maxima (kWarps)
   StateTile<T, D, BM> W;
-  float b[kCount];  // B + e at the thread's columns
+  float b[kCount], q_e[kCount];  // B + e, Q + e at the thread's columns
+  float a[kCount];               // the thread's rows' share of A at its columns
   float m, e_sum;   // the running maximum; the thread's rows' share of E (threads at column 0)
 
   FF_DEVICE K k_tile(int stage) const { return {tiles + stage * K::kSize}; }
@@ -54,8 +59,13 @@ struct KeySumsBlock {
       const bool kept = side.kept(c, r, left);
       float f[kCount];
       Rows::template features<F>(k, r, col, kept, f);
-      const float dot = Rows::row_dot(f, b, p.eps);  // every lane of the row: a shuffle
+      const float dot = Rows::row_dot(f, b, p.eps), source = Rows::row_dot(f, q_e, p.eps);  // every lane of the row
       const float oh = kept ? fminf(fmaxf(dot, -p.clamp), p.clamp) : -INFINITY;
+      const float O = kept ? 1.f / source : 0.f;
+      FF_UNROLL
+      for (int i = 0; i < kCount; ++i) {
+        a[i] += O * f[i];
+      }
       largest = fmaxf(largest, oh);
       if (col == 0) {
         oh_s[r] = oh;
@@ -91,6 +101,11 @@ struct KeySumsBlock {
   FF_DEVICE void run() {
     W.load(l, nullptr, 0);
     Rows::load_columns(B, p.eps, b);
+    Rows::load_columns(Q, p.eps, q_e);
+    FF_UNROLL
+    for (int i = 0; i < kCount; ++i) {
+      a[i] = 0.f;
+    }
     portable::with_feature_map(p.feature_map, [&](auto map) {
       walk_chunks(span.chunks(), false, [&](int64_t c, int stage) { load_chunk(c, stage); },
                   [&](int64_t c, int stage) { chunk<decltype(map)::value>(c, stage); });
@@ -110,6 +125,9 @@ struct KeySumsBlock {
       largest_s[lane.warp] = e_sum;
     }
     __syncthreads();
+    if (at.value_col == 0) {  // the block's uniform choice: one value tile writes the segment's A
+      Rows::store_column_sums(a, simt::shared_cast<float>(tiles), p.A + sums_at * D);  // after the walk's last barrier
+    }
     if (threadIdx.x == 0 && at.value_col == 0) {
       float E = 0.f;
       FF_UNROLL
@@ -133,11 +151,14 @@ __global__ void __launch_bounds__(kThreads, 1) flow_key_sums_kernel(KeySumsParam
                                at.span,
                                SideRows<T>::of(p, at),
                                at.span.rows<T>(p.v, p.v_stride, at.head) + at.value_col,
+                               p.Q + (int64_t(at.sequence) * p.H + at.head) * D,
                                p.B + (int64_t(at.sequence) * p.H + at.head) * D,
                                Lane::of(int(threadIdx.x)),
                                tiles,
                                oh_s,
                                largest_s,
+                               {},
+                               {},
                                {},
                                {},
                                -INFINITY,

@@ -124,12 +124,15 @@ struct NoncausalProblem {
       return add_segments(sums, p.segments, D);
     };
     const std::vector<float> Q = vector_sums(false, nullptr), K = vector_sums(true, nullptr);
-    const std::vector<float> B = vector_sums(false, &K), A = vector_sums(true, &Q);
+    const std::vector<float> B = vector_sums(false, &K);
     auto keys = side<fk::KeySumsParams>(true);
     const int G = keys.segments;
-    std::vector<float> W(std::size_t(N * G * c.H * D * c.M), nan), top(std::size_t(N * G * c.H), nan), E(top);
+    std::vector<float> W(std::size_t(N * G * c.H * D * c.M), nan), top(std::size_t(N * G * c.H), nan), E(top),
+        A_segments(std::size_t(N * G * c.H * D), nan);
     keys.clamp = c.clamp;
+    keys.Q = Q.data();
     keys.B = B.data();
+    keys.A = A_segments.data();
     keys.W = W.data();
     keys.max = top.data();
     keys.E = E.data();
@@ -150,7 +153,8 @@ struct NoncausalProblem {
         }
       }
     }
-    const std::vector<float> W_all = add_segments(W, G, D * c.M), E_all = add_segments(E, G, 1);
+    const std::vector<float> W_all = add_segments(W, G, D * c.M), E_all = add_segments(E, G, 1),
+                             A = add_segments(A_segments, G, D);
     std::vector<float> allocation(N), scale(std::size_t(N * c.H));
     for (int64_t n = 0; n < N; ++n) {
       const float Lv = float(valid(qpad.get(), n, c.L)), Sv = float(valid(kpad.get(), n, c.S));

@@ -120,7 +120,7 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
   flow.out = out.data();
   flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(flow, nullptr);
   // Non-causal Flow-Attention's passes on the same rows (queries and keys alike): the column sums (pass 1's
-  // kernel: pass 2's launches do its work and a row dot more), the keys' pass, the queries' pass.
+  // kernel: pass 2's launch does its work and a row dot more), the keys' pass, the queries' pass.
   const auto side = [&](auto params, bool keys) {
     problem.inputs(params);
     params.segments = 1;
@@ -128,14 +128,16 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
     params.pad = nullptr;
     return params;
   };
-  std::vector<float> flow_sums(std::size_t(c.H * head_dim)), W(problem.kv0.size()), top(c.H), E(c.H), ones(c.H, 1.f);
+  std::vector<float> flow_sums(std::size_t(c.H * head_dim)), A(flow_sums.size()), W(problem.kv0.size()), top(c.H),
+      E(c.H), ones(c.H, 1.f);
   flow_kernels::VectorSumsParams vector_sums = side(flow_kernels::VectorSumsParams{}, true);
   vector_sums.other = nullptr;
   vector_sums.sums = flow_sums.data();
   flow_kernels::run_for_head_dim<flow_kernels::emulated::VectorSums>(vector_sums, nullptr);
   flow_kernels::KeySumsParams keys = side(flow_kernels::KeySumsParams{}, true);
   keys.clamp = 1.f;
-  keys.B = flow_sums.data();
+  keys.Q = keys.B = flow_sums.data();
+  keys.A = A.data();
   keys.W = W.data();
   keys.max = top.data();
   keys.E = E.data();
