@@ -46,10 +46,13 @@ def test_fused_flow_attention_matches_the_reference(gen, feature_map, clamp, dty
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("eps", [0.5, 5.0])
 def test_fused_flow_attention_eps_terms(gen, eps, dtype, device):
-    # A large eps makes each eps term of the normalisers count (at 1e-6 they are below the tolerances).
+    # A large eps makes each eps term of the normalisers count (at 1e-6 they are below the tolerances). At eps = 5
+    # the unclamped sources Oh_j reach about 500: float32's rounding of Oh_j alone moves the competition's weights
+    # exp(Oh_j - m) by up to ~3e-5, so float32 is held to 1e-4 there (the problem's conditioning, not the kernels').
     q, k, v = inputs(gen, 2, 2, 90, 140, 16, 16, dtype, device, "elu1")
     options = dict(eps=eps, clamp=float("inf"), feature_map="elu1")
-    assert_close(F.flow_attention(q, k, v, **options), reference(q, k, v, **options), FORWARD_TOL[dtype], "out")
+    tol = 1e-4 if dtype == torch.float32 and eps > 1 else FORWARD_TOL[dtype]
+    assert_close(F.flow_attention(q, k, v, **options), reference(q, k, v, **options), tol, "out")
 
 
 @pytest.mark.parametrize("device", devices(OP))
