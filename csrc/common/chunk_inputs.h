@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -88,5 +89,17 @@ struct InputTensors {
   at::TensorOptions state_options() const { return q.options().dtype(at::kFloat); }
   int64_t N() const { return params.N; }
 };
+
+// The length of the longest sequence: L, or the longest of the packed ones.
+inline int64_t longest_sequence(int64_t L, const std::vector<int64_t>& cu) {
+  if (cu.empty()) {
+    return L;
+  }
+  int64_t longest = 0;
+  for (size_t n = 0; n + 1 < cu.size(); ++n) {
+    longest = std::max(longest, cu[n + 1] - cu[n]);
+  }
+  return longest;
+}
 
 }  // namespace flowformer::chunk_inputs

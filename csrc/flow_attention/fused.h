@@ -30,12 +30,13 @@ using Mask = std::optional<at::Tensor>;
 
 // One build of the kernels (run_for_head_dim<cuda::CausalForward> on the current stream, or the emulated
 // one), how much shared memory a block may have there and how many multiprocessors run blocks (the split
-// schedule of the non-causal passes).
+// schedules).
 struct Build {
   void (*causal_forward)(const kernels::CausalForwardParams&);
   void (*vector_sums)(const kernels::VectorSumsParams&);
   void (*key_sums)(const kernels::KeySumsParams&);
   void (*query_output)(const kernels::QueryOutputParams&);
+  void (*segment_scan)(const kernels::SegmentScanParams&);
   std::size_t shared_limit;
   int64_t multiprocessors;
 };
@@ -62,7 +63,7 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
   const int BM = kernels::noncausal_value_tile(D, M, bytes);
   const std::size_t elements = std::max({kernels::vector_sums_elements(D), kernels::key_sums_elements(D, BM),
                                          kernels::query_output_elements(D, BM)});
-  return bytes * elements + sizeof(float) * (kernels::kChunkRows + 4) <= build.shared_limit;
+  return bytes * elements + sizeof(float) * kernels::kNoncausalStaticFloats <= build.shared_limit;
 }
 
 // The valid rows of each batch element, (B) floats: `rows` less the padded ones.
@@ -150,6 +151,36 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
   return out;
 }
 
+// The causal forward's split schedule (p: the whole call's parameters, segments > 1; state0: (N, H, size) initial
+// states, or undefined): five passes of every segment from its incoming state, each but the last followed by the
+// scan of the parts of the incoming states it finished (causal_segments.cuh): n, K, Q; then A, B; then the
+// competition's (m, E); then S; then the output. Nine launches, whatever the segments. Returns the states after
+// each segment (N, G, H, size).
+inline at::Tensor split_passes(const Build& build, kernels::CausalForwardParams p, const at::Tensor& state0,
+                               const at::TensorOptions& floats) {
+  const int64_t size = RecurrentState{p.D, p.M}.size();
+  const at::Tensor starts = at::zeros({p.N, p.segments, p.H, size}, floats);
+  const at::Tensor ends = at::empty({p.N, p.segments, p.H, size}, floats);
+  void* const out = p.out;
+  p.state0 = starts.const_data_ptr<float>();
+  p.state_final = ends.mutable_data_ptr<float>();
+  kernels::SegmentScanParams scan{kernels::CausalPass::counts, p.N, p.segments, p.H, p.D, p.M,
+                                  chunk_inputs::data_or_null(state0), ends.const_data_ptr<float>(),
+                                  starts.mutable_data_ptr<float>()};
+  for (const kernels::CausalPass pass : {kernels::CausalPass::counts, kernels::CausalPass::flows,
+                                         kernels::CausalPass::competition, kernels::CausalPass::state,
+                                         kernels::CausalPass::output}) {
+    p.pass = pass;
+    p.out = pass == kernels::CausalPass::output ? out : nullptr;
+    build.causal_forward(p);
+    if (pass != kernels::CausalPass::output) {
+      scan.pass = pass;
+      build.segment_scan(scan);
+    }
+  }
+  return ends;
+}
+
 // Causal Flow-Attention from a packed recurrent state (state_layout.h; none: the empty prefix): out, and the
 // state after the last position (undefined unless want_state). A position is padding if either mask marks it.
 // cu: the checked values of cu_seqlens (packed sequences, B = 1, each from its own row of state: one launch for
@@ -170,21 +201,28 @@ inline std::pair<at::Tensor, at::Tensor> causal_forward(const Build& build, cons
   }
   const at::Tensor state0 = chunk_inputs::contiguous_or_undefined(state);
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({query.size(0), H, L, M}), query.options());
-  at::Tensor final_state;
-  if (want_state) {
-    final_state = new_output(c10::fromIntArrayRefSlow({in.N(), H, RecurrentState{D, M}.size()}), in.state_options());
-  }
   kernels::CausalForwardParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
-  p.segments = 1;
-  p.segment_rows = 0;
+  const int64_t tiles = M / kernels::value_tile(int(D), int(M), chunk_inputs::element_bytes_of(query));
+  static_cast<kernels::Segments&>(p) =
+      chunk::plan_segments(in.N() * H * tiles, chunk_inputs::longest_sequence(L, cu), build.multiprocessors,
+                           kernels::kCausalForwardBytes);
   p.pad = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
   p.clamp = std::isinf(clamp) ? INFINITY : static_cast<float>(clamp);
   p.out = out.mutable_data_ptr();
-  p.state0 = chunk_inputs::data_or_null(state0);
-  p.state_final = final_state.defined() ? final_state.mutable_data_ptr<float>() : nullptr;
-  build.causal_forward(p);
-  return {out, final_state};
+  p.pass = kernels::CausalPass::output;
+  if (p.segments == 1) {
+    at::Tensor final_state;
+    if (want_state) {
+      final_state = new_output(c10::fromIntArrayRefSlow({in.N(), H, RecurrentState{D, M}.size()}), in.state_options());
+    }
+    p.state0 = chunk_inputs::data_or_null(state0);
+    p.state_final = final_state.defined() ? final_state.mutable_data_ptr<float>() : nullptr;
+    build.causal_forward(p);
+    return {out, final_state};
+  }
+  const at::Tensor ends = split_passes(build, p, state0, in.state_options());
+  return {out, want_state ? ends.select(1, p.segments - 1).contiguous() : at::Tensor()};
 }
 
 // causal_flow_attention (arguments checked) on a build: the fused kernel where it takes the call, else packed

@@ -28,6 +28,7 @@ using linear_attention_ops::Optional;
 using chunk_inputs::aligned_rows;
 using chunk_inputs::contiguous_or_undefined;
 using chunk_inputs::data_or_null;
+using chunk_inputs::longest_sequence;
 using chunk_inputs::element_bytes_of;
 using chunk_inputs::element_of;
 using chunk_inputs::takes_inputs;
@@ -134,18 +135,6 @@ inline at::Tensor scan_segments(at::Tensor& sums, const at::Tensor& initial, boo
   const at::Tensor incoming = running.narrow(1, 0, G);
   sums.copy_(reversed ? incoming.flip(1) : incoming);
   return running.select(1, G).contiguous();
-}
-
-// The length of the longest sequence: L, or the longest of the packed ones.
-inline int64_t longest_sequence(int64_t L, const std::vector<int64_t>& cu) {
-  if (cu.empty()) {
-    return L;
-  }
-  int64_t longest = 0;
-  for (size_t n = 0; n + 1 < cu.size(); ++n) {
-    longest = std::max(longest, cu[n + 1] - cu[n]);
-  }
-  return longest;
 }
 
 inline CausalResult causal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,

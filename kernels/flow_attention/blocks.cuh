@@ -1,5 +1,6 @@
 // What the fused Flow-Attention kernels (causal_forward.cuh, noncausal_*.cuh) share beyond the chunk layer: the
-// value tiles of their grids and where a non-causal pass's block finds its side of the inputs.
+// value tiles of their grids, the competition's running log-sum-exp and where a non-causal pass's block finds its
+// side of the inputs.
 #pragma once
 
 #include "chunk/chunk.cuh"
@@ -23,6 +24,24 @@ template <int D, int (*Rule)(int, int, std::size_t)>
 struct ValueTiles {
   static constexpr int kMaxFloatD = flow_attention_kernels::kMaxFloatD;
   static constexpr int of(int M, std::size_t bytes) { return Rule(D, M, bytes); }
+};
+
+// The competition's running (max, sum of exp(x - max)) over a run of rows (the causal forward's, and the split
+// schedule's over segments); empty: (-inf, 0).
+struct RunningSum {
+  float m, E;
+
+  FF_DEVICE static RunningSum empty() { return {-INFINITY, 0.f}; }
+  FF_DEVICE static RunningSum of(float x, bool valid) { return valid ? RunningSum{x, 1.f} : empty(); }
+  // This run followed by `next`.
+  template <typename Exp>
+  FF_DEVICE RunningSum then(const RunningSum& next, Exp exp) const {
+    const float top = fmaxf(m, next.m);
+    if (top == -INFINITY) {
+      return empty();
+    }
+    return {top, E * exp(m - top) + next.E * exp(next.m - top)};  // exp(-inf) = 0
+  }
 };
 
 // A non-causal pass's block's rows of its side (BlockPlace `at`): the first row of q or k there, and its first

@@ -18,29 +18,14 @@
 // Padded rows (either mask) have zero features, zero v, no count, c = 0 and output 0. Six barriers a chunk
 // (linear attention's forward: three): the tiles landed, the features, the valid counts and s(x), the flows, the
 // sources Oh, the chunk's end. Half inputs: S, the vectors, the scores, c and the flows are scaled by powers of two
-// within half's range before they are rounded.
+// within half's range before they are rounded. The split schedule (few sequences and heads) runs the block over
+// a segment from its incoming state in five passes (CausalPass): the first four write only the state after it
+// (the first three without v and S += k^T (c v)), the last the output; none but the last reads S.
 #pragma once
 
 #include "flow_attention/blocks.cuh"
 
 namespace flowformer::flow_attention_kernels::FF_SIMT_BUILD {
-
-// The competition's running (max, sum of exp(x - max)) over a run of rows; empty: (-inf, 0).
-struct RunningSum {
-  float m, E;
-
-  FF_DEVICE static RunningSum empty() { return {-INFINITY, 0.f}; }
-  FF_DEVICE static RunningSum of(float x, bool valid) { return valid ? RunningSum{x, 1.f} : empty(); }
-  // This run followed by `next`.
-  template <typename Exp>
-  FF_DEVICE RunningSum then(const RunningSum& next, Exp exp) const {
-    const float top = fmaxf(m, next.m);
-    if (top == -INFINITY) {
-      return empty();
-    }
-    return {top, E * exp(m - top) + next.E * exp(next.m - top)};  // exp(-inf) = 0
-  }
-};
 
 template <typename T, int D, int BM>
 struct CausalForwardBlock {
@@ -115,7 +100,9 @@ struct CausalForwardBlock {
     const int64_t first = c * kChunkRows;
     load_rows(q_tile(stage), q, p.q_stride[2], first, span.length);
     load_rows(k_tile(stage), k, p.k_stride[2], first, span.length);
-    load_rows(v_tile(stage), v, p.v_stride[2], first, span.length);
+    if (p.pass >= CausalPass::state) {  // the split schedule's first three passes read no v
+      load_rows(v_tile(stage), v, p.v_stride[2], first, span.length);
+    }
   }
 
   // The vectors' sums and parts for the next chunk's products (after a barrier that ended the writes of
@@ -328,16 +315,18 @@ struct CausalForwardBlock {
     }
 
     // The output: a_t I_t / n_t ((G o c) v + q S).
-    G.scale_keys(c_pair);
-    const float fit = G.template fit<T>();
-    RowTile<BM> num;  // 2^-e fit ((G o c) v + q S)
-    num.zero();
-    State::template rows_times<true>(l, q, s_hi(), s_lo(), num);
-    num.scale(fit);
-    G.template times<T>(l, vt, S.scale() * fit, num);
-    const float back = S.unscale() / fit;
-    store_rows<T, BM>(l, out + c * kChunkRows * p.M, p.M, left,
-                      [&](int nt, int el) { return num.acc[nt][el] * back * g[el / 2]; });
+    if (p.pass == CausalPass::output) {
+      G.scale_keys(c_pair);
+      const float fit = G.template fit<T>();
+      RowTile<BM> num;  // 2^-e fit ((G o c) v + q S)
+      num.zero();
+      State::template rows_times<true>(l, q, s_hi(), s_lo(), num);
+      num.scale(fit);
+      G.template times<T>(l, vt, S.scale() * fit, num);
+      const float back = S.unscale() / fit;
+      store_rows<T, BM>(l, out + c * kChunkRows * p.M, p.M, left,
+                        [&](int nt, int el) { return num.acc[nt][el] * back * g[el / 2]; });
+    }
 
     // The next state: S += k^T (c v), and the vectors' sums of the chunk (D x 8: x^T flows for x = k, q).
     const auto times_c = [&](float down) {  // v's rows in the B fragments times c_t down
@@ -347,17 +336,19 @@ struct CausalForwardBlock {
         scale_k_rows<T>(b, s);
       };
     };
-    if constexpr (kHalf) {  // c_t <= n_t: c v rounded to half after c is scaled into [0, 1] by 2^-e
-      float largest = 0.f;
-      FF_UNROLL
-      for (int j = 0; j < kChunkRows / 8; ++j) {
-        largest = fmaxf(largest, fmaxf(c_pair[j][0], c_pair[j][1]));
+    if (p.pass >= CausalPass::state) {  // the split schedule's earlier passes keep the incoming S
+      if constexpr (kHalf) {  // c_t <= n_t: c v rounded to half after c is scaled into [0, 1] by 2^-e
+        float largest = 0.f;
+        FF_UNROLL
+        for (int j = 0; j < kChunkRows / 8; ++j) {
+          largest = fmaxf(largest, fmaxf(c_pair[j][0], c_pair[j][1]));
+        }
+        int exponent = 0;
+        frexpf(warp_max(largest), &exponent);
+        S.add_scaled_product(l, k, vt, exponent, times_c(ldexpf(1.f, -exponent)));
+      } else {
+        S.add_product(l, k, vt, times_c(1.f));
       }
-      int exponent = 0;
-      frexpf(warp_max(largest), &exponent);
-      S.add_scaled_product(l, k, vt, exponent, times_c(ldexpf(1.f, -exponent)));
-    } else {
-      S.add_product(l, k, vt, times_c(1.f));
     }
     for (int u = l.warp; u < D / 16; u += kWarps) {
       RowTile<8> kt, qt;
@@ -422,8 +413,11 @@ struct CausalForwardBlock {
   }
 
   FF_DEVICE void run() {
+    const bool output = p.pass == CausalPass::output;  // the other passes read no part of S
     load_state();
-    S.publish(l, s_hi(), s_lo(), largest_s);
+    if (output) {
+      S.publish(l, s_hi(), s_lo(), largest_s);
+    }
     publish_vectors();
     walk_chunks(span.chunks(), false, [&](int64_t c, int stage) { load_chunk(c, stage); },
                 [&](int64_t c, int stage) {
@@ -431,13 +425,15 @@ struct CausalForwardBlock {
                   const bool* pad_rows = pad != nullptr ? pad + c * kChunkRows : nullptr;
                   apply_feature_map(p.feature_map, k_tile(stage), k_tile(stage), left, pad_rows);
                   apply_feature_map(p.feature_map, q_tile(stage), q_tile(stage), left, pad_rows);
-                  if (pad_rows != nullptr) {
+                  if (pad_rows != nullptr && p.pass >= CausalPass::state) {
                     zero_padded_rows(v_tile(stage), pad_rows, left);
                   }
                   __syncthreads();
                   chunk_rows(c, stage, left, pad_rows);
                   __syncthreads();  // the stage may be loaded again, the state's parts rewritten
-                  S.publish(l, s_hi(), s_lo(), largest_s);  // read after the next chunk's first barrier
+                  if (output) {
+                    S.publish(l, s_hi(), s_lo(), largest_s);  // read after the next chunk's first barrier
+                  }
                   publish_vectors();
                 });
     if (p.state_final != nullptr) {
@@ -462,9 +458,9 @@ __global__ void __launch_bounds__(kThreads, 1) flow_causal_forward_kernel(Causal
               at.span.rows<T>(p.k, p.k_stride, at.head),
               at.span.rows<T>(p.v, p.v_stride, at.head) + at.value_col,
               p.pad != nullptr ? p.pad + at.span.batch * p.L + at.span.first : nullptr,
-              at.output_rows<T>(p, p.out),
+              p.out != nullptr ? at.output_rows<T>(p, p.out) : nullptr,
               at.value_col,
-              (int64_t(at.sequence) * p.H + at.head) * layout.size(),
+              (int64_t(at.unit) * p.H + at.head) * layout.size(),
               layout,
               Lane::of(int(threadIdx.x)),
               tiles,
@@ -482,7 +478,11 @@ __global__ void __launch_bounds__(kThreads, 1) flow_causal_forward_kernel(Causal
 
 template <int D>
 void CausalForward<D>::run(const CausalForwardParams& p, void* stream) {
-  launch_value_tiles<D, ValueTiles<D, value_tile>>(p, "flow_causal_forward", "causal_flow_attention", stream,
+  // the passes as the counters name them: the first three do the same work
+  const char* name = p.pass == CausalPass::output  ? "flow_causal_forward"
+                     : p.pass == CausalPass::state ? "flow_causal_state"
+                                                   : "flow_causal_sums";
+  launch_value_tiles<D, ValueTiles<D, value_tile>>(p, name, "causal_flow_attention", stream,
                                          [](auto type, auto tile) {
                                            using T = decltype(type);
                                            constexpr int BM = decltype(tile)::value;

@@ -1,6 +1,6 @@
-// The fused kernels of Flow-Attention (causal_forward.cuh; the non-causal passes noncausal_sums.cuh,
-// noncausal_keys.cuh, noncausal_output.cuh): their parameters and entry points, shared by the
-// kernels' two builds (nvcc: cuda::, the SIMT emulator: emulated::) and the torch glue
+// The fused kernels of Flow-Attention (causal_forward.cuh and its split schedule's causal_segments.cuh; the
+// non-causal passes noncausal_sums.cuh, noncausal_keys.cuh, noncausal_output.cuh): their parameters and entry
+// points, shared by the kernels' two builds (nvcc: cuda::, the SIMT emulator: emulated::) and the torch glue
 // (csrc/flow_attention/fused.h). Torch-free.
 #pragma once
 
@@ -24,15 +24,42 @@ using chunk::kChunkRows;
 using chunk::run_for_head_dim;
 using chunk::Segments;
 
-// Causal Flow-Attention, forward, from a recurrent state (state_layout.h) per sequence: Inputs' eps is the
-// normalisers' eps (normalize unused); segments = 1 (whole sequences).
+// The causal forward's passes. Whole sequences (segments = 1) take the output pass alone. The split schedule
+// runs every segment from its incoming state five times, each pass finishing parts of the next pass's incoming
+// states (DESIGN.md): the segments' sums of n, K, Q; with those, of A, B; with those, the competition's (m, E);
+// with those, of S; then the output.
+enum class CausalPass : int { counts, flows, competition, state, output };
+
+// Causal Flow-Attention, forward, from a recurrent state (state_layout.h) per unit (sequence n, segment g:
+// unit n G + g): Inputs' eps is the normalisers' eps (normalize unused).
 struct CausalForwardParams : Inputs, Segments {
+  CausalPass pass = CausalPass::output;
   const bool* pad;          // (B, L) contiguous, true where a position is padding (either mask), or nullptr
   float clamp;              // of the conserved source, > 0 (inf: none)
-  void* out;                // (B, H, L, M) contiguous, the inputs' dtype
-  const float* state0;      // (N, H, RecurrentState::size()) incoming states, or nullptr (the empty prefix)
-  float* state_final;       // (N, H, RecurrentState::size()), or nullptr (not wanted)
+  void* out;                // (B, H, L, M) contiguous, the inputs' dtype (the output pass; else unused)
+  const float* state0;      // (N G, H, RecurrentState::size()) incoming states, or nullptr (the empty prefix)
+  float* state_final;       // (N G, H, RecurrentState::size()) states after the unit, or nullptr (not wanted)
 };
+// The split schedule of the causal forward (chunk::plan_segments): five passes over q, k and v, one output.
+constexpr chunk::ScheduleBytes kCausalForwardBytes{4, 16};
+// After each pass but the output, the scan of the columns it finished (causal_segments.cuh): every segment's
+// incoming state from the initial one and the states after the earlier segments (which the pass started from
+// zeros there, or from no competition). States (N G, H, RecurrentState::size()) floats.
+struct SegmentScanParams {
+  CausalPass pass;       // counts (n, K, Q), flows (A, B), competition (m, E) or state (S)
+  int N, G, H, D, M;     // sequences, segments a sequence, heads, head dims
+  const float* initial;  // (N, H, size) initial states, or nullptr (zeros)
+  const float* ends;     // the states the pass left after each segment
+  float* starts;         // the incoming states: the pass's columns are set
+};
+// Columns (threads a (sequence, head)) of a pass's scan: the competition's pair is one. Host and device code.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr int64_t segment_scan_columns(CausalPass pass, int D, int M) {
+  return pass == CausalPass::counts ? 1 + 2 * D : pass == CausalPass::flows ? 2 * D
+                                                : pass == CausalPass::competition ? 1 : int64_t(D) * M;
+}
 
 // The non-causal forward's passes (DESIGN.md), each over segments of one side's rows: the queries (q, L =
 // Inputs::L rows) or the keys (k and v, L = the keys' length); Inputs' eps is the normalisers' eps. Sequences
@@ -81,6 +108,9 @@ constexpr int noncausal_value_tile(int D, int M, std::size_t bytes) {
 constexpr std::size_t vector_sums_elements(int D) { return 2 * kChunkRows * (D + 8); }
 constexpr std::size_t key_sums_elements(int D, int BM) { return 2 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8); }
 constexpr std::size_t query_output_elements(int D, int BM) { return 2 * kChunkRows * (D + 8) + 2 * D * (BM + 8); }
+// Static shared floats of the passes' blocks: a float a chunk row (pass 3 Oh, pass 4 the row scales) and one a
+// warp (their maxima).
+constexpr std::size_t kNoncausalStaticFloats = kChunkRows + chunk::kWarps;
 
 // Columns of the state S (value tile) one block carries, for inputs of `bytes` bytes an element: the block also
 // holds two 64 x 64 score matrices in registers (G and H), so 64 columns only up to D = 32 (16-bit) and 32 beyond.
@@ -101,7 +131,8 @@ constexpr std::size_t causal_forward_block_bytes(int D, int BM, std::size_t byte
 }
 
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/flow_attention/
-// cuda/fused_d*.cu for nvcc, cpu/emulated_fused_d*.cpp for the emulator). `stream` is a cudaStream_t (ignored
+// cuda/fused_d*.cu for nvcc, cpu/emulated_fused_d*.cpp for the emulator); the segments' scan, one for all, in
+// fused_segments.cu and emulated_fused_segments.cpp. `stream` is a cudaStream_t (ignored
 // by the emulator, which runs synchronously); a failed launch throws.
 #define FF_FLOW_KERNEL(Name, Params)              \
   template <int D>                                \
@@ -113,12 +144,19 @@ constexpr std::size_t causal_forward_block_bytes(int D, int BM, std::size_t byte
   FF_FLOW_KERNEL(VectorSums, VectorSumsParams)         \
   FF_FLOW_KERNEL(KeySums, KeySumsParams)               \
   FF_FLOW_KERNEL(QueryOutput, QueryOutputParams)
+#define FF_FLOW_SCAN                                                \
+  struct SegmentScan {                                              \
+    static void run(const SegmentScanParams& p, void* stream);      \
+  };
 namespace cuda {
 FF_FLOW_KERNELS
+FF_FLOW_SCAN
 }  // namespace cuda
 namespace emulated {
 FF_FLOW_KERNELS
+FF_FLOW_SCAN
 }  // namespace emulated
+#undef FF_FLOW_SCAN
 #undef FF_FLOW_KERNELS
 #undef FF_FLOW_KERNEL
 

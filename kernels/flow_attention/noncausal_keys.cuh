@@ -8,7 +8,7 @@
 //   w_j  = exp(Oh_j - m),  E = E f + sum_j w_j,  W = W f + k^T (w v)   f = exp(m_before - m), mma
 // over the segment's valid keys j (w_j = 0 for the others; padded rows of v zeroed); the rows w_j k_j replace k
 // in shared memory (w_j <= 1: within the inputs' range) before the product. Four barriers a chunk. Taking A here
-// (it is needed only by pass 4) spares pass 2 a read of the keys.
+// (it is needed only by pass 4) spares pass 2 a read of the keys; the first value tile's blocks take it.
 #pragma once
 
 #include "flow_attention/blocks.cuh"
@@ -54,17 +54,22 @@ struct KeySumsBlock {
     if (side.pad != nullptr) {
       zero_padded_rows(v_tile(stage), side.pad + c * kChunkRows, left);
     }
+    // A in the first value tile's blocks only (the block's uniform choice, from its place: no register kept)
+    const bool takes_A = int(blockIdx.x) % (p.M / BM) == 0;
     float largest = -INFINITY;
     Rows::Pieces::each([&](int r, int col) {
       const bool kept = side.kept(c, r, left);
       float f[kCount];
       Rows::template features<F>(k, r, col, kept, f);
-      const float dot = Rows::row_dot(f, b, p.eps), source = Rows::row_dot(f, q_e, p.eps);  // every lane of the row
+      const float dot = Rows::row_dot(f, b, p.eps);  // every lane of the row
       const float oh = kept ? fminf(fmaxf(dot, -p.clamp), p.clamp) : -INFINITY;
-      const float O = kept ? 1.f / source : 0.f;
-      FF_UNROLL
-      for (int i = 0; i < kCount; ++i) {
-        a[i] += O * f[i];
+      if (takes_A) {
+        const float source = Rows::row_dot(f, q_e, p.eps);  // every lane of the row
+        const float O = kept ? 1.f / source : 0.f;
+        FF_UNROLL
+        for (int i = 0; i < kCount; ++i) {
+          a[i] += O * f[i];
+        }
       }
       largest = fmaxf(largest, oh);
       if (col == 0) {
@@ -146,6 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1) flow_key_sums_kernel(KeySumsParam
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, oh_s, kChunkRows);
   FF_SHARED(float, largest_s, kWarps);
+  static_assert(kChunkRows + kWarps == kNoncausalStaticFloats, "the static shared memory the host counts");
   const BlockPlace at = BlockPlace::of<BM>(p, p);
   KeySumsBlock<T, D, BM> block{p,
                                at.span,

@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(kThreads, 1) flow_query_output_kernel(QueryOut
   FF_DYNAMIC_SHARED(T, tiles);
   FF_SHARED(float, scale_s, kChunkRows);
   FF_SHARED(float, largest_s, kWarps);
+  static_assert(kChunkRows + kWarps == kNoncausalStaticFloats, "the static shared memory the host counts");
   const BlockPlace at = BlockPlace::of<BM>(p, p);
   QueryOutputBlock<T, D, BM> block{p,
                                    at.span,

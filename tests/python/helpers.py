@@ -97,6 +97,14 @@ def grads(fn, inputs, grad_out):
 PADDINGS = ["left", "right", "random", "an element without queries", "an element without keys"]
 
 
+def ops_made(fn):
+    """The ops (profiler keys, one entry a call) that fn() makes, sorted: what a call's launches and host ops
+    are, for tests that they do not grow with segments or sequences."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted(e.key for e in prof.key_averages() for _ in range(e.count))
+
+
 def padding_masks(gen, padding, B, L, S):
     """Query and key padding masks (B, L), (B, S) of one of PADDINGS's kinds (B >= 3)."""
     qpad = torch.zeros(B, L, dtype=torch.bool)

@@ -9,7 +9,7 @@ import torch
 
 from flowformer import functional as F
 from flowformer import reference as R
-from helpers import FORWARD_TOL, PADDINGS, assert_close, devices, features_input, padding_masks, randn
+from helpers import FORWARD_TOL, PADDINGS, assert_close, devices, features_input, ops_made, padding_masks, randn
 
 OP = "flowformer::flow_attention"
 FUSED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]  # float32: three tf32 products, D <= 128
@@ -150,8 +150,6 @@ def test_fused_flow_attention_ops_do_not_grow_with_segments(gen, device, monkeyp
 
     def ops_of(length):
         q, k, v = (randn(gen, 1, 1, length, 16, dtype=torch.bfloat16, device=device) for _ in range(3))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            F.flow_attention(q, k, v)
-        return sorted(e.key for e in prof.key_averages() for _ in range(e.count))
+        return ops_made(lambda: F.flow_attention(q, k, v))
 
     assert ops_of(600) == ops_of(2000)

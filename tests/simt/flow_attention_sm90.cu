@@ -1,6 +1,7 @@
 // The fused Flow-Attention kernels' CUDA build for the static checks (tests/static/flow_attention.toml): every
-// head dim, as the library instantiates them.
+// head dim, as the library instantiates them, and the causal split schedule's scan.
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/causal_segments.cuh"
 #include "flow_attention/noncausal_keys.cuh"
 #include "flow_attention/noncausal_output.cuh"
 #include "flow_attention/noncausal_sums.cuh"

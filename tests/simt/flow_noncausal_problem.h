@@ -200,20 +200,20 @@ struct NoncausalProblem {
         continue;
       }
       for (int h = 0; h < c.H; ++h) {
+        // a side's valid rows (of `rows`, flags pad) and their features
+        const auto gather = [&](const std::vector<T>& x, const std::unique_ptr<bool[]>& pad, int64_t rows,
+                                std::vector<int64_t>& kept, std::vector<std::vector<double>>& f) {
+          for (int64_t i = 0; i < rows; ++i) {
+            if (!pad[std::size_t(n * rows + i)]) {
+              kept.push_back(i);
+              f.push_back(features(x, (n * c.H + h) * rows + i));
+            }
+          }
+        };
         std::vector<std::vector<double>> qf, kf;
         std::vector<int64_t> queries, keys;
-        for (int64_t i = 0; i < c.L; ++i) {
-          if (!qpad[std::size_t(n * c.L + i)]) {
-            queries.push_back(i);
-            qf.push_back(features(q, (n * c.H + h) * c.L + i));
-          }
-        }
-        for (int64_t j = 0; j < c.S; ++j) {
-          if (!kpad[std::size_t(n * c.S + j)]) {
-            keys.push_back(j);
-            kf.push_back(features(k, (n * c.H + h) * c.S + j));
-          }
-        }
+        gather(q, qpad, c.L, queries, qf);
+        gather(k, kpad, c.S, keys, kf);
         std::vector<double> Q(D), K(D), A(D), B(D), I(qf.size()), O(kf.size());
         for (const auto& x : qf) {
           for (int d = 0; d < D; ++d) {
@@ -268,18 +268,7 @@ struct NoncausalProblem {
 
   // ||kernel - reference|| / ||reference|| (-1: a non-finite or unwritten element).
   double error() const {
-    const std::vector<T> out = run();
-    const std::vector<double> expected = reference();
-    double diff = 0, norm = 0;
-    for (std::size_t i = 0; i < out.size(); ++i) {
-      const double x = float(out[i]);
-      if (!std::isfinite(x)) {
-        return -1;
-      }
-      diff += (x - expected[i]) * (x - expected[i]);
-      norm += expected[i] * expected[i];
-    }
-    return std::sqrt(diff / norm);
+    return relative_error(run(), reference());
   }
 };
 

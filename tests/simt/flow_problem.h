@@ -5,6 +5,7 @@
 #pragma once
 
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/causal_segments.cuh"
 #include "fused_problem.h"
 
 #include <algorithm>
@@ -25,6 +26,8 @@ struct FlowCase {
   FeatureMap feature_map = FeatureMap::Elu1;
   float eps = 0.5f;  // large: every eps term counts
   float clamp = 1.f;
+  int64_t segment_rows = 0;  // > 0: the split schedule over segments of these rows (a multiple of 64), as the host
+                             // runs it (csrc/flow_attention/fused.h, split_passes)
 };
 
 template <typename T>
@@ -86,7 +89,35 @@ struct FlowProblem {
     p.out = out.data();
     p.state0 = state0;
     p.state_final = state.data();
-    flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(p, nullptr);
+    if (c.segment_rows == 0 || length <= c.segment_rows) {
+      flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(p, nullptr);
+      return {out, state};
+    }
+    // The split schedule: five passes, each but the last followed by its scan of the segments' states.
+    p.segments = int((length + c.segment_rows - 1) / c.segment_rows);
+    p.segment_rows = c.segment_rows;
+    const std::size_t states = std::size_t(N * p.segments * c.H * layout.size());
+    std::vector<float> starts(states, 0.f), ends(states, std::numeric_limits<float>::quiet_NaN());
+    p.state0 = starts.data();
+    p.state_final = ends.data();
+    const flow_kernels::SegmentScanParams scan_of{flow_kernels::CausalPass::counts, int(N), p.segments, c.H, c.D,
+                                                  c.M, state0, ends.data(), starts.data()};
+    for (const auto pass : {flow_kernels::CausalPass::counts, flow_kernels::CausalPass::flows,
+                            flow_kernels::CausalPass::competition, flow_kernels::CausalPass::state,
+                            flow_kernels::CausalPass::output}) {
+      p.pass = pass;
+      p.out = pass == flow_kernels::CausalPass::output ? out.data() : nullptr;
+      flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(p, nullptr);
+      if (pass != flow_kernels::CausalPass::output) {
+        flow_kernels::SegmentScanParams scan = scan_of;
+        scan.pass = pass;
+        flow_kernels::emulated::SegmentScan::run(scan, nullptr);
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {  // the state after a sequence: after its last segment
+      const float* last = ends.data() + ((n * p.segments + p.segments - 1) * c.H) * layout.size();
+      std::copy(last, last + c.H * layout.size(), state.data() + n * c.H * layout.size());
+    }
     return {out, state};
   }
 
@@ -154,22 +185,12 @@ struct FlowProblem {
   double error(int64_t first) const {
     const auto [head, state] = run(nullptr, 0, first);
     const auto [out, final_state] = run(state.data(), first, c.L - first);
-    const std::vector<double> expected = reference(first, c.L - first);
-    double diff = 0, norm = 0;
-    for (std::size_t i = 0; i < out.size(); ++i) {
-      const double x = float(out[i]);
-      if (!std::isfinite(x)) {
-        return -1;
-      }
-      diff += (x - expected[i]) * (x - expected[i]);
-      norm += expected[i] * expected[i];
-    }
     for (const float x : final_state) {
       if (!std::isfinite(x)) {
         return -1;
       }
     }
-    return std::sqrt(diff / norm);
+    return relative_error(out, reference(first, c.L - first));
   }
 };
 

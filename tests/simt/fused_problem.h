@@ -69,6 +69,22 @@ int value_tiles(const Case& c) {  // the backward's
   return c.M / kernels::backward_value_tile(c.D, c.M, sizeof(T));
 }
 
+// ||out - expected|| / ||expected|| over a kernel's outputs (T read back as float), or -1 if one is not finite
+// (an unwritten or poisoned element).
+template <typename T>
+double relative_error(const std::vector<T>& out, const std::vector<double>& expected) {
+  double diff = 0, norm = 0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const double x = float(out[i]);
+    if (!std::isfinite(x)) {
+      return -1;
+    }
+    diff += (x - expected[i]) * (x - expected[i]);
+    norm += expected[i] * expected[i];
+  }
+  return std::sqrt(diff / norm);
+}
+
 // The sum of `parts` (shares of n floats, one per value tile) in tile order, as the host adds them.
 inline std::vector<float> add_shares(const std::vector<float>& parts, std::size_t n) {
   std::vector<float> sum(parts.begin(), parts.begin() + std::ptrdiff_t(n));

@@ -1,7 +1,7 @@
 // What the fused kernels do, counted by the emulator (simt/counters.h), for the bounds report
 // (benchmarks/kernel_bounds.py): one (sequence, head) of `chunks` chunks of 64 rows, one block per launch
 // (M within one value tile), every kernel of linear attention's causal forward and backward and of its
-// non-causal forward, and Flow-Attention's causal forward and non-causal passes.
+// non-causal forward, and Flow-Attention's causal forward (its split schedule's passes too) and non-causal passes.
 // Prints JSON: each launch's kernel, grid, block, dynamic shared bytes and its first block's counters.
 //
 //   kernel_counts --dtype bf16 --head-dim 64 --chunks 4
@@ -119,6 +119,12 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
   flow.clamp = 1.f;
   flow.out = out.data();
   flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(flow, nullptr);
+  // Its split schedule's other passes (the first three alike: counted once).
+  flow.out = nullptr;
+  for (const auto pass : {flow_kernels::CausalPass::counts, flow_kernels::CausalPass::state}) {
+    flow.pass = pass;
+    flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(flow, nullptr);
+  }
   // Non-causal Flow-Attention's passes on the same rows (queries and keys alike): the column sums (pass 1's
   // kernel: pass 2's launch does its work and a row dot more), the keys' pass, the queries' pass.
   const auto side = [&](auto params, bool keys) {
@@ -171,10 +177,12 @@ int main(int argc, char** argv) {
       const auto backward = kernels::plan_segments(blocks, longest, sms, kernels::kCausalBackwardBytes);
       const auto noncausal = kernels::plan_segments(blocks, longest, sms, kernels::kNoncausalBytes);
       const auto flow = kernels::plan_segments(blocks, longest, sms, flow_kernels::kNoncausalBytes);
+      const auto flow_causal = kernels::plan_segments(blocks, longest, sms, flow_kernels::kCausalForwardBytes);
       std::cout << "{\"causal_forward\": [" << forward.segments << ", " << forward.segment_rows
                 << "], \"causal_backward\": [" << backward.segments << ", " << backward.segment_rows
                 << "], \"noncausal\": [" << noncausal.segments << ", " << noncausal.segment_rows
-                << "], \"flow_noncausal\": [" << flow.segments << ", " << flow.segment_rows << "]}\n";
+                << "], \"flow_noncausal\": [" << flow.segments << ", " << flow.segment_rows
+                << "], \"flow_causal\": [" << flow_causal.segments << ", " << flow_causal.segment_rows << "]}\n";
       return 0;
     } else if (arg == "--dtype" && i + 1 < argc) {
       dtype = argv[++i];

@@ -10,7 +10,7 @@ BUGS = {  # name -> (what the kernel has, the bug)
     "dropped_eps": ("I[i] = ok[i] ? n[i] / (qK + g_sum[i] + e * sq[i] + ", "I[i] = ok[i] ? n[i] / (qK + g_sum[i] + "),
     # the sums up to a row take in the warp's own total as well as the earlier warps'
     "wrong_prefix": ("if (w < l.warp) {", "if (w <= l.warp) {"),
-    # the competition's running sum not rescaled to a new maximum
+    # the competition's running sum not rescaled to a new maximum (blocks.cuh: the causal forward's, and its scan's)
     "competition_not_rescaled": ("return {top, E * exp(m - top) + next.E * exp(next.m - top)};",
                                  "return {top, E + next.E * exp(next.m - top)};"),
     # the keys' sums W not rescaled to a new maximum (non-causal pass 3)

@@ -467,15 +467,19 @@ TEST_CASE("fused kernels of float32 inputs: three tf32 products keep float32's a
 TEMPLATE_TEST_CASE("causal Flow-Attention's fused forward matches the float64 recurrence", "", simt::bf16, simt::half,
                    float) {
   // Two sequences with padding, a first run of 70 rows whose state the second carries on from (eps = 0.5: every
-  // eps term counts), D = 16 with M = 32 and D = 64 with M = 64; every output poisoned first, no hazard.
+  // eps term counts), D = 16 with M = 32 and D = 64 with M = 64, whole and in the split schedule (segments of 64
+  // rows, five passes and their scans, from the first run's state); every output and state poisoned first, no
+  // hazard.
   using flowformer::simt_tests::FlowCase;
   using flowformer::simt_tests::FlowProblem;
-  for (const auto& [D, M, clamp] : {std::tuple{16, 32, 1.f}, std::tuple{64, 64, INFINITY}}) {
+  for (const auto& [D, M, clamp, segment_rows] :
+       {std::tuple{16, 32, 1.f, 0}, std::tuple{64, 64, INFINITY, 0}, std::tuple{16, 32, INFINITY, 64}}) {
     FlowCase c;
     c.D = D;
     c.M = M;
     c.clamp = clamp;
-    INFO("D " << D << ", M " << M);
+    c.segment_rows = segment_rows;
+    INFO("D " << D << ", M " << M << ", segments of " << segment_rows);
     const double error = FlowProblem<TestType>(c).error(70);
     CHECK(error >= 0);
     CHECK(error <= tolerance<TestType>());

@@ -22,6 +22,7 @@ flow_attention_fused::Build emulated_fused_build() {
           [](const kernels::QueryOutputParams& p) {
             kernels::run_for_head_dim<kernels::emulated::QueryOutput>(p, nullptr);
           },
+          [](const kernels::SegmentScanParams& p) { kernels::emulated::SegmentScan::run(p, nullptr); },
           simt::shared_memory_limit(simt::current_options().arch), 132};
 }
 

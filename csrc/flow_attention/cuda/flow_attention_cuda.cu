@@ -36,6 +36,9 @@ flow_attention_fused::Build fused_build() {
           [](const kernels::QueryOutputParams& p) {
             kernels::run_for_head_dim<kernels::cuda::QueryOutput>(p, c10::cuda::getCurrentCUDAStream().stream());
           },
+          [](const kernels::SegmentScanParams& p) {
+            kernels::cuda::SegmentScan::run(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
           std::size_t(shared_limit), multiprocessors};
 }
 
