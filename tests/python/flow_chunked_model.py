@@ -1,7 +1,7 @@
 """The forms of Flow-Attention that its fused kernels are to compute (kernels/flow_attention/DESIGN.md), as float64
 models: causal in chunks of `chunk` rows, each from the state at its start and its own products only
 (causal_flow_chunked), its gradients in two passes over the chunks (causal_flow_chunked_backward); non-causal in
-four passes over segments (noncausal_flow_passes).
+four passes over segments (noncausal_flow_passes), its gradients in four more (noncausal_flow_backward_passes).
 
 State at a chunk's start, per (batch, head): n0 (valid rows so far), the vectors K0 = sum k, Q0 = sum q,
 A0 = sum O k, B0 = sum I q, the competition's running maximum m0 and sum E0 = sum exp(Oh - m0), and
@@ -86,37 +86,32 @@ def causal_flow_chunked(q, k, v, valid, *, eps, clamp, chunk):
     return out
 
 
-def noncausal_flow_passes(q, k, v, qvalid, kvalid, *, eps, clamp, segment):
-    """Non-causal Flow-Attention as the fused kernels' four passes over segments of `segment` rows, each pass's
-    segment results combined in segment order (fixed, deterministic). q (B, H, L, D), k (B, H, S, D), v (B, H, S, M),
-    qvalid (B, L), kvalid (B, S).
-      1. sums: Q = sum q, K = sum k
-      2. flows: I_i = 1 / <q_i + e, K + e>, O_j = 1 / <k_j + e, Q + e>; sums A = sum O_j k_j, B = sum I_i q_i
-      3. keys: Oh_j = clamp(<k_j + e, B + e>), the softmax's running maximum m and sum E = sum exp(Oh_j - m), and
-         W = sum exp(Oh_j - m) k_j v_j^T against the same maximum (segments: rescaled to the larger one when added)
-      4. queries: a_i = sigmoid(<q_i + e, A + e> L / S), out_i = a_i I_i q_i^T W S / E
-    (L, S: the valid counts.)"""
+def _in_order(parts):
+    """The sum of parts, added in their order (the host's order of a pass's segments)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _noncausal_sums(q, k, v, qvalid, kvalid, *, eps, clamp, segment):
+    """Passes 1-3 of non-causal Flow-Attention over segments of `segment` rows (noncausal_flow_passes): the padded
+    rows' features zeroed, the valid counts Lb, Sb (B, 1), the sums Q, K, A, B, the flows I, O, the unclamped
+    sources r and the competition's maximum m, sum E and W = sum exp(Oh_j - m) k_j v_j^T."""
     qm = qvalid[:, None, :, None].to(q.dtype)
     km = kvalid[:, None, :, None].to(q.dtype)
     q, k = q * qm, k * km
-    Lb, Sb = qm.sum(2)[..., 0], km.sum(2)[..., 0]  # (B, 1)
-    dot_eps = lambda x, y: ((x + eps) * (y[..., None, :] + eps)).sum(-1)  # noqa: E731
-    pieces = lambda n: [slice(s, s + segment) for s in range(0, n, segment)]  # noqa: E731
+    x = dict(q=q, k=k, qm=qm, km=km, Lb=qm.sum(2)[..., 0], Sb=km.sum(2)[..., 0])
     L, S = q.shape[2], k.shape[2]
-
-    def in_order(parts):
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total
-
-    Q = in_order([q[:, :, r].sum(2) for r in pieces(L)])
-    K = in_order([k[:, :, r].sum(2) for r in pieces(S)])
-    I = 1.0 / dot_eps(q, K) * qm[..., 0]
-    O = 1.0 / dot_eps(k, Q) * km[..., 0]
-    A = in_order([(k[:, :, r] * O[:, :, r, None]).sum(2) for r in pieces(S)])
-    Bv = in_order([(q[:, :, r] * I[:, :, r, None]).sum(2) for r in pieces(L)])
-    Oh = dot_eps(k, Bv).clamp(-clamp, clamp).masked_fill(km[..., 0] == 0, float("-inf"))
+    x["pieces"] = pieces = lambda n: [slice(s, s + segment) for s in range(0, n, segment)]  # noqa: E731
+    x["Q"] = _in_order([q[:, :, r].sum(2) for r in pieces(L)])
+    x["K"] = _in_order([k[:, :, r].sum(2) for r in pieces(S)])
+    x["I"] = 1.0 / _dot_eps(q, x["K"], eps) * qm[..., 0]
+    x["O"] = 1.0 / _dot_eps(k, x["Q"], eps) * km[..., 0]
+    x["A"] = _in_order([(k[:, :, r] * x["O"][:, :, r, None]).sum(2) for r in pieces(S)])
+    x["B"] = _in_order([(q[:, :, r] * x["I"][:, :, r, None]).sum(2) for r in pieces(L)])
+    x["r"] = _dot_eps(k, x["B"], eps)
+    Oh = x["r"].clamp(-clamp, clamp).masked_fill(km[..., 0] == 0, float("-inf"))
     m = torch.full(Oh.shape[:2], float("-inf"), dtype=q.dtype, device=q.device)
     E = torch.zeros_like(m)
     W = torch.zeros(*Oh.shape[:2], k.shape[-1], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -129,11 +124,85 @@ def noncausal_flow_passes(q, k, v, qvalid, kvalid, *, eps, clamp, segment):
         E = E * old + w.sum(-1)
         W = W * old[..., None, None] + k[:, :, r].transpose(-1, -2) @ (v[:, :, r] * w[..., None])
         m = m_new
-    a = torch.sigmoid(dot_eps(q, A) * (Lb / Sb.clamp(min=1))[..., None])
-    scale = (Sb / E.clamp(min=torch.finfo(q.dtype).tiny))[..., None, None]
-    out = (a * I)[..., None] * (q @ (W * scale))
+    x.update(Oh=Oh, m=m, E=E, W=W)
+    return x
+
+
+def _dot_eps(x, y, eps):
+    """<x_t + eps, y + eps> for the rows x_t (.., T, D) and a vector y (.., D)."""
+    return ((x + eps) * (y[..., None, :] + eps)).sum(-1)
+
+
+def noncausal_flow_passes(q, k, v, qvalid, kvalid, *, eps, clamp, segment):
+    """Non-causal Flow-Attention as the fused kernels' four passes over segments of `segment` rows, each pass's
+    segment results combined in segment order (fixed, deterministic). q (B, H, L, D), k (B, H, S, D), v (B, H, S, M),
+    qvalid (B, L), kvalid (B, S).
+      1. sums: Q = sum q, K = sum k
+      2. flows: I_i = 1 / <q_i + e, K + e>, O_j = 1 / <k_j + e, Q + e>; sums A = sum O_j k_j, B = sum I_i q_i
+      3. keys: Oh_j = clamp(<k_j + e, B + e>), the softmax's running maximum m and sum E = sum exp(Oh_j - m), and
+         W = sum exp(Oh_j - m) k_j v_j^T against the same maximum (segments: rescaled to the larger one when added)
+      4. queries: a_i = sigmoid(<q_i + e, A + e> L / S), out_i = a_i I_i q_i^T W S / E
+    (L, S: the valid counts.)"""
+    x = _noncausal_sums(q, k, v, qvalid, kvalid, eps=eps, clamp=clamp, segment=segment)
+    q, qm, Lb, Sb = x["q"], x["qm"], x["Lb"], x["Sb"]
+    a = torch.sigmoid(_dot_eps(q, x["A"], eps) * (Lb / Sb.clamp(min=1))[..., None])
+    scale = (Sb / x["E"].clamp(min=torch.finfo(q.dtype).tiny))[..., None, None]
+    out = (a * x["I"])[..., None] * (q @ (x["W"] * scale))
     empty = ((Lb == 0) | (Sb == 0))[:, :, None, None]
     return torch.where(empty | (qm == 0), torch.zeros_like(out), out)
+
+
+def noncausal_flow_backward_passes(q, k, v, qvalid, kvalid, dout, *, eps, clamp, segment):
+    """The gradients (dq, dk, dv) of non-causal Flow-Attention with respect to the features q, k and to v, in four
+    passes over segments as a fused backward would make them, after the forward's sums (Q, K, A, B, m, E, W: small,
+    saved or recomputed). With g_i = a_i I_i, c_j = S exp(Oh_j - m) / E (so that out_i = g_i q_i^T W, W = sum c_j
+    k_j v_j^T) and sums over a side added segment by segment in order:
+      1. queries: dW = sum g_i q_i dout_i^T, dg_i = <dout_i, q_i^T W>, dIh_i = dg_i I_i a_i (1 - a_i) L / S,
+         dA = sum dIh_i (q_i + e)
+      2. keys: dc_j = k_j^T dW v_j; the softmax's total sum_l c_l dc_l = <dW, W> (no pass of its own);
+         dr_j = c_j (dc_j - <dW, W> / S) where |r_j| <= clamp; dB = sum dr_j (k_j + e); dO_j = <dA, k_j>,
+         dQ = sum -dO_j O_j^2 (k_j + e)
+      3. queries: dI_i = dg_i a_i + <dB, q_i>; dq_i = g_i W dout_i + dIh_i (A + e) + I_i dB - dI_i I_i^2 (K + e) + dQ;
+         dK = sum -dI_i I_i^2 (q_i + e)
+      4. keys: dk_j = c_j dW v_j + dr_j (B + e) + O_j dA - dO_j O_j^2 (Q + e) + dK; dv_j = c_j dW^T k_j
+    Pass 3 needs pass 2's dB, pass 4 pass 3's dK: four passes, the queries' and keys' sides read twice each."""
+    x = _noncausal_sums(q, k, v, qvalid, kvalid, eps=eps, clamp=clamp, segment=segment)
+    q, k, qm, km, Lb, Sb, pieces = x["q"], x["k"], x["qm"], x["km"], x["Lb"], x["Sb"], x["pieces"]
+    L, S = q.shape[2], k.shape[2]
+    I, O, A, B, W = x["I"], x["O"], x["A"], x["B"], x["W"]
+    empty = ((Lb == 0) | (Sb == 0))[:, :, None, None]
+    dout = torch.where(empty | (qm == 0), torch.zeros_like(dout), dout)  # the outputs held at 0
+    ratio = (Lb / Sb.clamp(min=1))[..., None]
+    a = torch.sigmoid(_dot_eps(q, A, eps) * ratio)
+    c = torch.where(km[..., 0] > 0, torch.exp(x["Oh"] - x["m"][..., None]), torch.zeros_like(x["r"]))
+    c = c * (Sb / x["E"].clamp(min=torch.finfo(q.dtype).tiny))[..., None]
+    W = W * (Sb / x["E"].clamp(min=torch.finfo(q.dtype).tiny))[..., None, None]  # sum c_j k_j v_j^T
+    g = a * I
+    # 1. queries
+    dW = _in_order([q[:, :, r].transpose(-1, -2) @ (dout[:, :, r] * g[:, :, r, None]) for r in pieces(L)])
+    dg = (dout * (q @ W)).sum(-1)
+    dIh = dg * I * a * (1 - a) * ratio
+    dA = _in_order([((q[:, :, r] + eps) * dIh[:, :, r, None]).sum(2) for r in pieces(L)])
+    # 2. keys
+    kdW = k @ dW  # rows k_j^T dW
+    dc = (kdW * v).sum(-1)
+    total = (dW * W).sum((-1, -2))[..., None]  # sum_l c_l dc_l
+    dr = torch.where(x["r"].abs() <= clamp, c * (dc - total / Sb.clamp(min=1)[..., None]), torch.zeros_like(c))
+    dB = _in_order([((k[:, :, r] + eps) * dr[:, :, r, None]).sum(2) for r in pieces(S)])
+    dO = (k * dA[..., None, :]).sum(-1) * km[..., 0]
+    dden_O = -dO * O * O
+    dQ = _in_order([((k[:, :, r] + eps) * dden_O[:, :, r, None]).sum(2) for r in pieces(S)])
+    # 3. queries
+    dI = (dg * a + (q * dB[..., None, :]).sum(-1)) * qm[..., 0]
+    dden_I = -dI * I * I
+    dq = (g[..., None] * (dout @ W.transpose(-1, -2)) + dIh[..., None] * (A[..., None, :] + eps)
+          + I[..., None] * dB[..., None, :] + dden_I[..., None] * (x["K"][..., None, :] + eps) + dQ[..., None, :])
+    dK = _in_order([((q[:, :, r] + eps) * dden_I[:, :, r, None]).sum(2) for r in pieces(L)])
+    # 4. keys
+    dk = (c[..., None] * (v @ dW.transpose(-1, -2)) + dr[..., None] * (B[..., None, :] + eps)
+          + O[..., None] * dA[..., None, :] + dden_O[..., None] * (x["Q"][..., None, :] + eps) + dK[..., None, :])
+    dv = c[..., None] * kdW
+    return dq * qm, dk * km, dv * km
 
 
 def _suffix(x):

@@ -1,13 +1,14 @@
 """The decompositions of Flow-Attention that its fused kernels are designed on (tests/python/flow_chunked_model.py,
 kernels/flow_attention/DESIGN.md) equal the spec's reference in float64: causal in chunks of any size (its gradients
 in two passes over the chunks, against autograd through the reference), non-causal in four passes over segments of
-any size. Where the reference overflows (clamp = inf: exp of a conserved source past 709), the CPU op, whose running
+any size (its gradients in four more). Where the reference overflows (clamp = inf: exp of a conserved source past 709), the CPU op, whose running
 maximum keeps it finite as the model's does."""
 
 import pytest
 import torch
 
-from flow_chunked_model import causal_flow_chunked, causal_flow_chunked_backward, noncausal_flow_passes
+from flow_chunked_model import (causal_flow_chunked, causal_flow_chunked_backward, noncausal_flow_backward_passes,
+                                noncausal_flow_passes)
 from flowformer import functional as F
 from flowformer import reference as R
 
@@ -107,5 +108,30 @@ def test_causal_backward_passes_equal_autograd(chunk, clamp, padding):
                            query_padding_mask=pad)
     expected = torch.autograd.grad(out, inputs, dout)
     got = causal_flow_chunked_backward(q, k, v, ~pad, dout, eps=1e-6, clamp=clamp, chunk=chunk)
+    for name, a, b in zip("qkv", got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("segment", [1, 7, 1000])
+@pytest.mark.parametrize("clamp", [1.0, 0.05, float("inf")])
+@pytest.mark.parametrize("padding", ["none", "both", "all_keys"])
+def test_noncausal_backward_passes_equal_autograd(segment, clamp, padding):
+    gen = torch.Generator().manual_seed(hash((segment, clamp, padding)) % 2**31)
+    B, H, L, S, D, M = 2, 2, 40, 30, 4, 3
+    q = torch.rand(B, H, L, D, generator=gen, dtype=torch.float64)  # features: non-negative
+    k = torch.rand(B, H, S, D, generator=gen, dtype=torch.float64) * 3  # sources past clamp 1
+    v = torch.randn(B, H, S, M, generator=gen, dtype=torch.float64)
+    dout = torch.randn(B, H, L, M, generator=gen, dtype=torch.float64)
+    qpad, kpad = torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, S, dtype=torch.bool)
+    if padding == "both":
+        qpad = torch.rand(B, L, generator=gen) < 0.3
+        kpad = torch.rand(B, S, generator=gen) < 0.3
+    elif padding == "all_keys":
+        kpad[1] = True  # an element with no valid key: its output is 0, and so are its gradients
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = R.flow_attention(*inputs, causal=False, feature_map="identity", eps=1e-6, clamp=clamp,
+                           query_padding_mask=qpad, key_padding_mask=kpad)
+    expected = torch.autograd.grad(out, inputs, dout)
+    got = noncausal_flow_backward_passes(q, k, v, ~qpad, ~kpad, dout, eps=1e-6, clamp=clamp, segment=segment)
     for name, a, b in zip("qkv", got, expected):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"d{name}: {m}")
