@@ -153,31 +153,15 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
 
 // The causal forward's split schedule (p: the whole call's parameters, segments > 1; state0: (N, H, size) initial
 // states, or undefined): five passes of every segment from its incoming state, each but the last followed by the
-// scan of the parts of the incoming states it finished (causal_segments.cuh): n, K, Q; then A, B; then the
-// competition's (m, E); then S; then the output. Nine launches, whatever the segments. Returns the states after
-// each segment (N, G, H, size).
-inline at::Tensor split_passes(const Build& build, kernels::CausalForwardParams p, const at::Tensor& state0,
+// scan of the parts of the incoming states it finished (kernels::run_split_passes). Nine launches, whatever the
+// segments. Returns the states after each segment (N, G, H, size).
+inline at::Tensor split_passes(const Build& build, const kernels::CausalForwardParams& p, const at::Tensor& state0,
                                const at::TensorOptions& floats) {
   const int64_t size = RecurrentState{p.D, p.M}.size();
   const at::Tensor starts = at::zeros({p.N, p.segments, p.H, size}, floats);
   const at::Tensor ends = at::empty({p.N, p.segments, p.H, size}, floats);
-  void* const out = p.out;
-  p.state0 = starts.const_data_ptr<float>();
-  p.state_final = ends.mutable_data_ptr<float>();
-  kernels::SegmentScanParams scan{kernels::CausalPass::counts, p.N, p.segments, p.H, p.D, p.M,
-                                  chunk_inputs::data_or_null(state0), ends.const_data_ptr<float>(),
-                                  starts.mutable_data_ptr<float>()};
-  for (const kernels::CausalPass pass : {kernels::CausalPass::counts, kernels::CausalPass::flows,
-                                         kernels::CausalPass::competition, kernels::CausalPass::state,
-                                         kernels::CausalPass::output}) {
-    p.pass = pass;
-    p.out = pass == kernels::CausalPass::output ? out : nullptr;
-    build.causal_forward(p);
-    if (pass != kernels::CausalPass::output) {
-      scan.pass = pass;
-      build.segment_scan(scan);
-    }
-  }
+  kernels::run_split_passes(p, starts.mutable_data_ptr<float>(), ends.mutable_data_ptr<float>(),
+                            chunk_inputs::data_or_null(state0), build.causal_forward, build.segment_scan);
   return ends;
 }
 

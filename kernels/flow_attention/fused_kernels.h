@@ -52,6 +52,29 @@ struct SegmentScanParams {
   const float* ends;     // the states the pass left after each segment
   float* starts;         // the incoming states: the pass's columns are set
 };
+// The split schedule's launches (DESIGN.md), on the host: p the call's parameters with segments > 1 (its pass,
+// out, state0 and state_final set here), `starts` the segments' incoming states (N G, H, size), zeros,
+// `ends` the states after each segment (the last segment's: the sequence's final state), `initial` the initial
+// states (N, H, size) or nullptr; forward(params) and scan(params) launch the two kernels.
+template <typename Forward, typename Scan>
+void run_split_passes(CausalForwardParams p, float* starts, float* ends, const float* initial, const Forward& forward,
+                      const Scan& scan) {
+  void* const out = p.out;
+  p.state0 = starts;
+  p.state_final = ends;
+  SegmentScanParams columns{CausalPass::counts, p.N, p.segments, p.H, p.D, p.M, initial, ends, starts};
+  for (const CausalPass pass : {CausalPass::counts, CausalPass::flows, CausalPass::competition, CausalPass::state,
+                                CausalPass::output}) {
+    p.pass = pass;
+    p.out = pass == CausalPass::output ? out : nullptr;
+    forward(p);
+    if (pass != CausalPass::output) {
+      columns.pass = pass;
+      scan(columns);
+    }
+  }
+}
+
 // Columns (threads a (sequence, head)) of a pass's scan: the competition's pair is one. Host and device code.
 #if defined(__CUDACC__)
 __host__ __device__

@@ -85,9 +85,7 @@ struct NoncausalProblem {
     p.M = c.M;
     p.feature_map = c.feature_map;
     p.eps = c.eps;
-    p.element = std::is_same_v<T, float>        ? chunk::Element::float32
-                : std::is_same_v<T, simt::half> ? chunk::Element::half
-                                                : chunk::Element::bf16;
+    p.element = element_of<T>();
     p.segments = segment_rows > 0 ? int((rows + segment_rows - 1) / segment_rows) : 1;
     p.segment_rows = segment_rows;
     p.keys = keys;

@@ -27,7 +27,7 @@ struct FlowCase {
   float eps = 0.5f;  // large: every eps term counts
   float clamp = 1.f;
   int64_t segment_rows = 0;  // > 0: the split schedule over segments of these rows (a multiple of 64), as the host
-                             // runs it (csrc/flow_attention/fused.h, split_passes)
+                             // runs it (run_split_passes)
 };
 
 template <typename T>
@@ -80,9 +80,7 @@ struct FlowProblem {
     p.M = c.M;
     p.feature_map = c.feature_map;
     p.eps = c.eps;
-    p.element = std::is_same_v<T, float>        ? chunk::Element::float32
-                : std::is_same_v<T, simt::half> ? chunk::Element::half
-                                                : chunk::Element::bf16;
+    p.element = element_of<T>();
     p.segments = 1;
     p.pad = piece_pad.get();
     p.clamp = c.clamp;
@@ -93,27 +91,17 @@ struct FlowProblem {
       flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(p, nullptr);
       return {out, state};
     }
-    // The split schedule: five passes, each but the last followed by its scan of the segments' states.
+    // The split schedule, as the host runs it.
     p.segments = int((length + c.segment_rows - 1) / c.segment_rows);
     p.segment_rows = c.segment_rows;
     const std::size_t states = std::size_t(N * p.segments * c.H * layout.size());
     std::vector<float> starts(states, 0.f), ends(states, std::numeric_limits<float>::quiet_NaN());
-    p.state0 = starts.data();
-    p.state_final = ends.data();
-    const flow_kernels::SegmentScanParams scan_of{flow_kernels::CausalPass::counts, int(N), p.segments, c.H, c.D,
-                                                  c.M, state0, ends.data(), starts.data()};
-    for (const auto pass : {flow_kernels::CausalPass::counts, flow_kernels::CausalPass::flows,
-                            flow_kernels::CausalPass::competition, flow_kernels::CausalPass::state,
-                            flow_kernels::CausalPass::output}) {
-      p.pass = pass;
-      p.out = pass == flow_kernels::CausalPass::output ? out.data() : nullptr;
-      flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(p, nullptr);
-      if (pass != flow_kernels::CausalPass::output) {
-        flow_kernels::SegmentScanParams scan = scan_of;
-        scan.pass = pass;
-        flow_kernels::emulated::SegmentScan::run(scan, nullptr);
-      }
-    }
+    flow_kernels::run_split_passes(
+        p, starts.data(), ends.data(), state0,
+        [](const flow_kernels::CausalForwardParams& q) {
+          flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(q, nullptr);
+        },
+        [](const flow_kernels::SegmentScanParams& scan) { flow_kernels::emulated::SegmentScan::run(scan, nullptr); });
     for (int64_t n = 0; n < N; ++n) {  // the state after a sequence: after its last segment
       const float* last = ends.data() + ((n * p.segments + p.segments - 1) * c.H) * layout.size();
       std::copy(last, last + c.H * layout.size(), state.data() + n * c.H * layout.size());

@@ -69,6 +69,14 @@ int value_tiles(const Case& c) {  // the backward's
   return c.M / kernels::backward_value_tile(c.D, c.M, sizeof(T));
 }
 
+// The kernels' element type of T (bf16, half or float).
+template <typename T>
+constexpr kernels::Element element_of() {
+  return std::is_same_v<T, float> ? kernels::Element::float32
+         : std::is_same_v<T, simt::half> ? kernels::Element::half
+                                         : kernels::Element::bf16;
+}
+
 // ||out - expected|| / ||expected|| over a kernel's outputs (T read back as float), or -1 if one is not finite
 // (an unwritten or poisoned element).
 template <typename T>
@@ -181,9 +189,7 @@ struct Problem {
     p.feature_map = c.feature_map;
     p.normalize = c.normalize;
     p.eps = 1e-6f;
-    p.element = std::is_same_v<T, float>        ? kernels::Element::float32
-                : std::is_same_v<T, simt::half> ? kernels::Element::half
-                                                : kernels::Element::bf16;
+    p.element = element_of<T>();
   }
 
   // The kernels' results, every output poisoned with NaN first.
