@@ -119,12 +119,19 @@ def ops(shape, dtype, kernels, binary, gpu):
          launches("noncausal", ["segment_sums", "state_output"], causal=False)),
         ("Flow-Attention causal forward", row * (2 * D + 2 * M), flow_causal(B, H, L, kernels, binary, gpu)),
         ("Flow-Attention non-causal forward", row * (2 * D + 2 * M), flow_noncausal(B, H, L, kernels, binary, gpu)),
+        ("Flow-Attention non-causal backward", row * (4 * D + 3 * M),
+         flow_noncausal_backward(B, H, L, kernels, binary, gpu)),
+        ("Flow-Attention non-causal forward + backward", row * (6 * D + 5 * M),
+         flow_noncausal(B, H, L, kernels, binary, gpu) + flow_noncausal_backward(B, H, L, kernels, binary, gpu)),
     ]
 
 
 # Launches of one kernel named apart by the work they do (the causal forward's passes; their chunk loop is the
 # whole kernel's, which holds the output's code too: an over-estimate of their issue slots).
-SASS_KERNEL = {"flow_causal_sums": "flow_causal_forward", "flow_causal_state": "flow_causal_forward"}
+# The non-causal backward's passes: two kernels, each with its pass as a last template argument.
+SASS_KERNEL = {"flow_causal_sums": "flow_causal_forward", "flow_causal_state": "flow_causal_forward",
+               "flow_query_grads_1": ("flow_query_grads", "false"), "flow_query_grads_2": ("flow_query_grads", "true"),
+               "flow_key_grads_1": ("flow_key_grads", "false"), "flow_key_grads_2": ("flow_key_grads", "true")}
 
 
 def flow_causal(B, H, L, kernels, binary, gpu):
@@ -147,6 +154,16 @@ def flow_noncausal(B, H, L, kernels, binary, gpu):
         p = plan(binary, B * H * tiles, L, gpu["multiprocessors"])["flow_noncausal"]
         launches += [(n, B * p["segments"] * H * tiles, math.ceil(p["rows"] / CHUNK)) for n in names]
     return launches
+
+
+def flow_noncausal_backward(B, H, L, kernels, binary, gpu):
+    """Non-causal Flow-Attention's backward launches (L = S): the forward's sums again (its launches but the
+    output's), then the four passes (queries, keys, queries, keys), each split by its own plan."""
+    sums = [launch for launch in flow_noncausal(B, H, L, kernels, binary, gpu) if launch[0] != "flow_query_output"]
+    tiles = kernels["flow_query_grads_1"]["tiles"]
+    p = plan(binary, B * H * tiles, L, gpu["multiprocessors"])["flow_noncausal"]
+    names = ["flow_query_grads_1", "flow_key_grads_1", "flow_query_grads_2", "flow_key_grads_2"]
+    return sums + [(n, B * p["segments"] * H * tiles, math.ceil(p["rows"] / CHUNK)) for n in names]
 
 
 def kernel_bound(counts, blocks, chunks, gpu, loop):
@@ -263,8 +280,10 @@ def main():
         sizes = loop_instructions(args.sass)
         for name, counts in kernels.items():
             kernel = SASS_KERNEL.get(name, name)
+            kernel, last = kernel if isinstance(kernel, tuple) else (kernel, None)
             type_and_dim = f"{kernel}_kernel<{CUDA_TYPES[args.dtype]}, {head_dim}"
-            names = (f"{type_and_dim}, {head_dim // counts['tiles']}>", f"{type_and_dim}>")  # with a value tile or not
+            tile = f"{head_dim // counts['tiles']}" + (f", {last}" if last else "")
+            names = (f"{type_and_dim}, {tile}>", f"{type_and_dim}>")  # with a value tile or not
             match = [v for k, v in sizes.items() if any(check_kernels.names_kernel(n, k) for n in names)]
             if match:
                 loops[name] = match[0]
@@ -280,7 +299,8 @@ def main():
     if args.check:
         for name in ("causal_forward", "causal_query_grads", "causal_key_grads", "segment_sums", "state_output",
                      "flow_causal_forward", "flow_causal_sums", "flow_causal_state", "flow_key_sums",
-                     "flow_query_output"):
+                     "flow_query_output", "flow_query_grads_1", "flow_key_grads_1", "flow_query_grads_2",
+                     "flow_key_grads_2"):
             chunk = kernels[name]["chunk"]
             assert chunk["mma"] > 0 and chunk["shared_wavefronts"] > 0 and chunk["dram_bytes"] > 0, (name, chunk)
         chunk = kernels["flow_vector_sums"]["chunk"]  # CUDA cores only

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "chunk/inputs.h"
+#include "common/checks.h"
 #include "common/feature_map.h"
 
 #include <ATen/ATen.h>
@@ -101,5 +102,55 @@ inline int64_t longest_sequence(int64_t L, const std::vector<int64_t>& cu) {
   }
   return longest;
 }
+
+// The sum of `parts` over the axis `dim`, added in order.
+inline at::Tensor add_in_order(const at::Tensor& parts, int64_t dim) {
+  if (parts.size(dim) == 1) {
+    return parts.select(dim, 0);
+  }
+  at::Tensor sum = parts.select(dim, 0).clone(at::MemoryFormat::Contiguous);
+  for (int64_t i = 1; i < parts.size(dim); ++i) {
+    sum.add_(parts.select(dim, i));
+  }
+  return sum;
+}
+
+// The sums over the segments of (N, G, ...) sums, added in segment order (one cumulative sum: its ops do not
+// grow with the segments).
+inline at::Tensor add_segments(const at::Tensor& sums) {
+  return sums.cumsum(1).select(1, sums.size(1) - 1).contiguous();
+}
+
+// The gradients of q, k, v of a backward (queries of L rows, keys of S), and where M spans several value tiles
+// (`tiles` of the backward's blocks) the tiles' float shares of dq and dk (chunk::Gradients), added in tile order
+// by finish().
+struct GradientTensors {
+  at::Tensor dq, dk, dv, dq_parts, dk_parts;
+
+  GradientTensors(const at::Tensor& query, const at::Tensor& value, int64_t S, int64_t tiles) {
+    const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
+    dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
+    dk = new_output(c10::fromIntArrayRefSlow({B, H, S, D}), query.options());
+    dv = new_output(c10::fromIntArrayRefSlow({B, H, S, M}), query.options());
+    if (tiles > 1) {
+      dq_parts = at::empty({tiles, B, H, L, D}, query.options().dtype(at::kFloat));
+      dk_parts = at::empty({tiles, B, H, S, D}, query.options().dtype(at::kFloat));
+    }
+  }
+  void set(chunk::Gradients& g) const {
+    g.dq = dq.mutable_data_ptr();
+    g.dk = dk.mutable_data_ptr();
+    g.dv = dv.mutable_data_ptr();
+    g.dq_parts = dq_parts.defined() ? dq_parts.mutable_data_ptr<float>() : nullptr;
+    g.dk_parts = dk_parts.defined() ? dk_parts.mutable_data_ptr<float>() : nullptr;
+  }
+  // dq and dk from the shares, once both passes ran.
+  void finish() {
+    if (dq_parts.defined()) {
+      dq.copy_(add_in_order(dq_parts, 0));
+      dk.copy_(add_in_order(dk_parts, 0));
+    }
+  }
+};
 
 }  // namespace flowformer::chunk_inputs

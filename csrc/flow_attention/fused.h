@@ -37,6 +37,8 @@ struct Build {
   void (*key_sums)(const kernels::KeySumsParams&);
   void (*query_output)(const kernels::QueryOutputParams&);
   void (*segment_scan)(const kernels::SegmentScanParams&);
+  void (*query_grads)(const kernels::NoncausalBackwardParams&);
+  void (*key_grads)(const kernels::NoncausalBackwardParams&);
   std::size_t shared_limit;
   int64_t multiprocessors;
 };
@@ -66,29 +68,34 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
   return bytes * elements + sizeof(float) * kernels::kNoncausalStaticFloats <= build.shared_limit;
 }
 
-// The valid rows of each batch element, (B) floats: `rows` less the padded ones.
-inline at::Tensor valid_rows(const Mask& padding_mask, int64_t batch, int64_t rows, const at::TensorOptions& options) {
-  if (!padding_mask.has_value()) {
+// The valid rows of each batch element, (B) floats: `rows` less the padded ones (pad: (B, rows) flags, or
+// undefined).
+inline at::Tensor valid_rows(const at::Tensor& pad, int64_t batch, int64_t rows, const at::TensorOptions& options) {
+  if (!pad.defined()) {
     return at::full({batch}, double(rows), options);
   }
-  return at::logical_not(*padding_mask).sum(1).to(options.dtype());
+  return at::logical_not(pad).sum(1).to(options.dtype());
 }
 
-// Non-causal Flow-Attention in four passes, five launches (kernels/flow_attention/DESIGN.md), each over segments
-// of one side's rows; the segments' sums are added in their order by the host (a product's sum over the segments,
-// against one maximum for the competition's).
-inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,
-                                    const at::Tensor& value, FeatureMap feature_map, double eps, double clamp,
-                                    const Mask& query_padding_mask, const Mask& key_padding_mask) {
-  const chunk_inputs::InputTensors in(query, key, value, feature_map, /*normalize=*/true, eps, {});
-  const int64_t N = query.size(0), H = query.size(1), L = query.size(2), S = key.size(2), D = query.size(3),
-                M = value.size(3);
-  const at::Tensor query_pad = chunk_inputs::contiguous_or_undefined(query_padding_mask);
-  const at::Tensor key_pad = chunk_inputs::contiguous_or_undefined(key_padding_mask);
-  const at::TensorOptions floats = in.state_options();
-  const int64_t tiles = M / kernels::noncausal_value_tile(int(D), int(M), chunk_inputs::element_bytes_of(query));
-  // One side's parameters, its segments for grids of `units` blocks a segment and head.
-  const auto side = [&](auto params, bool keys, int64_t units) {
+// A non-causal call's inputs, padding flags and shapes, and the parameters of a pass over one side's rows.
+struct NoncausalCall {
+  chunk_inputs::InputTensors in;
+  at::Tensor query_pad, key_pad;
+  int64_t N, H, L, S, D, M;
+  at::TensorOptions floats;
+
+  NoncausalCall(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, FeatureMap feature_map,
+                double eps, const Mask& query_padding_mask, const Mask& key_padding_mask)
+      : in(query, key, value, feature_map, /*normalize=*/true, eps, {}),
+        query_pad(chunk_inputs::contiguous_or_undefined(query_padding_mask)),
+        key_pad(chunk_inputs::contiguous_or_undefined(key_padding_mask)),
+        N(query.size(0)), H(query.size(1)), L(query.size(2)), S(key.size(2)), D(query.size(3)), M(value.size(3)),
+        floats(in.state_options()) {}
+
+  // params for a pass over the keys' or the queries' rows, its segments for grids of `units` blocks a segment and
+  // head.
+  template <typename Params>
+  Params side(Params params, bool keys, int64_t units, const Build& build) const {
     static_cast<kernels::Inputs&>(params) = in.params;
     params.L = keys ? S : L;
     static_cast<kernels::Segments&>(params) =
@@ -97,26 +104,40 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
     const at::Tensor& pad = keys ? key_pad : query_pad;
     params.pad = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
     return params;
-  };
+  }
+};
+
+// The non-causal forward's sums (passes 1 to 3, four launches): Q, K, B and A (N, H, D), the competition's
+// largest maximum (N, H) and W against it (N, H, D, M), the valid queries and keys of each element (N), and the
+// output's scales: S_n / E (N, H) and the allocation's L_n / S_n (N), 0 where no key or no query is valid.
+struct NoncausalSums {
+  at::Tensor Q, K, B, A, W, top, queries, keys, scale, allocation;
+};
+inline NoncausalSums noncausal_sums(const Build& build, const NoncausalCall& call, double clamp) {
+  const int64_t N = call.N, H = call.H, D = call.D, M = call.M;
+  const int64_t tiles = M / kernels::noncausal_value_tile(int(D), int(M), chunk_inputs::element_bytes_of(call.in.q));
   // Passes 1 and 2: the side's sums (w_j = 1, or 1 / <x_j + e, other + e>), (N, H, D); the keys' side of pass 2
   // (A) rides in pass 3.
   const auto vector_sums = [&](bool keys, const at::Tensor& other) {
-    kernels::VectorSumsParams p = side(kernels::VectorSumsParams{}, keys, 1);
-    at::Tensor sums = at::empty({N * p.segments, H, D}, floats);
+    kernels::VectorSumsParams p = call.side(kernels::VectorSumsParams{}, keys, 1, build);
+    at::Tensor sums = at::empty({N * p.segments, H, D}, call.floats);
     p.other = chunk_inputs::data_or_null(other);
     p.sums = sums.mutable_data_ptr<float>();
     build.vector_sums(p);
     return sums.view({N, p.segments, H, D}).sum(1);
   };
-  const at::Tensor Q = vector_sums(false, {}), K = vector_sums(true, {}), B = vector_sums(false, K);
+  NoncausalSums x;
+  x.Q = vector_sums(false, {});
+  x.K = vector_sums(true, {});
+  x.B = vector_sums(false, x.K);
   // Pass 3: the competition's (max, E, W) and A per segment, then against the largest maximum (A: added).
-  kernels::KeySumsParams keys = side(kernels::KeySumsParams{}, true, tiles);
+  kernels::KeySumsParams keys = call.side(kernels::KeySumsParams{}, true, tiles, build);
   const int64_t G = keys.segments;
-  at::Tensor W = at::empty({N * G, H, D, M}, floats), top = at::empty({N * G, H}, floats),
-             E = at::empty({N * G, H}, floats), A = at::empty({N * G, H, D}, floats);
+  at::Tensor W = at::empty({N * G, H, D, M}, call.floats), top = at::empty({N * G, H}, call.floats),
+             E = at::empty({N * G, H}, call.floats), A = at::empty({N * G, H, D}, call.floats);
   keys.clamp = std::isinf(clamp) ? INFINITY : static_cast<float>(clamp);
-  keys.Q = Q.const_data_ptr<float>();
-  keys.B = B.const_data_ptr<float>();
+  keys.Q = x.Q.const_data_ptr<float>();
+  keys.B = x.B.const_data_ptr<float>();
   keys.A = A.mutable_data_ptr<float>();
   keys.W = W.mutable_data_ptr<float>();
   keys.max = top.mutable_data_ptr<float>();
@@ -129,26 +150,131 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
     E = (E.view({N, G, H}) * factor).sum(1);
     W = (W.view({N, G, H, D, M}) * factor.view({N, G, H, 1, 1})).sum(1);
     A = A.view({N, G, H, D}).sum(1);
+    top = largest.view({N, H});
   }
-  // Pass 4: the output, scaled by S / E where some key and some query are valid.
-  const at::Tensor queries = valid_rows(query_padding_mask, N, L, floats);
-  const at::Tensor keys_n = valid_rows(key_padding_mask, N, S, floats);
-  const at::Tensor some = at::logical_and(queries > 0, keys_n > 0).view({N, 1});
-  const at::Tensor scale = at::where(at::logical_and(some, E.view({N, H}) > 0), keys_n.view({N, 1}) / E.view({N, H}),
-                                     at::zeros({}, floats))
-                               .contiguous();
-  const at::Tensor allocation = at::where(keys_n > 0, queries / keys_n, at::zeros({}, floats)).contiguous();
-  at::Tensor out = new_output(c10::fromIntArrayRefSlow({N, H, L, M}), query.options());
-  kernels::QueryOutputParams p = side(kernels::QueryOutputParams{}, false, tiles);
-  p.K = K.const_data_ptr<float>();
-  p.A = A.const_data_ptr<float>();
-  const at::Tensor W_all = W.contiguous();
-  p.W = W_all.const_data_ptr<float>();
-  p.allocation = allocation.const_data_ptr<float>();
-  p.scale = scale.const_data_ptr<float>();
+  x.A = A;
+  x.W = W.contiguous();
+  x.top = top.contiguous();
+  // Pass 4's scales, where some key and some query are valid.
+  x.queries = valid_rows(call.query_pad, N, call.L, call.floats);
+  x.keys = valid_rows(call.key_pad, N, call.S, call.floats);
+  const at::Tensor some = at::logical_and(x.queries > 0, x.keys > 0).view({N, 1});
+  x.scale = at::where(at::logical_and(some, E.view({N, H}) > 0), x.keys.view({N, 1}) / E.view({N, H}),
+                      at::zeros({}, call.floats))
+                .contiguous();
+  x.allocation = at::where(x.keys > 0, x.queries / x.keys, at::zeros({}, call.floats)).contiguous();
+  return x;
+}
+
+// Non-causal Flow-Attention in four passes, five launches (kernels/flow_attention/DESIGN.md), each over segments
+// of one side's rows; the segments' sums are added in their order by the host (a product's sum over the segments,
+// against one maximum for the competition's).
+inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,
+                                    const at::Tensor& value, FeatureMap feature_map, double eps, double clamp,
+                                    const Mask& query_padding_mask, const Mask& key_padding_mask) {
+  const NoncausalCall call(query, key, value, feature_map, eps, query_padding_mask, key_padding_mask);
+  const NoncausalSums x = noncausal_sums(build, call, clamp);
+  const int64_t tiles =
+      call.M / kernels::noncausal_value_tile(int(call.D), int(call.M), chunk_inputs::element_bytes_of(query));
+  // Pass 4: the output.
+  at::Tensor out = new_output(c10::fromIntArrayRefSlow({call.N, call.H, call.L, call.M}), query.options());
+  kernels::QueryOutputParams p = call.side(kernels::QueryOutputParams{}, false, tiles, build);
+  p.K = x.K.const_data_ptr<float>();
+  p.A = x.A.const_data_ptr<float>();
+  p.W = x.W.const_data_ptr<float>();
+  p.allocation = x.allocation.const_data_ptr<float>();
+  p.scale = x.scale.const_data_ptr<float>();
   p.out = out.mutable_data_ptr();
   build.query_output(p);
   return out;
+}
+
+// The non-causal backward takes the inputs of the forward within the shared memory of its blocks.
+inline bool takes_noncausal_backward(const at::Tensor& query, const at::Tensor& value, const Build& build) {
+  const int D = int(query.size(3)), M = int(value.size(3));
+  const std::size_t bytes = chunk_inputs::element_bytes_of(query);
+  const int BM = kernels::noncausal_backward_value_tile(D, M, bytes);
+  return takes_noncausal(query, value, build) &&
+         bytes * kernels::noncausal_backward_elements(D, BM) +
+                 sizeof(float) * kernels::noncausal_backward_static_floats(D) <= build.shared_limit;
+}
+
+// The gradients of non-causal Flow-Attention (noncausal_backward.cuh): the forward's sums again (four launches),
+// then four passes (queries: dW, dA; keys: dv, dB, dQ; queries: dq, dK; keys: dk), the segments' sums and the value
+// tiles' shares added in order by the host between them. Eight launches and a fixed set of small ATen ops a call.
+inline flow_attention_ops::Grads noncausal_backward(const Build& build, const at::Tensor& grad_out,
+                                                    const at::Tensor& query, const at::Tensor& key,
+                                                    const at::Tensor& value, FeatureMap feature_map, double eps,
+                                                    double clamp, const Mask& query_padding_mask,
+                                                    const Mask& key_padding_mask) {
+  const NoncausalCall call(query, key, value, feature_map, eps, query_padding_mask, key_padding_mask);
+  const NoncausalSums x = noncausal_sums(build, call, clamp);
+  const int64_t N = call.N, H = call.H, D = call.D, M = call.M;
+  const int64_t tiles =
+      M / kernels::noncausal_backward_value_tile(int(D), int(M), chunk_inputs::element_bytes_of(query));
+  const at::Tensor W = (x.W * x.scale.view({N, H, 1, 1})).contiguous();  // sum_j c_j k_j v_j^T
+  const at::Tensor dout = chunk_inputs::aligned_rows(grad_out.to(query.scalar_type()));
+  chunk_inputs::GradientTensors grads(query, value, call.S, tiles);
+  // A pass's parameters: its side, the forward's sums, the state.
+  const auto pass = [&](bool keys, bool second, const at::Tensor& state) {
+    kernels::NoncausalBackwardParams p = call.side(kernels::NoncausalBackwardParams{}, keys, tiles, build);
+    grads.set(p);
+    p.second = second;
+    p.clamp = std::isinf(clamp) ? INFINITY : static_cast<float>(clamp);
+    p.dout = dout.const_data_ptr();
+    for (int i = 0; i < 3; ++i) {
+      p.dout_stride[i] = dout.stride(i);
+    }
+    p.state = state.const_data_ptr<float>();
+    p.K = x.K.const_data_ptr<float>();
+    p.Q = x.Q.const_data_ptr<float>();
+    p.A = x.A.const_data_ptr<float>();
+    p.B = x.B.const_data_ptr<float>();
+    p.allocation = x.allocation.const_data_ptr<float>();
+    p.max = x.top.const_data_ptr<float>();
+    p.scale = x.scale.const_data_ptr<float>();
+    return p;
+  };
+  // The tiles' shares of a (N G, H, D) sum per segment, added in tile order then in segment order.
+  const auto shares = [&](int64_t G) { return at::empty({tiles, N, G, H, D}, call.floats); };
+  const auto add_shares = [&](const at::Tensor& parts) {
+    return chunk_inputs::add_segments(chunk_inputs::add_in_order(parts, 0));
+  };
+  // Queries 1: dW, dA.
+  kernels::NoncausalBackwardParams p = pass(false, false, W);
+  at::Tensor dW_parts = at::empty({N, p.segments, H, D, M}, call.floats), dA_parts = shares(p.segments);
+  p.dW = dW_parts.mutable_data_ptr<float>();
+  p.shares = dA_parts.mutable_data_ptr<float>();
+  build.query_grads(p);
+  const at::Tensor dW = chunk_inputs::add_segments(dW_parts), dA = add_shares(dA_parts);
+  const at::Tensor total =
+      at::where(x.keys.view({N, 1}) > 0, (dW * W).sum({2, 3}) / x.keys.view({N, 1}), at::zeros({}, call.floats))
+          .contiguous();
+  // Keys 1: dv, dB, dQ.
+  p = pass(true, false, dW);
+  at::Tensor dB_parts = shares(p.segments), dQ_parts = at::empty({N, p.segments, H, D}, call.floats);
+  p.dA = dA.const_data_ptr<float>();
+  p.total = total.const_data_ptr<float>();
+  p.shares = dB_parts.mutable_data_ptr<float>();
+  p.dQ_sums = dQ_parts.mutable_data_ptr<float>();
+  build.key_grads(p);
+  const at::Tensor dB = add_shares(dB_parts), dQ = chunk_inputs::add_segments(dQ_parts);
+  // Queries 2: dq, dK.
+  p = pass(false, true, W);
+  at::Tensor dK_parts = shares(p.segments);
+  p.dB = dB.const_data_ptr<float>();
+  p.dQ = dQ.const_data_ptr<float>();
+  p.shares = dK_parts.mutable_data_ptr<float>();
+  build.query_grads(p);
+  const at::Tensor dK = add_shares(dK_parts);
+  // Keys 2: dk.
+  p = pass(true, true, dW);
+  p.dA = dA.const_data_ptr<float>();
+  p.dK = dK.const_data_ptr<float>();
+  p.total = total.const_data_ptr<float>();
+  build.key_grads(p);
+  grads.finish();
+  return {grads.dq, grads.dk, grads.dv};
 }
 
 // The causal forward's split schedule (p: the whole call's parameters, segments > 1; state0: (N, H, size) initial

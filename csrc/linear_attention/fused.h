@@ -25,7 +25,10 @@ using linear_attention_ops::CausalGrads;
 using linear_attention_ops::CausalResult;
 using linear_attention_ops::Grads;
 using linear_attention_ops::Optional;
+using chunk_inputs::add_in_order;
+using chunk_inputs::add_segments;
 using chunk_inputs::aligned_rows;
+using chunk_inputs::GradientTensors;
 using chunk_inputs::contiguous_or_undefined;
 using chunk_inputs::data_or_null;
 using chunk_inputs::longest_sequence;
@@ -90,6 +93,12 @@ inline bool takes_backward(const at::Tensor& query, const at::Tensor& value, con
   const int BM = kernels::backward_value_tile(int(D), int(M), bytes);
   return takes_inputs(query, value, cu) && kernels::fused_backward_dims(D, M, /*causal=*/true) &&
          kernels::causal_backward_block_bytes(int(D), BM, bytes) <= build.shared_limit;
+}
+
+// The value tiles of a backward's blocks (backward_value_tile).
+inline int64_t backward_tiles(const at::Tensor& query, const at::Tensor& value) {
+  const int64_t D = query.size(3), M = value.size(3);
+  return M / kernels::backward_value_tile(int(D), int(M), element_bytes_of(query));
 }
 
 // The inputs of a call (chunk_inputs::InputTensors) and the segments of linear attention's grids.
@@ -171,56 +180,6 @@ inline CausalResult causal_forward(const Build& build, const at::Tensor& query, 
   return {out, kv, z};
 }
 
-// The sum of `parts` over the axis `dim`, added in order.
-inline at::Tensor add_in_order(const at::Tensor& parts, int64_t dim) {
-  if (parts.size(dim) == 1) {
-    return parts.select(dim, 0);
-  }
-  at::Tensor sum = parts.select(dim, 0).clone(at::MemoryFormat::Contiguous);
-  for (int64_t i = 1; i < parts.size(dim); ++i) {
-    sum.add_(parts.select(dim, i));
-  }
-  return sum;
-}
-
-// The sums over the segments of (N, G, ...) sums, added in segment order (one cumulative sum: its ops do not
-// grow with the segments).
-inline at::Tensor add_segments(const at::Tensor& sums) {
-  return sums.cumsum(1).select(1, sums.size(1) - 1).contiguous();
-}
-
-// The gradients of q, k, v of a backward (queries of L rows, keys of S), and where M spans several value tiles the
-// tiles' float shares of dq and dk (kernels::Gradients), added in tile order by finish().
-struct GradientTensors {
-  at::Tensor dq, dk, dv, dq_parts, dk_parts;
-
-  GradientTensors(const at::Tensor& query, const at::Tensor& value, int64_t S) {
-    const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
-    dq = new_output(c10::fromIntArrayRefSlow({B, H, L, D}), query.options());
-    dk = new_output(c10::fromIntArrayRefSlow({B, H, S, D}), query.options());
-    dv = new_output(c10::fromIntArrayRefSlow({B, H, S, M}), query.options());
-    const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), element_bytes_of(query));
-    if (tiles > 1) {
-      dq_parts = at::empty({tiles, B, H, L, D}, query.options().dtype(at::kFloat));
-      dk_parts = at::empty({tiles, B, H, S, D}, query.options().dtype(at::kFloat));
-    }
-  }
-  void set(kernels::Gradients& g) const {
-    g.dq = dq.mutable_data_ptr();
-    g.dk = dk.mutable_data_ptr();
-    g.dv = dv.mutable_data_ptr();
-    g.dq_parts = dq_parts.defined() ? dq_parts.mutable_data_ptr<float>() : nullptr;
-    g.dk_parts = dk_parts.defined() ? dk_parts.mutable_data_ptr<float>() : nullptr;
-  }
-  // dq and dk from the shares, once both passes ran.
-  void finish() {
-    if (dq_parts.defined()) {
-      dq.copy_(add_in_order(dq_parts, 0));
-      dk.copy_(add_in_order(dk_parts, 0));
-    }
-  }
-};
-
 // out_i = phi(q_i)^T S / (phi(q_i)^T z + eps), S and z the sums over the valid keys: the keys' segments sums
 // (segment_sums), added in segment order, then every row's output (state_output), both split for the device.
 inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query, const at::Tensor& key,
@@ -259,8 +218,8 @@ inline Grads noncausal_backward(const Build& build, const at::Tensor& grad_out, 
                           query_plan = in.plan(L, build, kernels::kNoncausalBytes, true);
   auto [kv_parts, z_parts] = segment_sums(build, in, key_plan, pad);
   const at::Tensor kv = add_segments(kv_parts), z = add_segments(z_parts);
-  GradientTensors grads(query, value, S);
-  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), element_bytes_of(query));
+  const int64_t tiles = backward_tiles(query, value);
+  GradientTensors grads(query, value, S, tiles);
   at::Tensor dkv_parts = at::empty({B, query_plan.segments, H, D, M}, in.state_options());
   at::Tensor dz_parts = at::empty({tiles, B, query_plan.segments, H, D}, in.state_options());  // the tiles' shares
   kernels::NoncausalBackwardParams p{};
@@ -299,11 +258,11 @@ inline CausalGrads causal_backward(const Build& build, const at::Tensor& grad_ou
                                    const std::vector<int64_t>& cu) {
   const InputTensors in(query, key, value, feature_map, normalize, eps, cu);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
-  const int64_t tiles = M / kernels::backward_value_tile(int(D), int(M), element_bytes_of(query));
+  const int64_t tiles = backward_tiles(query, value);
   const at::Tensor dout = aligned_rows(grad_out.to(query.scalar_type()));
   const at::Tensor kv0 = contiguous_or_undefined(initial_kv), z0 = contiguous_or_undefined(initial_z);
   const at::Tensor dkv = contiguous_or_undefined(grad_final_kv), dz = contiguous_or_undefined(grad_final_z);
-  GradientTensors grads(query, value, L);
+  GradientTensors grads(query, value, L, tiles);
   // Between the passes: 1 / den_t, then dden_t (the value tiles' shares, added for the key pass).
   const at::Tensor rows = at::empty({1 + tiles, B, H, L}, in.state_options());
   kernels::CausalBackwardParams p{};

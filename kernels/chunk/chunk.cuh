@@ -6,7 +6,8 @@
 //   StateTile<T, R, C> an R x C float matrix in registers spread over the warps (16 x 16 units), that adds x^T y
 //                      over a chunk and publishes itself as 16-bit parts (half: hi + lo; bf16: hi; float: itself)
 //   Fragment<T>        an operand of the m16n8k16 layout: 4 registers of 16-bit pairs, or 8 floats
-// with the stages that move them: load_rows, apply_feature_map, scale_rows_into_unit, walk_chunks, store_rows;
+// with the stages that move them: load_rows, apply_feature_map, scale_rows_into_unit, walk_chunks, store_rows
+// (and a backward's gradient rows, GradientRows);
 // where a block works (BlockPlace, from a call's Inputs and Segments) and the launch of a grid of value tiles.
 // Products are mma.m16n8k16 with float accumulators, operands by ldmatrix from shared memory; float32 inputs
 // multiply as three tf32 products per k8 half (mma_3xtf32), operands by plain loads. Namespace
@@ -14,6 +15,7 @@
 #pragma once
 
 #include "chunk/block_place.cuh"
+#include "chunk/gradient_rows.cuh"
 #include "chunk/fragments.cuh"
 #include "chunk/row_ops.cuh"
 #include "chunk/row_tile.cuh"

@@ -38,6 +38,15 @@ struct Segments {
   int64_t segment_rows;  // a multiple of kChunkRows, or 0 (G = 1: whole sequences)
 };
 
+// The gradients of the inputs. A backward's block carries one value tile (BM columns of a state); dq and dk
+// contract over M, so with M / BM > 1 tiles each tile's block writes its share of them as floats,
+// (M / BM, B, H, L, D), which the host adds in tile order (and dq, dk go unwritten); else dq_parts and dk_parts
+// are nullptr and the block writes dq, dk.
+struct Gradients {
+  void *dq, *dk, *dv;         // (B, H, L, D), (B, H, L, D), (B, H, L, M) contiguous, the inputs' dtype
+  float *dq_parts, *dk_parts;  // (M / BM, B, H, L, D), or nullptr (one tile)
+};
+
 // The split schedule: one block a (sequence, head, value tile) walks the whole sequence, but `blocks` of them
 // may leave most of the `multiprocessors` idle. Then each sequence is cut into segments (at least
 // kMinSegmentRows rows) for about two blocks a multiprocessor; {1, 0}: no split. A split schedule that moves

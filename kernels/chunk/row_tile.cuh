@@ -63,6 +63,23 @@ struct RowTile {
     }
   }
 
+  // dot[i] = scale <row, y's row> over columns [0, Columns) for the warp's rows g (i = 0) and g + 8 (i = 1), y the
+  // chunk's rows in shared memory: a product's rows dotted with another input's, in every lane.
+  template <int Columns = N, typename YMatrix>
+  FF_DEVICE void row_dots_with(const Lane& l, const YMatrix& y, float scale, float (&dot)[2]) const {
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      dot[i] = 0.f;
+      FF_UNROLL
+      for (int n = 0; n < Columns / 8; ++n) {
+        const auto [y0, y1] = y.get_pair(l.row(2 * i), n * 8 + 2 * l.t);
+        dot[i] += acc[n][2 * i] * scale * y0 + acc[n][2 * i + 1] * scale * y1;
+      }
+      dot[i] += __shfl_xor_sync(0xffffffffu, dot[i], 1);
+      dot[i] += __shfl_xor_sync(0xffffffffu, dot[i], 2);
+    }
+  }
+
   // The row sums of the warp's rows g (sum[0]) and g + 8 (sum[1]) of columns [0, N), in every lane.
   FF_DEVICE void row_sums(float (&sum)[2]) const {
     FF_UNROLL

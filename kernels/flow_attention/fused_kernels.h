@@ -1,5 +1,6 @@
 // The fused kernels of Flow-Attention (causal_forward.cuh and its split schedule's causal_segments.cuh; the
-// non-causal passes noncausal_sums.cuh, noncausal_keys.cuh, noncausal_output.cuh): their parameters and entry
+// non-causal passes noncausal_sums.cuh, noncausal_keys.cuh, noncausal_output.cuh; the non-causal backward's,
+// noncausal_backward.cuh): their parameters and entry
 // points, shared by the kernels' two builds (nvcc: cuda::, the SIMT emulator: emulated::) and the torch glue
 // (csrc/flow_attention/fused.h). Torch-free.
 #pragma once
@@ -19,6 +20,7 @@ using chunk::Element;
 using chunk::fused_head_dim;  // D, M in {16, ..., 256}; float32 D <= kMaxFloatD (chunk/shape.h)
 using chunk::kMaxFloatD;
 using chunk::element_bytes;
+using chunk::gradient_columns;
 using chunk::Inputs;
 using chunk::kChunkRows;
 using chunk::run_for_head_dim;
@@ -135,6 +137,53 @@ constexpr std::size_t query_output_elements(int D, int BM) { return 2 * kChunkRo
 // warp (their maxima).
 constexpr std::size_t kNoncausalStaticFloats = kChunkRows + chunk::kWarps;
 
+// The non-causal backward's passes (DESIGN.md), each over segments of one side's rows, after the forward's sums
+// (all segments added, the competition's scale S / E inside W = sum_j c_j k_j v_j^T): queries (q, dout), keys
+// (k, v), queries, keys. A block a (segment, head, value tile of BM columns) of the side, with the tile's columns
+// of W (queries) or dW (keys) as its state; what contracts over M (dg, dc, dq, dk and the sums they weigh) is the
+// tile's share, which the host adds in tile order (chunk::Gradients for dq, dk). With g_i = a_i I_i:
+//  queries 1: dW = sum_i g_i q_i dout_i^T, dg_i = <q_i^T W, dout_i>, dA = sum_i dg_i s_i (q_i + eps) with
+//             s_i = I_i a_i (1 - a_i) L / S;
+//  keys 1:    dv_j = c_j dW^T k_j, dc_j = <dW^T k_j, v_j>, dr_j = c_j (dc_j - <dW, W> / S) where |r_j| <= clamp (r_j
+//             = <k_j + eps, B + eps>), dB = sum_j dr_j (k_j + eps), dQ = -sum_j <dA, k_j> O_j^2 (k_j + eps);
+//  queries 2: dI_i = dg_i a_i + <dB, q_i>, dq_i = g_i W dout_i + dg_i s_i (A + eps) + I_i dB - dI_i I_i^2 (K + eps)
+//             + dQ, dK = -sum_i dI_i I_i^2 (q_i + eps);
+//  keys 2:    dk_j = c_j dW v_j + dr_j (B + eps) + O_j dA - <dA, k_j> O_j^2 (Q + eps) + dK;
+// dq and dk through phi'; 0 for padded rows (and rows of an element without a valid key or query: W = 0, c = 0).
+struct NoncausalBackwardParams : NoncausalSide, chunk::Gradients {
+  bool second;              // the side's second pass
+  float clamp;              // of the conserved source, > 0 (inf: none)
+  const void* dout;         // (B, H, L, M): the output's gradient, rows as the queries'
+  int64_t dout_stride[3];
+  const float* state;       // (N, H, D, M): W (queries) or dW (keys)
+  const float *K, *Q, *A, *B;      // (N, H, D): the forward's sums
+  const float *dA, *dB, *dQ, *dK;  // (N, H, D): the earlier passes' gradients (those a pass reads)
+  const float* allocation;  // (N): L_n / S_n (queries)
+  const float *max, *scale, *total;  // (N, H): the competition's maximum m, S_n / E, <dW, W> / S_n (keys)
+  float* dW;                // (N G, H, D, M): queries 1
+  float* shares;            // (M / BM, N G, H, D): the tiles' shares of dA (queries 1), dB (keys 1), dK (queries 2)
+  float* dQ_sums;           // (N G, H, D): dQ (keys 1)
+};
+// Columns of W or dW (value tile) a backward block carries: as the forward's passes up to D = 64 (float32: 32),
+// 16 beyond (the passes hold D-wide row tiles of float accumulators besides the state).
+constexpr int noncausal_backward_value_tile(int D, int M, std::size_t bytes) {
+  const int tile = D <= 64 ? noncausal_value_tile(D, M, bytes) : 16;
+  return bytes == 4 && tile > 32 ? 32 : tile;
+}
+// Dynamic shared memory of a backward block, in elements of the inputs' type: the raw rows of width D (2
+// stages) and their features, the rows of dout or v (2 stages), the state's two parts.
+constexpr std::size_t noncausal_backward_elements(int D, int BM) {
+  return 3 * kChunkRows * (D + 8) + 2 * kChunkRows * (BM + 8) + 2 * D * (BM + 8);
+}
+// Static shared floats of a backward block: four D-vectors, seven floats a chunk row, one a warp.
+constexpr int kBackwardRowScalars = 7;
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr std::size_t noncausal_backward_static_floats(int D) {
+  return 4 * std::size_t(D) + kBackwardRowScalars * kChunkRows + chunk::kWarps;
+}
+
 // Columns of the state S (value tile) one block carries, for inputs of `bytes` bytes an element: the block also
 // holds two 64 x 64 score matrices in registers (G and H), so 64 columns only up to D = 32 (16-bit) and 32 beyond.
 constexpr int value_tile(int D, int M, std::size_t bytes) {
@@ -166,7 +215,9 @@ constexpr std::size_t causal_forward_block_bytes(int D, int BM, std::size_t byte
   FF_FLOW_KERNEL(CausalForward, CausalForwardParams)   \
   FF_FLOW_KERNEL(VectorSums, VectorSumsParams)         \
   FF_FLOW_KERNEL(KeySums, KeySumsParams)               \
-  FF_FLOW_KERNEL(QueryOutput, QueryOutputParams)
+  FF_FLOW_KERNEL(QueryOutput, QueryOutputParams)       \
+  FF_FLOW_KERNEL(QueryGrads, NoncausalBackwardParams)  \
+  FF_FLOW_KERNEL(KeyGrads, NoncausalBackwardParams)
 #define FF_FLOW_SCAN                                                \
   struct SegmentScan {                                              \
     static void run(const SegmentScanParams& p, void* stream);      \

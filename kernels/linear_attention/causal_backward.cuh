@@ -114,20 +114,14 @@ struct BackwardQueryBlock : BackwardBlockBase<T, D, BM, /*Vector=*/true> {
     float a_sum[2] = {0.f, 0.f};
     A.s.row_sums(a_sum);
     A.template times<T>(l, v, S.scale(), num);
-    float inv_den[2], dden[2] = {0.f, 0.f}, weight[2];  // dden_t = -<num_t, dout_t> / den_t^2, weight dden_t den_t
+    float inv_den[2], dden[2], weight[2];  // dden_t = -<num_t, dout_t> / den_t^2, weight dden_t den_t
+    num.template row_dots_with<BM>(l, dout, S.unscale(), dden);
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
       const float qz = num.acc[BM / 8][2 * i] * S.unscale();
       const float den = p.normalize ? qz + a_sum[i] + p.eps : 1.f;
       inv_den[i] = 1.f / den;
-      FF_UNROLL
-      for (int n = 0; n < BM / 8; ++n) {
-        const auto [d0, d1] = dout.get_pair(row, n * 8 + 2 * l.t);
-        dden[i] += num.acc[n][2 * i] * S.unscale() * d0 + num.acc[n][2 * i + 1] * S.unscale() * d1;
-      }
-      dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 1);
-      dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 2);
       dden[i] = p.normalize ? -dden[i] * inv_den[i] * inv_den[i] : 0.f;
       weight[i] = dden[i] * den;
       if (l.t == 0 && row < left) {  // the tile's share of dden_t

@@ -21,6 +21,8 @@ using chunk::element_bytes;
 using chunk::Inputs;
 using chunk::run_for_head_dim;
 using chunk::Segments;
+using chunk::Gradients;
+using chunk::gradient_columns;  // dq, dk, dv, or value tiles' shares of dq, dk (chunk/inputs.h)
 
 // The causal forward; with G > 1 the states are per segment, (N G, H, ...), segment g of sequence n at n G + g.
 struct CausalForwardParams : Inputs, Segments {
@@ -45,15 +47,6 @@ struct StateOutputParams : Inputs, Segments {
   void* out;          // (B, H, L, M) contiguous, the inputs' dtype
   const float* kv;    // (N, H, D, M)
   const float* z;     // (N, H, D)
-};
-
-// The gradients of the inputs. A backward's block carries one value tile (BM = backward_value_tile columns
-// of the state); dq and dk contract over M, so with M / BM > 1 tiles each tile's block writes its share of them as
-// floats, (M / BM, B, H, L, D), which the host adds in tile order (and dq, dk go unwritten); else dq_parts and
-// dk_parts are nullptr and the block writes dq, dk.
-struct Gradients {
-  void *dq, *dk, *dv;         // (B, H, L, D), (B, H, L, D), (B, H, L, M) contiguous, the inputs' dtype
-  float *dq_parts, *dk_parts;  // (M / BM, B, H, L, D), or nullptr (one tile)
 };
 
 // The non-causal backward, in two passes over segments (the forward's sums S, z recomputed by segment_sums),
@@ -105,12 +98,6 @@ constexpr int value_tile(int D, int M, std::size_t bytes) {
 constexpr int backward_value_tile(int D, int M, std::size_t bytes) {
   const int tile = D <= 64 ? value_tile(D, M, bytes) : 16;
   return bytes == 4 && tile > 32 ? 32 : tile;
-}
-// The columns of dq or dk a backward pass computes at a time (float32 inputs: 32, and 16 from D = 128, the
-// registers of their operands).
-constexpr int gradient_columns(int D, std::size_t bytes) {
-  const int part = bytes == 4 ? (D >= 128 ? 16 : 32) : 64;
-  return D < part ? D : part;
 }
 // Dynamic shared memory of a forward block, for inputs of `bytes` bytes an element: q and k tiles (2 stages),
 // v tiles (2 stages), the state's hi and lo parts (lo: half only); rows padded by 8 elements (16 bytes

@@ -90,21 +90,13 @@ struct NoncausalQueryBlock : NoncausalBlock<T, D, BM> {
     num.zero();
     Base::State::template rows_times<true>(l, q, this->s_hi(), this->s_lo(), num);
     __syncthreads();  // den_s written
-    float inv_den[2], dden[2] = {0.f, 0.f};
+    float inv_den[2], dden[2];
+    num.row_dots_with(l, dout, this->unscale, dden);
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
       const float qz = den_s[row];
       inv_den[i] = 1.f / (p.normalize ? qz + p.eps : 1.f);
-      FF_UNROLL
-      for (int n = 0; n < BM / 8; ++n) {
-        FF_UNROLL
-        for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          dden[i] += num.acc[n][e] * this->unscale * dout.get(l.row(e), n * 8 + l.col(e));
-        }
-      }
-      dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 1);
-      dden[i] += __shfl_xor_sync(0xffffffffu, dden[i], 2);
       dden[i] = p.normalize ? -dden[i] * inv_den[i] * inv_den[i] : 0.f;
       if (l.t == 0) {  // rows past the segment count for nothing in the sums
         inv_den_s[row] = row < left ? inv_den[i] : 0.f;

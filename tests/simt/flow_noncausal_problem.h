@@ -97,22 +97,27 @@ struct NoncausalProblem {
     return int64_t(std::count(pad + n * rows, pad + (n + 1) * rows, false));
   }
 
+  // The sums of a (shares, N G, H, width) array of segments' sums (shares: of value tiles), added over the shares
+  // then over the segments in order: (N, H, width).
+  std::vector<float> add_segments(const std::vector<float>& x, int G, int64_t width, int shares = 1) const {
+    std::vector<float> sum(std::size_t(N * c.H * width), 0.f);
+    const int64_t per_share = N * G * c.H * width;
+    for (int t = 0; t < shares; ++t) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int g = 0; g < G; ++g) {
+          for (int64_t i = 0; i < c.H * width; ++i) {
+            sum[std::size_t(n * c.H * width + i)] += x[std::size_t(t * per_share + (n * G + g) * c.H * width + i)];
+          }
+        }
+      }
+    }
+    return sum;
+  }
+
   // The four passes, every output poisoned with NaN first: out (N, H, L, M).
   std::vector<T> run() const {
     namespace fk = flow_attention_kernels;
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    // a (N G, H, width) array of the segments' sums, added over the segments in order
-    const auto add_segments = [&](const std::vector<float>& x, int G, int64_t width) {
-      std::vector<float> sum(std::size_t(N * c.H * width), 0.f);
-      for (int64_t n = 0; n < N; ++n) {
-        for (int g = 0; g < G; ++g) {
-          for (int64_t i = 0; i < c.H * width; ++i) {
-            sum[std::size_t(n * c.H * width + i)] += x[std::size_t((n * G + g) * c.H * width + i)];
-          }
-        }
-      }
-      return sum;
-    };
     const auto vector_sums = [&](bool keys, const std::vector<float>* other) {
       auto p = side<fk::VectorSumsParams>(keys);
       std::vector<float> sums(std::size_t(N * p.segments * c.H * D), nan);

@@ -2,6 +2,7 @@
 // fixed to elu + 1 (FLOWFORMER_ONE_FEATURE_MAP, set by CMake): each chunk loop then holds the code a call with
 // that map runs, and kernel_bounds.py counts its instructions (`make bounds`).
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/noncausal_backward.cuh"
 #include "flow_attention/noncausal_keys.cuh"
 #include "flow_attention/noncausal_output.cuh"
 #include "flow_attention/noncausal_sums.cuh"
@@ -24,4 +25,6 @@ template struct CausalForward<64>;
 template struct VectorSums<64>;
 template struct KeySums<64>;
 template struct QueryOutput<64>;
+template struct QueryGrads<64>;
+template struct KeyGrads<64>;
 }  // namespace flowformer::flow_attention_kernels::cuda

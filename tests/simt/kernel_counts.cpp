@@ -7,6 +7,7 @@
 //   kernel_counts --dtype bf16 --head-dim 64 --chunks 4
 //   kernel_counts --plan BLOCKS LONGEST MULTIPROCESSORS   (plan_segments of each schedule)
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/noncausal_backward.cuh"
 #include "flow_attention/noncausal_keys.cuh"
 #include "flow_attention/noncausal_output.cuh"
 #include "flow_attention/noncausal_sums.cuh"
@@ -154,6 +155,33 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
   queries.allocation = queries.scale = ones.data();
   queries.out = out.data();
   flow_kernels::run_for_head_dim<flow_kernels::emulated::QueryOutput>(queries, nullptr);
+  // Its backward's four passes (queries, keys, queries, keys) on the same rows, one value tile.
+  std::vector<T> dq(problem.q.size()), dk(problem.k.size()), dv(problem.v.size());
+  std::vector<float> dW(W.size()), shares(flow_sums.size()), dQ(flow_sums.size());
+  for (const bool second : {false, true}) {
+    for (const bool keys_side : {false, true}) {
+      flow_kernels::NoncausalBackwardParams grads = side(flow_kernels::NoncausalBackwardParams{}, keys_side);
+      grads.second = second;
+      grads.clamp = 1.f;
+      grads.dout = problem.dout.data();
+      std::copy(grads.v_stride, grads.v_stride + 3, grads.dout_stride);
+      grads.dq = dq.data();
+      grads.dk = dk.data();
+      grads.dv = dv.data();
+      grads.state = keys_side ? dW.data() : W.data();
+      grads.K = grads.Q = grads.A = grads.B = grads.dA = grads.dB = grads.dQ = grads.dK = flow_sums.data();
+      grads.allocation = grads.scale = grads.total = ones.data();
+      grads.max = top.data();
+      grads.dW = dW.data();
+      grads.shares = shares.data();
+      grads.dQ_sums = dQ.data();
+      if (keys_side) {
+        flow_kernels::run_for_head_dim<flow_kernels::emulated::KeyGrads>(grads, nullptr);
+      } else {
+        flow_kernels::run_for_head_dim<flow_kernels::emulated::QueryGrads>(grads, nullptr);
+      }
+    }
+  }
   return records;
 }
 

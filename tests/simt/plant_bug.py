@@ -17,6 +17,10 @@ BUGS = {  # name -> (what the kernel has, the bug)
     "keys_not_rescaled": ("W.for_all(l, [&](float& x) { x *= f; });", ""),
     # the allocation without its factor L / S (non-causal pass 4)
     "allocation_dropped": ("FeatureExp<T>{}(-conserved * allocation)", "FeatureExp<T>{}(-conserved)"),
+    # the backward's dr_j without the softmax's total <dW, W> / S (non-causal backward, keys)
+    "softmax_total_dropped": ("(dr[i] - (this->first_tile() ? total : 0.f))", "dr[i]"),
+    # dk without dK, the gradient of the queries' normaliser's sum of keys (non-causal backward, keys 2)
+    "dK_dropped": ("terms[kdK][i] = this->first_tile() ? 1.f : 0.f;", "terms[kdK][i] = 0.f;"),
 }
 
 

@@ -6,6 +6,7 @@
 // states past the half range. Non-causal (segment sums, then the state output): padded keys holding NaN,
 // segments of both passes. Every output poisoned first, no hazard (a hazard throws), and the same bits under
 // every schedule.
+#include "flow_noncausal_backward_problem.h"
 #include "flow_noncausal_problem.h"
 #include "flow_problem.h"
 #include "fused_problem.h"
@@ -505,4 +506,25 @@ TEMPLATE_TEST_CASE("non-causal Flow-Attention's fused passes match the float64 r
   const double whole_error = NoncausalProblem<TestType, 64>(whole).error();
   CHECK(whole_error >= 0);
   CHECK(whole_error <= tolerance<TestType>());
+}
+
+TEMPLATE_TEST_CASE("non-causal Flow-Attention's fused backward matches the float64 gradients", "", simt::bf16, simt::half,
+                   float) {
+  // The four passes from the forward's sums (made in float64): 150 queries and 200 keys of two batch elements with
+  // padding on both sides (a key segment without a valid key), eps = 0.5, D = 16, M = 32 over segments of each
+  // side without a clamp, and D = 32, M = 128 (two or four value tiles: dq, dk and the sums as the tiles' shares)
+  // over whole sequences with clamp 1 (some sources cut); every gradient poisoned first, no hazard.
+  using flowformer::simt_tests::NoncausalBackwardProblem;
+  using flowformer::simt_tests::NoncausalCase;
+  NoncausalCase split;
+  const double split_error = NoncausalBackwardProblem<TestType, 16>(split).backward_error();
+  CHECK(split_error >= 0);
+  CHECK(split_error <= 2 * tolerance<TestType>());  // gradients: twice the forward's
+  NoncausalCase tiles;
+  tiles.M = 128;
+  tiles.clamp = 1.f;
+  tiles.query_segment_rows = tiles.key_segment_rows = 0;
+  const double tiles_error = NoncausalBackwardProblem<TestType, 32>(tiles).backward_error();
+  CHECK(tiles_error >= 0);
+  CHECK(tiles_error <= 2 * tolerance<TestType>());
 }

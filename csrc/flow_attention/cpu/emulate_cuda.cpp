@@ -23,6 +23,12 @@ flow_attention_fused::Build emulated_fused_build() {
             kernels::run_for_head_dim<kernels::emulated::QueryOutput>(p, nullptr);
           },
           [](const kernels::SegmentScanParams& p) { kernels::emulated::SegmentScan::run(p, nullptr); },
+          [](const kernels::NoncausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::QueryGrads>(p, nullptr);
+          },
+          [](const kernels::NoncausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::KeyGrads>(p, nullptr);
+          },
           simt::shared_memory_limit(simt::current_options().arch), 132};
 }
 
@@ -52,6 +58,12 @@ flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& gr
                                             c10::string_view feature_map, double eps, double clamp,
                                             const flow_attention_ops::Mask& query_padding_mask,
                                             const flow_attention_ops::Mask& key_padding_mask) {
+  const flow_attention_fused::Build build = emulated_fused_build();
+  if (!causal && flow_attention_fused::takes_noncausal_backward(query, value, build)) {
+    return flow_attention_fused::noncausal_backward(build, grad_out, query, key, value,
+                                                    parse_feature_map(op, feature_map), eps, clamp,
+                                                    query_padding_mask, key_padding_mask);
+  }
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
   return flow_attention_portable::backward(portable::EmulatedExecutor{}, problem, grad_out);

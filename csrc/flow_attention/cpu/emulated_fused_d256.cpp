@@ -1,5 +1,6 @@
 // The fused kernels of Flow-Attention for head dim 256, SIMT emulator build (kernels/flow_attention).
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/noncausal_backward.cuh"
 #include "flow_attention/noncausal_keys.cuh"
 #include "flow_attention/noncausal_output.cuh"
 #include "flow_attention/noncausal_sums.cuh"
@@ -8,3 +9,5 @@ template struct flowformer::flow_attention_kernels::emulated::CausalForward<256>
 template struct flowformer::flow_attention_kernels::emulated::VectorSums<256>;
 template struct flowformer::flow_attention_kernels::emulated::KeySums<256>;
 template struct flowformer::flow_attention_kernels::emulated::QueryOutput<256>;
+template struct flowformer::flow_attention_kernels::emulated::QueryGrads<256>;
+template struct flowformer::flow_attention_kernels::emulated::KeyGrads<256>;

@@ -1,5 +1,5 @@
 // CUDA backend of flowformer::flow_attention and its backward, on the current stream of the inputs' device: the
-// fused causal forward (flow_attention/fused.h) where it applies, else the portable kernels of
+// fused kernels (flow_attention/fused.h: the causal forward, the non-causal forward and backward) where they apply, else the portable kernels of
 // flow_attention/flow_attention_portable.h, one CUDA thread per item.
 #include "common/checks.h"
 #include "common/cuda_executor.cuh"
@@ -39,6 +39,12 @@ flow_attention_fused::Build fused_build() {
           [](const kernels::SegmentScanParams& p) {
             kernels::cuda::SegmentScan::run(p, c10::cuda::getCurrentCUDAStream().stream());
           },
+          [](const kernels::NoncausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::QueryGrads>(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
+          [](const kernels::NoncausalBackwardParams& p) {
+            kernels::run_for_head_dim<kernels::cuda::KeyGrads>(p, c10::cuda::getCurrentCUDAStream().stream());
+          },
           std::size_t(shared_limit), multiprocessors};
 }
 
@@ -73,6 +79,12 @@ flow_attention_ops::Grads backward_cuda(const at::Tensor& grad_out, const at::Te
                                  key_padding_mask);
   flow_attention_ops::check_grad_out(grad_out, query, value);
   const c10::cuda::CUDAGuard guard(query.device());
+  const flow_attention_fused::Build build = fused_build();
+  if (!causal && flow_attention_fused::takes_noncausal_backward(query, value, build)) {
+    return flow_attention_fused::noncausal_backward(build, grad_out, query, key, value,
+                                                    parse_feature_map(op, feature_map), eps, clamp,
+                                                    query_padding_mask, key_padding_mask);
+  }
   const auto problem = flow_attention_portable::make_problem(op, query, key, value, causal, feature_map, eps, clamp,
                                                              query_padding_mask, key_padding_mask);
   return flow_attention_portable::backward(portable::CudaExecutor{}, problem, grad_out);

@@ -1,5 +1,6 @@
 // The fused kernels of Flow-Attention for head dim 32, nvcc build (kernels/flow_attention).
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/noncausal_backward.cuh"
 #include "flow_attention/noncausal_keys.cuh"
 #include "flow_attention/noncausal_output.cuh"
 #include "flow_attention/noncausal_sums.cuh"
@@ -8,3 +9,5 @@ template struct flowformer::flow_attention_kernels::cuda::CausalForward<32>;
 template struct flowformer::flow_attention_kernels::cuda::VectorSums<32>;
 template struct flowformer::flow_attention_kernels::cuda::KeySums<32>;
 template struct flowformer::flow_attention_kernels::cuda::QueryOutput<32>;
+template struct flowformer::flow_attention_kernels::cuda::QueryGrads<32>;
+template struct flowformer::flow_attention_kernels::cuda::KeyGrads<32>;
