@@ -52,7 +52,7 @@ inline bool takes_causal(const at::Tensor& query, const at::Tensor& value, const
   }
   const int D = int(query.size(3)), M = int(value.size(3));
   const std::size_t bytes = chunk_inputs::element_bytes_of(query);
-  return kernels::causal_forward_block_bytes(D, kernels::value_tile(D, M, bytes), bytes) <= build.shared_limit;
+  return kernels::causal_forward_block_bytes(D, kernels::causal_value_tile(D, M, bytes), bytes) <= build.shared_limit;
 }
 
 // The non-causal forward takes the inputs of the fused kernels within the shared memory.
@@ -62,7 +62,7 @@ inline bool takes_noncausal(const at::Tensor& query, const at::Tensor& value, co
   }
   const int D = int(query.size(3)), M = int(value.size(3));
   const std::size_t bytes = chunk_inputs::element_bytes_of(query);
-  const int BM = kernels::noncausal_value_tile(D, M, bytes);
+  const int BM = chunk::value_tile(D, M, bytes);
   const std::size_t elements = std::max({kernels::vector_sums_elements(D), kernels::key_sums_elements(D, BM),
                                          kernels::query_output_elements(D, BM)});
   return bytes * elements + sizeof(float) * kernels::kNoncausalStaticFloats <= build.shared_limit;
@@ -115,7 +115,7 @@ struct NoncausalSums {
 };
 inline NoncausalSums noncausal_sums(const Build& build, const NoncausalCall& call, double clamp) {
   const int64_t N = call.N, H = call.H, D = call.D, M = call.M;
-  const int64_t tiles = M / kernels::noncausal_value_tile(int(D), int(M), chunk_inputs::element_bytes_of(call.in.q));
+  const int64_t tiles = M / chunk::value_tile(int(D), int(M), chunk_inputs::element_bytes_of(call.in.q));
   // Passes 1 and 2: the side's sums (w_j = 1, or 1 / <x_j + e, other + e>), (N, H, D); the keys' side of pass 2
   // (A) rides in pass 3.
   const auto vector_sums = [&](bool keys, const at::Tensor& other) {
@@ -175,7 +175,7 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
   const NoncausalCall call(query, key, value, feature_map, eps, query_padding_mask, key_padding_mask);
   const NoncausalSums x = noncausal_sums(build, call, clamp);
   const int64_t tiles =
-      call.M / kernels::noncausal_value_tile(int(call.D), int(call.M), chunk_inputs::element_bytes_of(query));
+      call.M / chunk::value_tile(int(call.D), int(call.M), chunk_inputs::element_bytes_of(query));
   // Pass 4: the output.
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({call.N, call.H, call.L, call.M}), query.options());
   kernels::QueryOutputParams p = call.side(kernels::QueryOutputParams{}, false, tiles, build);
@@ -193,7 +193,7 @@ inline at::Tensor noncausal_forward(const Build& build, const at::Tensor& query,
 inline bool takes_noncausal_backward(const at::Tensor& query, const at::Tensor& value, const Build& build) {
   const int D = int(query.size(3)), M = int(value.size(3));
   const std::size_t bytes = chunk_inputs::element_bytes_of(query);
-  const int BM = kernels::noncausal_backward_value_tile(D, M, bytes);
+  const int BM = chunk::backward_value_tile(D, M, bytes);
   return takes_noncausal(query, value, build) &&
          bytes * kernels::noncausal_backward_elements(D, BM) +
                  sizeof(float) * kernels::noncausal_backward_static_floats(D) <= build.shared_limit;
@@ -211,7 +211,7 @@ inline flow_attention_ops::Grads noncausal_backward(const Build& build, const at
   const NoncausalSums x = noncausal_sums(build, call, clamp);
   const int64_t N = call.N, H = call.H, D = call.D, M = call.M;
   const int64_t tiles =
-      M / kernels::noncausal_backward_value_tile(int(D), int(M), chunk_inputs::element_bytes_of(query));
+      M / chunk::backward_value_tile(int(D), int(M), chunk_inputs::element_bytes_of(query));
   const at::Tensor W = (x.W * x.scale.view({N, H, 1, 1})).contiguous();  // sum_j c_j k_j v_j^T
   const at::Tensor dout = chunk_inputs::aligned_rows(grad_out.to(query.scalar_type()));
   chunk_inputs::GradientTensors grads(query, value, call.S, tiles);
@@ -313,7 +313,7 @@ inline std::pair<at::Tensor, at::Tensor> causal_forward(const Build& build, cons
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({query.size(0), H, L, M}), query.options());
   kernels::CausalForwardParams p{};
   static_cast<kernels::Inputs&>(p) = in.params;
-  const int64_t tiles = M / kernels::value_tile(int(D), int(M), chunk_inputs::element_bytes_of(query));
+  const int64_t tiles = M / kernels::causal_value_tile(int(D), int(M), chunk_inputs::element_bytes_of(query));
   static_cast<kernels::Segments&>(p) =
       chunk::plan_segments(in.N() * H * tiles, chunk_inputs::longest_sequence(L, cu), build.multiprocessors,
                            kernels::kCausalForwardBytes);

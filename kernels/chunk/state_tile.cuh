@@ -149,14 +149,17 @@ struct StateTile {
   // += x^T y over the chunk's 64 rows (rows past a sequence are zero in x); the vector += x^T 1. 16-bit inputs
   // whose units share their columns (kFixedColumns) load one B fragment a k step for all of them; float inputs
   // walk a unit at a time (fewer live registers: no spills). scale_y(b, k0) may scale the rows of each B
-  // fragment of y once loaded (k rows k0 ..: x^T (w y) for row weights w).
-  template <typename XMatrix, typename YMatrix, typename ScaleY = KeepRows>
-  FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y, const ScaleY& scale_y = {}) {
+  // fragment of y once loaded, scale_x(a, k0) the k columns of each A fragment of x^T (k rows k0 ..: x^T (w y) or
+  // (w x)^T y for row weights w).
+  template <typename XMatrix, typename YMatrix, typename ScaleY = KeepRows, typename ScaleX = KeepRows>
+  FF_DEVICE void add_product(const Lane& l, const XMatrix& x, const YMatrix& y, const ScaleY& scale_y = {},
+                             const ScaleX& scale_x = {}) {
     [[maybe_unused]] const Fragment<T> ones = ones_fragment<T>();
     const auto unit_step = [&](int i, int k0, const Fragment<T>& b) {
       const int u = unit(l, i);
       Fragment<T> a;
       x.template a_fragment<false>(a, l, u / (C / 16) * 16, k0);
+      scale_x(a, k0);
       mma_pair<T>(acc[i][0], acc[i][1], a, b);
       if constexpr (Vector) {
         if (carries_vector(u)) {
@@ -191,14 +194,14 @@ struct StateTile {
     }
   }
 
-  // += 2^e x^T y, x (or y's rows, by scale_y as in add_product) scaled into [-1, 1] by 2^-e
-  // (scale_rows_into_unit): the accumulators stay in their units.
-  template <typename XMatrix, typename YMatrix, typename ScaleY = KeepRows>
+  // += 2^e x^T y, x (or its rows or y's as they are scaled by scale_x or scale_y, as in add_product) scaled into
+  // [-1, 1] by 2^-e (scale_rows_into_unit): the accumulators stay in their units.
+  template <typename XMatrix, typename YMatrix, typename ScaleY = KeepRows, typename ScaleX = KeepRows>
   FF_DEVICE void add_scaled_product(const Lane& l, const XMatrix& x, const YMatrix& y, int e,
-                                    const ScaleY& scale_y = {}) {
+                                    const ScaleY& scale_y = {}, const ScaleX& scale_x = {}) {
     const float down = ldexpf(1.f, -e), up = ldexpf(1.f, e);  // powers of two: exact products
     for_all(l, [&](float& a) { a *= down; });
-    add_product(l, x, y, scale_y);
+    add_product(l, x, y, scale_y, scale_x);
     for_all(l, [&](float& a) { a *= up; });
   }
 

@@ -18,8 +18,8 @@ using namespace ::flowformer::chunk::FF_SIMT_BUILD;  // the tiles and stages of 
 using chunk::kThreads;
 using chunk::kWarps;
 
-// The value tiles of a grid for head dim D (launch_value_tiles), by the kernel's rule (value_tile,
-// noncausal_value_tile).
+// The value tiles of a grid for head dim D (launch_value_tiles), by the kernel's rule (causal_value_tile,
+// chunk::value_tile, chunk::backward_value_tile).
 template <int D, int (*Rule)(int, int, std::size_t)>
 struct ValueTiles {
   static constexpr int kMaxFloatD = flow_attention_kernels::kMaxFloatD;

@@ -482,7 +482,7 @@ void CausalForward<D>::run(const CausalForwardParams& p, void* stream) {
   const char* name = p.pass == CausalPass::output  ? "flow_causal_forward"
                      : p.pass == CausalPass::state ? "flow_causal_state"
                                                    : "flow_causal_sums";
-  launch_value_tiles<D, ValueTiles<D, value_tile>>(p, name, "causal_flow_attention", stream,
+  launch_value_tiles<D, ValueTiles<D, causal_value_tile>>(p, name, "causal_flow_attention", stream,
                                          [](auto type, auto tile) {
                                            using T = decltype(type);
                                            constexpr int BM = decltype(tile)::value;

@@ -122,12 +122,7 @@ struct QueryOutputParams : NoncausalSide {
 };
 // The split schedule of every pass (chunk::plan_segments): a split moves no more bytes than a whole walk.
 constexpr chunk::ScheduleBytes kNoncausalBytes{1, 1};
-// Columns of W (value tile) a block of passes 3 and 4 carries, for inputs of `bytes` bytes an element: as linear
-// attention's non-causal passes (64 up to D = 64 for 16-bit inputs, else 32).
-constexpr int noncausal_value_tile(int D, int M, std::size_t bytes) {
-  const int cap = D < 64 || (D == 64 && bytes != 4) ? 64 : 32;
-  return M < cap ? M : cap;
-}
+// Columns of W (value tile) a block of passes 3 and 4 carries: chunk::value_tile, as linear attention's passes.
 // Dynamic shared memory of the passes' blocks, in elements of the inputs' type: the side's rows (2 stages);
 // pass 3 the v tiles too, pass 4 W's two parts.
 constexpr std::size_t vector_sums_elements(int D) { return 2 * kChunkRows * (D + 8); }
@@ -164,12 +159,7 @@ struct NoncausalBackwardParams : NoncausalSide, chunk::Gradients {
   float* shares;            // (M / BM, N G, H, D): the tiles' shares of dA (queries 1), dB (keys 1), dK (queries 2)
   float* dQ_sums;           // (N G, H, D): dQ (keys 1)
 };
-// Columns of W or dW (value tile) a backward block carries: as the forward's passes up to D = 64 (float32: 32),
-// 16 beyond (the passes hold D-wide row tiles of float accumulators besides the state).
-constexpr int noncausal_backward_value_tile(int D, int M, std::size_t bytes) {
-  const int tile = D <= 64 ? noncausal_value_tile(D, M, bytes) : 16;
-  return bytes == 4 && tile > 32 ? 32 : tile;
-}
+// Columns of W or dW (value tile) a backward block carries: chunk::backward_value_tile.
 // Dynamic shared memory of a backward block, in elements of the inputs' type: the raw rows of width D (2
 // stages) and their features, the rows of dout or v (2 stages), the state's two parts.
 constexpr std::size_t noncausal_backward_elements(int D, int BM) {
@@ -186,7 +176,7 @@ constexpr std::size_t noncausal_backward_static_floats(int D) {
 
 // Columns of the state S (value tile) one block carries, for inputs of `bytes` bytes an element: the block also
 // holds two 64 x 64 score matrices in registers (G and H), so 64 columns only up to D = 32 (16-bit) and 32 beyond.
-constexpr int value_tile(int D, int M, std::size_t bytes) {
+constexpr int causal_value_tile(int D, int M, std::size_t bytes) {
   const int cap = bytes == 2 ? (D <= 64 ? 64 : D == 128 ? 32 : 16) : (D <= 64 ? 32 : 16);
   return M < cap ? M : cap;
 }

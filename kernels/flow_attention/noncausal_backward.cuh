@@ -108,24 +108,37 @@ struct BackwardBlock {
   // dq or dk (grad, parts: chunk::Gradients') of the chunk's rows i, a gradient_columns part at a time:
   //   phi'(x_i) (rate_i (y_i M^T) + sum_v terms[v][i] V_v)   for kept rows (kept[i] != 0), else 0,
   // V_v the four vectors of vectors_s, y the chunk's rows of dout or v, M the state (its parts), x the raw rows;
-  // the four vectors' column in one 16-byte load.
+  // made in place of y M^T an n tile at a time: the four vectors' columns d, d + 1 in two 16-byte loads, the raw
+  // rows' pairs in one load each.
+  template <FeatureMap F>
   FF_DEVICE void store_gradient(int64_t c, int64_t left, const X& raw, const Y& y, void* grad, float* parts,
                                 const float (&rate)[2], const float (&terms)[4][2], const float (&kept)[2]) const {
     for (int d0 = 0; d0 < D; d0 += kColumns) {  // a part at a time: fewer registers (D = 256 fits)
-      RowTile<kColumns> P;  // 2^-e y M^T, columns d0 ..
+      RowTile<kColumns> P;  // 2^-e y M^T, columns d0 .., then the gradient there
       P.zero();
       State::template rows_times<false>(l, y, s_hi(), s_lo(), P, d0);
-      out.template store_d_through_feature<T, D, kColumns>(
-          l, p, grad, parts, c, d0, left, [&](int n, int e, const auto& through) {
-            const int i = e / 2, r = l.row(e), d = d0 + n * 8 + l.col(e);
-            const Piece<float> v = simt::shared_cast<Piece<float>>(vectors_s + 4 * d)[0];
-            float g = rate[i] * P.acc[n][e] * unscale;
+      FF_UNROLL
+      for (int n = 0; n < kColumns / 8; ++n) {
+        const int d = d0 + n * 8 + 2 * l.t;
+        const auto vectors = simt::shared_cast<Piece<float>>(vectors_s + 4 * d);
+        const Piece<float> v[2] = {vectors[0], vectors[1]};
+        FF_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          const auto [x0, x1] = raw.get_pair(l.row(2 * i), d);
+          const float x[2] = {x0, x1};
+          FF_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            float& g = P.acc[n][2 * i + h];
+            g = rate[i] * g * unscale;
             FF_UNROLL
             for (int j = 0; j < 4; ++j) {
-              g += terms[j][i] * v.x[j];
+              g += terms[j][i] * v[h].x[j];
             }
-            return kept[i] != 0.f ? through(g, raw.get(r, d)) : 0.f;
-          });
+            g = kept[i] != 0.f ? feature_gradient<F, T>(g, x[h]) : 0.f;
+          }
+        }
+      }
+      out.template store_d<T, D, kColumns>(l, p, grad, parts, c, d0, left, [&](int n, int e) { return P.acc[n][e]; });
     }
   }
 
@@ -183,6 +196,7 @@ struct QueryGradsBlock : BackwardBlock<T, D, BM> {
     const auto dout = this->y_tile(stage);
     const int64_t left = span.length - c * kChunkRows;
     this->zero_padded_y(c, stage, left);
+    float largest = 0.f;  // pass 1: the largest |g_i q_i| of the thread's pieces (dW's rows, unscaled)
     Rows::Pieces::each([&](int r, int col) {
       const bool kept = this->side.kept(c, r, left);
       float f[Base::kCount];
@@ -190,18 +204,31 @@ struct QueryGradsBlock : BackwardBlock<T, D, BM> {
       const float sink = this->row_dot(f, kSinkSum, p.eps), conserved = this->row_dot(f, kConservedSum, p.eps);
       const float linear = Second ? this->row_dot(f, kdB, 0.f) : 0.f;  // every lane of the row
       this->store_features(r, col, f);
+      const float I = kept ? 1.f / sink : 0.f;
+      const float a = 1.f / (1.f + FeatureExp<T>{}(-conserved * allocation));
+      if constexpr (!Second) {
+        FF_UNROLL
+        for (int j = 0; j < Base::kCount; ++j) {
+          largest = fmaxf(largest, fabsf(f[j]) * (a * I));
+        }
+      }
       if (col == 0) {
-        const float I = kept ? 1.f / sink : 0.f;
-        const float a = 1.f / (1.f + FeatureExp<T>{}(-conserved * allocation));
-        row(kKept)[r] = kept ? 1.f : 0.f;
-        row(kFlow)[r] = I;
         row(kRate)[r] = a * I;
-        row(kSource)[r] = a;
         row(kSlope)[r] = I * a * (1.f - a) * allocation;
-        row(kLinear)[r] = linear;
+        if constexpr (Second) {  // pass 1 reads the two above only
+          row(kKept)[r] = kept ? 1.f : 0.f;
+          row(kFlow)[r] = I;
+          row(kSource)[r] = a;
+          row(kLinear)[r] = linear;
+        }
       }
     });
-    __syncthreads();
+    int e = 0;  // pass 1: 2^-e brings the rows g_i q_i into [-1, 1] (its block maximum's barrier ends the rows)
+    if constexpr (!Second) {
+      frexpf(block_max(largest, this->largest_s), &e);
+    } else {
+      __syncthreads();
+    }
     RowTile<BM> num;  // 2^-e q W
     num.zero();
     Base::State::template rows_times<true>(l, q, this->s_hi(), this->s_lo(), num);
@@ -217,8 +244,20 @@ struct QueryGradsBlock : BackwardBlock<T, D, BM> {
       }
       __syncthreads();
       this->add_weighted_rows();  // dA
-      const int e = scale_rows_into_unit(q, [&](int r) { return float(row(kRate)[r]); }, this->largest_s);
-      dW.add_scaled_product(l, q, dout, e);
+      // dW += q^T (g dout) as (g q)^T dout, the A fragments' k columns (rows i) scaled by g_i 2^-e in registers
+      const float down = ldexpf(1.f, -e);
+      float weights[kChunkRows / 16][2][2];  // of the lane's rows 16 s + 2 t + 8 h + {0, 1}, k step s
+      FF_UNROLL
+      for (int s = 0; s < kChunkRows / 16; ++s) {
+        FF_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const Two<float> g = simt::shared_cast<Two<float>>(row(kRate) + 16 * s + 2 * l.t + 8 * h)[0];
+          weights[s][h][0] = g.x0 * down;
+          weights[s][h][1] = g.x1 * down;
+        }
+      }
+      dW.add_scaled_product(l, q, dout, e, KeepRows{},
+                            [&](Fragment<T>& a, int k0) { scale_k_columns<T>(a, weights[k0 / 16]); });
     } else {
       float rate[2], terms[4][2], kept[2];  // per row: g_i, the coefficients of dq's vector terms, whether it counts
       FF_UNROLL
@@ -239,7 +278,7 @@ struct QueryGradsBlock : BackwardBlock<T, D, BM> {
           row(kWeight)[l.row(2 * i)] = terms[kSinkSum][i];
         }
       }
-      this->store_gradient(c, left, raw, dout, p.dq, p.dq_parts, rate, terms, kept);
+      this->template store_gradient<F>(c, left, raw, dout, p.dq, p.dq_parts, rate, terms, kept);
       __syncthreads();  // row(kWeight) written
       this->add_weighted_rows();  // dK
     }
@@ -294,11 +333,13 @@ struct KeyGradsBlock : BackwardBlock<T, D, BM> {
       if (col == 0) {
         const float oh = fminf(fmaxf(conserved, -p.clamp), p.clamp);
         const float rate = kept ? scale * FeatureExp<T>{}(oh - top) : 0.f;
-        row(kKept)[r] = kept ? 1.f : 0.f;
-        row(kFlow)[r] = O;
         row(kRate)[r] = rate;
         row(kSlope)[r] = fabsf(conserved) <= p.clamp ? rate : 0.f;
-        row(kSource)[r] = kept ? dO : 0.f;
+        if constexpr (Second) {  // pass 1 reads the two above only
+          row(kKept)[r] = kept ? 1.f : 0.f;
+          row(kFlow)[r] = O;
+          row(kSource)[r] = kept ? dO : 0.f;
+        }
       }
     });
     __syncthreads();
@@ -337,7 +378,7 @@ struct KeyGradsBlock : BackwardBlock<T, D, BM> {
         terms[kdK][i] = this->first_tile() ? 1.f : 0.f;
         kept[i] = row(kKept)[r];
       }
-      this->store_gradient(c, left, raw, v, p.dk, p.dk_parts, rate, terms, kept);
+      this->template store_gradient<F>(c, left, raw, v, p.dk, p.dk_parts, rate, terms, kept);
     }
     __syncthreads();  // the stage may be loaded again; the rows' scalars rewritten
   }
@@ -416,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1) flow_key_grads_kernel(NoncausalBa
 
 template <int D>
 void QueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
-  launch_value_tiles<D, ValueTiles<D, noncausal_backward_value_tile>>(
+  launch_value_tiles<D, ValueTiles<D, chunk::backward_value_tile>>(
       p, p.second ? "flow_query_grads_2" : "flow_query_grads_1", "flow_attention_backward", stream,
       [&](auto type, auto tile) {
         using T = decltype(type);
@@ -429,7 +470,7 @@ void QueryGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
 
 template <int D>
 void KeyGrads<D>::run(const NoncausalBackwardParams& p, void* stream) {
-  launch_value_tiles<D, ValueTiles<D, noncausal_backward_value_tile>>(
+  launch_value_tiles<D, ValueTiles<D, chunk::backward_value_tile>>(
       p, p.second ? "flow_key_grads_2" : "flow_key_grads_1", "flow_attention_backward", stream,
       [&](auto type, auto tile) {
         using T = decltype(type);

@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1) flow_key_sums_kernel(KeySumsParam
 
 template <int D>
 void KeySums<D>::run(const KeySumsParams& p, void* stream) {
-  launch_value_tiles<D, ValueTiles<D, noncausal_value_tile>>(p, "flow_key_sums", "flow_attention", stream, [](auto type, auto tile) {
+  launch_value_tiles<D, ValueTiles<D, chunk::value_tile>>(p, "flow_key_sums", "flow_attention", stream, [](auto type, auto tile) {
     using T = decltype(type);
     constexpr int BM = decltype(tile)::value;
     return std::pair{&flow_key_sums_kernel<T, D, BM>, KeySumsBlock<T, D, BM>::kSharedElements * sizeof(T)};

@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) flow_query_output_kernel(QueryOut
 
 template <int D>
 void QueryOutput<D>::run(const QueryOutputParams& p, void* stream) {
-  launch_value_tiles<D, ValueTiles<D, noncausal_value_tile>>(p, "flow_query_output", "flow_attention", stream,
+  launch_value_tiles<D, ValueTiles<D, chunk::value_tile>>(p, "flow_query_output", "flow_attention", stream,
                                            [](auto type, auto tile) {
                                              using T = decltype(type);
                                              constexpr int BM = decltype(tile)::value;

@@ -85,20 +85,8 @@ struct CausalBackwardParams : Inputs, Segments, Gradients {
 
 using chunk::kChunkRows;  // a block of chunk::kThreads threads walks its rows in chunks of 64 (chunk/shape.h)
 
-// Columns of the state (value tile) one block carries: D x BM float accumulators spread over 4 warps; for inputs
-// of `bytes` bytes an element (float32 at D = 64: 32 columns; with 64 the causal forward's sm_90 code, whose
-// state carries z beside S, spills registers).
-constexpr int value_tile(int D, int M, std::size_t bytes) {
-  const int cap = D < 64 || (D == 64 && bytes != 4) ? 64 : 32;
-  return M < cap ? M : cap;
-}
-// The value tile of a backward pass, for inputs of `bytes` bytes an element: the forward's for D <= 64 (float32:
-// at most 32 columns); 16 columns for D >= 128, whose passes hold D-wide row tiles of float accumulators besides
-// the state (with 32 columns, or float32's 64, the sm_90 code spills registers).
-constexpr int backward_value_tile(int D, int M, std::size_t bytes) {
-  const int tile = D <= 64 ? value_tile(D, M, bytes) : 16;
-  return bytes == 4 && tile > 32 ? 32 : tile;
-}
+using chunk::value_tile;           // the state's columns a block carries (chunk/shape.h)
+using chunk::backward_value_tile;  // and a backward pass's
 // Dynamic shared memory of a forward block, for inputs of `bytes` bytes an element: q and k tiles (2 stages),
 // v tiles (2 stages), the state's hi and lo parts (lo: half only); rows padded by 8 elements (16 bytes
 // for 16-bit elements) against bank conflicts.

@@ -196,7 +196,7 @@ struct NoncausalBackwardProblem : NoncausalProblem<T, D> {
     const std::vector<float> Q = floats(sums.Q), K = floats(sums.K), A = floats(sums.A), B = floats(sums.B),
                              W = floats(sums.W), top = floats(sums.top), scale = floats(sums.scale),
                              allocation = floats(sums.allocation);
-    const int tiles = c.M / fk::noncausal_backward_value_tile(D, c.M, sizeof(T));
+    const int tiles = c.M / flowformer::chunk::backward_value_tile(D, c.M, sizeof(T));
     std::vector<T> dq(q.size(), T(nan)), dk(k.size(), T(nan)), dv(v.size(), T(nan));
     std::vector<float> dq_parts(tiles > 1 ? tiles * q.size() : 0, nan), dk_parts(tiles > 1 ? tiles * k.size() : 0, nan);
     const auto pass = [&](bool keys, bool second, const std::vector<float>& state) {
