@@ -44,14 +44,16 @@ build: deps
 test: setup test-simt test-python test-emulated test-cpp
 
 # The SIMT emulator's own tests (kernels/simt; torch-free, ASan and UBSan) and the static checks of the
-# sample kernels' sm_90 code (tests/static; needs nvcc, and cuobjdump from the venv's triton wheel).
+# sample kernels' sm_90 code and of the op library's fused kernels as `make build` compiled them (tests/static;
+# needs nvcc, sm_90 in TORCH_CUDA_ARCH_LIST, and cuobjdump from the venv's triton wheel).
 SIMT_BUILD_DIR ?= build/simt
 SIMT_CONFIGURE = $(VENV)/bin/cmake -S tests/simt -B $(SIMT_BUILD_DIR) -G Ninja \
-	-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null
-test-simt: deps catch2
+	-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	-DFLOWFORMER_LIBRARY=$(abspath $(BUILD_DIR))/libflowformer.so >/dev/null
+test-simt: build catch2
 	$(SIMT_CONFIGURE)
 	$(VENV)/bin/cmake --build $(SIMT_BUILD_DIR) -j $(JOBS)
-	$(VENV)/bin/ctest --test-dir $(SIMT_BUILD_DIR) --output-on-failure --no-tests=error
+	$(VENV)/bin/ctest --test-dir $(SIMT_BUILD_DIR) --output-on-failure --no-tests=error -j $(JOBS)
 
 # Lower bounds on the fused linear-attention kernels' GPU time, from what the emulator counts them doing and
 # the issue slots of their sm_90 chunk loops (benchmarks/kernel_bounds.py); results in benchmarks/results/bounds.
@@ -73,7 +75,7 @@ test-emulated:
 
 # The Catch2 tests and the C++ package, from the build that `make build` made (no second compile).
 test-cpp: setup
-	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure --no-tests=error
+	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure --no-tests=error -j $(JOBS)
 
 demo: setup
 	$(PY) -m flowformer.demo

@@ -19,7 +19,7 @@ each output written once) at that bandwidth. Prints, per op and kernel: counters
 cycles per chunk against the chunk's share of the floor (the budget), the binding resource, and the bound as
 a percentage of the floor. A bound is not a timing: nothing here ran on a GPU.
 
-    python benchmarks/kernel_bounds.py --counts build/simt/kernel_counts [--sass build/simt/liblinear_attention_sm90.so]
+    python benchmarks/kernel_bounds.py --counts build/simt/kernel_counts [--sass build/simt/libfused_kernels_bounds_sm90.so]
 """
 
 import argparse

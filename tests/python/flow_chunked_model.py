@@ -23,14 +23,28 @@ class ChunkState:
         self.E = torch.zeros(B, H, **f)
 
 
-def causal_chunks(q, k, v, valid, *, eps, clamp, chunk):
+def unpack_state(state, D, M):
+    """The ChunkState of the op's packed state (B, H, 3 + 4 D + D M): [n, m, E, K, Q, A, B, S]; E = 0: no
+    competition yet (m counts for nothing)."""
+    st = ChunkState(*state.shape[:2], D, M, dtype=state.dtype, device=state.device)
+    started = state[..., 2] > 0
+    st.n = state[..., 0]
+    st.m = torch.where(started, state[..., 1], float("-inf"))
+    st.E = torch.where(started, state[..., 2], 0)
+    st.K, st.Q, st.A, st.B = (state[..., 3 + i * D:3 + (i + 1) * D] for i in range(4))
+    st.S = state[..., 3 + 4 * D:].unflatten(-1, (D, M))
+    return st
+
+
+def causal_chunks(q, k, v, valid, *, eps, clamp, chunk, state=None):
     """Walks the chunks in order: yields (rows, the chunk's inputs, its per-row quantities, the state at its start)
-    and then moves the state past the chunk. Features q, k (B, H, L, D), v (B, H, L, M), valid (B, L)."""
+    and then moves the state past the chunk. Features q, k (B, H, L, D), v (B, H, L, M), valid (B, L); state: the
+    ChunkState before the first row (None: empty)."""
     B, H, L, D = q.shape
     f = dict(dtype=q.dtype, device=q.device)
     m_all = valid[:, None, :].to(q.dtype).expand(B, H, L)  # (B, H, L)
     q, k = q * m_all[..., None], k * m_all[..., None]  # padded rows contribute nothing
-    st = ChunkState(B, H, D, v.shape[-1], **f)
+    st = ChunkState(B, H, D, v.shape[-1], **f) if state is None else state
     e2 = D * eps * eps
     for c0 in range(0, L, chunk):
         r = slice(c0, c0 + chunk)
@@ -210,83 +224,128 @@ def _suffix(x):
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
-def causal_flow_chunked_backward(q, k, v, valid, dout, *, eps, clamp, chunk):
-    """The gradients (dq, dk, dv) of causal Flow-Attention with respect to the features q, k and to v, in two
-    passes over chunks as a fused backward would make them: queries in order (recomputing the forward state: dq
-    through S_t and A_t, and each row's dg_t = <dout_t, q_t^T S_t> and dsink_t), then keys in reverse (carrying
-    R = sum g q dout^T, the reverse sums RA, RB, RK, RQ of the normalisers' gradients and the competition's P), from
-    per-row scalars and the vectors K, Q, B at each chunk's start saved by the first pass.
-    (The per-row recurrence of P is a loop here; a kernel makes it an affine scan, factors exp(m_t - m_t') <= 1.)"""
+def causal_flow_chunked_backward(q, k, v, valid, dout, *, eps, clamp, chunk, tile=None, state=None,
+                                 grad_state=None):
+    """The gradients of causal Flow-Attention (dq, dk with respect to the features q, k; dv; and the incoming packed
+    state's, None without one) as the fused kernels make them, over chunks of `chunk` rows and value tiles of `tile`
+    columns (None: one), given those of the output (dout) and of the final state (grad_state, None: zeros):
+      1. queries, in order, one block a value tile: the forward recomputed from the incoming state; the tile's
+         shares of dg_t = <dout_t, q_t^T S_t> and of g_t S_t dout_t (S_t dout_t = S0 dout_t + sum_{j<=t} k_j c_j
+         <v_j, dout_t>: the masked dout v^T with its columns scaled by c, times k); per-row scalars and the vectors
+         K, Q, A, B at each chunk's start (tile 0); the largest source and its row (the final state's m).
+      2. keys, in reverse, one block a value tile, carrying the tile's columns of R = dS_L + sum g q dout^T: dv,
+         and the shares of dc_t = <R_t^T k_t, v_t> and of c_t R_t v_t; R at the start is dS_0.
+      3. the chain, in reverse, one block a (sequence, head), no value columns: dsink from dg; the competition's
+         P_t = dc_t c_t / E_t + exp(m_t - m_next) P_next (seeded by the final state's d lse = dE E_L as a term
+         -d lse / E_L after the last row), dr; the reverse sums RA, RB, RK, RQ of (q + e), (k + e) weighted by
+         dsink, dr, du, dy (seeded by the final state's dA, dB, dK, dQ) with dI, du, dO, dy; dq, dk from the
+         shares and the forward prefixes A_t, K_t (queries), B_t, Q_t (keys); the incoming state's gradients.
+    With one value tile, 2 and 3 are one pass (dc is whole in the block)."""
     B_, H, L, D = q.shape
+    M = v.shape[-1]
     f = dict(dtype=q.dtype, device=q.device)
+    tiles = [slice(s, s + (tile or M)) for s in range(0, M, tile or M)]
     m_all = valid[:, None, :].to(q.dtype).expand(B_, H, L)
     q, k = q * m_all[..., None], k * m_all[..., None]
-    names = ("n", "I", "O", "a", "rr", "c", "g", "m", "E", "dg", "dsink")
-    rows = {name: torch.zeros(B_, H, L, **f) for name in names}  # per-row scalars of pass 1
-    chunks, starts = [], []  # each chunk's rows, and (K0, Q0, B0) at its start
-    dq = torch.zeros_like(q)
-    # Pass 1, in order: the forward recomputed, with dq through S_t (out = g q^T S_t) and A_t (sink)
-    for r, (qc, kc, vc, _), x, st in causal_chunks(q, k, v, valid, eps=eps, clamp=clamp, chunk=chunk):
-        do, tri = dout[:, :, r], x["tri"]
-        cv = vc * x["c"][..., None]
-        dg = (do * (x["G"] @ cv + qc @ st.S)).sum(-1)  # <dout_t, q_t^T S_t>
-        dsink = dg * x["I"] / x["n"] * x["a"] * (1 - x["a"]) / x["n"]
-        # dq += g S_t dout_t + dsink (A_t + e): S_t dout_t = S0 dout_t + sum_{j<=t} k_j c_j <v_j, dout_t>
-        masked_dv = (do @ vc.transpose(-1, -2)) * tri * x["c"][..., None, :]  # [t, j]: <dout_t, v_j> c_j, j <= t
-        dq[:, :, r] = (x["g"][..., None] * (do @ st.S.transpose(-1, -2) + masked_dv @ kc)
-                       + dsink[..., None] * (st.A[..., None, :] + eps + (tri * x["O"][..., None, :]) @ kc))
+    st0 = unpack_state(state, D, M) if state is not None else ChunkState(B_, H, D, M, **f)
+    fin = unpack_state(grad_state, D, M) if grad_state is not None else ChunkState(B_, H, D, M, **f)
+    if grad_state is not None:  # the gradients of the final state's m and E as they are (not "started" ones)
+        fin.m, fin.E = grad_state[..., 1], grad_state[..., 2]
+    else:
+        fin.m = torch.zeros_like(fin.E)
+    names = ("n", "I", "O", "a", "rr", "c", "g", "m", "E")
+    rows = {name: torch.zeros(B_, H, L, **f) for name in names}
+    chunks, starts = [], []  # each chunk's rows, and (K0, Q0, A0, B0) at its start
+    dg, dq_S = torch.zeros(B_, H, L, **f), torch.zeros_like(q)
+    # 1. queries, in order
+    for r, (qc, kc, vc, _), x, st in causal_chunks(q, k, v, valid, eps=eps, clamp=clamp, chunk=chunk, state=st0):
+        tri, c, g = x["tri"], x["c"][..., None], x["g"][..., None]
+        for cols in tiles:  # each value tile's block adds its shares
+            do, vt, S0 = dout[:, :, r, cols], vc[..., cols], st.S[..., cols]
+            dg[:, :, r] += (do * (x["G"] @ (vt * c) + qc @ S0)).sum(-1)
+            masked_dv = (do @ vt.transpose(-1, -2)) * tri * c.transpose(-1, -2)  # [t, j]: <dout_t, v_j> c_j
+            dq_S[:, :, r] += g * (do @ S0.transpose(-1, -2) + masked_dv @ kc)
         for name in names:
-            rows[name][:, :, r] = dict(x, dg=dg, dsink=dsink)[name]
+            rows[name][:, :, r] = x[name]
         chunks.append(r)
-        starts.append((st.K, st.Q, st.B))
-    # Pass 2, in reverse: dk, dv and the rest of dq
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    R = torch.zeros(B_, H, D, v.shape[-1], **f)
-    RA, RB, RK, RQ = (torch.zeros(B_, H, D, **f) for _ in range(4))
-    P = torch.zeros(B_, H, **f)
-    m_next = torch.zeros(B_, H, **f)
-    has_next = torch.zeros(B_, H, dtype=torch.bool, device=q.device)
-    for r, (K0, Q0, B0) in reversed(list(zip(chunks, starts))):
-        qc, kc, vc, m, do = q[:, :, r], k[:, :, r], v[:, :, r], m_all[:, :, r], dout[:, :, r]
+        starts.append((st.K, st.Q, st.A, st.B))
+    valid_rows = m_all > 0
+    sources = torch.where(valid_rows, rows["rr"].clamp(-clamp, clamp), float("-inf"))
+    largest = sources.max(-1, keepdim=True).values
+    at_largest = torch.argmax((sources == largest).to(torch.int8), -1, keepdim=True)  # its first row
+    # 2. keys, in reverse, a value tile at a time
+    dk_c, dv, dc = torch.zeros_like(k), torch.zeros_like(v), torch.zeros(B_, H, L, **f)
+    dS0 = torch.zeros(B_, H, D, M, **f)
+    for cols in tiles:
+        R = fin.S[..., cols]
+        for r in reversed(chunks):
+            qc, kc, vt = q[:, :, r], k[:, :, r], v[:, :, r, cols]
+            c, g = rows["c"][:, :, r, None], rows["g"][:, :, r, None]
+            up = torch.ones(qc.shape[2], qc.shape[2], **f).triu()  # [t, t']: t' >= t
+            gdo = dout[:, :, r, cols] * g
+            dw = kc @ R + ((kc @ qc.transpose(-1, -2)) * up) @ gdo  # R_t^T k_t, R_t = R + sum_{t' >= t} g q dout^T
+            dv[:, :, r, cols] = c * dw
+            dc[:, :, r] += (dw * vt).sum(-1)
+            dk_c[:, :, r] += c * (vt @ R.transpose(-1, -2) + ((vt @ gdo.transpose(-1, -2)) * up) @ qc)
+            R = R + qc.transpose(-1, -2) @ gdo
+        dS0[..., cols] = R
+    # 3. the chain, in reverse
+    n_L, m_L, E_L = rows["n"][..., -1], rows["m"][..., -1], rows["E"][..., -1]
+    started_L = (st0.n + m_all.sum(-1)) > 0
+    d_lse_L = torch.where(started_L, fin.E * E_L, 0)  # E_L = exp(lse_L - m_L)
+    dm_L = torch.where(started_L, fin.m, 0) - d_lse_L
+    P = torch.where(started_L, -d_lse_L / E_L.clamp(min=torch.finfo(q.dtype).tiny), 0)
+    m_next = m_L
+    m_from_source = largest[..., 0] > st0.m  # the final m is a source's (always, without a state)
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    RA, RB, RK, RQ = fin.A, fin.B, fin.K, fin.Q
+    for r, (K0, Q0, A0, B0) in reversed(list(zip(chunks, starts))):
+        qc, kc, m = q[:, :, r], k[:, :, r], m_all[:, :, r]
         T = qc.shape[2]
         tri = torch.ones(T, T, **f).tril()
-        up = tri.T  # [t, t']: t' >= t
-        n, I, O, a, rr, c, g, mm, E, dg, dsink = (rows[name][:, :, r] for name in names)
-        gdo = do * g[..., None]
-        QK = kc @ qc.transpose(-1, -2)  # [t, t'] = <k_t, q_t'>
-        dw = kc @ R + (QK * up) @ gdo  # R_t^T k_t, R_t = R + sum_{t' >= t} g q dout^T
-        dv[:, :, r] = c[..., None] * dw
-        dc = (dw * vc).sum(-1)
-        dk_c = c[..., None] * (vc @ R.transpose(-1, -2) + ((vc @ gdo.transpose(-1, -2)) * up) @ qc)  # c_t R_t v_t
-        # P_t = dc_t c_t / E_t + exp(m_t - m_next) P_next over the valid rows, from the last
+        up = tri.T
+        n, I, O, a, rr, c, g, mm, E = (rows[name][:, :, r] for name in names)
+        dgc = dg[:, :, r]
+        dsink = torch.where(m > 0, dgc * I / n * a * (1 - a) / n, 0)
+        x = dc[:, :, r] * c
         Pt = torch.zeros_like(n)
-        for t in reversed(range(T)):
+        for t in reversed(range(T)):  # an affine scan in a kernel (factors exp(m_t - m_next) <= 1)
             valid_t = m[..., t] > 0
-            p_t = dc[..., t] * c[..., t] / E[..., t] + torch.where(has_next, torch.exp(mm[..., t] - m_next) * P, 0 * P)
-            P = torch.where(valid_t, p_t, P)
+            P = torch.where(valid_t, x[..., t] / E[..., t] + torch.exp(mm[..., t] - m_next) * P, P)
             m_next = torch.where(valid_t, mm[..., t], m_next)
-            has_next = has_next | valid_t
             Pt[..., t] = P
-        dsource = dc * c - c * E / n * Pt
-        dr = torch.where((rr.abs() <= clamp) & (m > 0), dsource / n, 0 * n)
-        sq, sk = qc.sum(-1), kc.sum(-1)
-        sdr = _suffix(dr)
-        # RB_t = RB + sum_{t' >= t} dr_t' (k_t' + e): dI_t = dg a / n + <RB_t, q_t>; dq += I_t RB_t
-        RB_t = RB[..., None, :] + (up * dr[..., None, :]) @ kc + eps * sdr[..., None]
-        dI = (dg * a / n + (RB_t * qc).sum(-1)) * m
-        B_t = B0[..., None, :] + (tri * I[..., None, :]) @ qc
+        dsource = x - c * E / n * Pt
+        rows_here = torch.arange(r.start, r.start + T, device=q.device)
+        one_hot = (rows_here == at_largest) & m_from_source[..., None]
+        dsource = dsource + torch.where(one_hot, dm_L[..., None], 0)  # the largest source carries the final m
+        dr = torch.where((rr.abs() <= clamp) & (m > 0), dsource / n, 0)
+        RB_t = RB[..., None, :] + (up * dr[..., None, :]) @ kc + eps * _suffix(dr)[..., None]
+        dI = (dgc * a / n + (RB_t * qc).sum(-1)) * m
         RA_t = RA[..., None, :] + (up * dsink[..., None, :]) @ qc + eps * _suffix(dsink)[..., None]
         dO = (RA_t * kc).sum(-1) * m
         du = -dI * I * I / n
-        K_t = K0[..., None, :] + tri @ kc
+        dy = -dO * O * O / n
         RK_t = RK[..., None, :] + (up * du[..., None, :]) @ qc + eps * _suffix(du)[..., None]
-        dwo = -dO * O * O / n
+        RQ_t = RQ[..., None, :] + (up * dy[..., None, :]) @ kc + eps * _suffix(dy)[..., None]
+        A_t = A0[..., None, :] + (tri * O[..., None, :]) @ kc
+        K_t = K0[..., None, :] + tri @ kc
+        B_t = B0[..., None, :] + (tri * I[..., None, :]) @ qc
         Q_t = Q0[..., None, :] + tri @ qc
-        RQ_t = RQ[..., None, :] + (up * dwo[..., None, :]) @ kc + eps * _suffix(dwo)[..., None]
-        dq[:, :, r] += I[..., None] * RB_t + du[..., None] * (K_t + eps) + RQ_t
-        dk[:, :, r] = (dk_c + dr[..., None] * (B_t + eps) + O[..., None] * RA_t + RK_t
-                       + dwo[..., None] * (Q_t + eps))
-        R = R + qc.transpose(-1, -2) @ gdo
+        dq[:, :, r] = (dq_S[:, :, r] + dsink[..., None] * (A_t + eps) + I[..., None] * RB_t
+                       + du[..., None] * (K_t + eps) + RQ_t)
+        dk[:, :, r] = (dk_c[:, :, r] + dr[..., None] * (B_t + eps) + O[..., None] * RA_t + RK_t
+                       + dy[..., None] * (Q_t + eps))
         RA, RB, RK, RQ = RA_t[..., 0, :], RB_t[..., 0, :], RK_t[..., 0, :], RQ_t[..., 0, :]
     mask = m_all[..., None]
-    return dq * mask, dk * mask, dv * mask
+    if state is None:
+        return dq * mask, dk * mask, dv * mask, None
+    # The incoming state: its sums' gradients are the reverse sums at the start; lse_0 = m_0 + log E_0 (when started)
+    # enters every c_t's normaliser (d lse_0 = -E_0 exp(m_0 - m_next) P at the first valid row, the final state's
+    # d lse included), and m_0 is the final m where no source passes it.
+    started = st0.E > 0
+    d_lse_0 = torch.where(started, -st0.E * torch.exp(st0.m - m_next) * P, 0)
+    dm_0 = torch.where(started & ~m_from_source, dm_L, 0)
+    dstate = torch.cat([torch.zeros_like(st0.n)[..., None], (d_lse_0 + dm_0)[..., None],
+                        torch.where(started, d_lse_0 / st0.E.clamp(min=torch.finfo(q.dtype).tiny), 0)[..., None],
+                        RK, RQ, RA, RB, dS0.flatten(-2)], -1)
+    return dq * mask, dk * mask, dv * mask, dstate

@@ -1,8 +1,9 @@
 """The decompositions of Flow-Attention that its fused kernels are designed on (tests/python/flow_chunked_model.py,
 kernels/flow_attention/DESIGN.md) equal the spec's reference in float64: causal in chunks of any size (its gradients
-in two passes over the chunks, against autograd through the reference), non-causal in four passes over segments of
-any size (its gradients in four more). Where the reference overflows (clamp = inf: exp of a conserved source past 709), the CPU op, whose running
-maximum keeps it finite as the model's does."""
+in three passes over the chunks and value tiles, against autograd through the reference, and through the op from an
+incoming state with the final state's gradient), non-causal in four passes over segments of any size (its gradients
+in four more). Where the reference overflows (clamp = inf: exp of a conserved source past 709), the CPU op, whose
+running maximum keeps it finite as the model's does."""
 
 import pytest
 import torch
@@ -108,8 +109,43 @@ def test_causal_backward_passes_equal_autograd(chunk, clamp, padding):
                            query_padding_mask=pad)
     expected = torch.autograd.grad(out, inputs, dout)
     got = causal_flow_chunked_backward(q, k, v, ~pad, dout, eps=1e-6, clamp=clamp, chunk=chunk)
+    assert got[3] is None
     for name, a, b in zip("qkv", got, expected):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("chunk,tile", [(1, None), (7, 2), (64, None)])
+@pytest.mark.parametrize("clamp", [1.0, float("inf")])
+@pytest.mark.parametrize("padding", ["none", "random", "all"])
+@pytest.mark.parametrize("grads", ["out", "state", "both"])
+def test_causal_backward_passes_from_a_state_equal_the_op(chunk, tile, clamp, padding, grads):
+    """The three passes (value tiles' shares added between them) from an incoming state, with the final state's
+    gradient, equal the op's gradients to q, k, v and the incoming state (CPU, float64)."""
+    gen = torch.Generator().manual_seed(hash((chunk, tile, clamp, padding, grads)) % 2**31)
+    B, H, L, D, M = 2, 2, 80, 4, 5
+    prefix = [torch.rand(B, H, 30, D, generator=gen, dtype=torch.float64) for _ in range(2)]
+    options = dict(feature_map="identity", eps=1e-6, clamp=clamp)
+    _, state = F.causal_flow_attention(*prefix, torch.randn(B, H, 30, M, generator=gen, dtype=torch.float64),
+                                       **options)
+    q = torch.rand(B, H, L, D, generator=gen, dtype=torch.float64)
+    k = torch.rand(B, H, L, D, generator=gen, dtype=torch.float64) * 3  # sources past clamp 1
+    v = torch.randn(B, H, L, M, generator=gen, dtype=torch.float64)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    if padding == "left":
+        pad[0, :70] = True
+    elif padding == "random":
+        pad = torch.rand(B, L, generator=gen) < 0.3
+    elif padding == "all":
+        pad[1] = True  # the state passes through: its gradient is the final state's
+    dout = torch.randn(B, H, L, M, generator=gen, dtype=torch.float64) * (grads != "state")
+    dstate = torch.randn(state.shape, generator=gen, dtype=torch.float64) * (grads != "out")
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, state)]
+    out, final = F.causal_flow_attention(*inputs[:3], state=inputs[3], query_padding_mask=pad, **options)
+    expected = torch.autograd.grad((out, final), inputs, (dout, dstate))
+    got = causal_flow_chunked_backward(q, k, v, ~pad, dout, eps=1e-6, clamp=clamp, chunk=chunk, tile=tile,
+                                       state=state, grad_state=dstate)
+    for name, a, b in zip(("dq", "dk", "dv", "dstate"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("segment", [1, 7, 1000])

@@ -4,7 +4,7 @@
 // forward's sums made in float64 here, against the gradients written out in float64 from the same sums
 // (kernels/flow_attention/DESIGN.md, "Non-causal backward", checked against autograd in
 // tests/python/flow_chunked_model.py) on the same rounded inputs as NoncausalProblem's. Shared by the emulator's
-// tests (test_fused_kernels.cpp) and the planted-bug copies of the kernels (flow_planted_bug.cpp).
+// tests (test_flow_attention_kernels.cpp) and the planted-bug copies of the kernels (flow_planted_bug.cpp).
 #pragma once
 
 #include "flow_attention/noncausal_backward.cuh"

@@ -3,8 +3,8 @@
 // order, the competition's against their largest maximum), against a float64 reference written from the spec
 // (spec/flow_attention.md, non-causal mode) on the same rounded inputs: L != S, padding on both sides, a key
 // segment with no valid key, keys whose sources Oh_j grow late in the sequence (so that the competition's maximum
-// rises within a block's walk and between segments). Shared by the emulator's tests (test_fused_kernels.cpp) and the planted-bug copies of
-// the kernels (flow_planted_bug.cpp).
+// rises within a block's walk and between segments). Shared by the emulator's tests
+// (test_flow_attention_kernels.cpp) and the planted-bug copies of the kernels (flow_planted_bug.cpp).
 #pragma once
 
 #include "flow_attention/noncausal_keys.cuh"

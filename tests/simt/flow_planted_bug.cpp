@@ -2,7 +2,7 @@
 // float64 reference of the problem whose kernels include that copy (CMake defines FLOWFORMER_PLANTED_IN_ and its
 // name): the causal forward (flow_problem.h), the non-causal passes (flow_noncausal_problem.h) or the non-causal
 // backward's (flow_noncausal_backward_problem.h). Exits 0 ("caught") when the error exceeds float32's tolerance
-// (gradients: twice it), which the kernels as written meet (test_fused_kernels.cpp).
+// (gradients: twice it), which the kernels as written meet (test_flow_attention_kernels.cpp).
 #if defined(FLOWFORMER_PLANTED_IN_CAUSAL)
 #include "flow_problem.h"
 #elif defined(FLOWFORMER_PLANTED_IN_NONCAUSAL)

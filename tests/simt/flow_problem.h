@@ -1,7 +1,7 @@
 // Causal Flow-Attention's fused forward (kernels/flow_attention/causal_forward.cuh) in the emulator against a
 // float64 reference written step by step from the spec (spec/flow_attention.md, causal mode), on the same
 // rounded inputs: random rows, padding flags, an incoming state from a first run. Shared by the emulator's tests
-// (test_fused_kernels.cpp) and the planted-bug copies of the kernel (flow_planted_bug.cpp).
+// (test_flow_attention_kernels.cpp) and the planted-bug copies of the kernel (flow_planted_bug.cpp).
 #pragma once
 
 #include "flow_attention/causal_forward.cuh"

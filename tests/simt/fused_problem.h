@@ -1,6 +1,6 @@
 // A problem for the fused linear-attention kernels (kernels/linear_attention), shared by their emulator tests
-// (test_fused_kernels.cpp) and the counting of what they do (kernel_counts.cpp): random inputs in a strided
-// layout, the kernels run as the host runs them (both schedules), and a float64 reference.
+// (test_linear_attention_kernels.cpp) and the counting of what they do (kernel_counts.cpp): random inputs in a
+// strided layout, the kernels run as the host runs them (both schedules), and a float64 reference.
 #pragma once
 
 #include "helpers.h"
@@ -14,6 +14,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace flowformer::simt_tests {
@@ -75,6 +76,12 @@ constexpr kernels::Element element_of() {
   return std::is_same_v<T, float> ? kernels::Element::float32
          : std::is_same_v<T, simt::half> ? kernels::Element::half
                                          : kernels::Element::bf16;
+}
+
+// The spec's tolerance of the inputs' dtype (float32: three tf32 products must keep float32's accuracy).
+template <typename T>
+double tolerance() {
+  return std::is_same_v<T, float> ? 1e-5 : std::is_same_v<T, simt::half> ? 5e-3 : 2e-2;
 }
 
 // ||out - expected|| / ||expected|| over a kernel's outputs (T read back as float), or -1 if one is not finite

@@ -11,10 +11,13 @@ checks every kernel against an expectations file (TOML):
 
 Every kernel must have no local memory: no register spills (no LDL/STL, LOCAL:0) and no stack frame.
 A kernel with no entry, or an entry that matches no kernel, fails the check: a new kernel brings its
-expectations. Prints a table of each kernel's facts (registers, shared bytes, instruction counts);
---report FILE also writes it as markdown.
+expectations. --expectations may be given more than once; --only REGEX checks only the kernels whose
+demangled names it finds (the op library's fused kernels among its item kernels). Prints a table of each
+kernel's facts (registers, shared bytes, instruction counts); --report FILE also writes it as markdown.
 
     check_kernels.py --expectations tests/static/simt_samples.toml build/simt/libsimt_samples_sm90.so
+    check_kernels.py --expectations tests/static/linear_attention.toml --expectations tests/static/flow_attention.toml \
+        --only '^void flowformer::(linear|flow)_attention_kernels::' build/cmake/libflowformer.so
 
 --loops BINARY prints each kernel's largest loop instead (loop_sizes: every instruction in it, and the fewest a
 warp issues per iteration) and checks that 0 < fewest <= every.
@@ -230,7 +233,8 @@ def check_loops(binaries):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--expectations", type=Path)
+    parser.add_argument("--expectations", type=Path, action="append")
+    parser.add_argument("--only", type=re.compile, help="check only the kernels whose demangled names match")
     parser.add_argument("--report", type=Path)
     parser.add_argument("--loops", action="store_true", help="print and check the kernels' largest loops")
     parser.add_argument("binaries", nargs="+")
@@ -239,19 +243,22 @@ def main():
         return check_loops(args.binaries)
     if args.expectations is None:
         parser.error("--expectations is required (or --loops)")
-    entries = tomllib.loads(args.expectations.read_text())["kernel"]
+    entries = [e for path in args.expectations for e in tomllib.loads(path.read_text())["kernel"]]
+    expectations = " / ".join(map(str, args.expectations))
     cuobjdump = find_cuobjdump()
     rows, problems, matched = [], [], set()
     for binary in args.binaries:
         facts = kernel_facts(cuobjdump, binary)
-        if not facts:
-            problems.append(f"{binary}: no {ARCH} kernel found (built without sm_90?)")
         names = demangle(sorted(facts))
+        if args.only:
+            names = {m: r for m, r in names.items() if args.only.search(r)}
+        if not names:
+            problems.append(f"{binary}: no {ARCH} kernel to check (built without sm_90?)")
         for mangled, readable in names.items():
             hits = [i for i, e in enumerate(entries) if names_kernel(e["name"], readable)]
             if len(hits) != 1:
                 count = len(hits) if hits else "no"
-                problems.append(f"{readable}: {count} matching entries in {args.expectations}")
+                problems.append(f"{readable}: {count} matching entries in {expectations}")
                 expected = {}
             else:
                 matched.add(hits[0])

@@ -1,14 +1,10 @@
-// The fused kernels of linear attention (kernels/linear_attention) and causal Flow-Attention's fused forward
-// (kernels/flow_attention) in the emulator, against a float64 reference on the same inputs (bf16, half; float32
-// as three tf32 products, within float32's tolerance).
+// The fused kernels of linear attention (kernels/linear_attention) in the emulator, against a float64 reference
+// on the same inputs (bf16, half; float32 as three tf32 products, within float32's tolerance).
 // Causal forward and backward: packed sequences (empty ones, lengths across chunks), several value tiles,
 // strided rows, initial states and final-state gradients, both normalisations, every feature map, half
 // states past the half range. Non-causal (segment sums, then the state output): padded keys holding NaN,
 // segments of both passes. Every output poisoned first, no hazard (a hazard throws), and the same bits under
 // every schedule.
-#include "flow_noncausal_backward_problem.h"
-#include "flow_noncausal_problem.h"
-#include "flow_problem.h"
 #include "fused_problem.h"
 
 #include <catch2/catch.hpp>
@@ -35,6 +31,7 @@ using flowformer::simt_tests::phi;
 using flowformer::simt_tests::phi_derivative;
 using flowformer::simt_tests::Problem;
 using flowformer::simt_tests::random_floats;
+using flowformer::simt_tests::tolerance;
 using flowformer::simt_tests::value_tiles;
 
 namespace {
@@ -50,12 +47,6 @@ double relative_error(const std::vector<double>& actual, const std::vector<doubl
 }
 
 enum class Pass { Forward, Backward, Both };
-
-// The spec's tolerance of the inputs' dtype (float32: three tf32 products must keep float32's accuracy).
-template <typename T>
-double tolerance() {
-  return std::is_same_v<T, float> ? 1e-5 : std::is_same_v<T, simt::half> ? 5e-3 : 2e-2;
-}
 
 // Each output within the spec's tolerance of its dtype (gradients: twice the forward's), and bitwise the same
 // under every schedule.
@@ -326,34 +317,35 @@ void check_noncausal(const Case& c, const std::vector<kernels::Segments>& segmen
 
 }  // namespace
 
-TEST_CASE("fused causal kernels: packed sequences across chunks, under every schedule") {
+TEST_CASE("fused causal kernels: packed sequences across chunks, under every schedule", "[fused]") {
   const Case c{{1, 0, 70, 130, 5, 0}, true, 2, 16, 16};
   check<simt::bf16>(c, all_schedules());
   check<simt::half>(c, two_schedules());
 }
 
-TEST_CASE("fused causal kernels: head dims and value tiles (the backward's tiles add their shares of dq, dk)") {
+TEST_CASE("fused causal kernels: head dims and value tiles (the backward's tiles add their shares of dq, dk)",
+          "[fused]") {
   for (const auto& [D, M] : {std::pair{64, 32}, std::pair{16, 128}, std::pair{128, 64}}) {
     check<simt::bf16>(Case{{75, 75}, false, 1, D, M}, two_schedules());
   }
   check<simt::half>(Case{{70}, false, 1, 32, 256}, two_schedules());  // 4 tiles
 }
 
-TEST_CASE("fused causal kernels: 256-wide heads") {
+TEST_CASE("fused causal kernels: 256-wide heads", "[fused]") {
   check<simt::bf16>(Case{{75}, false, 1, 256, 32}, two_schedules());
   Case split{{150}, false, 1, 256, 16};
   split.backward_segments = {3, 64};  // 64 + 64 + 22 rows
   check<simt::half>(split, two_schedules(), Pass::Backward);
 }
 
-TEST_CASE("fused causal kernels: head dims, batches of equal lengths") {
+TEST_CASE("fused causal kernels: head dims, batches of equal lengths", "[fused]") {
   for (const auto& [D, M] : {std::pair{32, 64}, std::pair{64, 64}, std::pair{128, 32}}) {
     check<simt::bf16>(Case{{75, 75}, false, 1, D, M}, two_schedules());
   }
   check<simt::half>(Case{{129}, false, 2, 32, 32}, two_schedules());
 }
 
-TEST_CASE("fused causal kernels: feature maps, normalisation off, no initial state") {
+TEST_CASE("fused causal kernels: feature maps, normalisation off, no initial state", "[fused]") {
   for (const FeatureMap f : {FeatureMap::Sigmoid, FeatureMap::Relu, FeatureMap::Identity}) {
     Case c{{3, 66}, true, 1, 16, 32};
     c.feature_map = f;
@@ -363,7 +355,7 @@ TEST_CASE("fused causal kernels: feature maps, normalisation off, no initial sta
   }
 }
 
-TEST_CASE("fused causal kernels: half states beyond the half range are scaled, not overflowed") {
+TEST_CASE("fused causal kernels: half states beyond the half range are scaled, not overflowed", "[fused]") {
   Case c{{200}, false, 1, 16, 16};
   c.value_lo = 1000;  // |S| reaches about 200 * 1.5 * 2500: far past 65504
   c.value_hi = 4000;
@@ -371,7 +363,7 @@ TEST_CASE("fused causal kernels: half states beyond the half range are scaled, n
   check<simt::half>(c, two_schedules());
 }
 
-TEST_CASE("fused causal backward: relu rows with no feature (1 / den = 1 / eps) stay finite in half") {
+TEST_CASE("fused causal backward: relu rows with no feature (1 / den = 1 / eps) stay finite in half", "[fused]") {
   // dnum = dout / eps is far past the half range: the key pass multiplies by q / den (0 here) instead.
   Case c{{150}, false, 2, 16, 16};
   c.feature_map = FeatureMap::Relu;
@@ -380,7 +372,7 @@ TEST_CASE("fused causal backward: relu rows with no feature (1 / den = 1 / eps) 
   check<simt::bf16>(c, two_schedules());
 }
 
-TEST_CASE("fused causal backward: the split schedule, segments from their incoming states of both scans") {
+TEST_CASE("fused causal backward: the split schedule, segments from their incoming states of both scans", "[fused]") {
   Case packed{{300, 0, 130, 5}, true, 2, 16, 32};  // segments of 128 rows: 128 + 128 + 44, 128 + 2, 5, empty
   packed.backward_segments = {3, 128};
   check<simt::bf16>(packed, two_schedules(), Pass::Backward);
@@ -398,7 +390,7 @@ TEST_CASE("fused causal backward: the split schedule, segments from their incomi
   check<simt::half>(relu, two_schedules(), Pass::Backward);
 }
 
-TEST_CASE("split schedule: segments for few long sequences, none where the blocks fill the device") {
+TEST_CASE("split schedule: segments for few long sequences, none where the blocks fill the device", "[fused]") {
   using kernels::plan_segments;
   const kernels::ScheduleBytes free = kernels::kNoncausalBytes;
   CHECK(plan_segments(1, 600, 132, free).segments == 3);  // 264 wanted: segments of the minimum 256 rows
@@ -417,7 +409,7 @@ TEST_CASE("split schedule: segments for few long sequences, none where the block
   CHECK(plan_segments(112, 8192, 132, kernels::kCausalBackwardBytes).segments == 1);
 }
 
-TEST_CASE("fused non-causal kernels: padded keys, segments of every pass, head dims and value tiles") {
+TEST_CASE("fused non-causal kernels: padded keys, segments of every pass, head dims and value tiles", "[fused]") {
   const std::vector<kernels::Segments> whole_and_split{{1, 0}, {3, 64}};  // split: 64 + 64 + 22 rows
   check_noncausal<simt::bf16>(Case{{150, 150}, false, 2, 16, 32}, whole_and_split, all_schedules());
   check_noncausal<simt::half>(Case{{150}, false, 1, 32, 16}, whole_and_split, two_schedules());
@@ -426,7 +418,7 @@ TEST_CASE("fused non-causal kernels: padded keys, segments of every pass, head d
   }
 }
 
-TEST_CASE("fused non-causal kernels: feature maps") {
+TEST_CASE("fused non-causal kernels: feature maps", "[fused]") {
   for (const FeatureMap f : {FeatureMap::Sigmoid, FeatureMap::Relu}) {
     Case c{{100}, false, 1, 16, 16};
     c.feature_map = f;
@@ -434,12 +426,13 @@ TEST_CASE("fused non-causal kernels: feature maps") {
   }
 }
 
-TEST_CASE("fused non-causal backward: a sequence of padded keys only (1 / den = 1 / eps) stays finite in half") {
+TEST_CASE("fused non-causal backward: a sequence of padded keys only (1 / den = 1 / eps) stays finite in half",
+          "[fused]") {
   // dnum = dout / eps is far past the half range: the query pass carries it as 2^-e dnum.
   check_noncausal<simt::half>(Case{{130, 130}, false, 1, 16, 16}, {{1, 0}, {3, 64}}, two_schedules(), 130);
 }
 
-TEST_CASE("fused kernels of float32 inputs: three tf32 products keep float32's accuracy") {
+TEST_CASE("fused kernels of float32 inputs: three tf32 products keep float32's accuracy", "[fused]") {
   // Plain tf32 products (hi hi alone) lose 5e-5 to 1e-4 here: the tolerance of 1e-5 catches them.
   const Case packed{{1, 0, 70, 130, 5, 0}, true, 2, 16, 16};
   check<float>(packed, all_schedules());
@@ -463,68 +456,4 @@ TEST_CASE("fused kernels of float32 inputs: three tf32 products keep float32's a
   const std::vector<kernels::Segments> whole_and_split{{1, 0}, {3, 64}};
   check_noncausal<float>(Case{{150, 150}, false, 2, 16, 32}, whole_and_split, two_schedules());
   check_noncausal<float>(Case{{80}, false, 1, 128, 64}, {{2, 64}}, two_schedules());
-}
-
-TEMPLATE_TEST_CASE("causal Flow-Attention's fused forward matches the float64 recurrence", "", simt::bf16, simt::half,
-                   float) {
-  // Two sequences with padding, a first run of 70 rows whose state the second carries on from (eps = 0.5: every
-  // eps term counts), D = 16 with M = 32 and D = 64 with M = 64, whole and in the split schedule (segments of 64
-  // rows, five passes and their scans, from the first run's state); every output and state poisoned first, no
-  // hazard.
-  using flowformer::simt_tests::FlowCase;
-  using flowformer::simt_tests::FlowProblem;
-  for (const auto& [D, M, clamp, segment_rows] :
-       {std::tuple{16, 32, 1.f, 0}, std::tuple{64, 64, INFINITY, 0}, std::tuple{16, 32, INFINITY, 64}}) {
-    FlowCase c;
-    c.D = D;
-    c.M = M;
-    c.clamp = clamp;
-    c.segment_rows = segment_rows;
-    INFO("D " << D << ", M " << M << ", segments of " << segment_rows);
-    const double error = FlowProblem<TestType>(c).error(70);
-    CHECK(error >= 0);
-    CHECK(error <= tolerance<TestType>());
-  }
-}
-
-
-TEMPLATE_TEST_CASE("non-causal Flow-Attention's fused passes match the float64 reference", "", simt::bf16, simt::half,
-                   float) {
-  // Two batch elements, 150 queries and 200 keys with padding on both sides (eps = 0.5: every eps term counts):
-  // D = 16, M = 32 without a clamp over segments of each side (a key segment without a valid key), and D = 64,
-  // M = 64 (one value tile) over whole sequences with clamp 1; every output poisoned first, no hazard.
-  using flowformer::simt_tests::NoncausalCase;
-  using flowformer::simt_tests::NoncausalProblem;
-  NoncausalCase split;
-  const double split_error = NoncausalProblem<TestType, 16>(split).error();
-  CHECK(split_error >= 0);
-  CHECK(split_error <= tolerance<TestType>());
-  NoncausalCase whole;
-  whole.M = 64;
-  whole.clamp = 1.f;
-  whole.query_segment_rows = whole.key_segment_rows = 0;
-  const double whole_error = NoncausalProblem<TestType, 64>(whole).error();
-  CHECK(whole_error >= 0);
-  CHECK(whole_error <= tolerance<TestType>());
-}
-
-TEMPLATE_TEST_CASE("non-causal Flow-Attention's fused backward matches the float64 gradients", "", simt::bf16, simt::half,
-                   float) {
-  // The four passes from the forward's sums (made in float64): 150 queries and 200 keys of two batch elements with
-  // padding on both sides (a key segment without a valid key), eps = 0.5, D = 16, M = 32 over segments of each
-  // side without a clamp, and D = 32, M = 128 (two or four value tiles: dq, dk and the sums as the tiles' shares)
-  // over whole sequences with clamp 1 (some sources cut); every gradient poisoned first, no hazard.
-  using flowformer::simt_tests::NoncausalBackwardProblem;
-  using flowformer::simt_tests::NoncausalCase;
-  NoncausalCase split;
-  const double split_error = NoncausalBackwardProblem<TestType, 16>(split).backward_error();
-  CHECK(split_error >= 0);
-  CHECK(split_error <= 2 * tolerance<TestType>());  // gradients: twice the forward's
-  NoncausalCase tiles;
-  tiles.M = 128;
-  tiles.clamp = 1.f;
-  tiles.query_segment_rows = tiles.key_segment_rows = 0;
-  const double tiles_error = NoncausalBackwardProblem<TestType, 32>(tiles).backward_error();
-  CHECK(tiles_error >= 0);
-  CHECK(tiles_error <= 2 * tolerance<TestType>());
 }
