@@ -118,6 +118,9 @@ def ops(shape, dtype, kernels, binary, gpu):
         ("non-causal forward", row * (2 * D + 2 * M),
          launches("noncausal", ["segment_sums", "state_output"], causal=False)),
         ("Flow-Attention causal forward", row * (2 * D + 2 * M), flow_causal(B, H, L, kernels, binary, gpu)),
+        ("Flow-Attention causal backward", row * (4 * D + 3 * M), flow_causal_backward(B, H, L, kernels)),
+        ("Flow-Attention causal forward + backward", row * (6 * D + 5 * M),
+         flow_causal(B, H, L, kernels, binary, gpu) + flow_causal_backward(B, H, L, kernels)),
         ("Flow-Attention non-causal forward", row * (2 * D + 2 * M), flow_noncausal(B, H, L, kernels, binary, gpu)),
         ("Flow-Attention non-causal backward", row * (4 * D + 3 * M),
          flow_noncausal_backward(B, H, L, kernels, binary, gpu)),
@@ -142,6 +145,14 @@ def flow_causal(B, H, L, kernels, binary, gpu):
     p = plan(binary, B * H * tiles, L, gpu["multiprocessors"])["flow_causal"]
     names = (["flow_causal_sums"] * 3 + ["flow_causal_state"] if p["segments"] > 1 else []) + ["flow_causal_forward"]
     return [(n, B * p["segments"] * H * tiles, math.ceil(p["rows"] / CHUNK)) for n in names]
+
+
+def flow_causal_backward(B, H, L, kernels):
+    """Causal Flow-Attention's backward over whole sequences: queries (the forward again, with dg and dq's shares),
+    keys (dv, dc and dk's shares), the chain (a block a sequence and head: dq, dk). The split schedule is not built
+    for it: at BH8 its grid leaves most multiprocessors idle, and the bound counts that."""
+    return [(n, B * H * kernels[n]["tiles"], math.ceil(L / CHUNK))
+            for n in ("flow_causal_query_grads", "flow_causal_key_grads", "flow_causal_chain")]
 
 
 def flow_noncausal(B, H, L, kernels, binary, gpu):

@@ -27,8 +27,16 @@
 
 namespace flowformer::flow_attention_kernels::FF_SIMT_BUILD {
 
+// A row's scalars of the forward's chain (a backward pass records them): the valid count n_t, the flows I_t and
+// O_t, the allocation a_t = sigmoid(Ih_t), the source r_t before its clamp and g_t = a_t I_t / n_t (0 if padded).
+struct RowScalars {
+  float n, I, O, a, r, g;
+};
+
 template <typename T, int D, int BM>
 struct CausalForwardBlock {
+  using Element = T;
+  static constexpr int kColumns = BM;
   using Rows = ChunkTile<T, D>;
   using V = ChunkTile<T, BM>;
   using State = StateTile<T, D, BM>;
@@ -182,9 +190,22 @@ struct CausalForwardBlock {
     }
   }
 
+  // The chunk's numerators 2^-e ((G o c) v + q S)_t into num (G's key columns scaled by c here); returns 2^e.
+  FF_DEVICE float numerator(int stage, Scores<true>& G, const float (&c_pair)[kChunkRows / 8][2],
+                            RowTile<BM>& num) const {
+    G.scale_keys(c_pair);
+    const float fit = G.template fit<T>();
+    num.zero();
+    State::template rows_times<true>(l, q_tile(stage), s_hi(), s_lo(), num);
+    num.scale(fit);
+    G.template times<T>(l, v_tile(stage), S.scale() * fit, num);
+    return S.unscale() / fit;
+  }
+
   // The chunk c in stage `stage` (features in place): `left` rows of the sequence from its first, pad_rows the
-  // chunk's padding flags (or nullptr).
-  FF_DEVICE void chunk_rows(int64_t c, int stage, int64_t left, const bool* pad_rows) {
+  // chunk's padding flags (or nullptr); `rows` what the kernel makes of the rows (ForwardRows: the output).
+  template <typename Records>
+  FF_DEVICE void chunk_rows(int64_t c, int stage, int64_t left, const bool* pad_rows, Records& rows) {
     const Rows q = q_tile(stage), k = k_tile(stage);
     const V vt = v_tile(stage);
     const Scalars flows = scalars();
@@ -277,6 +298,7 @@ struct CausalForwardBlock {
       if (l.t == 0) {
         n_s[row] = n[i];
         oh_s[row] = ok[i] ? Oh : -INFINITY;
+        rows.row(c, row, left, {n[i], I[i], O[i], a, r, g[i]});
       }
     }
     __syncthreads();
@@ -304,6 +326,10 @@ struct CausalForwardBlock {
       const float n_0 = n_s[r0], n_1 = n_s[r0 + 1];
       const float c0 = oh0 != -INFINITY ? n_0 * exp_of(oh0 - at0.m) / at0.E : 0.f;
       const float c1 = oh1 != -INFINITY ? n_1 * exp_of(oh1 - at1.m) / at1.E : 0.f;
+      if (l.warp == 0) {
+        rows.competition(c, r0, left, c0, at0);
+        rows.competition(c, r0 + 1, left, c1, at1);
+      }
       FF_UNROLL
       for (int j = 0; j < kChunkRows / 8; ++j) {  // columns 8 j + 2t, + 1: the rows of lane 4 j + t
         c_pair[j][0] = __shfl_sync(kAll, c0, 4 * j + l.t);
@@ -314,18 +340,8 @@ struct CausalForwardBlock {
       n0 = n_last;
     }
 
-    // The output: a_t I_t / n_t ((G o c) v + q S).
     if (p.pass == CausalPass::output) {
-      G.scale_keys(c_pair);
-      const float fit = G.template fit<T>();
-      RowTile<BM> num;  // 2^-e fit ((G o c) v + q S)
-      num.zero();
-      State::template rows_times<true>(l, q, s_hi(), s_lo(), num);
-      num.scale(fit);
-      G.template times<T>(l, vt, S.scale() * fit, num);
-      const float back = S.unscale() / fit;
-      store_rows<T, BM>(l, out + c * kChunkRows * p.M, p.M, left,
-                        [&](int nt, int el) { return num.acc[nt][el] * back * g[el / 2]; });
+      rows.output(c, stage, left, G, c_pair, g);
     }
 
     // The next state: S += k^T (c v), and the vectors' sums of the chunk (D x 8: x^T flows for x = k, q).
@@ -412,14 +428,21 @@ struct CausalForwardBlock {
     }
   }
 
-  FF_DEVICE void run() {
+  // The walk from the incoming state; rows: what the kernel makes of each chunk's rows (ForwardRows or a
+  // backward pass's), with its own loads beside the chunk's.
+  template <typename Records>
+  FF_DEVICE void run(Records& rows) {
     const bool output = p.pass == CausalPass::output;  // the other passes read no part of S
     load_state();
     if (output) {
       S.publish(l, s_hi(), s_lo(), largest_s);
     }
     publish_vectors();
-    walk_chunks(span.chunks(), false, [&](int64_t c, int stage) { load_chunk(c, stage); },
+    walk_chunks(span.chunks(), false,
+                [&](int64_t c, int stage) {
+                  load_chunk(c, stage);
+                  rows.load(c, stage);
+                },
                 [&](int64_t c, int stage) {
                   const int64_t left = span.length - c * kChunkRows;
                   const bool* pad_rows = pad != nullptr ? pad + c * kChunkRows : nullptr;
@@ -428,8 +451,9 @@ struct CausalForwardBlock {
                   if (pad_rows != nullptr && p.pass >= CausalPass::state) {
                     zero_padded_rows(v_tile(stage), pad_rows, left);
                   }
+                  rows.prepare(c, stage, left, pad_rows);
                   __syncthreads();
-                  chunk_rows(c, stage, left, pad_rows);
+                  chunk_rows(c, stage, left, pad_rows, rows);
                   __syncthreads();  // the stage may be loaded again, the state's parts rewritten
                   if (output) {
                     S.publish(l, s_hi(), s_lo(), largest_s);  // read after the next chunk's first barrier
@@ -440,40 +464,70 @@ struct CausalForwardBlock {
       store_state();
     }
   }
+
+  // The block of the grid place `at` (BlockPlace) with params p (the forward's or a backward pass's), and the
+  // shared memory it walks on.
+  FF_DEVICE static CausalForwardBlock at_place(const CausalForwardParams& p, const BlockPlace& at) {
+    FF_DYNAMIC_SHARED(T, tiles);
+    FF_SHARED(float, vectors_s, 4 * D);
+    FF_SHARED(float, rows_s, 4 * kChunkRows);
+    FF_SHARED(float, carries_s, 5 * kWarps);
+    FF_SHARED(float, largest_s, kWarps);
+    const RecurrentState layout{p.D, p.M};
+    return {p,
+            at.span,
+            at.span.rows<T>(p.q, p.q_stride, at.head),
+            at.span.rows<T>(p.k, p.k_stride, at.head),
+            at.span.rows<T>(p.v, p.v_stride, at.head) + at.value_col,
+            p.pad != nullptr ? p.pad + at.span.batch * p.L + at.span.first : nullptr,
+            p.out != nullptr ? at.output_rows<T>(p, p.out) : nullptr,
+            at.value_col,
+            (int64_t(at.unit) * p.H + at.head) * layout.size(),
+            layout,
+            Lane::of(int(threadIdx.x)),
+            tiles,
+            vectors_s,
+            rows_s,
+            carries_s,
+            largest_s,
+            {},
+            0.f,
+            RunningSum::empty(),
+            {},
+            {}};
+  }
+};
+
+// What a walk makes of a chunk's rows besides the state's advance: nothing (the split schedule's state passes).
+// A backward pass adds loads of its own (load, then prepare before the features' barrier) and records the rows'
+// scalars (row: every row's, in the lanes t = 0; competition: the running (m, E) after each row, in warp 0).
+struct NoRowRecords {
+  FF_DEVICE void load(int64_t, int) const {}
+  FF_DEVICE void prepare(int64_t, int, int64_t, const bool*) const {}
+  FF_DEVICE void row(int64_t, int, int64_t, const RowScalars&) const {}
+  FF_DEVICE void competition(int64_t, int, int64_t, float, const RunningSum&) const {}
+};
+
+// The forward's output pass: out_t = g_t ((G o c) v + q S)_t.
+template <typename Block>
+struct ForwardRows : NoRowRecords {
+  const Block& b;
+
+  FF_DEVICE void output(int64_t c, int stage, int64_t left, Scores<true>& G,
+                        const float (&c_pair)[kChunkRows / 8][2], const float (&g)[2]) const {
+    RowTile<Block::kColumns> num;
+    const float back = b.numerator(stage, G, c_pair, num);
+    store_rows<typename Block::Element, Block::kColumns>(
+        b.l, b.out + c * kChunkRows * b.p.M, b.p.M, left, [&](int nt, int el) { return num.acc[nt][el] * back * g[el / 2]; });
+  }
 };
 
 template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kThreads, 1) flow_causal_forward_kernel(CausalForwardParams p) {
   using Block = CausalForwardBlock<T, D, BM>;
-  FF_DYNAMIC_SHARED(T, tiles);
-  FF_SHARED(float, vectors_s, 4 * D);
-  FF_SHARED(float, rows_s, 4 * kChunkRows);
-  FF_SHARED(float, carries_s, 5 * kWarps);
-  FF_SHARED(float, largest_s, kWarps);
-  const BlockPlace at = BlockPlace::of<BM>(p, p);
-  const RecurrentState layout{p.D, p.M};
-  Block block{p,
-              at.span,
-              at.span.rows<T>(p.q, p.q_stride, at.head),
-              at.span.rows<T>(p.k, p.k_stride, at.head),
-              at.span.rows<T>(p.v, p.v_stride, at.head) + at.value_col,
-              p.pad != nullptr ? p.pad + at.span.batch * p.L + at.span.first : nullptr,
-              p.out != nullptr ? at.output_rows<T>(p, p.out) : nullptr,
-              at.value_col,
-              (int64_t(at.unit) * p.H + at.head) * layout.size(),
-              layout,
-              Lane::of(int(threadIdx.x)),
-              tiles,
-              vectors_s,
-              rows_s,
-              carries_s,
-              largest_s,
-              {},
-              0.f,
-              RunningSum::empty(),
-              {},
-              {}};
-  block.run();
+  Block block = Block::at_place(p, BlockPlace::of<BM>(p, p));
+  ForwardRows<Block> rows{{}, block};
+  block.run(rows);
 }
 
 template <int D>

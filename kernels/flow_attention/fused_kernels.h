@@ -192,6 +192,76 @@ constexpr std::size_t causal_forward_block_bytes(int D, int BM, std::size_t byte
   return bytes * causal_forward_elements(D, BM) + std::size_t(4) * (4 * D + 4 * kChunkRows + 24);
 }
 
+// The causal backward's first pass (DESIGN.md, "Causal backward"): the forward again from each unit's incoming
+// state, a block a (unit, head, value tile), and with each chunk's rows t (dout_t zero where padded):
+//   dg_t = <dout_t, q_t^T S_t>                              the tile's share (the forward's numerator dotted)
+//   dq_t = g_t S_t dout_t = g_t (S_0 dout_t + sum_{j<=t} k_j c_j <v_j, dout_t>)   the tile's share, before phi'
+// and, tile 0 only, the rows' scalars of the chain (CausalRowScalar) and K, Q, A, B at each chunk's start.
+enum CausalRowScalar : int { row_n, row_I, row_O, row_a, row_r, row_c, row_g, row_m, row_E, kCausalRowScalars };
+struct CausalQueryGradsParams : CausalForwardParams {
+  const void* dout;         // (B, H, L, M): the output's gradient, its rows' last dimension contiguous
+  int64_t dout_stride[3];
+  float* dq_parts;          // (M / BM, B H L, D): the tiles' shares of the features' gradient g_t S_t dout_t
+  float* dg_parts;          // (M / BM, B H L): the tiles' shares of dg_t
+  float* rows;              // (kCausalRowScalars, B H L): n, I, O, a, r (unclamped), c, g, m, E of every row
+  float* chunk_starts;      // (B H, causal_chunk_slots, 4, D): K, Q, A, B before each chunk (causal_chunk_slot)
+};
+// Chunk slots a (batch, head) has in chunk_starts: a sequence of a packed batch (cu_seqlens) may start inside a
+// chunk, so each sequence's chunk c takes slot floor(first / 64) + n + c there; batched sequences take c.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr int64_t causal_chunk_slots(int64_t L, int N, bool packed) {
+  return (L + kChunkRows - 1) / kChunkRows + (packed ? N : 0);
+}
+// Dynamic shared memory of a causal query-gradients block: the forward's and dout's tiles (2 stages).
+constexpr std::size_t causal_query_grads_elements(int D, int BM) {
+  return causal_forward_elements(D, BM) + 2 * kChunkRows * (BM + 8);
+}
+
+// The causal backward's second pass (keys, in reverse), after the first: a block a (sequence, head, value tile),
+// R = dS_L + sum_{t' >= t} g_t' q_t' dout_t'^T carried from the end (its tile's columns):
+//   dv_t = c_t R_t^T k_t                  whole (the tile's columns)
+//   dc_t = <R_t^T k_t, v_t>               the tile's share
+//   dk_t = c_t R_t v_t                    the tile's share of the features' gradient, before phi'
+// and the incoming state's dS = R at the start. Whole sequences only (segments = 1).
+struct CausalKeyGradsParams : Inputs, Segments {
+  const bool* pad;            // (B, L) contiguous padding flags, or nullptr
+  const void* dout;           // (B, H, L, M): the output's gradient, its rows' last dimension contiguous
+  int64_t dout_stride[3];
+  const float* rows;          // (kCausalRowScalars, B H L): the first pass's records (g and c read)
+  const float* dstate_final;  // (N, H, RecurrentState::size()): the final state's gradient, or nullptr (zeros)
+  void* dv;                   // (B, H, L, M) contiguous, the inputs' dtype
+  float* dk_parts;            // (M / BM, B H L, D): the tiles' shares of c_t R_t v_t
+  float* dc_parts;            // (M / BM, B H L): the tiles' shares of dc_t
+  float* dstate0;             // (N, H, RecurrentState::size()): dS of the incoming state is written, or nullptr
+};
+// Dynamic shared memory of a causal key-gradients block: q, k, v and dout (2 stages each) and R's two parts.
+constexpr std::size_t causal_key_grads_elements(int D, int BM) {
+  return 4 * kChunkRows * (D + 8) + 4 * kChunkRows * (BM + 8) + 2 * D * (BM + 8);
+}
+
+// The causal backward's third pass, the chain of scalars (causal_chain.cuh), after the first two: a block a
+// (sequence, head) walks the rows in reverse and writes dq and dk (through phi') and the incoming state's
+// gradients but S's (the keys pass writes that). Whole sequences only (segments = 1).
+struct CausalChainParams : Inputs, Segments {
+  const bool* pad;            // (B, L) contiguous padding flags, or nullptr
+  float clamp;                // of the conserved source, > 0 (inf: none)
+  const float* rows;          // (kCausalRowScalars, B H L): the queries pass's records
+  const float* chunk_starts;  // the queries pass's K, Q, A, B at each chunk's start
+  const float *dg_shares, *dq_shares;  // (B H L), (B H L, D): the queries pass's, its value tiles' added in order
+  const float *dc_shares, *dk_shares;  // the keys pass's, alike
+  const float* state0;        // (N, H, RecurrentState::size()) incoming states, or nullptr
+  const float* dstate_final;  // (N, H, RecurrentState::size()) the final state's gradient, or nullptr (zeros)
+  void *dq, *dk;              // (B, H, L, D) contiguous, the inputs' dtype
+  float* dstate0;             // (N, H, RecurrentState::size()): all but S's part written, or nullptr
+};
+// Dynamic shared memory of a chain block: the raw q and k (2 stages each) and their features, the vectors' parts
+// (D x 16) and the weights' (64 x 16).
+constexpr std::size_t causal_chain_elements(int D) {
+  return 6 * kChunkRows * (D + 8) + (D + kChunkRows) * (16 + 8);
+}
+
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/flow_attention/
 // cuda/fused_d*.cu for nvcc, cpu/emulated_fused_d*.cpp for the emulator); the segments' scan, one for all, in
 // fused_segments.cu and emulated_fused_segments.cpp. `stream` is a cudaStream_t (ignored
@@ -203,6 +273,9 @@ constexpr std::size_t causal_forward_block_bytes(int D, int BM, std::size_t byte
   };
 #define FF_FLOW_KERNELS                                \
   FF_FLOW_KERNEL(CausalForward, CausalForwardParams)   \
+  FF_FLOW_KERNEL(CausalQueryGrads, CausalQueryGradsParams) \
+  FF_FLOW_KERNEL(CausalKeyGrads, CausalKeyGradsParams) \
+  FF_FLOW_KERNEL(CausalChain, CausalChainParams) \
   FF_FLOW_KERNEL(VectorSums, VectorSumsParams)         \
   FF_FLOW_KERNEL(KeySums, KeySumsParams)               \
   FF_FLOW_KERNEL(QueryOutput, QueryOutputParams)       \

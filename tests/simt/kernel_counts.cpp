@@ -1,12 +1,16 @@
 // What the fused kernels do, counted by the emulator (simt/counters.h), for the bounds report
 // (benchmarks/kernel_bounds.py): one (sequence, head) of `chunks` chunks of 64 rows, one block per launch
 // (M within one value tile), every kernel of linear attention's causal forward and backward and of its
-// non-causal forward, and Flow-Attention's causal forward (its split schedule's passes too) and non-causal passes.
+// non-causal forward, and Flow-Attention's causal forward (its split schedule's passes too), its backward's three
+// passes and the non-causal passes.
 // Prints JSON: each launch's kernel, grid, block, dynamic shared bytes and its first block's counters.
 //
 //   kernel_counts --dtype bf16 --head-dim 64 --chunks 4
 //   kernel_counts --plan BLOCKS LONGEST MULTIPROCESSORS   (plan_segments of each schedule)
+#include "flow_attention/causal_chain.cuh"
 #include "flow_attention/causal_forward.cuh"
+#include "flow_attention/causal_key_grads.cuh"
+#include "flow_attention/causal_query_grads.cuh"
 #include "flow_attention/noncausal_backward.cuh"
 #include "flow_attention/noncausal_keys.cuh"
 #include "flow_attention/noncausal_output.cuh"
@@ -126,6 +130,46 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
     flow.pass = pass;
     flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalForward>(flow, nullptr);
   }
+  // Its backward's three passes on the same rows.
+  flow_kernels::CausalQueryGradsParams flow_grads{};
+  flow.pass = flow_kernels::CausalPass::output;
+  static_cast<flow_kernels::CausalForwardParams&>(flow_grads) = flow;
+  const std::size_t flow_rows = std::size_t(c.H) * std::size_t(flow.L);
+  std::vector<float> dq_share(flow_rows * std::size_t(head_dim)), dg_share(flow_rows),
+      row_scalars(flow_kernels::kCausalRowScalars * flow_rows),
+      chunk_starts(std::size_t(c.H * flow_kernels::causal_chunk_slots(flow.L, 1, false) * 4 * head_dim));
+  flow_grads.dout = problem.dout.data();
+  std::copy(flow.v_stride, flow.v_stride + 3, flow_grads.dout_stride);
+  flow_grads.dq_parts = dq_share.data();
+  flow_grads.dg_parts = dg_share.data();
+  flow_grads.rows = row_scalars.data();
+  flow_grads.chunk_starts = chunk_starts.data();
+  flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalQueryGrads>(flow_grads, nullptr);
+  flow_kernels::CausalKeyGradsParams flow_keys{};
+  static_cast<flowformer::chunk::Inputs&>(flow_keys) = flow;
+  static_cast<flowformer::chunk::Segments&>(flow_keys) = flow;
+  flow_keys.pad = nullptr;
+  flow_keys.dout = problem.dout.data();
+  std::copy(flow.v_stride, flow.v_stride + 3, flow_keys.dout_stride);
+  flow_keys.rows = row_scalars.data();
+  std::vector<T> flow_dv(problem.v.size());
+  flow_keys.dv = flow_dv.data();
+  flow_keys.dk_parts = dq_share.data();
+  flow_keys.dc_parts = dg_share.data();
+  flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalKeyGrads>(flow_keys, nullptr);
+  flow_kernels::CausalChainParams flow_chain{};
+  static_cast<flowformer::chunk::Inputs&>(flow_chain) = flow;
+  static_cast<flowformer::chunk::Segments&>(flow_chain) = flow;
+  flow_chain.pad = nullptr;
+  flow_chain.clamp = 1.f;
+  flow_chain.rows = row_scalars.data();
+  flow_chain.chunk_starts = chunk_starts.data();
+  flow_chain.dg_shares = flow_chain.dc_shares = dg_share.data();
+  flow_chain.dq_shares = flow_chain.dk_shares = dq_share.data();
+  std::vector<T> flow_dq(problem.q.size()), flow_dk(problem.k.size());
+  flow_chain.dq = flow_dq.data();
+  flow_chain.dk = flow_dk.data();
+  flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalChain>(flow_chain, nullptr);
   // Non-causal Flow-Attention's passes on the same rows (queries and keys alike): the column sums (pass 1's
   // kernel: pass 2's launch does its work and a row dot more), the keys' pass, the queries' pass.
   const auto side = [&](auto params, bool keys) {

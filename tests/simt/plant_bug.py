@@ -21,6 +21,12 @@ BUGS = {  # name -> (what the kernel has, the bug)
     "softmax_total_dropped": ("(dr[i] - (this->first_tile() ? total : 0.f))", "dr[i]"),
     # dk without dK, the gradient of the queries' normaliser's sum of keys (non-causal backward, keys 2)
     "dK_dropped": ("terms[kdK][i] = this->first_tile() ? 1.f : 0.f;", "terms[kdK][i] = 0.f;"),
+    # dq's share without S_0 dout_t, the state's part (causal backward, queries)
+    "query_state_dropped": ("      Block::State::template rows_times<false>(l, dout_rows, b.s_hi(), b.s_lo(), P, d0);\n", ""),
+    # dw_t without R^T k_t, the part of the rows after the chunk (causal backward, keys)
+    "key_state_dropped": ("    State::template rows_times<true>(l, kt, r_hi(), r_lo(), dw);\n", ""),
+    # the final state's dm not carried by the largest source (causal backward, the chain)
+    "source_dm_dropped": ("          source += dm_source;\n", ""),
 }
 
 

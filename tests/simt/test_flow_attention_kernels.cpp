@@ -2,6 +2,7 @@
 // same inputs (bf16, half; float32 as three tf32 products): the causal forward (whole and in the split schedule,
 // from a first run's state), the non-causal passes and the non-causal backward's four passes. Every output
 // poisoned first, no hazard (a hazard throws).
+#include "flow_attention/causal_segments.cuh"
 #include "flow_noncausal_backward_problem.h"
 #include "flow_noncausal_problem.h"
 #include "flow_problem.h"

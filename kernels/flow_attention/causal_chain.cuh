@@ -1,0 +1,555 @@
+// Causal Flow-Attention, backward, pass 3: the chain of scalars (DESIGN.md, "Causal backward"), after the queries
+// pass (its records and dg and dq's shares) and the keys pass (dc and dk's shares). One block a
+// (sequence, head) walks the chunks from the last, carrying the reverse sums RA, RB, RK, RQ (D floats each,
+// seeded by the final state's dA, dB, dK, dQ) and the competition's (P, m_next). For the chunk's rows t:
+//   dsink_t = dg_t I_t a_t (1 - a_t) / n_t^2
+//   P_t = dc_t c_t / E_t + exp(m_t - m_{t+1}) P_{t+1}       an affine scan in reverse (every warp the chunk)
+//   dr_t = (dc_t c_t - c_t E_t P_t / n_t [+ dm - d lse at the largest source]) / n_t where |r_t| <= clamp
+//   dI_t = dg_t a_t / n_t + <RB, q_t> + ((F o upper) dr)_t + e s(q_t) sum_{j>=t} dr_j,  F = q k^T   mma
+//   dO_t = <RA, k_t> + ((F^T o upper) dsink)_t + e s(k_t) sum_{j>=t} dsink_j                        mma
+//   du_t = -dI_t I_t^2 / n_t, dy_t = -dO_t O_t^2 / n_t
+//   dq = dq_S + Z k + dsink (A0 + e) + I RB + du (K0 + e) + RQ + e (I sum_{j>=t} dr_j + sum_{j>=t} dy_j)
+//   dk = dk_c + Y q + dr (B0 + e) + O RA + RK + dy (Q0 + e) + e (O sum_{j>=t} dsink_j + sum_{j>=t} du_j)
+//     Z_tj = [j <= t] (dsink_t O_j + du_t) + [j >= t] (I_t dr_j + dy_j)                            mma
+//     Y_tj = [j <= t] (dr_t I_j + dy_t) + [j >= t] (O_t dsink_j + du_j)                            mma
+//   then phi' of the raw rows; RA += q^T dsink, RB += k^T dr, RK += q^T du, RQ += k^T dy (+ e times the
+//   weights' sums)                                                                                 mma
+// (A0, K0, B0, Q0: the forward's sums at the chunk's start, from the queries pass.) At the sequence's start the
+// incoming state's gradients: dK, dQ, dA, dB = RK, RQ, RA, RB, d lse_0 = -E_0 exp(m_0 - m_next) P, dm_0 = d lse_0
+// (+ dm - d lse where no source passes m_0), dE_0 = d lse_0 / E_0, dn_0 = 0. Padded rows: zero features and
+// weights, gradients 0. Five barriers a chunk. The passes' value tiles' shares come added (the host adds them in
+// tile order): a loop over the tiles inside dq's and dk's stores made nvcc keep the walk's invariants in local
+// memory.
+#pragma once
+
+#include "flow_attention/blocks.cuh"
+
+namespace flowformer::flow_attention_kernels::FF_SIMT_BUILD {
+
+// The chain's per-row values in shared memory, kChunkRows floats each: the queries pass's records (CausalRowScalar
+// order), then the shares' sums, the valid flag and the weights the chain makes.
+enum ChainRow : int { chain_dg = kCausalRowScalars, chain_dc, chain_valid, chain_dsink, chain_dr, chain_du, chain_dy,
+                      kChainRows };
+
+template <typename T, int D>
+struct CausalChainBlock {
+  using Rows = ChunkTile<T, D>;
+  using Vectors = SharedMatrix<T, D, 16>;  // [RB_hi RB_lo 1 0 0 0 0 0 | RA_hi RA_lo 1 0 0 0 0 0]
+  using Weights = ChunkTile<T, 16>;        // [dsink du | dr dy] as 2^-e parts: hi, lo each
+  // dq and dk a part of 32 columns at a time (a part's accumulators beside a score tile)
+  static constexpr int kColumns = gradient_columns(D, sizeof(T)) < 32 ? gradient_columns(D, sizeof(T)) : 32;
+  static constexpr bool kHalf = std::is_same_v<T, simt::half>;
+  static constexpr std::size_t kSharedElements = 6 * Rows::kSize + Vectors::kSize + Weights::kSize;
+  static_assert(kSharedElements == causal_chain_elements(D), "the layout the host sizes");
+
+  const CausalChainParams p;  // a copy: a kernel parameter's address would put it in local memory
+  SequenceSpan span;
+  const T *q, *k;      // the span's first raw row
+  const bool* pad;     // the span's first padding flag, or nullptr
+  int64_t rows_at;     // the span's first row in (B H L) rows
+  int64_t first_slot;  // chunk_starts' slot of the span's first chunk
+  int64_t state_at;    // this (sequence, head)'s offset in (N, H, size) states
+  Lane l;
+  simt::shared_ptr<T> tiles;
+  simt::shared_ptr<float> vectors_s;  // RA, RB, RK, RQ, then the chunk's A0, K0, B0, Q0 (plus e where added)
+  simt::shared_ptr<float> rows_s;     // kChainRows x kChunkRows
+  simt::shared_ptr<float> largest_s;  // the weights' largest magnitudes and sums, 8 a warp
+  float P, m_next;                    // the competition's scan after the chunk
+  float dm_source;                    // dm - d lse_L, carried by the largest source's first row
+  int64_t source_row;                 // that row in the span, or -1 where the final m is no source's
+  float unscale[2];                   // 2^e of RB's and RA's published parts
+
+  FF_DEVICE Rows raw_q(int stage) const { return {tiles + stage * Rows::kSize}; }
+  FF_DEVICE Rows raw_k(int stage) const { return {tiles + (2 + stage) * Rows::kSize}; }
+  FF_DEVICE Rows q_features() const { return {tiles + 4 * Rows::kSize}; }
+  FF_DEVICE Rows k_features() const { return {tiles + 5 * Rows::kSize}; }
+  FF_DEVICE Vectors x_parts() const { return {tiles + 6 * Rows::kSize}; }
+  FF_DEVICE Weights weights() const { return {tiles + 6 * Rows::kSize + Vectors::kSize}; }
+  FF_DEVICE simt::shared_ptr<float> field(int f) const { return rows_s + f * kChunkRows; }
+  FF_DEVICE simt::shared_ptr<float> vector(int v) const { return vectors_s + v * D; }  // RA RB RK RQ A0 K0 B0 Q0
+  FF_DEVICE float from_quad(float x, int t_source) const { return __shfl_sync(0xffffffffu, x, (l.lane & ~3) | t_source); }
+  FF_DEVICE float column(const float (&tile)[4], int col, int i) const { return from_quad(tile[2 * i + col % 2], col / 2); }
+
+  FF_DEVICE void load_chunk(int64_t c, int stage) const {
+    load_rows(raw_q(stage), q, p.q_stride[2], c * kChunkRows, span.length);
+    load_rows(raw_k(stage), k, p.k_stride[2], c * kChunkRows, span.length);
+  }
+
+  // RB's and RA's parts for the products with q and k (after a barrier that ended the writes of vectors_s).
+  FF_DEVICE void publish_vectors() {
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {  // RB (q's side), RA (k's)
+      const simt::shared_ptr<float> x = vector(i == 0 ? 1 : 0);
+      float largest = 0.f;
+      for (int d = l.lane; d < D; d += 32) {
+        largest = fmaxf(largest, fabsf(x[d]));
+      }
+      int exponent = 0;
+      if (kHalf && warp_max(largest) >= 16384.f) {
+        frexpf(fminf(warp_max(largest), 3.0e38f), &exponent);
+        exponent -= 14;
+      }
+      unscale[i] = ldexpf(1.f, exponent);
+    }
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {
+      FF_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const Parts part = split_parts<T>(vector(i == 0 ? 1 : 0)[d] / unscale[i]);
+        x_parts().set_pair(d, 8 * i, part.hi, part.lo);
+        x_parts().set_pair(d, 8 * i + 2, 1.f, 0.f);
+        x_parts().set_pair(d, 8 * i + 4, 0.f, 0.f);
+        x_parts().set_pair(d, 8 * i + 6, 0.f, 0.f);
+      }
+    }
+  }
+
+  // The chunk's records, the shares' sums of dg and dc, the valid flags and A0, K0, B0, Q0.
+  FF_DEVICE void load_records(int64_t c, int64_t left, const bool* pad_rows) const {
+    const int64_t all = input_rows(p), at = rows_at + c * kChunkRows;
+    for (int i = int(threadIdx.x); i < kCausalRowScalars * kChunkRows; i += kThreads) {
+      const int f = i / kChunkRows, r = i % kChunkRows;
+      rows_s[i] = r < left ? simt::load_global(p.rows + f * all + at + r) : 0.f;
+    }
+    for (int r = int(threadIdx.x); r < kChunkRows; r += kThreads) {
+      field(chain_dg)[r] = r < left ? simt::load_global(p.dg_shares + at + r) : 0.f;
+      field(chain_dc)[r] = r < left ? simt::load_global(p.dc_shares + at + r) : 0.f;
+      field(chain_valid)[r] = r < left && (pad_rows == nullptr || !simt::load_global(pad_rows + r)) ? 1.f : 0.f;
+    }
+    const float* start = p.chunk_starts + (first_slot + c) * 4 * D;  // K, Q, A, B
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {
+      vector(4)[d] = simt::load_global(start + 2 * D + d) + p.eps;  // A0 + e
+      vector(5)[d] = simt::load_global(start + d) + p.eps;          // K0 + e
+      vector(6)[d] = simt::load_global(start + 3 * D + d) + p.eps;  // B0 + e
+      vector(7)[d] = simt::load_global(start + D + d) + p.eps;      // Q0 + e
+    }
+  }
+
+  // The competition's scan over the chunk's rows in reverse (every warp the whole chunk: lane j the rows 2j,
+  // 2j + 1), then dsink and dr (warp 0 writes them). P_t = b_t + f_t P_{t+1}: rows past the span pass P on.
+  FF_DEVICE void competition(int64_t c, int64_t left) {
+    struct Affine {  // P = b + f P_next
+      float b, f;
+      FF_DEVICE Affine then(const Affine& next) const { return {b + f * next.b, f * next.f}; }  // this, then next's
+    };
+    const int r0 = 2 * l.lane;
+    Affine row[2];
+    float x[2];
+    FF_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int r = r0 + e;
+      const float m = field(row_m)[r];
+      const float m_after = r + 1 < left && r + 1 < kChunkRows ? float(field(row_m)[r + 1]) : m_next;
+      x[e] = field(chain_dc)[r] * field(row_c)[r];
+      const bool valid = field(chain_valid)[r] != 0.f;
+      row[e] = r >= left ? Affine{0.f, 1.f}
+                         : Affine{valid ? x[e] / field(row_E)[r] : 0.f, m == -INFINITY ? 0.f : expf(m - m_after)};
+    }
+    Affine suffix = row[0].then(row[1]);  // lanes j .. 31, inclusive
+    FF_UNROLL
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const Affine after{__shfl_down_sync(0xffffffffu, suffix.b, offset), __shfl_down_sync(0xffffffffu, suffix.f, offset)};
+      if (l.lane + offset < 32) {
+        suffix = suffix.then(after);
+      }
+    }
+    Affine later{__shfl_down_sync(0xffffffffu, suffix.b, 1), __shfl_down_sync(0xffffffffu, suffix.f, 1)};
+    if (l.lane == 31) {
+      later = {0.f, 1.f};
+    }
+    const float P2 = later.b + later.f * P;  // P at row r0 + 2
+    const float Pt[2] = {row[0].b + row[0].f * (row[1].b + row[1].f * P2), row[1].b + row[1].f * P2};
+    if (l.warp == 0) {
+      FF_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int r = r0 + e;
+        const bool valid = field(chain_valid)[r] != 0.f;
+        const float n = fmaxf(field(row_n)[r], 1.f), I = field(row_I)[r], a = field(row_a)[r];
+        const float c_t = field(row_c)[r];
+        float source = x[e] - c_t * field(row_E)[r] * Pt[e] / n;
+        if (c * kChunkRows + r == source_row) {
+          source += dm_source;
+        }
+        field(chain_dsink)[r] = valid ? field(chain_dg)[r] * I * a * (1.f - a) / (n * n) : 0.f;
+        field(chain_dr)[r] = valid && fabsf(field(row_r)[r]) <= p.clamp ? source / n : 0.f;
+      }
+    }
+    P = __shfl_sync(0xffffffffu, Pt[0], 0);
+    m_next = field(row_m)[0];
+  }
+
+  // sum_{j >= t} s_tj x_j (dot) and sum_{j >= t} x_j (sum) for this lane's rows t, x the keys' values (key pairs).
+  template <typename Tile>
+  FF_DEVICE void suffix_dots(const Tile* s, const float (&x)[kChunkRows / 8][2], float (&dot)[2], float (&sum)[2]) const {
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int row = l.row(2 * i);
+      dot[i] = sum[i] = 0.f;
+      FF_UNROLL
+      for (int n = 0; n < kChunkRows / 8; ++n) {
+        FF_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          if (n * 8 + 2 * l.t + e >= row) {
+            if (s != nullptr) {
+              dot[i] += s->acc[n][2 * i + e] * x[n][e];
+            }
+            sum[i] += x[n][e];
+          }
+        }
+      }
+      FF_UNROLL
+      for (int offset = 1; offset < 4; offset *= 2) {
+        dot[i] += __shfl_xor_sync(0xffffffffu, dot[i], offset);
+        sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], offset);
+      }
+    }
+  }
+
+  FF_DEVICE float row_value(int f, int i) const { return field(f)[l.row(2 * i)]; }
+
+  // dI, dO, then du and dy (to shared memory, lanes t = 0) and the warps' largest |dsink|, |du|, |dr|, |dy| and
+// their sums.
+  FF_DEVICE void flow_gradients() const {
+    const Rows qf = q_features(), kf = k_features();
+    float dr_dot[2], dr_sum[2], sink_dot[2], sink_sum[2], qRB[2], kRA[2], sq[2], sk[2];
+    FF_UNROLL
+    for (int side = 0; side < 2; ++side) {  // one score tile at a time: F = q k^T, then F^T = k q^T
+      const Rows x = side == 0 ? qf : kf, y = side == 0 ? kf : qf;
+      RowTile<kChunkRows> scores;  // the warp's rows, every key
+      RowTile<8> vector_dots;      // x [RB ..] or x [RA ..] (2^-e parts; column 2: s(x))
+      scores.zero();
+      vector_dots.zero();
+      for (int k0 = 0; k0 < D; k0 += 16) {
+        Fragment<T> a;
+        x.template a_fragment<true>(a, l, l.warp * 16, k0);
+        scores.template add_step<false>(l, a, y, k0);
+        vector_dots.template add_step<true>(l, a, x_parts(), k0, 8 * side);
+      }
+      float keys[kChunkRows / 8][2];
+      load_key_pairs(l, field(side == 0 ? chain_dr : chain_dsink), keys);
+      suffix_dots(&scores, keys, side == 0 ? dr_dot : sink_dot, side == 0 ? dr_sum : sink_sum);
+      FF_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const float dot = (column(vector_dots.acc[0], 0, i) + column(vector_dots.acc[0], 1, i)) * unscale[side];
+        (side == 0 ? qRB : kRA)[i] = dot;
+        (side == 0 ? sq : sk)[i] = column(vector_dots.acc[0], 2, i);
+      }
+    }
+    const float e = p.eps;
+    float largest[4] = {0.f, 0.f, 0.f, 0.f};  // |dsink|, |du|, |dr|, |dy|
+    float du_rows[2], dy_rows[2];
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int row = l.row(2 * i);
+      const bool valid = row_value(chain_valid, i) != 0.f;
+      const float n = fmaxf(row_value(row_n, i), 1.f), I = row_value(row_I, i), O = row_value(row_O, i);
+      const float dI = valid ? row_value(chain_dg, i) * row_value(row_a, i) / n + qRB[i] + dr_dot[i] + e * sq[i] * dr_sum[i]
+                             : 0.f;
+      const float dO = valid ? kRA[i] + sink_dot[i] + e * sk[i] * sink_sum[i] : 0.f;
+      const float du = -dI * I * I / n, dy = -dO * O * O / n;
+      du_rows[i] = du;
+      dy_rows[i] = dy;
+      if (l.t == 0) {
+        field(chain_du)[row] = du;
+        field(chain_dy)[row] = dy;
+      }
+      largest[0] = fmaxf(largest[0], fabsf(row_value(chain_dsink, i)));
+      largest[1] = fmaxf(largest[1], fabsf(du));
+      largest[2] = fmaxf(largest[2], fabsf(row_value(chain_dr, i)));
+      largest[3] = fmaxf(largest[3], fabsf(dy));
+    }
+    FF_UNROLL
+    for (int v = 0; v < 4; ++v) {  // the warp's largest and its sum (a row's value in its lane t = 0)
+      const float m = warp_max(largest[v]);
+      const int f = v == 0 ? chain_dsink : v == 1 ? chain_du : v == 2 ? chain_dr : chain_dy;
+      float sum = 0.f;
+      if (l.t == 0) {
+        sum = v == 1 ? du_rows[0] + du_rows[1] : v == 3 ? dy_rows[0] + dy_rows[1] : row_value(f, 0) + row_value(f, 1);
+      }
+      FF_UNROLL
+      for (int offset = 16; offset > 0; offset /= 2) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      }
+      if (l.lane == 0) {
+        largest_s[8 * l.warp + v] = m;
+        largest_s[8 * l.warp + 4 + v] = sum;
+      }
+    }
+  }
+
+  // The weights' 2^-e parts for the vectors' thin products (after the barrier that ended flow_gradients): the
+  // exponents of the block's largest magnitudes, in `exponents`.
+  FF_DEVICE void publish_weights(int (&exponents)[4]) const {
+    FF_UNROLL
+    for (int v = 0; v < 4; ++v) {
+      float m = 0.f;
+      FF_UNROLL
+      for (int w = 0; w < kWarps; ++w) {
+        m = fmaxf(m, largest_s[8 * w + v]);
+      }
+      exponents[v] = 0;
+      frexpf(fminf(m, 3.0e38f), &exponents[v]);
+    }
+    const int fields[4] = {chain_dsink, chain_du, chain_dr, chain_dy};
+    for (int r = int(threadIdx.x); r < kChunkRows; r += kThreads) {
+      FF_UNROLL
+      for (int v = 0; v < 4; ++v) {
+        const Parts part = split_parts<T>(ldexpf(field(fields[v])[r], -exponents[v]));
+        weights().set_pair(r, v / 2 * 8 + v % 2 * 2, part.hi, part.lo);
+      }
+      FF_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        weights().set_pair(r, 8 * half + 4, 0.f, 0.f);
+        weights().set_pair(r, 8 * half + 6, 0.f, 0.f);
+      }
+    }
+  }
+
+  // dq (Side 0) or dk (Side 1) of the chunk: the two triangles of Z or Y times k or q, the shares, the vectors'
+  // terms and phi' of the raw rows.
+  template <int Side>
+  FF_DEVICE void store_gradient(int64_t c, int stage, int64_t left) const {
+    // Side 0: weights on the rows (dsink, du | I, 1), keys (O, 1 | dr, dy); vectors A0, RB, K0, RQ
+    // Side 1: rows (dr, dy | O, 1), keys (I, 1 | dsink, du); vectors B0, RA, RK, Q0
+    const int row_lower = Side == 0 ? chain_dsink : chain_dr, row_const = Side == 0 ? chain_du : chain_dy;
+    const int row_upper = Side == 0 ? row_I : row_O;
+    const int key_lower = Side == 0 ? row_O : row_I;
+    const int key_upper = Side == 0 ? chain_dr : chain_dsink, key_const = Side == 0 ? chain_dy : chain_du;
+    float upper_sum[2], const_sum[2];  // sum_{j>=t} of the upper keys' values and the constant keys'
+    {
+      float keys[kChunkRows / 8][2], unused[2];
+      load_key_pairs(l, field(key_upper), keys);
+      suffix_dots<RowTile<kChunkRows>>(nullptr, keys, unused, upper_sum);
+      load_key_pairs(l, field(key_const), keys);
+      suffix_dots<RowTile<kChunkRows>>(nullptr, keys, unused, const_sum);
+    }
+    float w_lower[2], w_const[2], w_upper[2], valid[2], diagonal[2];  // diagonal: the upper term at j = t
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int row = l.row(2 * i);
+      w_lower[i] = row_value(row_lower, i);
+      w_const[i] = row_value(row_const, i);
+      w_upper[i] = row_value(row_upper, i);
+      valid[i] = row_value(chain_valid, i);
+      diagonal[i] = w_upper[i] * field(key_upper)[row] + field(key_const)[row];
+    }
+    const Rows other = Side == 0 ? k_features() : q_features(), raw = Side == 0 ? raw_q(stage) : raw_k(stage);
+    // the vectors times the rows' weights: dq: (A0 + e) dsink + RB I + (K0 + e) du + RQ; dk: (B0 + e) dr + RA O + (Q0
+    // + e) dy + RK
+    const simt::shared_ptr<float> of_lower = vector(Side == 0 ? 4 : 6), of_upper = vector(Side == 0 ? 1 : 0),
+                                  of_const = vector(Side == 0 ? 5 : 7), alone = vector(Side == 0 ? 3 : 2);
+    const float* shares = Side == 0 ? p.dq_shares : p.dk_shares;
+    const GradientRows out{rows_at, 0, 0};
+    for (int d0 = 0; d0 < D; d0 += kColumns) {  // a part of the gradient at a time; each triangle built again
+      RowTile<kColumns> acc;  // Z k or Y q
+      acc.zero();
+      {
+        Scores<true> lower;  // keys j <= t: w_lower_t x_j + w_const_t, and the diagonal's upper term
+        float keys[kChunkRows / 8][2];
+        load_key_pairs(l, field(key_lower), keys);
+        FF_UNROLL
+        for (int n = 0; n < kChunkRows / 8; ++n) {
+          FF_UNROLL
+          for (int el = 0; el < 4; ++el) {
+            const int row = l.row(el), key = n * 8 + l.col(el), i = el / 2;
+            lower.s.acc[n][el] = key <= row ? w_lower[i] * keys[n][el % 2] + w_const[i] + (key == row ? diagonal[i] : 0.f)
+                                            : 0.f;
+          }
+        }
+        const float fit = lower.template fit<T>();
+        lower.template times<T>(l, other, fit, acc, d0);
+        acc.scale(1.f / fit);
+      }
+      {
+        Scores<false> upper;  // keys j > t: w_upper_t y_j + z_j
+        float keys[kChunkRows / 8][2], consts[kChunkRows / 8][2];
+        load_key_pairs(l, field(key_upper), keys);
+        load_key_pairs(l, field(key_const), consts);
+        FF_UNROLL
+        for (int n = 0; n < kChunkRows / 8; ++n) {
+          FF_UNROLL
+          for (int el = 0; el < 4; ++el) {
+            const int row = l.row(el), key = n * 8 + l.col(el), i = el / 2;
+            upper.s.acc[n][el] = key > row ? w_upper[i] * keys[n][el % 2] + consts[n][el % 2] : 0.f;
+          }
+        }
+        const float fit = upper.template fit<T>();  // powers of two: the rescaling is exact
+        acc.scale(fit);
+        upper.template times<T>(l, other, fit, acc, d0);
+        acc.scale(1.f / fit);
+      }
+      out.template store_d_through_feature<T, D, kColumns>(
+          l, p, Side == 0 ? p.dq : p.dk, nullptr, c, d0, left, [&](int n, int el, const auto& through) {
+            const int row = l.row(el), col = d0 + n * 8 + l.col(el), i = el / 2;
+            const int64_t at = (rows_at + c * kChunkRows + row) * D + col;
+            const float share = simt::load_global(shares + at);
+            const float g = acc.acc[n][el] + share + w_lower[i] * of_lower[col] + w_upper[i] * of_upper[col] +
+                            w_const[i] * of_const[col] + alone[col] + p.eps * (w_upper[i] * upper_sum[i] + const_sum[i]);
+            return through(valid[i] != 0.f ? g : 0.f, raw.get(row, col));
+          });
+    }
+  }
+
+  // RA += q^T dsink + e sum dsink, RB += k^T dr + e sum dr, RK += q^T du + e sum du, RQ += k^T dy + e sum dy.
+  FF_DEVICE void add_to_vectors(const int (&exponents)[4]) const {
+    const Rows qf = q_features(), kf = k_features();
+    float eps_sums[4] = {0.f, 0.f, 0.f, 0.f};  // e sum dsink, e sum dr, e sum du, e sum dy (RA, RB, RK, RQ)
+    FF_UNROLL
+    for (int w = 0; w < kWarps; ++w) {
+      eps_sums[0] += p.eps * largest_s[8 * w + 4];
+      eps_sums[1] += p.eps * largest_s[8 * w + 6];
+      eps_sums[2] += p.eps * largest_s[8 * w + 5];
+      eps_sums[3] += p.eps * largest_s[8 * w + 7];
+    }
+    for (int u = l.warp; u < D / 16; u += kWarps) {
+      RowTile<8> qt, kt;  // q^T [dsink du], k^T [dr dy] (2^-e parts)
+      qt.zero();
+      kt.zero();
+      for (int k0 = 0; k0 < kChunkRows; k0 += 16) {
+        Fragment<T> a;
+        qf.template a_fragment<false>(a, l, u * 16, k0);
+        qt.template add_step<true>(l, a, weights(), k0, 0);
+        kf.template a_fragment<false>(a, l, u * 16, k0);
+        kt.template add_step<true>(l, a, weights(), k0, 8);
+      }
+      FF_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const int d = u * 16 + l.g + 8 * i;
+        const float added[4] = {(column(qt.acc[0], 0, i) + column(qt.acc[0], 1, i)) * ldexpf(1.f, exponents[0]),
+                                (column(kt.acc[0], 0, i) + column(kt.acc[0], 1, i)) * ldexpf(1.f, exponents[2]),
+                                (column(qt.acc[0], 2, i) + column(qt.acc[0], 3, i)) * ldexpf(1.f, exponents[1]),
+                                (column(kt.acc[0], 2, i) + column(kt.acc[0], 3, i)) * ldexpf(1.f, exponents[3])};
+        if (l.t == 0) {
+          FF_UNROLL
+          for (int v = 0; v < 4; ++v) {  // RA, RB, RK, RQ
+            const float before = vector(v)[d];
+            vector(v)[d] = before + added[v] + eps_sums[v];
+          }
+        }
+      }
+    }
+  }
+
+  FF_DEVICE void chunk(int64_t c, int stage) {
+    const int64_t left = span.length - c * kChunkRows;
+    const bool* pad_rows = pad != nullptr ? pad + c * kChunkRows : nullptr;
+    apply_feature_map(p.feature_map, raw_q(stage), q_features(), left, pad_rows);
+    apply_feature_map(p.feature_map, raw_k(stage), k_features(), left, pad_rows);
+    load_records(c, left, pad_rows);
+    __syncthreads();
+    competition(c, left);
+    __syncthreads();  // dsink, dr written
+    flow_gradients();
+    __syncthreads();  // du, dy and the warps' largest written
+    int exponents[4];
+    publish_weights(exponents);
+    store_gradient<0>(c, stage, left);
+    store_gradient<1>(c, stage, left);
+    __syncthreads();  // the weights' parts written; the vectors read
+    add_to_vectors(exponents);
+    __syncthreads();  // the stage may be loaded again; the rows' values, the vectors rewritten
+    publish_vectors();
+  }
+
+  FF_DEVICE void run() {
+    const RecurrentState layout{p.D, p.M};
+    const float* fin = p.dstate_final != nullptr ? p.dstate_final + state_at : nullptr;
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {  // RA, RB, RK, RQ from the final state's dA, dB, dK, dQ
+      vector(0)[d] = fin != nullptr ? simt::load_global(fin + layout.A() + d) : 0.f;
+      vector(1)[d] = fin != nullptr ? simt::load_global(fin + layout.B() + d) : 0.f;
+      vector(2)[d] = fin != nullptr ? simt::load_global(fin + layout.K() + d) : 0.f;
+      vector(3)[d] = fin != nullptr ? simt::load_global(fin + layout.Q() + d) : 0.f;
+    }
+    const float* s0 = p.state0 != nullptr ? p.state0 + state_at : nullptr;
+    const float E0 = s0 != nullptr ? simt::load_global(s0 + layout.E()) : 0.f;
+    const float m0 = E0 > 0.f ? simt::load_global(s0 + layout.m()) : -INFINITY;
+    const float dm = fin != nullptr ? simt::load_global(fin + layout.m()) : 0.f;
+    const float dE = fin != nullptr ? simt::load_global(fin + layout.E()) : 0.f;
+    // The final state's competition, from the last row's records.
+    const int64_t all = input_rows(p), last = rows_at + span.length - 1;
+    const float n_L = span.length > 0 ? simt::load_global(p.rows + row_n * all + last) : 0.f;
+    const float m_L = span.length > 0 ? simt::load_global(p.rows + row_m * all + last) : m0;
+    const float E_L = span.length > 0 ? simt::load_global(p.rows + row_E * all + last) : E0;
+    const bool started = span.length > 0 ? n_L > 0.f : E0 > 0.f;
+    const float d_lse = started ? dE * E_L : 0.f;
+    dm_source = (started ? dm : 0.f) - d_lse;
+    P = started ? -d_lse / fmaxf(E_L, 1.17549435e-38f) : 0.f;
+    m_next = m_L;
+    // The largest source's first row: the first whose running m is the final one (m never falls).
+    source_row = -1;
+    if (span.length > 0 && m_L > m0) {
+      int64_t lo = 0, hi = span.length - 1;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (simt::load_global(p.rows + row_m * all + rows_at + mid) >= m_L) {
+          hi = mid;
+        } else {
+          lo = mid + 1;
+        }
+      }
+      source_row = lo;
+    }
+    __syncthreads();
+    publish_vectors();
+    walk_chunks(span.chunks(), true, [&](int64_t c, int stage) { load_chunk(c, stage); },
+                [&](int64_t c, int stage) { chunk(c, stage); });
+    if (p.dstate0 == nullptr) {
+      return;
+    }
+    float* d0 = p.dstate0 + state_at;
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {
+      simt::store_global(d0 + layout.A() + d, float(vector(0)[d]));
+      simt::store_global(d0 + layout.B() + d, float(vector(1)[d]));
+      simt::store_global(d0 + layout.K() + d, float(vector(2)[d]));
+      simt::store_global(d0 + layout.Q() + d, float(vector(3)[d]));
+    }
+    if (threadIdx.x == 0) {
+      const bool started0 = E0 > 0.f;
+      const float d_lse0 = started0 ? -E0 * expf(m0 - m_next) * P : 0.f;
+      const float dm0 = started0 && source_row < 0 ? dm_source : 0.f;
+      simt::store_global(d0 + layout.n(), 0.f);
+      simt::store_global(d0 + layout.m(), span.length > 0 ? d_lse0 + dm0 : dm);
+      simt::store_global(d0 + layout.E(), span.length > 0 ? (started0 ? d_lse0 / E0 : 0.f) : dE);
+    }
+  }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) flow_causal_chain_kernel(CausalChainParams p) {
+  FF_DYNAMIC_SHARED(T, tiles);
+  FF_SHARED(float, vectors_s, 8 * D);
+  FF_SHARED(float, rows_s, kChainRows * kChunkRows);
+  FF_SHARED(float, largest_s, 8 * kWarps);
+  const BlockPlace at = BlockPlace::of_unit(p, p);
+  const bool packed = p.cu_seqlens != nullptr;
+  CausalChainBlock<T, D> block{
+      p,
+      at.span,
+      at.span.rows<T>(p.q, p.q_stride, at.head),
+      at.span.rows<T>(p.k, p.k_stride, at.head),
+      p.pad != nullptr ? p.pad + at.span.batch * p.L + at.span.first : nullptr,
+      at.rows_at(p),
+      (at.span.batch * p.H + at.head) * causal_chunk_slots(p.L, p.N, packed) + at.span.first / kChunkRows +
+          (packed ? at.sequence : 0),
+      (int64_t(at.unit) * p.H + at.head) * RecurrentState{p.D, p.M}.size(),
+      Lane::of(int(threadIdx.x)),
+      tiles,
+      vectors_s,
+      rows_s,
+      largest_s,
+      0.f,
+      -INFINITY,
+      0.f,
+      -1,
+      {}};
+  block.run();
+}
+
+template <int D>
+void CausalChain<D>::run(const CausalChainParams& p, void* stream) {
+  launch_units<D>(p, "flow_causal_chain", "causal_flow_attention", stream, [](auto type) {
+    using T = decltype(type);
+    return std::pair{&flow_causal_chain_kernel<T, D>, causal_chain_elements(D) * sizeof(T)};
+  });
+}
+
+}  // namespace flowformer::flow_attention_kernels::FF_SIMT_BUILD
