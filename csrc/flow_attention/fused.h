@@ -1,5 +1,5 @@
 // The fused kernels of Flow-Attention (kernels/flow_attention: the causal forward, the non-causal forward's
-// passes) on tensors: which calls they
+// passes and backward; the causal backward's passes in fused_causal_backward.h) on tensors: which calls they
 // take, and their launches from checked arguments. The CUDA backend runs them on the GPU, the test mode
 // FLOWFORMER_EMULATE_CUDA=1 in the SIMT emulator; the calls they do not take go the portable way
 // (flow_attention_portable.h).
@@ -33,6 +33,9 @@ using Mask = std::optional<at::Tensor>;
 // schedules).
 struct Build {
   void (*causal_forward)(const kernels::CausalForwardParams&);
+  void (*causal_query_grads)(const kernels::CausalQueryGradsParams&);
+  void (*causal_key_grads)(const kernels::CausalKeyGradsParams&);
+  void (*causal_chain)(const kernels::CausalChainParams&);
   void (*vector_sums)(const kernels::VectorSumsParams&);
   void (*key_sums)(const kernels::KeySumsParams&);
   void (*query_output)(const kernels::QueryOutputParams&);
@@ -291,6 +294,18 @@ inline at::Tensor split_passes(const Build& build, const kernels::CausalForwardP
   return ends;
 }
 
+// The causal mode's padding flags (B, L), contiguous: a position is padding if either mask marks it (undefined:
+// none).
+inline at::Tensor either_padding(const Mask& query_padding_mask, const Mask& key_padding_mask) {
+  if (query_padding_mask.has_value() && key_padding_mask.has_value()) {
+    return at::logical_or(*query_padding_mask, *key_padding_mask).contiguous();
+  }
+  if (query_padding_mask.has_value() || key_padding_mask.has_value()) {
+    return (query_padding_mask.has_value() ? *query_padding_mask : *key_padding_mask).contiguous();
+  }
+  return {};
+}
+
 // Causal Flow-Attention from a packed recurrent state (state_layout.h; none: the empty prefix): out, and the
 // state after the last position (undefined unless want_state). A position is padding if either mask marks it.
 // cu: the checked values of cu_seqlens (packed sequences, B = 1, each from its own row of state: one launch for
@@ -303,12 +318,7 @@ inline std::pair<at::Tensor, at::Tensor> causal_forward(const Build& build, cons
                                                         const std::vector<int64_t>& cu = {}) {
   const chunk_inputs::InputTensors in(query, key, value, feature_map, /*normalize=*/true, eps, cu);
   const int64_t H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
-  at::Tensor pad;
-  if (query_padding_mask.has_value() && key_padding_mask.has_value()) {
-    pad = at::logical_or(*query_padding_mask, *key_padding_mask).contiguous();
-  } else if (query_padding_mask.has_value() || key_padding_mask.has_value()) {
-    pad = (query_padding_mask.has_value() ? *query_padding_mask : *key_padding_mask).contiguous();
-  }
+  const at::Tensor pad = either_padding(query_padding_mask, key_padding_mask);
   const at::Tensor state0 = chunk_inputs::contiguous_or_undefined(state);
   at::Tensor out = new_output(c10::fromIntArrayRefSlow({query.size(0), H, L, M}), query.options());
   kernels::CausalForwardParams p{};

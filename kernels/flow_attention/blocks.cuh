@@ -26,6 +26,12 @@ struct ValueTiles {
   static constexpr int of(int M, std::size_t bytes) { return Rule(D, M, bytes); }
 };
 
+// Column `col` of an n8 accumulator tile (its column pairs 2t, 2t + 1 held by lanes t of each row group: lanes
+// 4 g .. 4 g + 3 hold the rows g, g + 8) at lane l's rows (i = 0: g, 1: g + 8), from the lane that holds it.
+FF_DEVICE float quad_column(const Lane& l, const float (&tile)[4], int col, int i) {
+  return __shfl_sync(0xffffffffu, tile[2 * i + col % 2], (l.lane & ~3) | col / 2);
+}
+
 // The competition's running (max, sum of exp(x - max)) over a run of rows (the causal forward's, and the split
 // schedule's over segments); empty: (-inf, 0).
 struct RunningSum {

@@ -30,6 +30,7 @@ namespace flowformer::flow_attention_kernels::FF_SIMT_BUILD {
 // order), then the shares' sums, the valid flag and the weights the chain makes.
 enum ChainRow : int { chain_dg = kCausalRowScalars, chain_dc, chain_valid, chain_dsink, chain_dr, chain_du, chain_dy,
                       kChainRows };
+static_assert(kChainRows == 16, "causal_backward_block_bytes (fused_kernels.h) sizes the chain's rows");
 
 template <typename T, int D>
 struct CausalChainBlock {
@@ -67,8 +68,6 @@ struct CausalChainBlock {
   FF_DEVICE Weights weights() const { return {tiles + 6 * Rows::kSize + Vectors::kSize}; }
   FF_DEVICE simt::shared_ptr<float> field(int f) const { return rows_s + f * kChunkRows; }
   FF_DEVICE simt::shared_ptr<float> vector(int v) const { return vectors_s + v * D; }  // RA RB RK RQ A0 K0 B0 Q0
-  FF_DEVICE float from_quad(float x, int t_source) const { return __shfl_sync(0xffffffffu, x, (l.lane & ~3) | t_source); }
-  FF_DEVICE float column(const float (&tile)[4], int col, int i) const { return from_quad(tile[2 * i + col % 2], col / 2); }
 
   FF_DEVICE void load_chunk(int64_t c, int stage) const {
     load_rows(raw_q(stage), q, p.q_stride[2], c * kChunkRows, span.length);
@@ -85,8 +84,9 @@ struct CausalChainBlock {
         largest = fmaxf(largest, fabsf(x[d]));
       }
       int exponent = 0;
-      if (kHalf && warp_max(largest) >= 16384.f) {
-        frexpf(fminf(warp_max(largest), 3.0e38f), &exponent);
+      const float top = warp_max(largest);
+      if (kHalf && top >= 16384.f) {
+        frexpf(fminf(top, 3.0e38f), &exponent);
         exponent -= 14;
       }
       unscale[i] = ldexpf(1.f, exponent);
@@ -229,9 +229,10 @@ struct CausalChainBlock {
       suffix_dots(&scores, keys, side == 0 ? dr_dot : sink_dot, side == 0 ? dr_sum : sink_sum);
       FF_UNROLL
       for (int i = 0; i < 2; ++i) {
-        const float dot = (column(vector_dots.acc[0], 0, i) + column(vector_dots.acc[0], 1, i)) * unscale[side];
+        const float dot =
+            (quad_column(l, vector_dots.acc[0], 0, i) + quad_column(l, vector_dots.acc[0], 1, i)) * unscale[side];
         (side == 0 ? qRB : kRA)[i] = dot;
-        (side == 0 ? sq : sk)[i] = column(vector_dots.acc[0], 2, i);
+        (side == 0 ? sq : sk)[i] = quad_column(l, vector_dots.acc[0], 2, i);
       }
     }
     const float e = p.eps;
@@ -414,10 +415,11 @@ struct CausalChainBlock {
       FF_UNROLL
       for (int i = 0; i < 2; ++i) {
         const int d = u * 16 + l.g + 8 * i;
-        const float added[4] = {(column(qt.acc[0], 0, i) + column(qt.acc[0], 1, i)) * ldexpf(1.f, exponents[0]),
-                                (column(kt.acc[0], 0, i) + column(kt.acc[0], 1, i)) * ldexpf(1.f, exponents[2]),
-                                (column(qt.acc[0], 2, i) + column(qt.acc[0], 3, i)) * ldexpf(1.f, exponents[1]),
-                                (column(kt.acc[0], 2, i) + column(kt.acc[0], 3, i)) * ldexpf(1.f, exponents[3])};
+        const auto pair = [&](const float(&tile)[4], int col, int e) {  // hi + lo parts at columns col, col + 1
+          return (quad_column(l, tile, col, i) + quad_column(l, tile, col + 1, i)) * ldexpf(1.f, exponents[e]);
+        };
+        const float added[4] = {pair(qt.acc[0], 0, 0), pair(kt.acc[0], 0, 2), pair(qt.acc[0], 2, 1),
+                                pair(kt.acc[0], 2, 3)};
         if (l.t == 0) {
           FF_UNROLL
           for (int v = 0; v < 4; ++v) {  // RA, RB, RK, RQ

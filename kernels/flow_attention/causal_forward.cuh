@@ -101,8 +101,6 @@ struct CausalForwardBlock {
     }
     scale_k_columns<T>(a, s);
   }
-  // x of the lane with column pair t_source of this lane's row group (lanes 4 g .. 4 g + 3 hold the rows g, g + 8).
-  FF_DEVICE float from_quad(float x, int t_source) const { return __shfl_sync(kAll, x, (l.lane & ~3) | t_source); }
 
   FF_DEVICE void load_chunk(int64_t c, int stage) const {
     const int64_t first = c * kChunkRows;
@@ -154,12 +152,6 @@ struct CausalForwardBlock {
       x.set_pair(d, 12, 1.f, 0.f);
       x.set_pair(d, 14, 0.f, 0.f);
     }
-  }
-
-  // Row group values of an n8 accumulator tile whose column pairs 2t, 2t + 1 lanes t hold: column `col` of this
-  // lane's rows (i = 0: g, 1: g + 8).
-  FF_DEVICE float column(const float (&tile)[4], int col, int i) const {
-    return from_quad(tile[2 * i + col % 2], col / 2);
   }
 
   // Per-row values x[j][i] of this lane's rows (i: row g + 8 i of the warp's) summed over the chunk's rows up to
@@ -242,8 +234,8 @@ struct CausalForwardBlock {
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
       ok[i] = row < left && (pad_rows == nullptr || !simt::load_global(pad_rows + row));
-      sq[i] = column(qx.acc[0], 4, i);
-      sk[i] = column(kx.acc[0], 4, i);
+      sq[i] = quad_column(l, qx.acc[0], 4, i);
+      sk[i] = quad_column(l, kx.acc[0], 4, i);
       prefix[0][i] = ok[i] ? 1.f : 0.f;
       prefix[1][i] = sk[i];
       prefix[2][i] = sq[i];
@@ -258,8 +250,8 @@ struct CausalForwardBlock {
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
       n[i] = n0 + prefix[0][i];
-      const float qK = (column(qx.acc[0], 0, i) + column(qx.acc[0], 2, i)) * unscale[0];
-      const float kQ = (column(kx.acc[0], 0, i) + column(kx.acc[0], 2, i)) * unscale[1];
+      const float qK = (quad_column(l, qx.acc[0], 0, i) + quad_column(l, qx.acc[0], 2, i)) * unscale[0];
+      const float kQ = (quad_column(l, kx.acc[0], 0, i) + quad_column(l, kx.acc[0], 2, i)) * unscale[1];
       I[i] = ok[i] ? n[i] / (qK + g_sum[i] + e * sq[i] + e * (sums[0] + prefix[1][i]) + e2) : 0.f;
       O[i] = ok[i] ? n[i] / (kQ + h_sum[i] + e * sk[i] + e * (sums[1] + prefix[2][i]) + e2) : 0.f;
       flow_prefix[0][i] = O[i] * sk[i];
@@ -288,8 +280,8 @@ struct CausalForwardBlock {
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
       const float safe_n = fmaxf(n[i], 1.f);
-      const float qA = (column(qx.acc[0], 1, i) + column(qx.acc[0], 3, i)) * unscale[2];
-      const float kB = (column(kx.acc[0], 1, i) + column(kx.acc[0], 3, i)) * unscale[3];
+      const float qA = (quad_column(l, qx.acc[0], 1, i) + quad_column(l, qx.acc[0], 3, i)) * unscale[2];
+      const float kB = (quad_column(l, kx.acc[0], 1, i) + quad_column(l, kx.acc[0], 3, i)) * unscale[3];
       const float Ih = (qA + G_O[i] + e * sq[i] + e * (sums[2] + flow_prefix[0][i]) + e2) / safe_n;
       const float r = (kB + H_I[i] + e * sk[i] + e * (sums[3] + flow_prefix[1][i]) + e2) / safe_n;
       const float Oh = fminf(fmaxf(r, -p.clamp), p.clamp);
@@ -386,9 +378,9 @@ struct CausalForwardBlock {
       FF_UNROLL
       for (int i = 0; i < 2; ++i) {
         const int d = u * 16 + l.g + 8 * i;
-        const float added[4] = {column(kt.acc[0], 4, i), column(qt.acc[0], 4, i),  // K, Q
-                                column(kt.acc[0], 0, i) + column(kt.acc[0], 1, i),  // A = sum O k
-                                column(qt.acc[0], 2, i) + column(qt.acc[0], 3, i)};  // B = sum I q
+        const float added[4] = {quad_column(l, kt.acc[0], 4, i), quad_column(l, qt.acc[0], 4, i),  // K, Q
+                                quad_column(l, kt.acc[0], 0, i) + quad_column(l, kt.acc[0], 1, i),  // A = sum O k
+                                quad_column(l, qt.acc[0], 2, i) + quad_column(l, qt.acc[0], 3, i)};  // B = sum I q
         if (l.t == 0) {
           FF_UNROLL
           for (int v = 0; v < 4; ++v) {

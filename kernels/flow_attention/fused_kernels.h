@@ -262,6 +262,19 @@ constexpr std::size_t causal_chain_elements(int D) {
   return 6 * kChunkRows * (D + 8) + (D + kChunkRows) * (16 + 8);
 }
 
+// All of the shared memory of the causal backward's largest block, for head dims D, M and inputs of `bytes`
+// bytes an element: each pass's dynamic tiles (its own value tile) and static floats (pass 1: the forward's; pass
+// 2: the rows' g and c, the warps' maxima; pass 3: the vectors 8 D, the chain's rows 16 x 64, the warps' maxima).
+constexpr std::size_t causal_backward_block_bytes(int D, int M, std::size_t bytes) {
+  const int BM1 = causal_value_tile(D, M, bytes), BM2 = chunk::backward_value_tile(D, M, bytes);
+  const std::size_t queries =
+      bytes * causal_query_grads_elements(D, BM1) + causal_forward_block_bytes(D, BM1, bytes) -
+      bytes * causal_forward_elements(D, BM1);
+  const std::size_t keys = bytes * causal_key_grads_elements(D, BM2) + 4 * (2 * kChunkRows + chunk::kWarps);
+  const std::size_t chain = bytes * causal_chain_elements(D) + 4 * (8 * D + 16 * kChunkRows + 8 * chunk::kWarps);
+  return queries > keys ? (queries > chain ? queries : chain) : (keys > chain ? keys : chain);
+}
+
 // The kernels for head dim D, in each build: explicitly instantiated one D a file (csrc/flow_attention/
 // cuda/fused_d*.cu for nvcc, cpu/emulated_fused_d*.cpp for the emulator); the segments' scan, one for all, in
 // fused_segments.cu and emulated_fused_segments.cpp. `stream` is a cudaStream_t (ignored

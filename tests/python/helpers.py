@@ -94,6 +94,21 @@ def grads(fn, inputs, grad_out):
     return outs[0], gradients
 
 
+def check_gradients(op, reference, q, k, v, gen, tol_scale=1.0, **options):
+    """The gradients of <op(q, k, v, **options), grad_out> (a fresh grad_out) against reference's on float64 CPU
+    copies of the inputs (NaN as 0), each held to the dtype's gradient bound (grad_tol) times tol_scale; returns
+    op's gradients."""
+    grad_out = randn(gen, *q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
+    _, got = grads(lambda *x: op(*x, **options), (q, k, v), grad_out)
+    cpu_options = {name: (x.cpu() if torch.is_tensor(x) else x) for name, x in options.items()}
+    _, expected = grads(lambda *x: reference(*x, **cpu_options),
+                        [t.detach().double().cpu().nan_to_num() for t in (q, k, v)], grad_out.double().cpu())
+    for name, a, b in zip(("query", "key", "value"), got, expected):
+        assert a.dtype == q.dtype and a.shape == b.shape
+        assert_close(a, b, tol_scale * grad_tol(q.dtype), f"grad {name}")
+    return got
+
+
 PADDINGS = ["left", "right", "random", "an element without queries", "an element without keys"]
 
 

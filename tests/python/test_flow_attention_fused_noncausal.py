@@ -5,13 +5,15 @@ masks and value tiles; the split schedule (segments of the queries and of the ke
 maximum); strided inputs; every element written; determinism; extreme inputs. The same for the gradients (the
 backward's four passes, kernels/flow_attention/noncausal_backward.cuh) against autograd through the reference."""
 
+import functools
+
 import pytest
 import torch
 
 from flowformer import functional as F
 from flowformer import reference as R
-from helpers import (FORWARD_TOL, PADDINGS, assert_close, devices, features_input, grad_tol, grads, ops_made,
-                     padding_masks, randn)
+import helpers
+from helpers import FORWARD_TOL, PADDINGS, assert_close, devices, features_input, grads, ops_made, padding_masks, randn
 
 OP = "flowformer::flow_attention"
 FUSED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]  # float32: three tf32 products, D <= 128
@@ -161,17 +163,9 @@ def test_fused_flow_attention_ops_do_not_grow_with_segments(gen, device, monkeyp
 # through the float64 reference.
 
 def check_gradients(q, k, v, gen, tol_scale=1.0, **options):
-    """The op's gradients of <out, grad_out> against the float64 reference's on the same inputs, each held to the
-    dtype's gradient bound (helpers.grad_tol) times tol_scale; returns the op's gradients."""
-    grad_out = randn(gen, *q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
-    _, got = grads(lambda *x: F.flow_attention(*x, **options), (q, k, v), grad_out)
-    cpu_options = {name: (x.cpu() if torch.is_tensor(x) else x) for name, x in options.items()}
-    _, expected = grads(lambda *x: R.flow_attention(*x, causal=False, **cpu_options),
-                        [t.detach().double().cpu().nan_to_num() for t in (q, k, v)], grad_out.double().cpu())
-    for name, a, b in zip(("query", "key", "value"), got, expected):
-        assert a.dtype == q.dtype and a.shape == b.shape
-        assert_close(a, b, tol_scale * grad_tol(q.dtype), f"grad {name}")
-    return got
+    """helpers.check_gradients of the non-causal op against the float64 reference."""
+    return helpers.check_gradients(F.flow_attention, functools.partial(R.flow_attention, causal=False), q, k, v, gen,
+                                   tol_scale, **options)
 
 
 @pytest.mark.parametrize("device", devices(OP))

@@ -1,7 +1,7 @@
 #include "flow_attention/cpu/emulate_cuda.h"
 
 #include "flow_attention/flow_attention_portable.h"
-#include "flow_attention/fused.h"
+#include "flow_attention/fused_causal_backward.h"
 
 #include "common/host_executor.h"
 #include "common/emulated_executor.h"  // last: simt.h defines CUDA names as macros
@@ -16,6 +16,15 @@ namespace kernels = flow_attention_kernels;
 flow_attention_fused::Build emulated_fused_build() {
   return {[](const kernels::CausalForwardParams& p) {
             kernels::run_for_head_dim<kernels::emulated::CausalForward>(p, nullptr);
+          },
+          [](const kernels::CausalQueryGradsParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::CausalQueryGrads>(p, nullptr);
+          },
+          [](const kernels::CausalKeyGradsParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::CausalKeyGrads>(p, nullptr);
+          },
+          [](const kernels::CausalChainParams& p) {
+            kernels::run_for_head_dim<kernels::emulated::CausalChain>(p, nullptr);
           },
           [](const kernels::VectorSumsParams& p) { kernels::run_for_head_dim<kernels::emulated::VectorSums>(p, nullptr); },
           [](const kernels::KeySumsParams& p) { kernels::run_for_head_dim<kernels::emulated::KeySums>(p, nullptr); },
@@ -59,6 +68,12 @@ flow_attention_ops::Grads emulated_backward(const char* op, const at::Tensor& gr
                                             const flow_attention_ops::Mask& query_padding_mask,
                                             const flow_attention_ops::Mask& key_padding_mask) {
   const flow_attention_fused::Build build = emulated_fused_build();
+  if (causal && flow_attention_fused::takes_causal_backward(query, value, build)) {
+    auto [dq, dk, dv, dstate0] = flow_attention_fused::causal_backward(
+        build, grad_out, {}, query, key, value, parse_feature_map(op, feature_map), eps, clamp, {},
+        query_padding_mask, key_padding_mask, false);
+    return {dq, dk, dv};
+  }
   if (!causal && flow_attention_fused::takes_noncausal_backward(query, value, build)) {
     return flow_attention_fused::noncausal_backward(build, grad_out, query, key, value,
                                                     parse_feature_map(op, feature_map), eps, clamp,
@@ -81,6 +96,19 @@ std::tuple<at::Tensor, at::Tensor> emulated_forward_with_state(
                                                                    clamp, query_padding_mask, key_padding_mask);
         return flow_attention_portable::forward_with_state(portable::EmulatedExecutor{}, problem,
                                                            state.value_or(at::Tensor()));
+      });
+}
+
+flow_attention_ops::StateGrads emulated_backward_with_state(
+    const at::Tensor& grad_out, const flow_attention_ops::Mask& grad_state, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, c10::string_view feature_map, double eps, double clamp,
+    const flow_attention_ops::Mask& state, const flow_attention_ops::Mask& query_padding_mask,
+    const flow_attention_ops::Mask& key_padding_mask, const flow_attention_ops::Mask& cu_seqlens) {
+  return flow_attention_fused::causal_with_state_backward(
+      emulated_fused_build(), flow_attention_ops::kCausalStateBackward, grad_out, grad_state, query, key, value,
+      feature_map, eps, clamp, state, query_padding_mask, key_padding_mask, cu_seqlens, [&] {
+        return portable_backward_with_state(true, grad_out, grad_state, query, key, value, feature_map, eps, clamp,
+                                            state, query_padding_mask, key_padding_mask);
       });
 }
 

@@ -26,6 +26,14 @@ std::tuple<at::Tensor, at::Tensor> emulated_forward_with_state(
     const flow_attention_ops::Mask& query_padding_mask, const flow_attention_ops::Mask& key_padding_mask,
     const flow_attention_ops::Mask& cu_seqlens);
 
+// The gradients of causal_flow_attention by the CUDA backend's algorithm: the fused passes where they take the
+// call (packed sequences in one launch each), else the packed sequences one call a sequence, else the item kernels.
+flow_attention_ops::StateGrads emulated_backward_with_state(
+    const at::Tensor& grad_out, const flow_attention_ops::Mask& grad_state, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, c10::string_view feature_map, double eps, double clamp,
+    const flow_attention_ops::Mask& state, const flow_attention_ops::Mask& query_padding_mask,
+    const flow_attention_ops::Mask& key_padding_mask, const flow_attention_ops::Mask& cu_seqlens);
+
 // The gradients of causal_flow_attention by the CUDA algorithm: its item kernels in the SIMT emulator
 // (emulated), or run on the host (HostExecutor: the CPU backend's implementation of this op).
 flow_attention_ops::StateGrads portable_backward_with_state(

@@ -111,21 +111,25 @@ std::tuple<at::Tensor, at::Tensor> causal_with_state_cpu(const at::Tensor& query
   return {out.to(query.scalar_type()), packed};
 }
 
-// By the portable algorithm (the CUDA one, on the host or in the emulator): the scan of causal.cpp has no
-// backward from a state.
+// The CUDA backend's algorithm in the emulator (FLOWFORMER_EMULATE_CUDA=1), else the portable one on the host: the
+// scan of causal.cpp has no backward from a state.
 flow_attention_ops::StateGrads causal_with_state_backward_cpu(
     const at::Tensor& grad_out, const Mask& grad_state, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, c10::string_view feature_map, double eps, double clamp, const Mask& state,
     const Mask& query_padding_mask, const Mask& key_padding_mask, const Mask& cu_seqlens) {
   flow_attention_ops::check_state_backward_args(grad_out, grad_state, query, key, value, feature_map, eps, clamp,
                                                 state, query_padding_mask, key_padding_mask, cu_seqlens);
+  if (emulate_cuda_requested()) {
+    return emulated_backward_with_state(grad_out, grad_state, query, key, value, feature_map, eps, clamp, state,
+                                        query_padding_mask, key_padding_mask, cu_seqlens);
+  }
   if (cu_seqlens.has_value()) {
     return flow_attention_ops::causal_with_state_backward_packed(grad_out, grad_state, query, key, value, feature_map,
                                                                  eps, clamp, state, query_padding_mask,
                                                                  key_padding_mask, *cu_seqlens);
   }
-  return portable_backward_with_state(emulate_cuda_requested(), grad_out, grad_state, query, key, value, feature_map,
-                                      eps, clamp, state, query_padding_mask, key_padding_mask);
+  return portable_backward_with_state(false, grad_out, grad_state, query, key, value, feature_map, eps, clamp, state,
+                                      query_padding_mask, key_padding_mask);
 }
 
 }  // namespace
