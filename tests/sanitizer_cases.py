@@ -89,6 +89,20 @@ def aft_conv_case(options, dtype):
     torch.ops.flowformer.aft_conv(q, k, v, w).float().sum().backward()
 
 
+def packed_flow_attention_case(options, dtype):
+    # Packed sequences (one empty, one starting inside a chunk) from their own states, M = 128 over the backward
+    # passes' value tiles, gradients of the final states too.
+    H, D, M = 2, 16, 128
+    cu = torch.tensor([0, 70, 70, 200], device=DEVICE)
+    _, states = torch.ops.flowformer.causal_flow_attention(
+        *(torch.randn(3, H, 20, n, device=DEVICE, dtype=dtype) for n in (D, D, M)), **options)
+    q, k = (torch.randn(1, H, 200, D, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, H, 200, M, device=DEVICE, dtype=dtype, requires_grad=True)
+    out, final = torch.ops.flowformer.causal_flow_attention(q, k, v, state=states.requires_grad_(), cu_seqlens=cu,
+                                                            **options)
+    (out.float().sum() + final.sum()).backward()
+
+
 # (op, function running one case, the options of each case)
 CASES = [
     ("flowformer::flow_attention", flow_attention_case, [
@@ -101,6 +115,7 @@ CASES = [
     ("flowformer::linear_attention", linear_attention_case, [dict()]),
     ("flowformer::causal_linear_attention", split_linear_attention_case, [dict(feature_map="elu1")]),
     ("flowformer::causal_flow_attention", causal_flow_attention_case, [dict(), dict(clamp=float("inf"))]),
+    ("flowformer::causal_flow_attention", packed_flow_attention_case, [dict(feature_map="elu1")]),
     ("flowformer::aft_full", aft_full_case, [dict(causal=False), dict(causal=True), dict(causal=True, window=5)]),
     ("flowformer::aft_conv", aft_conv_case, [dict()]),
 ]

@@ -262,3 +262,18 @@ def test_fused_causal_gradients_of_extreme_inputs_stay_finite(gen, L, feature_ma
     _, g = grads(lambda *x: F.flow_attention(*x, causal=True, feature_map=feature_map, clamp=float("inf")),
                  (q, k, v), grad_out)
     assert all(torch.isfinite(t).all() for t in g)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_fused_causal_backward_opcheck(gen, device):
+    # The backward op at a fused shape (bf16, D = M = 16, packed sequences from states): its Meta kernel, schema
+    # and dispatch agree with the fused path's outputs.
+    q, k, v = inputs(gen, 1, 2, 150, 16, 16, torch.bfloat16, device)
+    cu = torch.tensor([0, 70, 70, 150], device=device)
+    _, states = F.causal_flow_attention(*(randn(gen, 3, 2, 20, 16, dtype=torch.bfloat16, device=device)
+                                          for _ in range(3)))
+    grad_out = randn(gen, 1, 2, 150, 16, dtype=torch.bfloat16, device=device)
+    options = {"feature_map": "sigmoid", "eps": 1e-6, "clamp": 1.0, "state": states, "query_padding_mask": None,
+               "key_padding_mask": None, "cu_seqlens": cu}
+    torch.library.opcheck(torch.ops.flowformer.causal_flow_attention_backward.default,
+                          (grad_out, torch.ones_like(states), q, k, v), options)
