@@ -46,6 +46,9 @@ struct Build {
   int64_t multiprocessors;
 };
 
+// The clamp of the conserved source as the kernels take it (inf: none).
+inline float kernel_clamp(double clamp) { return std::isinf(clamp) ? INFINITY : static_cast<float>(clamp); }
+
 // The causal forward takes the inputs of the fused kernels (chunk_inputs::takes_inputs) within the shared memory
 // (cu: the values of cu_seqlens, or empty).
 inline bool takes_causal(const at::Tensor& query, const at::Tensor& value, const Build& build,
@@ -138,7 +141,7 @@ inline NoncausalSums noncausal_sums(const Build& build, const NoncausalCall& cal
   const int64_t G = keys.segments;
   at::Tensor W = at::empty({N * G, H, D, M}, call.floats), top = at::empty({N * G, H}, call.floats),
              E = at::empty({N * G, H}, call.floats), A = at::empty({N * G, H, D}, call.floats);
-  keys.clamp = std::isinf(clamp) ? INFINITY : static_cast<float>(clamp);
+  keys.clamp = kernel_clamp(clamp);
   keys.Q = x.Q.const_data_ptr<float>();
   keys.B = x.B.const_data_ptr<float>();
   keys.A = A.mutable_data_ptr<float>();
@@ -223,7 +226,7 @@ inline flow_attention_ops::Grads noncausal_backward(const Build& build, const at
     kernels::NoncausalBackwardParams p = call.side(kernels::NoncausalBackwardParams{}, keys, tiles, build);
     grads.set(p);
     p.second = second;
-    p.clamp = std::isinf(clamp) ? INFINITY : static_cast<float>(clamp);
+    p.clamp = kernel_clamp(clamp);
     p.dout = dout.const_data_ptr();
     for (int i = 0; i < 3; ++i) {
       p.dout_stride[i] = dout.stride(i);
@@ -328,7 +331,7 @@ inline std::pair<at::Tensor, at::Tensor> causal_forward(const Build& build, cons
       chunk::plan_segments(in.N() * H * tiles, chunk_inputs::longest_sequence(L, cu), build.multiprocessors,
                            kernels::kCausalForwardBytes);
   p.pad = pad.defined() ? pad.const_data_ptr<bool>() : nullptr;
-  p.clamp = std::isinf(clamp) ? INFINITY : static_cast<float>(clamp);
+  p.clamp = kernel_clamp(clamp);
   p.out = out.mutable_data_ptr();
   p.pass = kernels::CausalPass::output;
   if (p.segments == 1) {

@@ -61,7 +61,6 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
       params.dout_stride[i] = dout.stride(i);
     }
   };
-  const float clamp_f = std::isinf(clamp) ? INFINITY : static_cast<float>(clamp);
   // Pass 1: queries in order.
   const at::Tensor records = at::empty({kernels::kCausalRowScalars, rows}, floats);
   const at::Tensor chunk_starts =
@@ -70,7 +69,7 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   const at::Tensor dq_parts = at::empty({query_tiles, rows, D}, floats);
   kernels::CausalQueryGradsParams queries{};
   static_cast<kernels::CausalForwardParams&>(queries) = with_inputs(kernels::CausalForwardParams{});
-  queries.clamp = clamp_f;
+  queries.clamp = kernel_clamp(clamp);
   queries.out = nullptr;
   queries.state0 = chunk_inputs::data_or_null(state0);
   queries.state_final = nullptr;
@@ -98,7 +97,7 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   const at::Tensor dc = chunk_inputs::add_in_order(dc_parts, 0).contiguous();
   const at::Tensor dk_shares = chunk_inputs::add_in_order(dk_parts, 0).contiguous();
   kernels::CausalChainParams chain = with_inputs(kernels::CausalChainParams{});
-  chain.clamp = clamp_f;
+  chain.clamp = kernel_clamp(clamp);
   chain.rows = records.const_data_ptr<float>();
   chain.chunk_starts = chunk_starts.const_data_ptr<float>();
   chain.dg_shares = dg.const_data_ptr<float>();
