@@ -124,6 +124,21 @@ FF_DEVICE void warp_row_prefix(const Lane& l, float (&x)[2]) {
   x[1] += __shfl_sync(0xffffffffu, x[0], 28 + l.t);  // rows 8 .. after rows 0 .. 7 (row group 7)
 }
 
+// The inclusive suffix sums over a warp's 16 rows, in the layout of warp_row_prefix: the same scan from the end.
+FF_DEVICE void warp_row_suffix(const Lane& l, float (&x)[2]) {
+  FF_UNROLL
+  for (int offset = 4; offset < 32; offset *= 2) {  // row groups g + 1, g + 2, g + 4
+    FF_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const float after = __shfl_down_sync(0xffffffffu, x[i], offset);
+      if (l.lane + offset < 32) {
+        x[i] += after;
+      }
+    }
+  }
+  x[0] += __shfl_sync(0xffffffffu, x[1], l.t);  // rows 0 .. 7 before rows 8 .. (row group 0)
+}
+
 // The chunk's 64 x 64 score matrix seen by one warp: its rows against the keys of the 16-wide key tiles on
 // one side of the diagonal (Lower: keys j <= row, tiles up to the warp's; upper: j >= row, from the warp's).
 template <bool Lower>

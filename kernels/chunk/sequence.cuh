@@ -43,22 +43,26 @@ struct SequenceSpan {
 };
 
 // Walks `chunks` chunks in order (or reversed): load(c, stage) issues the cp.async of chunk c into a stage,
-// body(c, stage) runs once its tiles landed and are visible, while the next chunk's load. body ends with a
+// body(c, stage) runs once its tiles landed and are visible, with two stages while the next chunk's load (one
+// stage: each load waited for, for blocks whose second stage would not fit the shared memory). body ends with a
 // barrier after its last read of the stage.
-template <typename Load, typename Body>
+template <int Stages = 2, typename Load, typename Body>
 FF_DEVICE void walk_chunks(int64_t chunks, bool reverse, const Load& load, const Body& body) {
+  static_assert(Stages == 1 || Stages == 2, "one or two stages");
   const auto chunk = [&](int64_t i) { return reverse ? chunks - 1 - i : i; };
-  if (chunks > 0) {
+  if (Stages == 2 && chunks > 0) {
     load(chunk(0), 0);
     simt::cp_async_commit();
   }
   for (int64_t i = 0; i < chunks; ++i) {
-    const int stage = int(i % 2);
-    if (i + 1 < chunks) {
+    const int stage = int(i % Stages);
+    if (Stages == 1) {
+      load(chunk(i), 0);  // the stage's last readers passed the barrier that ended chunk i - 1
+    } else if (i + 1 < chunks) {
       load(chunk(i + 1), 1 - stage);  // that stage's last readers passed the barrier that ended chunk i - 1
     }
     simt::cp_async_commit();
-    simt::cp_async_wait<1>();
+    simt::cp_async_wait<Stages - 1>();
     __syncthreads();
     body(chunk(i), stage);
   }

@@ -27,10 +27,12 @@
 namespace flowformer::flow_attention_kernels::FF_SIMT_BUILD {
 
 // The chain's per-row values in shared memory, kChunkRows floats each: the queries pass's records (CausalRowScalar
-// order), then the shares' sums, the valid flag and the weights the chain makes.
+// order), then the shares' sums, the valid flag, the weights the chain makes and their sums over the rows j >= t
+// (dr's and dsink's over the chunk, du's and dy's over the warp's rows).
 enum ChainRow : int { chain_dg = kCausalRowScalars, chain_dc, chain_valid, chain_dsink, chain_dr, chain_du, chain_dy,
+                      chain_dsink_after, chain_dr_after, chain_du_after_in_warp, chain_dy_after_in_warp,
                       kChainRows };
-static_assert(kChainRows == 16, "causal_backward_block_bytes (fused_kernels.h) sizes the chain's rows");
+static_assert(kChainRows == kCausalChainRowFields, "the rows causal_backward_block_bytes (fused_kernels.h) sizes");
 
 template <typename T, int D>
 struct CausalChainBlock {
@@ -40,8 +42,10 @@ struct CausalChainBlock {
   // dq and dk a part of 32 columns at a time (a part's accumulators beside a score tile)
   static constexpr int kColumns = gradient_columns(D, sizeof(T)) < 32 ? gradient_columns(D, sizeof(T)) : 32;
   static constexpr bool kHalf = std::is_same_v<T, simt::half>;
-  static constexpr std::size_t kSharedElements = 6 * Rows::kSize + Vectors::kSize + Weights::kSize;
-  static_assert(kSharedElements == causal_chain_elements(D), "the layout the host sizes");
+  static constexpr int kStages = causal_chain_stages(D, sizeof(T));
+  static constexpr int kTiles = 2 * kStages + 2;  // raw q and k (each its stages), q's and k's features
+  static constexpr std::size_t kSharedElements = kTiles * Rows::kSize + Vectors::kSize + Weights::kSize;
+  static_assert(kSharedElements == causal_chain_elements(D, sizeof(T)), "the layout the host sizes");
 
   const CausalChainParams p;  // a copy: a kernel parameter's address would put it in local memory
   SequenceSpan span;
@@ -61,11 +65,11 @@ struct CausalChainBlock {
   float unscale[2];                   // 2^e of RB's and RA's published parts
 
   FF_DEVICE Rows raw_q(int stage) const { return {tiles + stage * Rows::kSize}; }
-  FF_DEVICE Rows raw_k(int stage) const { return {tiles + (2 + stage) * Rows::kSize}; }
-  FF_DEVICE Rows q_features() const { return {tiles + 4 * Rows::kSize}; }
-  FF_DEVICE Rows k_features() const { return {tiles + 5 * Rows::kSize}; }
-  FF_DEVICE Vectors x_parts() const { return {tiles + 6 * Rows::kSize}; }
-  FF_DEVICE Weights weights() const { return {tiles + 6 * Rows::kSize + Vectors::kSize}; }
+  FF_DEVICE Rows raw_k(int stage) const { return {tiles + (kStages + stage) * Rows::kSize}; }
+  FF_DEVICE Rows q_features() const { return {tiles + 2 * kStages * Rows::kSize}; }
+  FF_DEVICE Rows k_features() const { return {tiles + (2 * kStages + 1) * Rows::kSize}; }
+  FF_DEVICE Vectors x_parts() const { return {tiles + kTiles * Rows::kSize}; }
+  FF_DEVICE Weights weights() const { return {tiles + kTiles * Rows::kSize + Vectors::kSize}; }
   FF_DEVICE simt::shared_ptr<float> field(int f) const { return rows_s + f * kChunkRows; }
   FF_DEVICE simt::shared_ptr<float> vector(int v) const { return vectors_s + v * D; }  // RA RB RK RQ A0 K0 B0 Q0
 
@@ -178,8 +182,8 @@ struct CausalChainBlock {
   }
 
   // sum_{j >= t} s_tj x_j (dot) and sum_{j >= t} x_j (sum) for this lane's rows t, x the keys' values (key pairs).
-  template <typename Tile>
-  FF_DEVICE void suffix_dots(const Tile* s, const float (&x)[kChunkRows / 8][2], float (&dot)[2], float (&sum)[2]) const {
+  FF_DEVICE void suffix_dots(const RowTile<kChunkRows>& s, const float (&x)[kChunkRows / 8][2], float (&dot)[2],
+                             float (&sum)[2]) const {
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
@@ -189,9 +193,7 @@ struct CausalChainBlock {
         FF_UNROLL
         for (int e = 0; e < 2; ++e) {
           if (n * 8 + 2 * l.t + e >= row) {
-            if (s != nullptr) {
-              dot[i] += s->acc[n][2 * i + e] * x[n][e];
-            }
+            dot[i] += s.acc[n][2 * i + e] * x[n][e];
             sum[i] += x[n][e];
           }
         }
@@ -206,8 +208,8 @@ struct CausalChainBlock {
 
   FF_DEVICE float row_value(int f, int i) const { return field(f)[l.row(2 * i)]; }
 
-  // dI, dO, then du and dy (to shared memory, lanes t = 0) and the warps' largest |dsink|, |du|, |dr|, |dy| and
-// their sums.
+  // dI, dO, then du and dy (to shared memory, lanes t = 0, with the rows' sums after them) and the warps' largest
+  // |dsink|, |du|, |dr|, |dy| and their sums.
   FF_DEVICE void flow_gradients() const {
     const Rows qf = q_features(), kf = k_features();
     float dr_dot[2], dr_sum[2], sink_dot[2], sink_sum[2], qRB[2], kRA[2], sq[2], sk[2];
@@ -226,7 +228,7 @@ struct CausalChainBlock {
       }
       float keys[kChunkRows / 8][2];
       load_key_pairs(l, field(side == 0 ? chain_dr : chain_dsink), keys);
-      suffix_dots(&scores, keys, side == 0 ? dr_dot : sink_dot, side == 0 ? dr_sum : sink_sum);
+      suffix_dots(scores, keys, side == 0 ? dr_dot : sink_dot, side == 0 ? dr_sum : sink_sum);
       FF_UNROLL
       for (int i = 0; i < 2; ++i) {
         const float dot =
@@ -240,7 +242,6 @@ struct CausalChainBlock {
     float du_rows[2], dy_rows[2];
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
-      const int row = l.row(2 * i);
       const bool valid = row_value(chain_valid, i) != 0.f;
       const float n = fmaxf(row_value(row_n, i), 1.f), I = row_value(row_I, i), O = row_value(row_O, i);
       const float dI = valid ? row_value(chain_dg, i) * row_value(row_a, i) / n + qRB[i] + dr_dot[i] + e * sq[i] * dr_sum[i]
@@ -249,14 +250,25 @@ struct CausalChainBlock {
       const float du = -dI * I * I / n, dy = -dO * O * O / n;
       du_rows[i] = du;
       dy_rows[i] = dy;
-      if (l.t == 0) {
-        field(chain_du)[row] = du;
-        field(chain_dy)[row] = dy;
-      }
       largest[0] = fmaxf(largest[0], fabsf(row_value(chain_dsink, i)));
       largest[1] = fmaxf(largest[1], fabsf(du));
       largest[2] = fmaxf(largest[2], fabsf(row_value(chain_dr, i)));
       largest[3] = fmaxf(largest[3], fabsf(dy));
+    }
+    float du_after[2] = {du_rows[0], du_rows[1]}, dy_after[2] = {dy_rows[0], dy_rows[1]};
+    warp_row_suffix(l, du_after);
+    warp_row_suffix(l, dy_after);
+    if (l.t == 0) {
+      FF_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const int row = l.row(2 * i);
+        field(chain_du)[row] = du_rows[i];
+        field(chain_dy)[row] = dy_rows[i];
+        field(chain_dsink_after)[row] = sink_sum[i];
+        field(chain_dr_after)[row] = dr_sum[i];
+        field(chain_du_after_in_warp)[row] = du_after[i];
+        field(chain_dy_after_in_warp)[row] = dy_after[i];
+      }
     }
     FF_UNROLL
     for (int v = 0; v < 4; ++v) {  // the warp's largest and its sum (a row's value in its lane t = 0)
@@ -315,15 +327,15 @@ struct CausalChainBlock {
     const int row_upper = Side == 0 ? row_I : row_O;
     const int key_lower = Side == 0 ? row_O : row_I;
     const int key_upper = Side == 0 ? chain_dr : chain_dsink, key_const = Side == 0 ? chain_dy : chain_du;
-    float upper_sum[2], const_sum[2];  // sum_{j>=t} of the upper keys' values and the constant keys'
-    {
-      float keys[kChunkRows / 8][2], unused[2];
-      load_key_pairs(l, field(key_upper), keys);
-      suffix_dots<RowTile<kChunkRows>>(nullptr, keys, unused, upper_sum);
-      load_key_pairs(l, field(key_const), keys);
-      suffix_dots<RowTile<kChunkRows>>(nullptr, keys, unused, const_sum);
+    // e (w_upper_t sum_{j>=t} upper keys + sum_{j>=t} constant keys): the constant keys' sums over the later warps'
+    // rows are their totals (the warps' sums after their largest)
+    const int upper_after = Side == 0 ? chain_dr_after : chain_dsink_after;
+    const int const_after = Side == 0 ? chain_dy_after_in_warp : chain_du_after_in_warp, const_total = Side == 0 ? 3 : 1;
+    float later_warps = 0.f;
+    for (int w = l.warp + 1; w < kWarps; ++w) {
+      later_warps += largest_s[8 * w + 4 + const_total];
     }
-    float w_lower[2], w_const[2], w_upper[2], valid[2], diagonal[2];  // diagonal: the upper term at j = t
+    float w_lower[2], w_const[2], w_upper[2], valid[2], diagonal[2], eps_term[2];  // diagonal: the upper term at j = t
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
       const int row = l.row(2 * i);
@@ -332,6 +344,7 @@ struct CausalChainBlock {
       w_upper[i] = row_value(row_upper, i);
       valid[i] = row_value(chain_valid, i);
       diagonal[i] = w_upper[i] * field(key_upper)[row] + field(key_const)[row];
+      eps_term[i] = p.eps * (w_upper[i] * row_value(upper_after, i) + row_value(const_after, i) + later_warps);
     }
     const Rows other = Side == 0 ? k_features() : q_features(), raw = Side == 0 ? raw_q(stage) : raw_k(stage);
     // the vectors times the rows' weights: dq: (A0 + e) dsink + RB I + (K0 + e) du + RQ; dk: (B0 + e) dr + RA O + (Q0
@@ -378,14 +391,23 @@ struct CausalChainBlock {
         upper.template times<T>(l, other, fit, acc, d0);
         acc.scale(1.f / fit);
       }
+      FF_UNROLL
+      for (int n = 0; n < kColumns / 8; ++n) {  // the vectors' terms, each column pair read once
+        const int col = d0 + n * 8 + 2 * l.t;
+        const auto pair = [&](const simt::shared_ptr<float>& v) { return simt::shared_cast<Two<float>>(v + col)[0]; };
+        const Two<float> lower = pair(of_lower), upper = pair(of_upper), konst = pair(of_const), own = pair(alone);
+        FF_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          acc.acc[n][2 * i] += w_lower[i] * lower.x0 + w_upper[i] * upper.x0 + w_const[i] * konst.x0 + own.x0 + eps_term[i];
+          acc.acc[n][2 * i + 1] +=
+              w_lower[i] * lower.x1 + w_upper[i] * upper.x1 + w_const[i] * konst.x1 + own.x1 + eps_term[i];
+        }
+      }
       out.template store_d_through_feature<T, D, kColumns>(
           l, p, Side == 0 ? p.dq : p.dk, nullptr, c, d0, left, [&](int n, int el, const auto& through) {
             const int row = l.row(el), col = d0 + n * 8 + l.col(el), i = el / 2;
-            const int64_t at = (rows_at + c * kChunkRows + row) * D + col;
-            const float share = simt::load_global(shares + at);
-            const float g = acc.acc[n][el] + share + w_lower[i] * of_lower[col] + w_upper[i] * of_upper[col] +
-                            w_const[i] * of_const[col] + alone[col] + p.eps * (w_upper[i] * upper_sum[i] + const_sum[i]);
-            return through(valid[i] != 0.f ? g : 0.f, raw.get(row, col));
+            const float share = simt::load_global(shares + (rows_at + c * kChunkRows + row) * D + col);
+            return through(valid[i] != 0.f ? acc.acc[n][el] + share : 0.f, raw.get(row, col));
           });
     }
   }
@@ -492,7 +514,7 @@ struct CausalChainBlock {
     }
     __syncthreads();
     publish_vectors();
-    walk_chunks(span.chunks(), true, [&](int64_t c, int stage) { load_chunk(c, stage); },
+    walk_chunks<kStages>(span.chunks(), true, [&](int64_t c, int stage) { load_chunk(c, stage); },
                 [&](int64_t c, int stage) { chunk(c, stage); });
     if (p.dstate0 == nullptr) {
       return;
@@ -550,7 +572,7 @@ template <int D>
 void CausalChain<D>::run(const CausalChainParams& p, void* stream) {
   launch_units<D>(p, "flow_causal_chain", "causal_flow_attention", stream, [](auto type) {
     using T = decltype(type);
-    return std::pair{&flow_causal_chain_kernel<T, D>, causal_chain_elements(D) * sizeof(T)};
+    return std::pair{&flow_causal_chain_kernel<T, D>, causal_chain_elements(D, sizeof(T)) * sizeof(T)};
   });
 }
 

@@ -256,22 +256,26 @@ struct CausalChainParams : Inputs, Segments {
   void *dq, *dk;              // (B, H, L, D) contiguous, the inputs' dtype
   float* dstate0;             // (N, H, RecurrentState::size()): all but S's part written, or nullptr
 };
-// Dynamic shared memory of a chain block: the raw q and k (2 stages each) and their features, the vectors' parts
-// (D x 16) and the weights' (64 x 16).
-constexpr std::size_t causal_chain_elements(int D) {
-  return 6 * kChunkRows * (D + 8) + (D + kChunkRows) * (16 + 8);
+// The chain's per-row floats in its static shared memory (causal_chain.cuh's ChainRow).
+constexpr int kCausalChainRowFields = kCausalRowScalars + 11;
+// The stages of a chain block's raw q and k: one for float32 from D = 128 (two would need 236 KB at D = 128).
+constexpr int causal_chain_stages(int D, std::size_t bytes) { return bytes == 4 && D >= 128 ? 1 : 2; }
+// Dynamic shared memory of a chain block, in elements of `bytes`: the raw q and k (each its stages) and their
+// features, the vectors' parts (D x 16) and the weights' (64 x 16).
+constexpr std::size_t causal_chain_elements(int D, std::size_t bytes) {
+  return (2 * causal_chain_stages(D, bytes) + 2) * kChunkRows * (D + 8) + (D + kChunkRows) * (16 + 8);
 }
 
 // All of the shared memory of the causal backward's largest block, for head dims D, M and inputs of `bytes`
 // bytes an element: each pass's dynamic tiles (its own value tile) and static floats (pass 1: the forward's; pass
-// 2: the rows' g and c, the warps' maxima; pass 3: the vectors 8 D, the chain's rows 16 x 64, the warps' maxima).
+// 2: the rows' g and c, the warps' maxima; pass 3: the vectors 8 D, the chain's rows, the warps' maxima).
 constexpr std::size_t causal_backward_block_bytes(int D, int M, std::size_t bytes) {
   const int BM1 = causal_value_tile(D, M, bytes), BM2 = chunk::backward_value_tile(D, M, bytes);
   const std::size_t queries =
       bytes * causal_query_grads_elements(D, BM1) + causal_forward_block_bytes(D, BM1, bytes) -
       bytes * causal_forward_elements(D, BM1);
   const std::size_t keys = bytes * causal_key_grads_elements(D, BM2) + 4 * (2 * kChunkRows + chunk::kWarps);
-  const std::size_t chain = bytes * causal_chain_elements(D) + 4 * (8 * D + 16 * kChunkRows + 8 * chunk::kWarps);
+  const std::size_t chain = bytes * causal_chain_elements(D, bytes) + 4 * (8 * D + kCausalChainRowFields * kChunkRows + 8 * chunk::kWarps);
   return queries > keys ? (queries > chain ? queries : chain) : (keys > chain ? keys : chain);
 }
 

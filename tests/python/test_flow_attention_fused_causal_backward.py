@@ -87,8 +87,7 @@ def test_fused_causal_gradients_eps_terms(gen, dtype, device):
 @pytest.mark.parametrize("D,M", [(64, 64), (128, 64), (256, 32), (32, 256), (64, 16)])
 def test_fused_causal_gradients_head_dims_and_value_tiles(gen, D, M, dtype, device):
     # Several value tiles where M exceeds a pass's block: the shares of dq, dg, dk and dc added in tile order (the
-    # queries pass and the keys pass cut M differently). float32 D = 128: the chain's block exceeds the shared
-    # memory, the portable path takes it.
+    # queries pass and the keys pass cut M differently). float32 D = 128: the chain's loads in one stage.
     if dtype == torch.float32 and D > 128:
         pytest.skip("float32 inputs take the fused kernels up to D = 128")
     q, k, v = inputs(gen, 1, 1, 130, D, M, dtype, device)
@@ -222,6 +221,25 @@ def test_fused_causal_backward_ops_do_not_grow_with_sequences(gen, device, monke
             key_padding_mask=None, cu_seqlens=cu))
 
     assert ops_of(2) == ops_of(9)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_fused_causal_backward_takes_float32_at_head_dim_128(gen, device, monkeypatch):
+    # float32 D = 128 on the fused passes (the chain's loads in one stage), not the portable item kernels: no op
+    # that the fused passes at D = 64 do not make (the portable chain's scans and elementwise ops would show).
+    if device == "cpu":
+        monkeypatch.setenv("FLOWFORMER_EMULATE_CUDA", "1")  # the fused kernels' emulated build
+
+    def ops_of(D, dtype=torch.float32):
+        q, k = (randn(gen, 1, 1, 70, D, dtype=dtype, device=device) for _ in range(2))
+        v, grad_out = (randn(gen, 1, 1, 70, 128, dtype=dtype, device=device) for _ in range(2))
+        return set(ops_made(lambda: torch.ops.flowformer.flow_attention_backward(
+            grad_out, q, k, v, feature_map="sigmoid", eps=1e-6, clamp=1.0, causal=True, query_padding_mask=None,
+            key_padding_mask=None)))
+
+    fused = ops_of(64)
+    assert not ops_of(64, torch.float64) <= fused  # the portable path's ops would show
+    assert ops_of(128) <= fused
 
 
 @pytest.mark.parametrize("device", devices(OP))
