@@ -118,9 +118,9 @@ def ops(shape, dtype, kernels, binary, gpu):
         ("non-causal forward", row * (2 * D + 2 * M),
          launches("noncausal", ["segment_sums", "state_output"], causal=False)),
         ("Flow-Attention causal forward", row * (2 * D + 2 * M), flow_causal(B, H, L, kernels, binary, gpu)),
-        ("Flow-Attention causal backward", row * (4 * D + 3 * M), flow_causal_backward(B, H, L, kernels)),
+        ("Flow-Attention causal backward", row * (4 * D + 3 * M), flow_causal_backward(B, H, L, kernels, binary, gpu)),
         ("Flow-Attention causal forward + backward", row * (6 * D + 5 * M),
-         flow_causal(B, H, L, kernels, binary, gpu) + flow_causal_backward(B, H, L, kernels)),
+         flow_causal(B, H, L, kernels, binary, gpu) + flow_causal_backward(B, H, L, kernels, binary, gpu)),
         ("Flow-Attention non-causal forward", row * (2 * D + 2 * M), flow_noncausal(B, H, L, kernels, binary, gpu)),
         ("Flow-Attention non-causal backward", row * (4 * D + 3 * M),
          flow_noncausal_backward(B, H, L, kernels, binary, gpu)),
@@ -133,6 +133,7 @@ def ops(shape, dtype, kernels, binary, gpu):
 # whole kernel's, which holds the output's code too: an over-estimate of their issue slots).
 # The non-causal backward's passes: two kernels, each with its pass as a last template argument.
 SASS_KERNEL = {"flow_causal_sums": "flow_causal_forward", "flow_causal_state": "flow_causal_forward",
+               "flow_causal_key_sums": "flow_causal_key_grads",
                "flow_query_grads_1": ("flow_query_grads", "false"), "flow_query_grads_2": ("flow_query_grads", "true"),
                "flow_key_grads_1": ("flow_key_grads", "false"), "flow_key_grads_2": ("flow_key_grads", "true")}
 
@@ -147,12 +148,20 @@ def flow_causal(B, H, L, kernels, binary, gpu):
     return [(n, B * p["segments"] * H * tiles, math.ceil(p["rows"] / CHUNK)) for n in names]
 
 
-def flow_causal_backward(B, H, L, kernels):
-    """Causal Flow-Attention's backward over whole sequences: queries (the forward again, with dg and dq's shares),
-    keys (dv, dc and dk's shares), the chain (a block a sequence and head: dq, dk). The split schedule is not built
-    for it: at BH8 its grid leaves most multiprocessors idle, and the bound counts that."""
-    return [(n, B * H * kernels[n]["tiles"], math.ceil(L / CHUNK))
-            for n in ("flow_causal_query_grads", "flow_causal_key_grads", "flow_causal_chain")]
+def flow_causal_backward(B, H, L, kernels, binary, gpu):
+    """Causal Flow-Attention's backward: queries (the forward again, with dg and dq's shares), keys (dv, dc and dk's
+    shares), each split by its own plan (the queries pass after the forward's sums passes, the keys pass after its
+    sums walk; the scans between them, a few MB at BH8, are not counted), then the chain over whole sequences (a
+    block a sequence and head: dq, dk; at BH8 its grid leaves most multiprocessors idle, and the bound counts
+    that)."""
+    launches = []
+    for name, sums in (("flow_causal_query_grads", ["flow_causal_sums"] * 3 + ["flow_causal_state"]),
+                       ("flow_causal_key_grads", ["flow_causal_key_sums"])):
+        tiles = kernels[name]["tiles"]
+        p = plan(binary, B * H * tiles, L, gpu["multiprocessors"])[name]
+        names = (sums if p["segments"] > 1 else []) + [name]
+        launches += [(n, B * p["segments"] * H * tiles, math.ceil(p["rows"] / CHUNK)) for n in names]
+    return launches + [("flow_causal_chain", B * H * kernels["flow_causal_chain"]["tiles"], math.ceil(L / CHUNK))]
 
 
 def flow_noncausal(B, H, L, kernels, binary, gpu):
@@ -309,7 +318,8 @@ def main():
         (out / "kernel_bounds.json").write_text(json.dumps(results, indent=1) + "\n")
     if args.check:
         for name in ("causal_forward", "causal_query_grads", "causal_key_grads", "segment_sums", "state_output",
-                     "flow_causal_forward", "flow_causal_sums", "flow_causal_state", "flow_key_sums",
+                     "flow_causal_forward", "flow_causal_sums", "flow_causal_state", "flow_causal_key_sums",
+                     "flow_key_sums",
                      "flow_query_output", "flow_query_grads_1", "flow_key_grads_1", "flow_query_grads_2",
                      "flow_key_grads_2"):
             chunk = kernels[name]["chunk"]

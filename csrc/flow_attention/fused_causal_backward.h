@@ -1,11 +1,14 @@
 // The causal Flow-Attention backward on the fused kernels (kernels/flow_attention/DESIGN.md, "Causal backward"):
-// three passes over whole sequences, the value tiles' shares added in tile order by the host between them.
+// three passes, the value tiles' shares added in tile order by the host between them.
 //   1. queries in order (causal_query_grads.cuh): the forward again, the rows' scalars and the chunks' starting
 //      vectors recorded, the shares of dg_t and of g_t S_t dout_t;
 //   2. keys in reverse (causal_key_grads.cuh): dv, the shares of dc_t and of c_t R_t v_t, S's part of the incoming
 //      state's gradient;
 //   3. the chain of scalars (causal_chain.cuh): dq, dk through phi', the rest of the incoming state's gradient.
-// Three launches and a few small ATen ops a call, packed sequences included.
+// Few long sequences split passes 1 and 2 into segments, each by its own plan: pass 1 from each segment's incoming
+// state, which the forward's split schedule makes first (its four sums passes and scans); pass 2 from each
+// segment's R after it, from a sums walk of every segment and a reverse scan. The chain walks whole sequences.
+// Three launches and a few small ATen ops a call (thirteen split), packed sequences and segments included.
 #pragma once
 
 #include "flow_attention/fused.h"
@@ -32,7 +35,8 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
                                                       const std::vector<int64_t>& cu = {}) {
   const chunk_inputs::InputTensors in(query, key, value, feature_map, /*normalize=*/true, eps, cu);
   const int64_t B = query.size(0), H = query.size(1), L = query.size(2), D = query.size(3), M = value.size(3);
-  const int64_t rows = B * H * L, N = in.N();
+  const int64_t rows = B * H * L, N = in.N(), longest = chunk_inputs::longest_sequence(L, cu);
+  const int64_t state_size = RecurrentState{D, M}.size();
   const std::size_t bytes = chunk_inputs::element_bytes_of(query);
   const int64_t query_tiles = M / kernels::causal_value_tile(int(D), int(M), bytes);
   const int64_t key_tiles = M / chunk::backward_value_tile(int(D), int(M), bytes);
@@ -47,7 +51,7 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   at::Tensor dv = new_output(c10::fromIntArrayRefSlow({B, H, L, M}), query.options());
   at::Tensor dstate0;
   if (want_state) {
-    dstate0 = new_output(c10::fromIntArrayRefSlow({N, H, RecurrentState{D, M}.size()}), floats);
+    dstate0 = new_output(c10::fromIntArrayRefSlow({N, H, state_size}), floats);
   }
   const auto with_inputs = [&](auto params) {
     static_cast<kernels::Inputs&>(params) = in.params;
@@ -61,7 +65,7 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
       params.dout_stride[i] = dout.stride(i);
     }
   };
-  // Pass 1: queries in order.
+  // Pass 1: queries in order, from each segment's incoming state where split.
   const at::Tensor records = at::empty({kernels::kCausalRowScalars, rows}, floats);
   const at::Tensor chunk_starts =
       at::empty({B * H, kernels::causal_chunk_slots(L, int(N), !cu.empty()), 4, D}, floats);
@@ -78,8 +82,18 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   queries.dg_parts = dg_parts.mutable_data_ptr<float>();
   queries.rows = records.mutable_data_ptr<float>();
   queries.chunk_starts = chunk_starts.mutable_data_ptr<float>();
+  static_cast<kernels::Segments&>(queries) =
+      chunk::plan_segments(N * H * query_tiles, longest, build.multiprocessors, kernels::kCausalQueryGradsBytes);
+  at::Tensor segment_states;
+  if (queries.segments > 1) {
+    segment_states = at::zeros({N, queries.segments, H, state_size}, floats);
+    kernels::run_split_sums(queries, segment_states.mutable_data_ptr<float>(),
+                            at::empty_like(segment_states).mutable_data_ptr<float>(), queries.state0,
+                            build.causal_forward, build.segment_scan);
+    queries.state0 = segment_states.const_data_ptr<float>();
+  }
   build.causal_query_grads(queries);
-  // Pass 2: keys in reverse.
+  // Pass 2: keys in reverse, from each segment's R after it where split.
   const at::Tensor dc_parts = at::empty({key_tiles, rows}, floats);
   const at::Tensor dk_parts = at::empty({key_tiles, rows, D}, floats);
   kernels::CausalKeyGradsParams keys = with_inputs(kernels::CausalKeyGradsParams{});
@@ -90,6 +104,24 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   keys.dk_parts = dk_parts.mutable_data_ptr<float>();
   keys.dc_parts = dc_parts.mutable_data_ptr<float>();
   keys.dstate0 = dstate0.defined() ? dstate0.mutable_data_ptr<float>() : nullptr;
+  static_cast<kernels::Segments&>(keys) = chunk::plan_segments(N * H * key_tiles, longest, build.multiprocessors,
+                                                               kernels::kCausalKeyGradsBytes);
+  at::Tensor segment_sums, segment_after;
+  if (keys.segments > 1) {
+    segment_sums = at::empty({N, keys.segments, H, state_size}, floats);
+    segment_after = at::empty_like(segment_sums);
+    kernels::CausalKeyGradsParams sums = keys;
+    sums.sums = true;
+    sums.dstate_final = nullptr;
+    sums.dstate0 = segment_sums.mutable_data_ptr<float>();
+    build.causal_key_grads(sums);
+    kernels::SegmentScanParams scan{kernels::CausalPass::state, int(N), keys.segments, int(H), int(D), int(M),
+                                    keys.dstate_final, sums.dstate0, segment_after.mutable_data_ptr<float>(),
+                                    /*reverse=*/true, keys.dstate0};
+    build.segment_scan(scan);
+    keys.dstate_final = segment_after.const_data_ptr<float>();
+    keys.dstate0 = nullptr;
+  }
   build.causal_key_grads(keys);
   // Pass 3: the chain, from the passes' shares added in tile order.
   const at::Tensor dg = chunk_inputs::add_in_order(dg_parts, 0).contiguous();
@@ -108,7 +140,7 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   chain.dstate_final = chunk_inputs::data_or_null(dstate_final);
   chain.dq = dq.mutable_data_ptr();
   chain.dk = dk.mutable_data_ptr();
-  chain.dstate0 = keys.dstate0;
+  chain.dstate0 = dstate0.defined() ? dstate0.mutable_data_ptr<float>() : nullptr;
   build.causal_chain(chain);
   return {dq, dk, dv, dstate0};
 }

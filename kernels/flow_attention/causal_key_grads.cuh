@@ -9,7 +9,8 @@
 //   dk_t = c_t R_t v_t = c_t (R v_t + 2^e sum_{t'>=t} q~_t' <v_t, dout_t'>)  mma: v R^T, (v dout^T o upper) q~;
 //                                                                            the tile's share, before phi'
 // then R += 2^e q~^T dout. At the sequence's start R is the incoming state's dS (its tile's columns). Padded rows
-// have zero features, v and dout zeroed, g = c = 0: no share, dv 0. Four barriers a chunk.
+// have zero features, v and dout zeroed, g = c = 0: no share, dv 0. Four barriers a chunk. The split schedule's
+// sums walk (p.sums) reads q, dout and g alone and does R's update alone: three barriers a chunk.
 #pragma once
 
 #include "flow_attention/blocks.cuh"
@@ -47,29 +48,51 @@ struct CausalKeyGradsBlock {
   FF_DEVICE void load_chunk(int64_t c, int stage) const {
     const int64_t first = c * kChunkRows;
     load_rows(q_tile(stage), q, p.q_stride[2], first, span.length);
-    load_rows(k_tile(stage), k, p.k_stride[2], first, span.length);
-    load_rows(v_tile(stage), v, p.v_stride[2], first, span.length);
     load_rows(dout_tile(stage), dout, p.dout_stride[2], first, span.length);
+    if (!p.sums) {
+      load_rows(k_tile(stage), k, p.k_stride[2], first, span.length);
+      load_rows(v_tile(stage), v, p.v_stride[2], first, span.length);
+    }
   }
 
   FF_DEVICE void chunk(int64_t c, int stage) {
     const Rows qt = q_tile(stage), kt = k_tile(stage);
     const V vt = v_tile(stage), dt = dout_tile(stage);
     const int64_t left = span.length - c * kChunkRows, rows_at = out.rows_at + c * kChunkRows;
-    const int64_t all_rows = input_rows(p);
     const bool* pad_rows = pad != nullptr ? pad + c * kChunkRows : nullptr;
     apply_feature_map(p.feature_map, qt, qt, left, pad_rows);
-    apply_feature_map(p.feature_map, kt, kt, left, pad_rows);
     if (pad_rows != nullptr) {  // a NaN there counts for nothing
-      zero_padded_rows(vt, pad_rows, left);
       zero_padded_rows(dt, pad_rows, left);
     }
+    if (!p.sums) {
+      apply_feature_map(p.feature_map, kt, kt, left, pad_rows);
+      if (pad_rows != nullptr) {
+        zero_padded_rows(vt, pad_rows, left);
+      }
+    }
+    const int64_t all_rows = input_rows(p);
     for (int r = int(threadIdx.x); r < kChunkRows; r += kThreads) {
       g_s[r] = r < left ? simt::load_global(p.rows + row_g * all_rows + rows_at + r) : 0.f;
-      c_s[r] = r < left ? simt::load_global(p.rows + row_c * all_rows + rows_at + r) : 0.f;
+      if (!p.sums) {
+        c_s[r] = r < left ? simt::load_global(p.rows + row_c * all_rows + rows_at + r) : 0.f;
+      }
     }
     __syncthreads();
     const int e = scale_rows_into_unit(qt, [&](int r) { return float(g_s[r]); }, largest_s);  // q~
+    if (!p.sums) {
+      gradients(c, qt, kt, vt, dt, e, left, rows_at, all_rows);
+      __syncthreads();  // R's parts read
+    }
+    R.add_scaled_product(l, qt, dt, e);
+    if (!p.sums) {
+      R.publish(l, r_hi(), r_lo(), largest_s);
+    }
+    __syncthreads();  // the stage may be loaded again; g_s, c_s and R's parts rewritten
+  }
+
+  // The chunk's dk share, dv and dc share from R after it and the chunk's rows (q~ in qt, 2^-e).
+  FF_DEVICE void gradients(int64_t c, const Rows& qt, const Rows& kt, const V& vt, const V& dt, int e, int64_t left,
+                           int64_t rows_at, int64_t all_rows) {
     const float to_state = ldexpf(1.f, e) * R.scale();  // from 2^-e to R's units
     float weight[2];  // c_t of this lane's rows
     FF_UNROLL
@@ -114,16 +137,14 @@ struct CausalKeyGradsBlock {
         simt::store_global(p.dc_parts + out.tile * all_rows + rows_at + row, dc[i]);
       }
     }
-    __syncthreads();  // R's parts read
-    R.add_scaled_product(l, qt, dt, e);
-    R.publish(l, r_hi(), r_lo(), largest_s);
-    __syncthreads();  // the stage may be loaded again; g_s, c_s and R's parts rewritten
   }
 
   FF_DEVICE void run() {
     const int64_t S = RecurrentState{p.D, p.M}.S() + out.value_col;
     R.load(l, p.dstate_final != nullptr ? p.dstate_final + state_at + S : nullptr, p.M);
-    R.publish(l, r_hi(), r_lo(), largest_s);
+    if (!p.sums) {
+      R.publish(l, r_hi(), r_lo(), largest_s);
+    }
     walk_chunks(span.chunks(), true, [&](int64_t c, int stage) { load_chunk(c, stage); },
                 [&](int64_t c, int stage) { chunk(c, stage); });
     if (p.dstate0 != nullptr) {
@@ -160,7 +181,8 @@ __global__ void __launch_bounds__(kThreads, 1) flow_causal_key_grads_kernel(Caus
 template <int D>
 void CausalKeyGrads<D>::run(const CausalKeyGradsParams& p, void* stream) {
   launch_value_tiles<D, ValueTiles<D, chunk::backward_value_tile>>(
-      p, "flow_causal_key_grads", "causal_flow_attention", stream, [](auto type, auto tile) {
+      p, p.sums ? "flow_causal_key_sums" : "flow_causal_key_grads", "causal_flow_attention", stream,
+      [](auto type, auto tile) {
         using T = decltype(type);
         constexpr int BM = decltype(tile)::value;
         return std::pair{&flow_causal_key_grads_kernel<T, D, BM>, causal_key_grads_elements(D, BM) * sizeof(T)};

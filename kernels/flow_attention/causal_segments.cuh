@@ -5,7 +5,9 @@
 //   (m, E)_g   = s0's (m, E), then end_0's, ..., end_{g-1}'s   competition: a running log-sum-exp, each term
 //                                                              rescaled once to the running maximum (factor <= 1)
 // A thread walks one (sequence, head, column) through its sequence's segments in order: the sums' order is fixed
-// (deterministic), the reads of a segment coalesced over the columns. No shared memory.
+// (deterministic), the reads of a segment coalesced over the columns. No shared memory. The causal backward's keys
+// pass scans S's columns (its gradient R) in reverse: start_g = dS_L + end_{G-1} + ... + end_{g+1}, and the total
+// R before the first segment (the incoming state's dS).
 #pragma once
 
 #include "flow_attention/blocks.cuh"
@@ -54,9 +56,13 @@ __global__ void __launch_bounds__(kThreads) flow_segment_scan_kernel(SegmentScan
   }
   const int64_t c = scanned_column(p.pass, layout, i);
   float sum = s0 != nullptr ? simt::load_global(s0 + c) : 0.f;
-  for (int g = 0; g < p.G; ++g) {
+  for (int j = 0; j < p.G; ++j) {
+    const int g = p.reverse ? p.G - 1 - j : j;
     simt::store_global(p.starts + row(g) + c, sum);
     sum += simt::load_global(p.ends + row(g) + c);
+  }
+  if (p.total != nullptr) {
+    simt::store_global(p.total + sequence_head * layout.size() + c, sum);
   }
 }
 

@@ -46,35 +46,48 @@ struct CausalForwardParams : Inputs, Segments {
 constexpr chunk::ScheduleBytes kCausalForwardBytes{4, 16};
 // After each pass but the output, the scan of the columns it finished (causal_segments.cuh): every segment's
 // incoming state from the initial one and the states after the earlier segments (which the pass started from
-// zeros there, or from no competition). States (N G, H, RecurrentState::size()) floats.
+// zeros there, or from no competition). States (N G, H, RecurrentState::size()) floats. The causal backward's keys
+// pass walks the segments from the last (reverse): its S columns are the gradient R, each segment's incoming R the
+// final state's dS and the later segments' sums, and the total R before the first segment is dS of the incoming
+// state.
 struct SegmentScanParams {
   CausalPass pass;       // counts (n, K, Q), flows (A, B), competition (m, E) or state (S)
   int N, G, H, D, M;     // sequences, segments a sequence, heads, head dims
   const float* initial;  // (N, H, size) initial states, or nullptr (zeros)
-  const float* ends;     // the states the pass left after each segment
+  const float* ends;     // the states the pass left after each segment (walked from its incoming zeros)
   float* starts;         // the incoming states: the pass's columns are set
+  bool reverse = false;  // the segments in reverse order (not the competition's)
+  float* total = nullptr;  // (N, H, size): the pass's columns summed over every segment after initial, or nullptr
 };
-// The split schedule's launches (DESIGN.md), on the host: p the call's parameters with segments > 1 (its pass,
-// out, state0 and state_final set here), `starts` the segments' incoming states (N G, H, size), zeros,
-// `ends` the states after each segment (the last segment's: the sequence's final state), `initial` the initial
-// states (N, H, size) or nullptr; forward(params) and scan(params) launch the two kernels.
+// The split schedule's sums (DESIGN.md), on the host: p the call's parameters with segments > 1 (its pass, out,
+// state0 and state_final set here), `starts` the segments' incoming states (N G, H, size), zeros, `ends` the
+// states after each segment (the last segment's: the sequence's final state, but S), `initial` the initial states
+// (N, H, size) or nullptr; forward(params) and scan(params) launch the two kernels. The first four passes, each
+// followed by its scan: `starts` is then every segment's whole incoming state, which the output pass (or the
+// backward's queries pass) walks from.
 template <typename Forward, typename Scan>
-void run_split_passes(CausalForwardParams p, float* starts, float* ends, const float* initial, const Forward& forward,
-                      const Scan& scan) {
-  void* const out = p.out;
+void run_split_sums(CausalForwardParams p, float* starts, float* ends, const float* initial, const Forward& forward,
+                    const Scan& scan) {
+  p.out = nullptr;
   p.state0 = starts;
   p.state_final = ends;
   SegmentScanParams columns{CausalPass::counts, p.N, p.segments, p.H, p.D, p.M, initial, ends, starts};
-  for (const CausalPass pass : {CausalPass::counts, CausalPass::flows, CausalPass::competition, CausalPass::state,
-                                CausalPass::output}) {
-    p.pass = pass;
-    p.out = pass == CausalPass::output ? out : nullptr;
+  for (const CausalPass pass : {CausalPass::counts, CausalPass::flows, CausalPass::competition, CausalPass::state}) {
+    p.pass = columns.pass = pass;
     forward(p);
-    if (pass != CausalPass::output) {
-      columns.pass = pass;
-      scan(columns);
-    }
+    scan(columns);
   }
+}
+// The split schedule's five passes: the sums, then the output from the whole incoming states (`ends` then holds
+// the states after each segment).
+template <typename Forward, typename Scan>
+void run_split_passes(CausalForwardParams p, float* starts, float* ends, const float* initial, const Forward& forward,
+                      const Scan& scan) {
+  run_split_sums(p, starts, ends, initial, forward, scan);
+  p.pass = CausalPass::output;
+  p.state0 = starts;
+  p.state_final = ends;
+  forward(p);
 }
 
 // Columns (threads a (sequence, head)) of a pass's scan: the competition's pair is one. Host and device code.
@@ -193,7 +206,8 @@ constexpr std::size_t causal_forward_block_bytes(int D, int BM, std::size_t byte
 }
 
 // The causal backward's first pass (DESIGN.md, "Causal backward"): the forward again from each unit's incoming
-// state, a block a (unit, head, value tile), and with each chunk's rows t (dout_t zero where padded):
+// state (the split schedule: the forward's sums first, run_split_sums), a block a (unit, head, value tile), and
+// with each chunk's rows t (dout_t zero where padded):
 //   dg_t = <dout_t, q_t^T S_t>                              the tile's share (the forward's numerator dotted)
 //   dq_t = g_t S_t dout_t = g_t (S_0 dout_t + sum_{j<=t} k_j c_j <v_j, dout_t>)   the tile's share, before phi'
 // and, tile 0 only, the rows' scalars of the chain (CausalRowScalar) and K, Q, A, B at each chunk's start.
@@ -206,6 +220,9 @@ struct CausalQueryGradsParams : CausalForwardParams {
   float* rows;              // (kCausalRowScalars, B H L): n, I, O, a, r (unclamped), c, g, m, E of every row
   float* chunk_starts;      // (B H, causal_chunk_slots, 4, D): K, Q, A, B before each chunk (causal_chunk_slot)
 };
+// The split schedule of the queries pass: its whole walk reads q, k, v and dout and writes dq's float share; a
+// split adds the forward's sums (q and k three times, then q, k and v).
+constexpr chunk::ScheduleBytes kCausalQueryGradsBytes{6, 15};
 // Chunk slots a (batch, head) has in chunk_starts: a sequence of a packed batch (cu_seqlens) may start inside a
 // chunk, so each sequence's chunk c takes slot floor(first / 64) + n + c there; batched sequences take c.
 #if defined(__CUDACC__)
@@ -219,23 +236,29 @@ constexpr std::size_t causal_query_grads_elements(int D, int BM) {
   return causal_forward_elements(D, BM) + 2 * kChunkRows * (BM + 8);
 }
 
-// The causal backward's second pass (keys, in reverse), after the first: a block a (sequence, head, value tile),
-// R = dS_L + sum_{t' >= t} g_t' q_t' dout_t'^T carried from the end (its tile's columns):
+// The causal backward's second pass (keys, in reverse), after the first: a block a (unit, head, value tile),
+// R = dS_L + sum_{t' >= t} g_t' q_t' dout_t'^T carried from the unit's end (its tile's columns):
 //   dv_t = c_t R_t^T k_t                  whole (the tile's columns)
 //   dc_t = <R_t^T k_t, v_t>               the tile's share
 //   dk_t = c_t R_t v_t                    the tile's share of the features' gradient, before phi'
-// and the incoming state's dS = R at the start. Whole sequences only (segments = 1).
+// and R before the unit (the incoming state's dS for a whole sequence). The split schedule walks every segment
+// twice: `sums` from R = 0, writing only R before it (the segment's sum of g q dout^T); then, after the reverse
+// scan of those (SegmentScanParams::reverse), the gradients from R after the segment.
 struct CausalKeyGradsParams : Inputs, Segments {
+  bool sums;                  // the split schedule's first walk: R before the unit alone (q, dout and g read)
   const bool* pad;            // (B, L) contiguous padding flags, or nullptr
   const void* dout;           // (B, H, L, M): the output's gradient, its rows' last dimension contiguous
   int64_t dout_stride[3];
   const float* rows;          // (kCausalRowScalars, B H L): the first pass's records (g and c read)
-  const float* dstate_final;  // (N, H, RecurrentState::size()): the final state's gradient, or nullptr (zeros)
+  const float* dstate_final;  // (N G, H, RecurrentState::size()): dS after each unit (S's part), or nullptr (0)
   void* dv;                   // (B, H, L, M) contiguous, the inputs' dtype
   float* dk_parts;            // (M / BM, B H L, D): the tiles' shares of c_t R_t v_t
   float* dc_parts;            // (M / BM, B H L): the tiles' shares of dc_t
-  float* dstate0;             // (N, H, RecurrentState::size()): dS of the incoming state is written, or nullptr
+  float* dstate0;             // (N G, H, RecurrentState::size()): R before each unit is written (S's part), or nullptr
 };
+// The split schedule of the keys pass: its whole walk reads q, k, v and dout and writes dv and dk's float share;
+// a split reads q and dout again (the sums walk).
+constexpr chunk::ScheduleBytes kCausalKeyGradsBytes{7, 9};
 // Dynamic shared memory of a causal key-gradients block: q, k, v and dout (2 stages each) and R's two parts.
 constexpr std::size_t causal_key_grads_elements(int D, int BM) {
   return 4 * kChunkRows * (D + 8) + 4 * kChunkRows * (BM + 8) + 2 * D * (BM + 8);

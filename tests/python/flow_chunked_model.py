@@ -224,8 +224,54 @@ def _suffix(x):
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
+def split_chain(pieces, per_segment, walk, fin_carry):
+    """The chain's split schedule: its carries after each segment, made by levels of sums (each a walk of every
+    segment, then a scan of the segments in reverse), then the chain over every segment from its carries (dq, dk
+    written by walk); returns the carries before the first segment.
+      1. P: each segment from no P after it (P = 0, no m), giving P and m at its first valid row (P_g, m_g); the
+         scan composes them as affine maps: P before g = P_g + exp(m_g - m after g) P after g.
+      2. RA, RB: each segment from its exact P and m after it, RA = RB = 0: the segment's sums of dsink (q + e) and
+         dr (k + e) (dr, dsink are then final); the scan adds the later segments' sums to the final state's dA, dB.
+      3. RK, RQ: from the exact P, RA, RB, RK = RQ = 0: the sums of du (q + e) and dy (k + e) (dI, dO then final).
+      4. every segment from its whole carries: dq, dk.
+    The walks of levels 1-3 write dq, dk too; level 4's overwrite them."""
+    segments = [pieces[i:i + per_segment] for i in range(0, len(pieces), per_segment)]
+    zero = torch.zeros_like(fin_carry[2])
+    # 1. P
+    P, m_next = fin_carry[0], fin_carry[1]
+    after = [None] * len(segments)
+    for g in reversed(range(len(segments))):
+        after[g] = (P, m_next)
+        P_g, m_g = walk(segments[g], (torch.zeros_like(P), None, zero, zero, zero, zero))[:2]
+        seen = ~torch.isnan(m_g)  # a valid row in the segment
+        P = torch.where(seen, P_g + torch.exp(torch.where(seen, m_g, 0) - m_next) * P, P)
+        m_next = torch.where(seen, m_g, m_next)
+    P_0, m_0 = P, m_next
+    # 2. RA, RB, then 3. RK, RQ: sums over each segment, scanned in reverse from the final state's
+    RA, RB, RK, RQ = (list(x for _ in segments) for x in fin_carry[2:])
+    for level in (0, 1):
+        total = list(fin_carry[2 + 2 * level:4 + 2 * level])
+        for g in reversed(range(len(segments))):
+            carry = [*after[g], RA[g], RB[g], RK[g], RQ[g]]
+            carry[2 + 2 * level:4 + 2 * level] = [zero, zero]
+            if level == 0:
+                RA[g], RB[g] = total
+            else:
+                RK[g], RQ[g] = total
+            sums = walk(segments[g], carry)[2 + 2 * level:4 + 2 * level]
+            total = [t + s for t, s in zip(total, sums)]
+        if level == 0:
+            RA_0, RB_0 = total
+        else:
+            RK_0, RQ_0 = total
+    # 4. the gradients
+    for g in range(len(segments)):
+        walk(segments[g], (*after[g], RA[g], RB[g], RK[g], RQ[g]))
+    return P_0, m_0, RA_0, RB_0, RK_0, RQ_0
+
+
 def causal_flow_chunked_backward(q, k, v, valid, dout, *, eps, clamp, chunk, tile=None, state=None,
-                                 grad_state=None):
+                                 grad_state=None, segment=None):
     """The gradients of causal Flow-Attention (dq, dk with respect to the features q, k; dv; and the incoming packed
     state's, None without one) as the fused kernels make them, over chunks of `chunk` rows and value tiles of `tile`
     columns (None: one), given those of the output (dout) and of the final state (grad_state, None: zeros):
@@ -240,7 +286,8 @@ def causal_flow_chunked_backward(q, k, v, valid, dout, *, eps, clamp, chunk, til
          -d lse / E_L after the last row), dr; the reverse sums RA, RB, RK, RQ of (q + e), (k + e) weighted by
          dsink, dr, du, dy (seeded by the final state's dA, dB, dK, dQ) with dI, du, dO, dy; dq, dk from the
          shares and the forward prefixes A_t, K_t (queries), B_t, Q_t (keys); the incoming state's gradients.
-    With one value tile, 2 and 3 are one pass (dc is whole in the block)."""
+    With one value tile, 2 and 3 are one pass (dc is whole in the block). segment (a multiple of chunk, or None):
+    the chain's split schedule over segments of that many rows (split_chain)."""
     B_, H, L, D = q.shape
     M = v.shape[-1]
     f = dict(dtype=q.dtype, device=q.device)
@@ -294,12 +341,15 @@ def causal_flow_chunked_backward(q, k, v, valid, dout, *, eps, clamp, chunk, til
     started_L = (st0.n + m_all.sum(-1)) > 0
     d_lse_L = torch.where(started_L, fin.E * E_L, 0)  # E_L = exp(lse_L - m_L)
     dm_L = torch.where(started_L, fin.m, 0) - d_lse_L
-    P = torch.where(started_L, -d_lse_L / E_L.clamp(min=torch.finfo(q.dtype).tiny), 0)
-    m_next = m_L
+    P_L = torch.where(started_L, -d_lse_L / E_L.clamp(min=torch.finfo(q.dtype).tiny), 0)
     m_from_source = largest[..., 0] > st0.m  # the final m is a source's (always, without a state)
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    RA, RB, RK, RQ = fin.A, fin.B, fin.K, fin.Q
-    for r, (K0, Q0, A0, B0) in reversed(list(zip(chunks, starts))):
+
+    def chain_chunk(r, start, P, m_next, RA, RB, RK, RQ):
+        """The chain over chunk r from the carries after it: the carries before it (P, m_next, RA, RB, RK, RQ) and
+        the chunk's dq, dk. m_next None (or NaN): no P after the chunk (a segment's first walk; m_next stays NaN
+        until a valid row)."""
+        K0, Q0, A0, B0 = start
         qc, kc, m = q[:, :, r], k[:, :, r], m_all[:, :, r]
         T = qc.shape[2]
         tri = torch.ones(T, T, **f).tril()
@@ -309,9 +359,12 @@ def causal_flow_chunked_backward(q, k, v, valid, dout, *, eps, clamp, chunk, til
         dsink = torch.where(m > 0, dgc * I / n * a * (1 - a) / n, 0)
         x = dc[:, :, r] * c
         Pt = torch.zeros_like(n)
+        m_next = torch.full_like(P, torch.nan) if m_next is None else m_next
         for t in reversed(range(T)):  # an affine scan in a kernel (factors exp(m_t - m_next) <= 1)
             valid_t = m[..., t] > 0
-            P = torch.where(valid_t, x[..., t] / E[..., t] + torch.exp(mm[..., t] - m_next) * P, P)
+            none = torch.isnan(m_next)  # no P after it yet
+            later = torch.where(none, 0, torch.exp(mm[..., t] - torch.where(none, 0, m_next)) * P)
+            P = torch.where(valid_t, x[..., t] / E[..., t] + later, P)
             m_next = torch.where(valid_t, mm[..., t], m_next)
             Pt[..., t] = P
         dsource = x - c * E / n * Pt
@@ -331,11 +384,25 @@ def causal_flow_chunked_backward(q, k, v, valid, dout, *, eps, clamp, chunk, til
         K_t = K0[..., None, :] + tri @ kc
         B_t = B0[..., None, :] + (tri * I[..., None, :]) @ qc
         Q_t = Q0[..., None, :] + tri @ qc
-        dq[:, :, r] = (dq_S[:, :, r] + dsink[..., None] * (A_t + eps) + I[..., None] * RB_t
-                       + du[..., None] * (K_t + eps) + RQ_t)
-        dk[:, :, r] = (dk_c[:, :, r] + dr[..., None] * (B_t + eps) + O[..., None] * RA_t + RK_t
-                       + dy[..., None] * (Q_t + eps))
-        RA, RB, RK, RQ = RA_t[..., 0, :], RB_t[..., 0, :], RK_t[..., 0, :], RQ_t[..., 0, :]
+        dq_r = (dq_S[:, :, r] + dsink[..., None] * (A_t + eps) + I[..., None] * RB_t + du[..., None] * (K_t + eps)
+                + RQ_t)
+        dk_r = (dk_c[:, :, r] + dr[..., None] * (B_t + eps) + O[..., None] * RA_t + RK_t
+                + dy[..., None] * (Q_t + eps))
+        return (P, m_next, RA_t[..., 0, :], RB_t[..., 0, :], RK_t[..., 0, :], RQ_t[..., 0, :]), dq_r, dk_r
+
+    def walk(pieces, carry):
+        """The chain over `pieces` (chunks and their starts, in order) in reverse from `carry`: the carry before
+        them; dq, dk written."""
+        for r, start in reversed(pieces):
+            carry, dq[:, :, r], dk[:, :, r] = chain_chunk(r, start, *carry)
+        return carry
+
+    pieces = list(zip(chunks, starts))
+    fin_carry = (P_L, m_L, fin.A, fin.B, fin.K, fin.Q)
+    if segment is None:
+        P, m_next, RA, RB, RK, RQ = walk(pieces, fin_carry)
+    else:
+        P, m_next, RA, RB, RK, RQ = split_chain(pieces, segment // chunk, walk, fin_carry)
     mask = m_all[..., None]
     if state is None:
         return dq * mask, dk * mask, dv * mask, None

@@ -114,14 +114,16 @@ def test_causal_backward_passes_equal_autograd(chunk, clamp, padding):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("chunk,tile", [(1, None), (7, 2), (64, None)])
+@pytest.mark.parametrize("chunk,tile,segment", [(1, None, None), (7, 2, None), (64, None, None), (7, 2, 21),
+                                                 (8, None, 16)])
 @pytest.mark.parametrize("clamp", [1.0, float("inf")])
-@pytest.mark.parametrize("padding", ["none", "random", "all"])
+@pytest.mark.parametrize("padding", ["none", "random", "left", "all"])
 @pytest.mark.parametrize("grads", ["out", "state", "both"])
-def test_causal_backward_passes_from_a_state_equal_the_op(chunk, tile, clamp, padding, grads):
-    """The three passes (value tiles' shares added between them) from an incoming state, with the final state's
-    gradient, equal the op's gradients to q, k, v and the incoming state (CPU, float64)."""
-    gen = torch.Generator().manual_seed(hash((chunk, tile, clamp, padding, grads)) % 2**31)
+def test_causal_backward_passes_from_a_state_equal_the_op(chunk, tile, segment, clamp, padding, grads):
+    """The three passes (value tiles' shares added between them; segment: the chain's split schedule, its levels
+    of sums scanned over the segments) from an incoming state, with the final state's gradient, equal the op's
+    gradients to q, k, v and the incoming state (CPU, float64)."""
+    gen = torch.Generator().manual_seed(hash((chunk, tile, segment, clamp, padding, grads)) % 2**31)
     B, H, L, D, M = 2, 2, 80, 4, 5
     prefix = [torch.rand(B, H, 30, D, generator=gen, dtype=torch.float64) for _ in range(2)]
     options = dict(feature_map="identity", eps=1e-6, clamp=clamp)
@@ -143,7 +145,7 @@ def test_causal_backward_passes_from_a_state_equal_the_op(chunk, tile, clamp, pa
     out, final = F.causal_flow_attention(*inputs[:3], state=inputs[3], query_padding_mask=pad, **options)
     expected = torch.autograd.grad((out, final), inputs, (dout, dstate))
     got = causal_flow_chunked_backward(q, k, v, ~pad, dout, eps=1e-6, clamp=clamp, chunk=chunk, tile=tile,
-                                       state=state, grad_state=dstate)
+                                       state=state, grad_state=dstate, segment=segment)
     for name, a, b in zip(("dq", "dk", "dv", "dstate"), got, expected):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
 

@@ -157,6 +157,8 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
   flow_keys.dk_parts = dq_share.data();
   flow_keys.dc_parts = dg_share.data();
   flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalKeyGrads>(flow_keys, nullptr);
+  flow_keys.sums = true;  // the split schedule's sums walk
+  flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalKeyGrads>(flow_keys, nullptr);
   flow_kernels::CausalChainParams flow_chain{};
   static_cast<flowformer::chunk::Inputs&>(flow_chain) = flow;
   static_cast<flowformer::chunk::Segments&>(flow_chain) = flow;
@@ -250,11 +252,15 @@ int main(int argc, char** argv) {
       const auto noncausal = kernels::plan_segments(blocks, longest, sms, kernels::kNoncausalBytes);
       const auto flow = kernels::plan_segments(blocks, longest, sms, flow_kernels::kNoncausalBytes);
       const auto flow_causal = kernels::plan_segments(blocks, longest, sms, flow_kernels::kCausalForwardBytes);
+      const auto flow_queries = kernels::plan_segments(blocks, longest, sms, flow_kernels::kCausalQueryGradsBytes);
+      const auto flow_keys = kernels::plan_segments(blocks, longest, sms, flow_kernels::kCausalKeyGradsBytes);
       std::cout << "{\"causal_forward\": [" << forward.segments << ", " << forward.segment_rows
                 << "], \"causal_backward\": [" << backward.segments << ", " << backward.segment_rows
                 << "], \"noncausal\": [" << noncausal.segments << ", " << noncausal.segment_rows
                 << "], \"flow_noncausal\": [" << flow.segments << ", " << flow.segment_rows
-                << "], \"flow_causal\": [" << flow_causal.segments << ", " << flow_causal.segment_rows << "]}\n";
+                << "], \"flow_causal\": [" << flow_causal.segments << ", " << flow_causal.segment_rows
+                << "], \"flow_causal_query_grads\": [" << flow_queries.segments << ", " << flow_queries.segment_rows
+                << "], \"flow_causal_key_grads\": [" << flow_keys.segments << ", " << flow_keys.segment_rows << "]}\n";
       return 0;
     } else if (arg == "--dtype" && i + 1 < argc) {
       dtype = argv[++i];
