@@ -133,7 +133,8 @@ def ops(shape, dtype, kernels, binary, gpu):
 # whole kernel's, which holds the output's code too: an over-estimate of their issue slots).
 # The non-causal backward's passes: two kernels, each with its pass as a last template argument.
 SASS_KERNEL = {"flow_causal_sums": "flow_causal_forward", "flow_causal_state": "flow_causal_forward",
-               "flow_causal_key_sums": "flow_causal_key_grads",
+               "flow_causal_key_sums": "flow_causal_key_grads", "flow_causal_chain_competition": "flow_causal_chain",
+               "flow_causal_chain_vectors": "flow_causal_chain",
                "flow_query_grads_1": ("flow_query_grads", "false"), "flow_query_grads_2": ("flow_query_grads", "true"),
                "flow_key_grads_1": ("flow_key_grads", "false"), "flow_key_grads_2": ("flow_key_grads", "true")}
 
@@ -150,18 +151,18 @@ def flow_causal(B, H, L, kernels, binary, gpu):
 
 def flow_causal_backward(B, H, L, kernels, binary, gpu):
     """Causal Flow-Attention's backward: queries (the forward again, with dg and dq's shares), keys (dv, dc and dk's
-    shares), each split by its own plan (the queries pass after the forward's sums passes, the keys pass after its
-    sums walk; the scans between them, a few MB at BH8, are not counted), then the chain over whole sequences (a
-    block a sequence and head: dq, dk; at BH8 its grid leaves most multiprocessors idle, and the bound counts
-    that)."""
+    shares), the chain (dq, dk), each split by its own plan: the queries pass after the forward's sums passes, the
+    keys pass after its sums walk, the chain after its levels (the competition's, then the vectors' twice). The
+    scans between them, a few MB at BH8, are not counted."""
     launches = []
     for name, sums in (("flow_causal_query_grads", ["flow_causal_sums"] * 3 + ["flow_causal_state"]),
-                       ("flow_causal_key_grads", ["flow_causal_key_sums"])):
+                       ("flow_causal_key_grads", ["flow_causal_key_sums"]),
+                       ("flow_causal_chain", ["flow_causal_chain_competition"] + ["flow_causal_chain_vectors"] * 2)):
         tiles = kernels[name]["tiles"]
         p = plan(binary, B * H * tiles, L, gpu["multiprocessors"])[name]
         names = (sums if p["segments"] > 1 else []) + [name]
         launches += [(n, B * p["segments"] * H * tiles, math.ceil(p["rows"] / CHUNK)) for n in names]
-    return launches + [("flow_causal_chain", B * H * kernels["flow_causal_chain"]["tiles"], math.ceil(L / CHUNK))]
+    return launches
 
 
 def flow_noncausal(B, H, L, kernels, binary, gpu):
@@ -319,6 +320,7 @@ def main():
     if args.check:
         for name in ("causal_forward", "causal_query_grads", "causal_key_grads", "segment_sums", "state_output",
                      "flow_causal_forward", "flow_causal_sums", "flow_causal_state", "flow_causal_key_sums",
+                     "flow_causal_chain_vectors",
                      "flow_key_sums",
                      "flow_query_output", "flow_query_grads_1", "flow_key_grads_1", "flow_query_grads_2",
                      "flow_key_grads_2"):

@@ -5,10 +5,11 @@
 //   2. keys in reverse (causal_key_grads.cuh): dv, the shares of dc_t and of c_t R_t v_t, S's part of the incoming
 //      state's gradient;
 //   3. the chain of scalars (causal_chain.cuh): dq, dk through phi', the rest of the incoming state's gradient.
-// Few long sequences split passes 1 and 2 into segments, each by its own plan: pass 1 from each segment's incoming
+// Few long sequences split each pass into segments, each by its own plan: pass 1 from each segment's incoming
 // state, which the forward's split schedule makes first (its four sums passes and scans); pass 2 from each
-// segment's R after it, from a sums walk of every segment and a reverse scan. The chain walks whole sequences.
-// Three launches and a few small ATen ops a call (thirteen split), packed sequences and segments included.
+// segment's R after it, from a sums walk of every segment and a reverse scan; the chain from each segment's
+// carries after it, from three levels (ChainPass) of walks and reverse scans. Three launches and a few small ATen
+// ops a call (nineteen split), packed sequences and segments included.
 #pragma once
 
 #include "flow_attention/fused.h"
@@ -141,6 +142,29 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   chain.dq = dq.mutable_data_ptr();
   chain.dk = dk.mutable_data_ptr();
   chain.dstate0 = dstate0.defined() ? dstate0.mutable_data_ptr<float>() : nullptr;
+  static_cast<kernels::Segments&>(chain) =
+      chunk::plan_segments(N * H, longest, build.multiprocessors, kernels::kCausalChainBytes);
+  at::Tensor carries;
+  if (chain.segments > 1) {  // the carries after each segment, a level at a time
+    carries = at::zeros({N, chain.segments, H, state_size}, floats);
+    const at::Tensor before = at::zeros_like(carries);
+    kernels::CausalChainParams level = chain;
+    level.dstate0 = nullptr;
+    level.carries_before = before.mutable_data_ptr<float>();
+    kernels::SegmentScanParams scan{kernels::CausalPass::competition, int(N), chain.segments, int(H), int(D),
+                                    int(M), chain.dstate_final, before.const_data_ptr<float>(),
+                                    carries.mutable_data_ptr<float>(), /*reverse=*/true};
+    for (const auto [pass, columns] : {std::pair{kernels::ChainPass::competition, kernels::CausalPass::competition},
+                                       std::pair{kernels::ChainPass::vectors, kernels::CausalPass::flows},
+                                       std::pair{kernels::ChainPass::vectors, kernels::CausalPass::counts}}) {
+      level.pass = pass;
+      level.carries_after = pass == kernels::ChainPass::competition ? nullptr : carries.const_data_ptr<float>();
+      build.causal_chain(level);
+      scan.pass = columns;
+      build.segment_scan(scan);
+    }
+    chain.carries_after = carries.const_data_ptr<float>();
+  }
   build.causal_chain(chain);
   return {dq, dk, dv, dstate0};
 }

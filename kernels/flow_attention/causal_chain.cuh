@@ -19,7 +19,8 @@
 // (+ dm - d lse where no source passes m_0), dE_0 = d lse_0 / E_0, dn_0 = 0. Padded rows: zero features and
 // weights, gradients 0. Five barriers a chunk. The passes' value tiles' shares come added (the host adds them in
 // tile order): a loop over the tiles inside dq's and dk's stores made nvcc keep the walk's invariants in local
-// memory.
+// memory. The split schedule (ChainPass) walks each segment from its carries after it: the competition's level
+// scans P alone (the records read, two barriers a chunk), the vectors' levels skip dq and dk.
 #pragma once
 
 #include "flow_attention/blocks.cuh"
@@ -53,7 +54,6 @@ struct CausalChainBlock {
   const bool* pad;     // the span's first padding flag, or nullptr
   int64_t rows_at;     // the span's first row in (B H L) rows
   int64_t first_slot;  // chunk_starts' slot of the span's first chunk
-  int64_t state_at;    // this (sequence, head)'s offset in (N, H, size) states
   Lane l;
   simt::shared_ptr<T> tiles;
   simt::shared_ptr<float> vectors_s;  // RA, RB, RK, RQ, then the chunk's A0, K0, B0, Q0 (plus e where added)
@@ -63,6 +63,18 @@ struct CausalChainBlock {
   float dm_source;                    // dm - d lse_L, carried by the largest source's first row
   int64_t source_row;                 // that row in the span, or -1 where the final m is no source's
   float unscale[2];                   // 2^e of RB's and RA's published parts
+
+  // The span's sequence, its (sequence, head)'s offset in (N, H, size) states and its (unit, head)'s in (N G, H,
+  // size) carries: made again where used from the launch's indices, not kept through the walk (registers).
+  FF_DEVICE SequenceSpan sequence() const {
+    return SequenceSpan::of(p.cu_seqlens, BlockPlace::of_unit(p, p).sequence, p.L);
+  }
+  FF_DEVICE int64_t unit_at() const {
+    return (int64_t(blockIdx.x) * p.H + blockIdx.y) * RecurrentState{p.D, p.M}.size();
+  }
+  FF_DEVICE int64_t sequence_at() const {
+    return (int64_t(BlockPlace::of_unit(p, p).sequence) * p.H + blockIdx.y) * RecurrentState{p.D, p.M}.size();
+  }
 
   FF_DEVICE Rows raw_q(int stage) const { return {tiles + stage * Rows::kSize}; }
   FF_DEVICE Rows raw_k(int stage) const { return {tiles + (kStages + stage) * Rows::kSize}; }
@@ -74,6 +86,9 @@ struct CausalChainBlock {
   FF_DEVICE simt::shared_ptr<float> vector(int v) const { return vectors_s + v * D; }  // RA RB RK RQ A0 K0 B0 Q0
 
   FF_DEVICE void load_chunk(int64_t c, int stage) const {
+    if (p.pass == ChainPass::competition) {  // the records alone
+      return;
+    }
     load_rows(raw_q(stage), q, p.q_stride[2], c * kChunkRows, span.length);
     load_rows(raw_k(stage), k, p.k_stride[2], c * kChunkRows, span.length);
   }
@@ -456,18 +471,25 @@ struct CausalChainBlock {
   FF_DEVICE void chunk(int64_t c, int stage) {
     const int64_t left = span.length - c * kChunkRows;
     const bool* pad_rows = pad != nullptr ? pad + c * kChunkRows : nullptr;
-    apply_feature_map(p.feature_map, raw_q(stage), q_features(), left, pad_rows);
-    apply_feature_map(p.feature_map, raw_k(stage), k_features(), left, pad_rows);
+    if (p.pass != ChainPass::competition) {
+      apply_feature_map(p.feature_map, raw_q(stage), q_features(), left, pad_rows);
+      apply_feature_map(p.feature_map, raw_k(stage), k_features(), left, pad_rows);
+    }
     load_records(c, left, pad_rows);
     __syncthreads();
     competition(c, left);
     __syncthreads();  // dsink, dr written
+    if (p.pass == ChainPass::competition) {
+      return;
+    }
     flow_gradients();
     __syncthreads();  // du, dy and the warps' largest written
     int exponents[4];
     publish_weights(exponents);
-    store_gradient<0>(c, stage, left);
-    store_gradient<1>(c, stage, left);
+    if (p.pass == ChainPass::gradients) {
+      store_gradient<0>(c, stage, left);
+      store_gradient<1>(c, stage, left);
+    }
     __syncthreads();  // the weights' parts written; the vectors read
     add_to_vectors(exponents);
     __syncthreads();  // the stage may be loaded again; the rows' values, the vectors rewritten
@@ -476,50 +498,76 @@ struct CausalChainBlock {
 
   FF_DEVICE void run() {
     const RecurrentState layout{p.D, p.M};
-    const float* fin = p.dstate_final != nullptr ? p.dstate_final + state_at : nullptr;
+    const SequenceSpan whole = sequence();
+    const float* fin = p.dstate_final != nullptr ? p.dstate_final + sequence_at() : nullptr;
+    const float* after = p.carries_after != nullptr ? p.carries_after + unit_at() : nullptr;
+    const float* from = after != nullptr ? after : fin;
     for (int d = int(threadIdx.x); d < D; d += kThreads) {  // RA, RB, RK, RQ from the final state's dA, dB, dK, dQ
-      vector(0)[d] = fin != nullptr ? simt::load_global(fin + layout.A() + d) : 0.f;
-      vector(1)[d] = fin != nullptr ? simt::load_global(fin + layout.B() + d) : 0.f;
-      vector(2)[d] = fin != nullptr ? simt::load_global(fin + layout.K() + d) : 0.f;
-      vector(3)[d] = fin != nullptr ? simt::load_global(fin + layout.Q() + d) : 0.f;
+      vector(0)[d] = from != nullptr ? simt::load_global(from + layout.A() + d) : 0.f;
+      vector(1)[d] = from != nullptr ? simt::load_global(from + layout.B() + d) : 0.f;
+      vector(2)[d] = from != nullptr ? simt::load_global(from + layout.K() + d) : 0.f;
+      vector(3)[d] = from != nullptr ? simt::load_global(from + layout.Q() + d) : 0.f;
     }
-    const float* s0 = p.state0 != nullptr ? p.state0 + state_at : nullptr;
+    const float* s0 = p.state0 != nullptr ? p.state0 + sequence_at() : nullptr;
     const float E0 = s0 != nullptr ? simt::load_global(s0 + layout.E()) : 0.f;
     const float m0 = E0 > 0.f ? simt::load_global(s0 + layout.m()) : -INFINITY;
     const float dm = fin != nullptr ? simt::load_global(fin + layout.m()) : 0.f;
     const float dE = fin != nullptr ? simt::load_global(fin + layout.E()) : 0.f;
-    // The final state's competition, from the last row's records.
-    const int64_t all = input_rows(p), last = rows_at + span.length - 1;
-    const float n_L = span.length > 0 ? simt::load_global(p.rows + row_n * all + last) : 0.f;
-    const float m_L = span.length > 0 ? simt::load_global(p.rows + row_m * all + last) : m0;
-    const float E_L = span.length > 0 ? simt::load_global(p.rows + row_E * all + last) : E0;
-    const bool started = span.length > 0 ? n_L > 0.f : E0 > 0.f;
+    // The final state's competition, from the sequence's last row's records.
+    const int64_t all = input_rows(p), offset = span.first - whole.first, first = rows_at - offset;
+    const int64_t last = first + whole.length - 1;
+    const float n_L = whole.length > 0 ? simt::load_global(p.rows + row_n * all + last) : 0.f;
+    const float m_L = whole.length > 0 ? simt::load_global(p.rows + row_m * all + last) : m0;
+    const float E_L = whole.length > 0 ? simt::load_global(p.rows + row_E * all + last) : E0;
+    const bool started = whole.length > 0 ? n_L > 0.f : E0 > 0.f;
     const float d_lse = started ? dE * E_L : 0.f;
     dm_source = (started ? dm : 0.f) - d_lse;
-    P = started ? -d_lse / fmaxf(E_L, 1.17549435e-38f) : 0.f;
-    m_next = m_L;
-    // The largest source's first row: the first whose running m is the final one (m never falls).
+    // (P, m) after the span: the final state's where it ends its sequence, else the carries' (none: P = 0 at m =
+    // +inf, the competition's level)
+    if (span.length > 0 ? offset + span.length == whole.length : p.segments == 1) {
+      P = started ? -d_lse / fmaxf(E_L, 1.17549435e-38f) : 0.f;
+      m_next = m_L;
+    } else {
+      P = after != nullptr ? simt::load_global(after + layout.E()) : 0.f;
+      m_next = after != nullptr ? simt::load_global(after + layout.m()) : INFINITY;
+    }
+    // The largest source's first row in the span: the sequence's first whose running m is the final one (m never
+    // falls).
     source_row = -1;
-    if (span.length > 0 && m_L > m0) {
-      int64_t lo = 0, hi = span.length - 1;
+    if (whole.length > 0 && m_L > m0) {
+      int64_t lo = 0, hi = whole.length - 1;
       while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;
-        if (simt::load_global(p.rows + row_m * all + rows_at + mid) >= m_L) {
+        if (simt::load_global(p.rows + row_m * all + first + mid) >= m_L) {
           hi = mid;
         } else {
           lo = mid + 1;
         }
       }
-      source_row = lo;
+      source_row = lo - offset;
     }
     __syncthreads();
     publish_vectors();
     walk_chunks<kStages>(span.chunks(), true, [&](int64_t c, int stage) { load_chunk(c, stage); },
                 [&](int64_t c, int stage) { chunk(c, stage); });
-    if (p.dstate0 == nullptr) {
+    if (p.carries_before != nullptr) {
+      store_carries(p.carries_before + unit_at(), layout);
+    }
+    if (p.dstate0 == nullptr || span.first > sequence().first) {
       return;
     }
-    float* d0 = p.dstate0 + state_at;
+    finish_state(p.dstate0 + sequence_at(), layout, sequence().length);
+  }
+
+  // The incoming state's gradients but S's (the sequence's first unit, after the walk: RA, RB, RK, RQ and (P, m)
+  // at the sequence's start).
+  FF_DEVICE void finish_state(float* d0, const RecurrentState& layout, int64_t length) const {
+    const float* fin = p.dstate_final != nullptr ? p.dstate_final + sequence_at() : nullptr;
+    const float* s0 = p.state0 != nullptr ? p.state0 + sequence_at() : nullptr;
+    const float E0 = s0 != nullptr ? simt::load_global(s0 + layout.E()) : 0.f;
+    const float m0 = E0 > 0.f ? simt::load_global(s0 + layout.m()) : -INFINITY;
+    const float dm = fin != nullptr ? simt::load_global(fin + layout.m()) : 0.f;
+    const float dE = fin != nullptr ? simt::load_global(fin + layout.E()) : 0.f;
     for (int d = int(threadIdx.x); d < D; d += kThreads) {
       simt::store_global(d0 + layout.A() + d, float(vector(0)[d]));
       simt::store_global(d0 + layout.B() + d, float(vector(1)[d]));
@@ -531,8 +579,25 @@ struct CausalChainBlock {
       const float d_lse0 = started0 ? -E0 * expf(m0 - m_next) * P : 0.f;
       const float dm0 = started0 && source_row < 0 ? dm_source : 0.f;
       simt::store_global(d0 + layout.n(), 0.f);
-      simt::store_global(d0 + layout.m(), span.length > 0 ? d_lse0 + dm0 : dm);
-      simt::store_global(d0 + layout.E(), span.length > 0 ? (started0 ? d_lse0 / E0 : 0.f) : dE);
+      simt::store_global(d0 + layout.m(), length > 0 ? d_lse0 + dm0 : dm);
+      simt::store_global(d0 + layout.E(), length > 0 ? (started0 ? d_lse0 / E0 : 0.f) : dE);
+    }
+  }
+
+  // A level's carries before the span: the competition's (P, m), or the vectors RA, RB, RK, RQ.
+  FF_DEVICE void store_carries(float* before, const RecurrentState& layout) const {
+    if (p.pass == ChainPass::competition) {
+      if (threadIdx.x == 0) {
+        simt::store_global(before + layout.E(), P);
+        simt::store_global(before + layout.m(), m_next);
+      }
+      return;
+    }
+    for (int d = int(threadIdx.x); d < D; d += kThreads) {
+      simt::store_global(before + layout.A() + d, float(vector(0)[d]));
+      simt::store_global(before + layout.B() + d, float(vector(1)[d]));
+      simt::store_global(before + layout.K() + d, float(vector(2)[d]));
+      simt::store_global(before + layout.Q() + d, float(vector(3)[d]));
     }
   }
 };
@@ -554,7 +619,6 @@ __global__ void __launch_bounds__(kThreads, 1) flow_causal_chain_kernel(CausalCh
       at.rows_at(p),
       (at.span.batch * p.H + at.head) * causal_chunk_slots(p.L, p.N, packed) + at.span.first / kChunkRows +
           (packed ? at.sequence : 0),
-      (int64_t(at.unit) * p.H + at.head) * RecurrentState{p.D, p.M}.size(),
       Lane::of(int(threadIdx.x)),
       tiles,
       vectors_s,
@@ -570,7 +634,10 @@ __global__ void __launch_bounds__(kThreads, 1) flow_causal_chain_kernel(CausalCh
 
 template <int D>
 void CausalChain<D>::run(const CausalChainParams& p, void* stream) {
-  launch_units<D>(p, "flow_causal_chain", "causal_flow_attention", stream, [](auto type) {
+  const char* name = p.pass == ChainPass::gradients ? "flow_causal_chain"
+                     : p.pass == ChainPass::vectors ? "flow_causal_chain_vectors"
+                                                    : "flow_causal_chain_competition";
+  launch_units<D>(p, name, "causal_flow_attention", stream, [](auto type) {
     using T = decltype(type);
     return std::pair{&flow_causal_chain_kernel<T, D>, causal_chain_elements(D, sizeof(T)) * sizeof(T)};
   });

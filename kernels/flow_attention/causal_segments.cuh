@@ -7,7 +7,10 @@
 // A thread walks one (sequence, head, column) through its sequence's segments in order: the sums' order is fixed
 // (deterministic), the reads of a segment coalesced over the columns. No shared memory. The causal backward's keys
 // pass scans S's columns (its gradient R) in reverse: start_g = dS_L + end_{G-1} + ... + end_{g+1}, and the total
-// R before the first segment (the incoming state's dS).
+// R before the first segment (the incoming state's dS). The chain (causal_chain.cuh) scans its competition's P in
+// reverse (in E's column, against the m in m's): each segment walked from no P after it left (P_g, m_g) at its
+// first row, so P before it = P_g + exp(m_g - m after it) P after it (0 where m_g = -inf: no competition yet;
+// a segment with m_g = +inf is empty); its vectors RA, RB, RK, RQ as sums (flows: A, B; counts: K, Q).
 #pragma once
 
 #include "flow_attention/blocks.cuh"
@@ -40,6 +43,19 @@ __global__ void __launch_bounds__(kThreads) flow_segment_scan_kernel(SegmentScan
   const int64_t n = sequence_head / p.H, h = sequence_head % p.H;
   const float* s0 = p.initial != nullptr ? p.initial + sequence_head * layout.size() : nullptr;
   const auto row = [&](int g) { return ((n * p.G + g) * p.H + h) * layout.size(); };  // segment g's state
+  if (p.pass == CausalPass::competition && p.reverse) {  // the chain's P
+    float P = 0.f, m = INFINITY;
+    for (int g = p.G - 1; g >= 0; --g) {
+      simt::store_global(p.starts + row(g) + layout.E(), P);
+      simt::store_global(p.starts + row(g) + layout.m(), m);
+      const float m_g = simt::load_global(p.ends + row(g) + layout.m());
+      if (m_g != INFINITY) {
+        P = simt::load_global(p.ends + row(g) + layout.E()) + (m_g == -INFINITY ? 0.f : expf(m_g - m)) * P;
+        m = m_g;
+      }
+    }
+    return;
+  }
   if (p.pass == CausalPass::competition) {
     const float E0 = s0 != nullptr ? simt::load_global(s0 + layout.E()) : 0.f;
     RunningSum running = E0 > 0.f ? RunningSum{simt::load_global(s0 + layout.m()), E0} : RunningSum::empty();

@@ -56,7 +56,7 @@ struct SegmentScanParams {
   const float* initial;  // (N, H, size) initial states, or nullptr (zeros)
   const float* ends;     // the states the pass left after each segment (walked from its incoming zeros)
   float* starts;         // the incoming states: the pass's columns are set
-  bool reverse = false;  // the segments in reverse order (not the competition's)
+  bool reverse = false;  // the segments in reverse order; the competition's: the chain's (P, m) (causal_segments.cuh)
   float* total = nullptr;  // (N, H, size): the pass's columns summed over every segment after initial, or nullptr
 };
 // The split schedule's sums (DESIGN.md), on the host: p the call's parameters with segments > 1 (its pass, out,
@@ -265,9 +265,21 @@ constexpr std::size_t causal_key_grads_elements(int D, int BM) {
 }
 
 // The causal backward's third pass, the chain of scalars (causal_chain.cuh), after the first two: a block a
-// (sequence, head) walks the rows in reverse and writes dq and dk (through phi') and the incoming state's
-// gradients but S's (the keys pass writes that). Whole sequences only (segments = 1).
+// (unit, head) walks the rows in reverse and writes dq and dk (through phi') and the incoming state's
+// gradients but S's (the keys pass writes that). Its carries after a unit: the competition's P (with the m it
+// is against), the reverse sums RA, RB, RK, RQ; packed as a state (state_layout.h): P in E's column, m in m's, RA,
+// RB, RK, RQ in A's, B's, K's, Q's. The split schedule (DESIGN.md) finds every segment's carries after it in
+// levels, a walk of every segment each (its carries before it to carries_before), then a scan in reverse:
+//   competition: (P, m) from none after the unit (P = 0, m = +inf), the records alone read;
+//   vectors:     RA, RB from the exact (P, m) and RA = RB = 0; then RK, RQ from those and RK = RQ = 0;
+//   gradients:   dq, dk (every unit from its whole carries).
+// The unit that ends its sequence starts from the final state's (P, m) in every level.
+enum class ChainPass : int { competition, vectors, gradients };
 struct CausalChainParams : Inputs, Segments {
+  ChainPass pass = ChainPass::gradients;  // gradients for whole sequences
+  const float* carries_after = nullptr;   // (N G, H, size): the carries after each unit (P, m, RA..RQ), or nullptr
+                                          // (whole sequences: the final state's; the competition's level: none)
+  float* carries_before = nullptr;        // (N G, H, size): the levels' carries before each unit, or nullptr
   const bool* pad;            // (B, L) contiguous padding flags, or nullptr
   float clamp;                // of the conserved source, > 0 (inf: none)
   const float* rows;          // (kCausalRowScalars, B H L): the queries pass's records
@@ -277,8 +289,12 @@ struct CausalChainParams : Inputs, Segments {
   const float* state0;        // (N, H, RecurrentState::size()) incoming states, or nullptr
   const float* dstate_final;  // (N, H, RecurrentState::size()) the final state's gradient, or nullptr (zeros)
   void *dq, *dk;              // (B, H, L, D) contiguous, the inputs' dtype
-  float* dstate0;             // (N, H, RecurrentState::size()): all but S's part written, or nullptr
+  float* dstate0;             // (N, H, RecurrentState::size()): all but S's part written (by each sequence's first
+                              // unit, gradients), or nullptr
 };
+// The split schedule of the chain: its whole walk reads q, k, the records and the float shares of dq, dk and writes
+// dq, dk; a split reads q and k twice more (the vectors' levels) and the records three times.
+constexpr chunk::ScheduleBytes kCausalChainBytes{9, 15};
 // The chain's per-row floats in its static shared memory (causal_chain.cuh's ChainRow).
 constexpr int kCausalChainRowFields = kCausalRowScalars + 11;
 // The stages of a chain block's raw q and k: one for float32 from D = 128 (two would need 236 KB at D = 128).

@@ -172,6 +172,10 @@ std::vector<simt::LaunchRecord> count_kernels(int head_dim, int64_t chunks) {
   flow_chain.dq = flow_dq.data();
   flow_chain.dk = flow_dk.data();
   flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalChain>(flow_chain, nullptr);
+  for (const auto level : {flow_kernels::ChainPass::competition, flow_kernels::ChainPass::vectors}) {
+    flow_chain.pass = level;  // the split schedule's levels
+    flow_kernels::run_for_head_dim<flow_kernels::emulated::CausalChain>(flow_chain, nullptr);
+  }
   // Non-causal Flow-Attention's passes on the same rows (queries and keys alike): the column sums (pass 1's
   // kernel: pass 2's launch does its work and a row dot more), the keys' pass, the queries' pass.
   const auto side = [&](auto params, bool keys) {
@@ -254,13 +258,15 @@ int main(int argc, char** argv) {
       const auto flow_causal = kernels::plan_segments(blocks, longest, sms, flow_kernels::kCausalForwardBytes);
       const auto flow_queries = kernels::plan_segments(blocks, longest, sms, flow_kernels::kCausalQueryGradsBytes);
       const auto flow_keys = kernels::plan_segments(blocks, longest, sms, flow_kernels::kCausalKeyGradsBytes);
+      const auto flow_chain = kernels::plan_segments(blocks, longest, sms, flow_kernels::kCausalChainBytes);
       std::cout << "{\"causal_forward\": [" << forward.segments << ", " << forward.segment_rows
                 << "], \"causal_backward\": [" << backward.segments << ", " << backward.segment_rows
                 << "], \"noncausal\": [" << noncausal.segments << ", " << noncausal.segment_rows
                 << "], \"flow_noncausal\": [" << flow.segments << ", " << flow.segment_rows
                 << "], \"flow_causal\": [" << flow_causal.segments << ", " << flow_causal.segment_rows
                 << "], \"flow_causal_query_grads\": [" << flow_queries.segments << ", " << flow_queries.segment_rows
-                << "], \"flow_causal_key_grads\": [" << flow_keys.segments << ", " << flow_keys.segment_rows << "]}\n";
+                << "], \"flow_causal_key_grads\": [" << flow_keys.segments << ", " << flow_keys.segment_rows
+                << "], \"flow_causal_chain\": [" << flow_chain.segments << ", " << flow_chain.segment_rows << "]}\n";
       return 0;
     } else if (arg == "--dtype" && i + 1 < argc) {
       dtype = argv[++i];
