@@ -131,6 +131,18 @@ def state_gradients(q, k, v, state, grad_out, grad_state, rounded_to=None, featu
     return grads_of(op, (q, k, v, state), [grad_out, grad_state])[1]
 
 
+def check_state_gradients(q, k, v, state, grad_out, grad_state, **options):
+    """state_gradients of the op against those of the op in float64 on the rounded features (the portable
+    algorithm; the exact features on the CPU backend), to the gradients' tolerance; returns the op's."""
+    got = state_gradients(q, k, v, state, grad_out, grad_state, **options)
+    cpu = {name: (x.cpu() if torch.is_tensor(x) else x) for name, x in options.items()}
+    expected = state_gradients(*(t.double().cpu() for t in (q, k, v, state, grad_out, grad_state)),
+                               rounded_to=q.dtype if fused(q.device.type) else torch.float64, **cpu)
+    for name, a, b in zip(("query", "key", "value", "state"), got, expected):
+        assert_close(a, b, grad_tol(q.dtype), f"grad {name}")
+    return got
+
+
 @pytest.mark.parametrize("device", devices(OP))
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("feature_map,clamp", [("elu1", float("inf")), ("sigmoid", 1.0)])
@@ -146,23 +158,19 @@ def test_fused_causal_gradients_of_the_states(gen, feature_map, clamp, dtype, de
                                         feature_map=feature_map)
     grad_out = randn(gen, B, H, L, M, dtype=dtype, device=device)
     grad_state = randn(gen, *state0.shape, device=device) * 1e-2
-    got = state_gradients(q, k, v, state0, grad_out, grad_state, **options)
-    cpu = {name: (x.cpu() if torch.is_tensor(x) else x) for name, x in options.items()}
-    expected = state_gradients(*(t.double().cpu() for t in (q, k, v, state0, grad_out, grad_state)),
-                               rounded_to=dtype if fused(device) else torch.float64, **cpu)
-    for name, a, b in zip(("query", "key", "value", "state"), got, expected):
-        assert_close(a, b, grad_tol(dtype), f"grad {name}")
+    got = check_state_gradients(q, k, v, state0, grad_out, grad_state, **options)
     assert got[3].dtype == torch.float32 and (got[3][..., 0] == 0).all()
 
 
 @pytest.mark.parametrize("device", devices(OP))
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
 def test_fused_causal_gradients_split_schedule(gen, dtype, device, monkeypatch):
-    # Few (batch, head)s and a long sequence: the queries and keys passes run 1100 rows as 5 segments of 256 (the
-    # emulated build counts an H200's 132 multiprocessors), the queries pass from each segment's incoming state, the
-    # keys pass from each segment's R after it. A whole segment padded, the competition's winners late, an incoming
-    # state and the final state in the loss: every gradient against the op in float64 on the rounded features.
-    # Outputs poisoned first (every element written); two runs bitwise equal.
+    # Few (batch, head)s and a long sequence: every pass runs 1100 rows as 5 segments of 256 (the emulated build
+    # counts an H200's 132 multiprocessors), the queries pass from each segment's incoming state, the keys pass from
+    # each segment's R after it, the chain from each segment's carries after it (P, RA, RB, RK, RQ). A whole segment
+    # padded, the competition's winners late, an incoming state and the final state in the loss: every gradient
+    # against the op in float64 on the rounded features. Outputs poisoned first (every element written); two runs
+    # bitwise equal.
     monkeypatch.setenv("FLOWFORMER_POISON_OUTPUTS", "1")
     B, H, L, D, M = 1, 2, 1100, 16, 32
     q, k, v = inputs(gen, B, H, L, D, M, dtype, device, "elu1")
@@ -177,12 +185,7 @@ def test_fused_causal_gradients_split_schedule(gen, dtype, device, monkeypatch):
                                         feature_map="elu1")
     grad_out = randn(gen, B, H, L, M, dtype=dtype, device=device)
     grad_state = randn(gen, *state0.shape, device=device) * 1e-2
-    got = state_gradients(q, k, v, state0, grad_out, grad_state, **options)
-    cpu = {name: (x.cpu() if torch.is_tensor(x) else x) for name, x in options.items()}
-    expected = state_gradients(*(t.double().cpu() for t in (q, k, v, state0, grad_out, grad_state)),
-                               rounded_to=dtype if fused(device) else torch.float64, **cpu)
-    for name, a, b in zip(("query", "key", "value", "state"), got, expected):
-        assert_close(a, b, grad_tol(dtype), f"grad {name}")
+    got = check_state_gradients(q, k, v, state0, grad_out, grad_state, **options)
     padded = pad[:, None, :].expand(B, H, L)
     assert all((t[padded] == 0).all() for t in got[:3])  # padded rows: no gradient
     again = state_gradients(q, k, v, state0, grad_out, grad_state, **options)
