@@ -54,6 +54,7 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   if (want_state) {
     dstate0 = new_output(c10::fromIntArrayRefSlow({N, H, state_size}), floats);
   }
+  float* const dstate0_data = want_state ? dstate0.mutable_data_ptr<float>() : nullptr;
   const auto with_inputs = [&](auto params) {
     static_cast<kernels::Inputs&>(params) = in.params;
     static_cast<kernels::Segments&>(params) = kernels::Segments{1, 0};
@@ -104,7 +105,7 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   keys.dv = dv.mutable_data_ptr();
   keys.dk_parts = dk_parts.mutable_data_ptr<float>();
   keys.dc_parts = dc_parts.mutable_data_ptr<float>();
-  keys.dstate0 = dstate0.defined() ? dstate0.mutable_data_ptr<float>() : nullptr;
+  keys.dstate0 = dstate0_data;
   static_cast<kernels::Segments&>(keys) = chunk::plan_segments(N * H * key_tiles, longest, build.multiprocessors,
                                                                kernels::kCausalKeyGradsBytes);
   at::Tensor segment_sums, segment_after;
@@ -141,7 +142,7 @@ inline flow_attention_ops::StateGrads causal_backward(const Build& build, const 
   chain.dstate_final = chunk_inputs::data_or_null(dstate_final);
   chain.dq = dq.mutable_data_ptr();
   chain.dk = dk.mutable_data_ptr();
-  chain.dstate0 = dstate0.defined() ? dstate0.mutable_data_ptr<float>() : nullptr;
+  chain.dstate0 = dstate0_data;
   static_cast<kernels::Segments&>(chain) =
       chunk::plan_segments(N * H, longest, build.multiprocessors, kernels::kCausalChainBytes);
   at::Tensor carries;

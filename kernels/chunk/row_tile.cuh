@@ -53,6 +53,55 @@ struct RowTile {
     }
   }
 
+  // A power of two that brings the tile within T's range before times() rounds it: 1 for bf16 (float's range);
+  // for half 2^(14 - e) once the largest |x| reaches 2^14 (< 2^e).
+  template <typename T>
+  FF_DEVICE float fit() const {
+    if constexpr (std::is_same_v<T, simt::half>) {
+      float largest = 0.f;
+      FF_UNROLL
+      for (int n = 0; n < N / 8; ++n) {
+        FF_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          largest = fmaxf(largest, fabsf(acc[n][e]));
+        }
+      }
+      largest = warp_max(largest);
+      if (largest >= 16384.f && largest <= 3.0e38f) {
+        int exponent = 0;
+        frexpf(largest, &exponent);
+        return ldexpf(1.f, 14 - exponent);
+      }
+    }
+    return 1.f;
+  }
+
+  // out += scale S Y, S this tile as the scores of the warp's rows against a chunk's keys, over its key tiles np
+  // (keys 16 np .. 16 np + 15) where used(np); Y the columns n0 .. n0 + M - 1 of a 64 x m matrix (keys x columns)
+  // in shared memory. The scaled scores are rounded to T as A fragments (float: as they are).
+  template <typename T, int M, typename YMatrix, typename Used>
+  FF_DEVICE void times(const Lane& l, const YMatrix& y, float scale, RowTile<M>& out, int n0, const Used& used) const {
+    static_assert(N == kChunkRows, "scores: a chunk's keys");
+    FF_UNROLL
+    for (int np = 0; np < 4; ++np) {
+      if (used(np)) {
+        Fragment<T> a;
+        FF_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const float(&c)[4] = acc[2 * np + half];
+          a.set_pair(2 * half, c[0] * scale, c[1] * scale);
+          a.set_pair(2 * half + 1, c[2] * scale, c[3] * scale);
+        }
+        FF_UNROLL
+        for (int vp = 0; vp < M / 16; ++vp) {  // whole pairs of n tiles (a lone n8 tile past them is left alone)
+          Fragment<T> b;
+          y.template b_fragments<true>(b, l, np * 16, n0 + vp * 16);
+          mma_pair<T>(out.acc[2 * vp], out.acc[2 * vp + 1], a, b);
+        }
+      }
+    }
+  }
+
   FF_DEVICE void scale(float factor) {
     FF_UNROLL
     for (int n = 0; n < N / 8; ++n) {
@@ -97,17 +146,6 @@ struct RowTile {
   }
 };
 
-// The values x_j of a chunk's rows j (64 floats of shared memory) at this lane's score columns: x[n][e] = x_j
-// for j = 8 n + 2t + e.
-FF_DEVICE void load_key_pairs(const Lane& l, simt::shared_ptr<float> values, float (&x)[kChunkRows / 8][2]) {
-  FF_UNROLL
-  for (int n = 0; n < kChunkRows / 8; ++n) {
-    const Two<float> pair = simt::shared_cast<Two<float>>(values + 8 * n + 2 * l.t)[0];
-    x[n][0] = pair.x0;
-    x[n][1] = pair.x1;
-  }
-}
-
 // The inclusive prefix sums over a warp's 16 rows of a value per row (row g + 8 i at x[i], the same in the 4
 // lanes of a row group, as accumulators hold rows): a scan over the row groups by shuffles.
 FF_DEVICE void warp_row_prefix(const Lane& l, float (&x)[2]) {
@@ -148,6 +186,18 @@ struct Scores {
   FF_DEVICE static bool tile_used(int np, int warp) { return Lower ? np <= warp : np >= warp; }
   FF_DEVICE static bool kept(int row, int key) { return Lower ? key <= row : key >= row; }
 
+  // The values x_j of a chunk's keys j (64 floats of shared memory) at this lane's score columns of the used key
+  // tiles, x[n][e] = x_j for j = 8 n + 2t + e (0 in the tiles the warp does not use: not read).
+  FF_DEVICE static void key_pairs(const Lane& l, simt::shared_ptr<float> values, float (&x)[kChunkRows / 8][2]) {
+    FF_UNROLL
+    for (int n = 0; n < kChunkRows / 8; ++n) {
+      const Two<float> pair =
+          tile_used(n / 2, l.warp) ? simt::shared_cast<Two<float>>(values + 8 * n + 2 * l.t)[0] : Two<float>{0.f, 0.f};
+      x[n][0] = pair.x0;
+      x[n][1] = pair.x1;
+    }
+  }
+
   // s += A Y^T for the k columns k0 .. k0 + 15 of the used key tiles: a the A fragment of the warp's rows there,
   // Y (keys) 64 x K in shared memory.
   template <typename T, typename YMatrix>
@@ -186,51 +236,16 @@ struct Scores {
     }
   }
 
-  // A power of two that brings the warp's scores within T's range before times() rounds them: 1 for bf16
-  // (float's range); for half 2^(14 - e) once the largest |s| reaches 2^14 (< 2^e).
+  // A power of two that brings the scores within T's range before times() rounds them (RowTile::fit).
   template <typename T>
   FF_DEVICE float fit() const {
-    if constexpr (std::is_same_v<T, simt::half>) {
-      float largest = 0.f;
-      FF_UNROLL
-      for (int n = 0; n < kChunkRows / 8; ++n) {
-        FF_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          largest = fmaxf(largest, fabsf(s.acc[n][e]));
-        }
-      }
-      largest = warp_max(largest);
-      if (largest >= 16384.f && largest <= 3.0e38f) {
-        int exponent = 0;
-        frexpf(largest, &exponent);
-        return ldexpf(1.f, 14 - exponent);
-      }
-    }
-    return 1.f;
+    return s.template fit<T>();
   }
 
-  // out += scale (masked scores) Y, Y the columns n0 .. n0 + N - 1 of a 64 x n matrix (keys x columns) in
-  // shared memory; the scaled scores are rounded to T as A fragments (float: as they are).
+  // out += scale (masked scores) Y over the used key tiles (RowTile::times).
   template <typename T, int N, typename YMatrix>
   FF_DEVICE void times(const Lane& l, const YMatrix& y, float scale, RowTile<N>& out, int n0 = 0) const {
-    FF_UNROLL
-    for (int np = 0; np < 4; ++np) {
-      if (tile_used(np, l.warp)) {
-        Fragment<T> a;
-        FF_UNROLL
-        for (int half = 0; half < 2; ++half) {
-          const float(&c)[4] = s.acc[2 * np + half];
-          a.set_pair(2 * half, c[0] * scale, c[1] * scale);
-          a.set_pair(2 * half + 1, c[2] * scale, c[3] * scale);
-        }
-        FF_UNROLL
-        for (int vp = 0; vp < N / 16; ++vp) {  // whole pairs of n tiles (a lone n8 tile past them is left alone)
-          Fragment<T> b;
-          y.template b_fragments<true>(b, l, np * 16, n0 + vp * 16);
-          mma_pair<T>(out.acc[2 * vp], out.acc[2 * vp + 1], a, b);
-        }
-      }
-    }
+    s.template times<T>(l, y, scale, out, n0, [&](int np) { return tile_used(np, l.warp); });
   }
 
   // out[i] = sum over the keys j of s[row][j] x_j for this lane's rows (i = 0: g, 1: g + 8), in every lane of

@@ -25,6 +25,8 @@
 
 #include "flow_attention/blocks.cuh"
 
+#include <algorithm>
+
 namespace flowformer::flow_attention_kernels::FF_SIMT_BUILD {
 
 // The chain's per-row values in shared memory, kChunkRows floats each: the queries pass's records (CausalRowScalar
@@ -40,8 +42,9 @@ struct CausalChainBlock {
   using Rows = ChunkTile<T, D>;
   using Vectors = SharedMatrix<T, D, 16>;  // [RB_hi RB_lo 1 0 0 0 0 0 | RA_hi RA_lo 1 0 0 0 0 0]
   using Weights = ChunkTile<T, 16>;        // [dsink du | dr dy] as 2^-e parts: hi, lo each
-  // dq and dk a part of 32 columns at a time (a part's accumulators beside a score tile)
-  static constexpr int kColumns = gradient_columns(D, sizeof(T)) < 32 ? gradient_columns(D, sizeof(T)) : 32;
+  // dq and dk a part of columns at a time, the scores built once a part (a part's accumulators beside a score
+  // tile): 16-bit D <= 64 whole, wider 16-bit heads 32 columns, float 16 (more made nvcc spill)
+  static constexpr int kColumns = std::min(gradient_columns(D, sizeof(T)), sizeof(T) == 4 ? 16 : D <= 64 ? 64 : 32);
   static constexpr bool kHalf = std::is_same_v<T, simt::half>;
   static constexpr int kStages = causal_chain_stages(D, sizeof(T));
   static constexpr int kTiles = 2 * kStages + 2;  // raw q and k (each its stages), q's and k's features
@@ -113,12 +116,25 @@ struct CausalChainBlock {
     for (int d = int(threadIdx.x); d < D; d += kThreads) {
       FF_UNROLL
       for (int i = 0; i < 2; ++i) {
-        const Parts part = split_parts<T>(vector(i == 0 ? 1 : 0)[d] / unscale[i]);
-        x_parts().set_pair(d, 8 * i, part.hi, part.lo);
-        x_parts().set_pair(d, 8 * i + 2, 1.f, 0.f);
-        x_parts().set_pair(d, 8 * i + 4, 0.f, 0.f);
-        x_parts().set_pair(d, 8 * i + 6, 0.f, 0.f);
+        set_parts(x_parts(), d, 8 * i, split_parts<T>(vector(i == 0 ? 1 : 0)[d] / unscale[i]), Parts{1.f, 0.f});
       }
+    }
+  }
+
+  // Row r's columns c0 .. c0 + 7 of an operand of parts: [x hi, x lo, y hi, y lo, 0, 0, 0, 0], in 16-byte pieces
+  // (16-bit rows of 48 bytes: no bank conflicts).
+  template <typename Matrix>
+  FF_DEVICE static void set_parts(const Matrix& m, int r, int c0, const Parts& x, const Parts& y) {
+    constexpr int kCount = Piece<T>::kCount;
+    FF_UNROLL
+    for (int c = 0; c < 8; c += kCount) {
+      Piece<T> piece;
+      FF_UNROLL
+      for (int j = 0; j < kCount / 2; ++j) {
+        const int pair = c / 2 + j;
+        piece.set_pair(j, pair == 0 ? x.hi : pair == 1 ? y.hi : 0.f, pair == 0 ? x.lo : pair == 1 ? y.lo : 0.f);
+      }
+      m.set_piece(r, c0 + c, piece);
     }
   }
 
@@ -166,7 +182,8 @@ struct CausalChainBlock {
     Affine suffix = row[0].then(row[1]);  // lanes j .. 31, inclusive
     FF_UNROLL
     for (int offset = 1; offset < 32; offset *= 2) {
-      const Affine after{__shfl_down_sync(0xffffffffu, suffix.b, offset), __shfl_down_sync(0xffffffffu, suffix.f, offset)};
+      const Affine after{__shfl_down_sync(0xffffffffu, suffix.b, offset),
+                         __shfl_down_sync(0xffffffffu, suffix.f, offset)};
       if (l.lane + offset < 32) {
         suffix = suffix.then(after);
       }
@@ -231,19 +248,19 @@ struct CausalChainBlock {
     FF_UNROLL
     for (int side = 0; side < 2; ++side) {  // one score tile at a time: F = q k^T, then F^T = k q^T
       const Rows x = side == 0 ? qf : kf, y = side == 0 ? kf : qf;
-      RowTile<kChunkRows> scores;  // the warp's rows, every key
-      RowTile<8> vector_dots;      // x [RB ..] or x [RA ..] (2^-e parts; column 2: s(x))
-      scores.zero();
+      Scores<false> scores;   // the warp's rows, the keys j >= t
+      RowTile<8> vector_dots;  // x [RB ..] or x [RA ..] (2^-e parts; column 2: s(x))
+      scores.s.zero();
       vector_dots.zero();
       for (int k0 = 0; k0 < D; k0 += 16) {
         Fragment<T> a;
         x.template a_fragment<true>(a, l, l.warp * 16, k0);
-        scores.template add_step<false>(l, a, y, k0);
+        scores.add_step(l, a, y, k0);
         vector_dots.template add_step<true>(l, a, x_parts(), k0, 8 * side);
       }
       float keys[kChunkRows / 8][2];
-      load_key_pairs(l, field(side == 0 ? chain_dr : chain_dsink), keys);
-      suffix_dots(scores, keys, side == 0 ? dr_dot : sink_dot, side == 0 ? dr_sum : sink_sum);
+      Scores<false>::key_pairs(l, field(side == 0 ? chain_dr : chain_dsink), keys);
+      suffix_dots(scores.s, keys, side == 0 ? dr_dot : sink_dot, side == 0 ? dr_sum : sink_sum);
       FF_UNROLL
       for (int i = 0; i < 2; ++i) {
         const float dot =
@@ -259,8 +276,8 @@ struct CausalChainBlock {
     for (int i = 0; i < 2; ++i) {
       const bool valid = row_value(chain_valid, i) != 0.f;
       const float n = fmaxf(row_value(row_n, i), 1.f), I = row_value(row_I, i), O = row_value(row_O, i);
-      const float dI = valid ? row_value(chain_dg, i) * row_value(row_a, i) / n + qRB[i] + dr_dot[i] + e * sq[i] * dr_sum[i]
-                             : 0.f;
+      const float dg_part = row_value(chain_dg, i) * row_value(row_a, i) / n;
+      const float dI = valid ? dg_part + qRB[i] + dr_dot[i] + e * sq[i] * dr_sum[i] : 0.f;
       const float dO = valid ? kRA[i] + sink_dot[i] + e * sk[i] * sink_sum[i] : 0.f;
       const float du = -dI * I * I / n, dy = -dO * O * O / n;
       du_rows[i] = du;
@@ -319,16 +336,13 @@ struct CausalChainBlock {
     }
     const int fields[4] = {chain_dsink, chain_du, chain_dr, chain_dy};
     for (int r = int(threadIdx.x); r < kChunkRows; r += kThreads) {
+      Parts part[4];
       FF_UNROLL
       for (int v = 0; v < 4; ++v) {
-        const Parts part = split_parts<T>(ldexpf(field(fields[v])[r], -exponents[v]));
-        weights().set_pair(r, v / 2 * 8 + v % 2 * 2, part.hi, part.lo);
+        part[v] = split_parts<T>(ldexpf(field(fields[v])[r], -exponents[v]));
       }
-      FF_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        weights().set_pair(r, 8 * half + 4, 0.f, 0.f);
-        weights().set_pair(r, 8 * half + 6, 0.f, 0.f);
-      }
+      set_parts(weights(), r, 0, part[0], part[1]);
+      set_parts(weights(), r, 8, part[2], part[3]);
     }
   }
 
@@ -345,20 +359,19 @@ struct CausalChainBlock {
     // e (w_upper_t sum_{j>=t} upper keys + sum_{j>=t} constant keys): the constant keys' sums over the later warps'
     // rows are their totals (the warps' sums after their largest)
     const int upper_after = Side == 0 ? chain_dr_after : chain_dsink_after;
-    const int const_after = Side == 0 ? chain_dy_after_in_warp : chain_du_after_in_warp, const_total = Side == 0 ? 3 : 1;
+    const int const_after = Side == 0 ? chain_dy_after_in_warp : chain_du_after_in_warp;
+    const int const_total = Side == 0 ? 3 : 1;
     float later_warps = 0.f;
     for (int w = l.warp + 1; w < kWarps; ++w) {
       later_warps += largest_s[8 * w + 4 + const_total];
     }
-    float w_lower[2], w_const[2], w_upper[2], valid[2], diagonal[2], eps_term[2];  // diagonal: the upper term at j = t
+    float w_lower[2], w_const[2], w_upper[2], valid[2], eps_term[2];
     FF_UNROLL
     for (int i = 0; i < 2; ++i) {
-      const int row = l.row(2 * i);
       w_lower[i] = row_value(row_lower, i);
       w_const[i] = row_value(row_const, i);
       w_upper[i] = row_value(row_upper, i);
       valid[i] = row_value(chain_valid, i);
-      diagonal[i] = w_upper[i] * field(key_upper)[row] + field(key_const)[row];
       eps_term[i] = p.eps * (w_upper[i] * row_value(upper_after, i) + row_value(const_after, i) + later_warps);
     }
     const Rows other = Side == 0 ? k_features() : q_features(), raw = Side == 0 ? raw_q(stage) : raw_k(stage);
@@ -368,42 +381,28 @@ struct CausalChainBlock {
                                   of_const = vector(Side == 0 ? 5 : 7), alone = vector(Side == 0 ? 3 : 2);
     const float* shares = Side == 0 ? p.dq_shares : p.dk_shares;
     const GradientRows out{rows_at, 0, 0};
-    for (int d0 = 0; d0 < D; d0 += kColumns) {  // a part of the gradient at a time; each triangle built again
+    for (int d0 = 0; d0 < D; d0 += kColumns) {  // a part of the gradient at a time; the scores built again
       RowTile<kColumns> acc;  // Z k or Y q
-      acc.zero();
       {
-        Scores<true> lower;  // keys j <= t: w_lower_t x_j + w_const_t, and the diagonal's upper term
-        float keys[kChunkRows / 8][2];
-        load_key_pairs(l, field(key_lower), keys);
+        // Z or Y whole, one tile: keys j <= t w_lower_t x_j + w_const_t, keys j >= t w_upper_t y_j + z_j (both
+        // at j = t)
+        RowTile<kChunkRows> scores;
+        float lower[kChunkRows / 8][2], upper[kChunkRows / 8][2], consts[kChunkRows / 8][2];
+        Scores<true>::key_pairs(l, field(key_lower), lower);
+        Scores<false>::key_pairs(l, field(key_upper), upper);
+        Scores<false>::key_pairs(l, field(key_const), consts);
         FF_UNROLL
         for (int n = 0; n < kChunkRows / 8; ++n) {
           FF_UNROLL
           for (int el = 0; el < 4; ++el) {
-            const int row = l.row(el), key = n * 8 + l.col(el), i = el / 2;
-            lower.s.acc[n][el] = key <= row ? w_lower[i] * keys[n][el % 2] + w_const[i] + (key == row ? diagonal[i] : 0.f)
-                                            : 0.f;
+            const int row = l.row(el), key = n * 8 + l.col(el), i = el / 2, e = el % 2;
+            scores.acc[n][el] = (key <= row ? w_lower[i] * lower[n][e] + w_const[i] : 0.f) +
+                                (key >= row ? w_upper[i] * upper[n][e] + consts[n][e] : 0.f);
           }
         }
-        const float fit = lower.template fit<T>();
-        lower.template times<T>(l, other, fit, acc, d0);
-        acc.scale(1.f / fit);
-      }
-      {
-        Scores<false> upper;  // keys j > t: w_upper_t y_j + z_j
-        float keys[kChunkRows / 8][2], consts[kChunkRows / 8][2];
-        load_key_pairs(l, field(key_upper), keys);
-        load_key_pairs(l, field(key_const), consts);
-        FF_UNROLL
-        for (int n = 0; n < kChunkRows / 8; ++n) {
-          FF_UNROLL
-          for (int el = 0; el < 4; ++el) {
-            const int row = l.row(el), key = n * 8 + l.col(el), i = el / 2;
-            upper.s.acc[n][el] = key > row ? w_upper[i] * keys[n][el % 2] + consts[n][el % 2] : 0.f;
-          }
-        }
-        const float fit = upper.template fit<T>();  // powers of two: the rescaling is exact
-        acc.scale(fit);
-        upper.template times<T>(l, other, fit, acc, d0);
+        const float fit = scores.template fit<T>();  // a power of two: the rescaling is exact
+        acc.zero();
+        scores.template times<T>(l, other, fit, acc, d0, [](int) { return true; });
         acc.scale(1.f / fit);
       }
       FF_UNROLL
@@ -413,7 +412,8 @@ struct CausalChainBlock {
         const Two<float> lower = pair(of_lower), upper = pair(of_upper), konst = pair(of_const), own = pair(alone);
         FF_UNROLL
         for (int i = 0; i < 2; ++i) {
-          acc.acc[n][2 * i] += w_lower[i] * lower.x0 + w_upper[i] * upper.x0 + w_const[i] * konst.x0 + own.x0 + eps_term[i];
+          acc.acc[n][2 * i] +=
+              w_lower[i] * lower.x0 + w_upper[i] * upper.x0 + w_const[i] * konst.x0 + own.x0 + eps_term[i];
           acc.acc[n][2 * i + 1] +=
               w_lower[i] * lower.x1 + w_upper[i] * upper.x1 + w_const[i] * konst.x1 + own.x1 + eps_term[i];
         }
@@ -553,14 +553,15 @@ struct CausalChainBlock {
     if (p.carries_before != nullptr) {
       store_carries(p.carries_before + unit_at(), layout);
     }
-    if (p.dstate0 == nullptr || span.first > sequence().first) {
-      return;
+    const SequenceSpan sequence_now = sequence();
+    if (p.dstate0 != nullptr && span.first == sequence_now.first) {
+      finish_state(p.dstate0 + sequence_at(), layout, sequence_now.length);
     }
-    finish_state(p.dstate0 + sequence_at(), layout, sequence().length);
   }
 
   // The incoming state's gradients but S's (the sequence's first unit, after the walk: RA, RB, RK, RQ and (P, m)
-  // at the sequence's start).
+  // at the sequence's start). The incoming and final states' scalars are read again here, not kept through the
+  // walk (registers).
   FF_DEVICE void finish_state(float* d0, const RecurrentState& layout, int64_t length) const {
     const float* fin = p.dstate_final != nullptr ? p.dstate_final + sequence_at() : nullptr;
     const float* s0 = p.state0 != nullptr ? p.state0 + sequence_at() : nullptr;
@@ -568,12 +569,7 @@ struct CausalChainBlock {
     const float m0 = E0 > 0.f ? simt::load_global(s0 + layout.m()) : -INFINITY;
     const float dm = fin != nullptr ? simt::load_global(fin + layout.m()) : 0.f;
     const float dE = fin != nullptr ? simt::load_global(fin + layout.E()) : 0.f;
-    for (int d = int(threadIdx.x); d < D; d += kThreads) {
-      simt::store_global(d0 + layout.A() + d, float(vector(0)[d]));
-      simt::store_global(d0 + layout.B() + d, float(vector(1)[d]));
-      simt::store_global(d0 + layout.K() + d, float(vector(2)[d]));
-      simt::store_global(d0 + layout.Q() + d, float(vector(3)[d]));
-    }
+    store_vectors(d0, layout);
     if (threadIdx.x == 0) {
       const bool started0 = E0 > 0.f;
       const float d_lse0 = started0 ? -E0 * expf(m0 - m_next) * P : 0.f;
@@ -593,11 +589,16 @@ struct CausalChainBlock {
       }
       return;
     }
+    store_vectors(before, layout);
+  }
+
+  // RA, RB, RK, RQ into a state's A, B, K, Q.
+  FF_DEVICE void store_vectors(float* to, const RecurrentState& layout) const {
     for (int d = int(threadIdx.x); d < D; d += kThreads) {
-      simt::store_global(before + layout.A() + d, float(vector(0)[d]));
-      simt::store_global(before + layout.B() + d, float(vector(1)[d]));
-      simt::store_global(before + layout.K() + d, float(vector(2)[d]));
-      simt::store_global(before + layout.Q() + d, float(vector(3)[d]));
+      simt::store_global(to + layout.A() + d, float(vector(0)[d]));
+      simt::store_global(to + layout.B() + d, float(vector(1)[d]));
+      simt::store_global(to + layout.K() + d, float(vector(2)[d]));
+      simt::store_global(to + layout.Q() + d, float(vector(3)[d]));
     }
   }
 };

@@ -271,9 +271,9 @@ struct CausalForwardBlock {
 
     // Conservation: (G O)_t, (H I)_t as float dot products of the score rows.
     float key_values[kChunkRows / 8][2], G_O[2], H_I[2];
-    load_key_pairs(l, o_s, key_values);
+    Scores<true>::key_pairs(l, o_s, key_values);
     G.row_dots(l, key_values, G_O);
-    load_key_pairs(l, i_s, key_values);
+    Scores<true>::key_pairs(l, i_s, key_values);
     H.row_dots(l, key_values, H_I);
     float g[2];
     FF_UNROLL
