@@ -79,6 +79,23 @@ struct CausalChainBlock {
     return (int64_t(BlockPlace::of_unit(p, p).sequence) * p.H + blockIdx.y) * RecurrentState{p.D, p.M}.size();
   }
 
+  // The final state's gradient (N, H, size), or nullptr; the incoming state's E and m (m = -inf where E = 0) and
+  // the final state's dm, dE (zeros without a gradient).
+  FF_DEVICE const float* final_gradient() const {
+    return p.dstate_final != nullptr ? p.dstate_final + sequence_at() : nullptr;
+  }
+  struct Ends {
+    float E0, m0, dm, dE;
+  };
+  FF_DEVICE Ends state_ends(const RecurrentState& layout) const {
+    const float* fin = final_gradient();
+    const float* s0 = p.state0 != nullptr ? p.state0 + sequence_at() : nullptr;
+    const float E0 = s0 != nullptr ? simt::load_global(s0 + layout.E()) : 0.f;
+    return {E0, E0 > 0.f ? simt::load_global(s0 + layout.m()) : -INFINITY,
+            fin != nullptr ? simt::load_global(fin + layout.m()) : 0.f,
+            fin != nullptr ? simt::load_global(fin + layout.E()) : 0.f};
+  }
+
   FF_DEVICE Rows raw_q(int stage) const { return {tiles + stage * Rows::kSize}; }
   FF_DEVICE Rows raw_k(int stage) const { return {tiles + (kStages + stage) * Rows::kSize}; }
   FF_DEVICE Rows q_features() const { return {tiles + 2 * kStages * Rows::kSize}; }
@@ -499,7 +516,7 @@ struct CausalChainBlock {
   FF_DEVICE void run() {
     const RecurrentState layout{p.D, p.M};
     const SequenceSpan whole = sequence();
-    const float* fin = p.dstate_final != nullptr ? p.dstate_final + sequence_at() : nullptr;
+    const float* fin = final_gradient();
     const float* after = p.carries_after != nullptr ? p.carries_after + unit_at() : nullptr;
     const float* from = after != nullptr ? after : fin;
     for (int d = int(threadIdx.x); d < D; d += kThreads) {  // RA, RB, RK, RQ from the final state's dA, dB, dK, dQ
@@ -508,11 +525,8 @@ struct CausalChainBlock {
       vector(2)[d] = from != nullptr ? simt::load_global(from + layout.K() + d) : 0.f;
       vector(3)[d] = from != nullptr ? simt::load_global(from + layout.Q() + d) : 0.f;
     }
-    const float* s0 = p.state0 != nullptr ? p.state0 + sequence_at() : nullptr;
-    const float E0 = s0 != nullptr ? simt::load_global(s0 + layout.E()) : 0.f;
-    const float m0 = E0 > 0.f ? simt::load_global(s0 + layout.m()) : -INFINITY;
-    const float dm = fin != nullptr ? simt::load_global(fin + layout.m()) : 0.f;
-    const float dE = fin != nullptr ? simt::load_global(fin + layout.E()) : 0.f;
+    const Ends ends = state_ends(layout);
+    const float E0 = ends.E0, m0 = ends.m0, dm = ends.dm, dE = ends.dE;
     // The final state's competition, from the sequence's last row's records.
     const int64_t all = input_rows(p), offset = span.first - whole.first, first = rows_at - offset;
     const int64_t last = first + whole.length - 1;
@@ -563,12 +577,8 @@ struct CausalChainBlock {
   // at the sequence's start). The incoming and final states' scalars are read again here, not kept through the
   // walk (registers).
   FF_DEVICE void finish_state(float* d0, const RecurrentState& layout, int64_t length) const {
-    const float* fin = p.dstate_final != nullptr ? p.dstate_final + sequence_at() : nullptr;
-    const float* s0 = p.state0 != nullptr ? p.state0 + sequence_at() : nullptr;
-    const float E0 = s0 != nullptr ? simt::load_global(s0 + layout.E()) : 0.f;
-    const float m0 = E0 > 0.f ? simt::load_global(s0 + layout.m()) : -INFINITY;
-    const float dm = fin != nullptr ? simt::load_global(fin + layout.m()) : 0.f;
-    const float dE = fin != nullptr ? simt::load_global(fin + layout.E()) : 0.f;
+    const Ends ends = state_ends(layout);
+    const float E0 = ends.E0, m0 = ends.m0, dm = ends.dm, dE = ends.dE;
     store_vectors(d0, layout);
     if (threadIdx.x == 0) {
       const bool started0 = E0 > 0.f;
